@@ -1,0 +1,174 @@
+"""Attention over ragged token sets. The only module that knows attention backends.
+
+Every context below takes the fused ``qkv`` projection and returns the attended values in the
+same row layout, so ``layers.Attention`` never branches on how rows are grouped:
+
+* ``DenseContext``      -- ``qkv [B, N, 3C]``: one SDPA call (dense DeiT, uniform packed sets).
+* ``VarlenContext``     -- ``qkv [T, 3C]`` packed: each image attends only to its own rows, through
+  one of the variable-length backends (``BACKENDS``).
+* ``KeyMaskedContext``  -- ``qkv [B, N, 3C]`` with a ``[B, N]`` keep mask: pruned keys get zero
+  attention weight (training, Eq. 1); gradients flow into the mask.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tokens import Layout, pad, padding_mask, unpad
+
+BACKENDS = ("loop", "padded", "nested", "varlen")
+
+
+def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``[..., 3C]`` -> q, k, v each ``[..., H, D]`` (views)."""
+    *lead, c3 = qkv.shape
+    q, k, v = qkv.view(*lead, 3, num_heads, c3 // (3 * num_heads)).unbind(-3)
+    return q, k, v
+
+
+def dense_attention(qkv: Tensor, num_heads: int) -> Tensor:
+    """``qkv [B, N, 3C]`` -> ``[B, N, C]``; all tokens of an image attend to each other."""
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.view(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
+    return out.transpose(1, 2).reshape(b, n, c3 // 3)
+
+
+# ---------------------------------------------------------------- variable-length backends
+def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """Per-image SDPA on slices of the packed tensors. Few copies, one kernel per image."""
+    qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))  # [H, T, D] strided views
+    outs = [F.scaled_dot_product_attention(qh[:, s:s + n], kh[:, s:s + n], vh[:, s:s + n])
+            for s, n in zip(layout.starts, layout.lengths)]
+    return torch.cat(outs, 1).transpose(0, 1)  # [T, H, D]
+
+
+def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """Pad to ``[B, H, max_len, D]`` and mask padded keys."""
+    qp, kp, vp = (pad(t, layout).transpose(1, 2) for t in (q, k, v))
+    key_mask = padding_mask(layout)[:, None, None, :]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)  # padded query rows are dropped
+    return unpad(out.transpose(1, 2), layout)
+
+
+def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """Jagged nested tensors + SDPA. Jagged construction raises for inference tensors
+    ("Cannot set version_counter for inference tensor"), so under ``torch.inference_mode`` the
+    inputs are copied out of inference mode first."""
+    guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if q.is_inference():
+        guard = torch.inference_mode(False)
+    with guard:
+        if q.is_inference():
+            q, k, v = q.clone(), k.clone(), v.clone()
+        nts = [torch.nested.nested_tensor_from_jagged(t, layout.offsets, max_seqlen=layout.max_len,
+                                                      min_seqlen=min(layout.lengths)).transpose(1, 2)
+               for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*nts)
+        return out.transpose(1, 2).values()
+
+
+def _varlen_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """CUDA flash-attention varlen kernel (fp16/bf16)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = layout.offsets.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, layout.max_len, layout.max_len)
+
+
+_IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor, Layout], Tensor]] = {
+    "loop": _loop_backend, "padded": _padded_backend, "nested": _nested_backend, "varlen": _varlen_backend,
+}
+
+
+def backend_available(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``name`` runs on this device/dtype in this torch build."""
+    device = torch.device(device)
+    if name in ("loop", "padded", "nested"):
+        return True
+    if name == "varlen":
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            return False
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    raise ValueError(f"unknown attention backend {name!r}; choose from {('auto',) + BACKENDS}")
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """``auto`` -> the fastest backend measured for the device (see bench/README.md):
+    CUDA half precision: flash varlen; other CUDA: jagged nested SDPA; CPU: per-image loop
+    (NJT SDPA falls back to a slow per-image math path on CPU)."""
+    if name != "auto":
+        if not backend_available(name, device, dtype):
+            raise ValueError(f"attention backend {name!r} is not available on {device} with {dtype}")
+        return name
+    if torch.device(device).type == "cuda":
+        return "varlen" if backend_available("varlen", device, dtype) else "nested"
+    return "loop"
+
+
+def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str = "loop") -> Tensor:
+    """Packed ``qkv [T, 3C]`` -> ``[T, C]``; image ``b`` attends within its own rows only."""
+    t, c3 = qkv.shape
+    if layout.is_uniform and layout.batch_size > 0:
+        return dense_attention(qkv.view(layout.batch_size, -1, c3), num_heads).view(t, c3 // 3)
+    if 0 in layout.lengths:  # images with no active token own no rows: drop them from the layout
+        layout = Layout.from_lengths([n for n in layout.lengths if n > 0], qkv.device)
+    if t == 0:
+        return qkv.new_zeros(0, c3 // 3)
+    q, k, v = _split_heads(qkv, num_heads)
+    return _IMPLS[backend](q, k, v, layout).reshape(t, c3 // 3)
+
+
+def masked_attention(qkv: Tensor, num_heads: int, key_keep: Tensor) -> Tensor:
+    """``qkv [B, N, 3C]``, ``key_keep [B, N]`` float in [0, 1] -> ``[B, N, C]``.
+
+    Weights are ``exp(s - max) * key_keep`` renormalised, i.e. an exact softmax over kept keys
+    for a hard mask, differentiable in ``key_keep`` (straight-through Gumbel masks). A query of
+    an image with no kept key gets zeros (its row is discarded by the caller's mix).
+    """
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.view(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
+    keys = key_keep[:, None, None, :]
+    with torch.no_grad():
+        kept_max = scores.masked_fill(keys <= 0, float("-inf")).amax(-1, keepdim=True)
+        kept_max = torch.where(torch.isfinite(kept_max), kept_max, scores.amax(-1, keepdim=True))
+    weights = torch.exp(scores - kept_max) * keys
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return (weights @ v).transpose(1, 2).reshape(b, n, c3 // 3)
+
+
+# ---------------------------------------------------------------- contexts handed to blocks
+@dataclass(frozen=True)
+class DenseContext:
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        return dense_attention(qkv, num_heads)
+
+
+@dataclass(frozen=True)
+class VarlenContext:
+    layout: Layout
+    backend: str = "loop"
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        return varlen_attention(qkv, num_heads, self.layout, self.backend)
+
+
+@dataclass(frozen=True)
+class KeyMaskedContext:
+    key_keep: Tensor  # [B, N]
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        return masked_attention(qkv, num_heads, self.key_keep)
+
+
+AttentionContext = DenseContext | VarlenContext | KeyMaskedContext

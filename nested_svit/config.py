@@ -1,0 +1,41 @@
+"""Model configuration: architecture, where gates sit, and their keep-ratio targets (data, not code)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    embed_dim: int
+    num_heads: int
+    depth: int = 12
+    patch_size: int = 16
+    img_size: int = 224
+    in_chans: int = 3
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    gate_blocks: tuple[int, ...] = ()  # 0-based block indices preceded by a gate
+    keep_targets: tuple[float, ...] = ()  # one target keep ratio per gate
+    prune_cls_last: bool = True  # the last gate may prune the class token (official release)
+    reactivation: bool = True  # False: keep_l <- keep_l & keep_{l-1} (paper's ablation)
+    block_norm_eps: float = 1e-6  # timm; the official SViT blocks (nn.TransformerEncoderLayer) use 1e-5
+    norm_eps: float = 1e-6
+    gate_norm_eps: float = 1e-5
+    gate_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.gate_blocks) != len(self.keep_targets):
+            raise ValueError(f"{len(self.gate_blocks)} gates but {len(self.keep_targets)} keep targets")
+        if any(not 0 <= b < self.depth for b in self.gate_blocks) or list(self.gate_blocks) != sorted(set(self.gate_blocks)):
+            raise ValueError(f"gate_blocks {self.gate_blocks} must be increasing block indices in [0, {self.depth})")
+        if any(not 0.0 <= t <= 1.0 for t in self.keep_targets):
+            raise ValueError(f"keep targets {self.keep_targets} must lie in [0, 1]")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        g = self.grid
+        return 1 + g[0] * g[1]

@@ -1,0 +1,96 @@
+"""ViT building blocks with timm parameter names, running on dense ``[B, N, C]`` or packed
+``[T, C]`` rows alike: only attention needs to know how rows group into images, and it is told
+by the context it is handed (``attention.py``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttentionContext
+
+
+class PatchEmbed(nn.Module):
+    """``[B, 3, H, W]`` -> ``[B, (H/p)*(W/p), C]`` by a stride-p convolution (timm ``patch_embed.proj``)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}; "
+                             f"resize or crop to a multiple of {p}")
+        return height // p, width // p
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
+        self.grid(images.shape[-2], images.shape[-1])
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 on the last dimension."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; ``context`` says which rows attend to which."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
+        return self.proj(context(self.qkv(x), self.num_heads))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+    ``x``: ``[B, N, C]`` or packed ``[T, C]``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def set_eps(self, eps: float) -> None:
+        self.norm1.eps = self.norm2.eps = eps
+
+    def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
+        x = x + self.attn(self.norm1(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
+    """``[1, P + G0*G1, C]`` -> ``[1, P + grid[0]*grid[1], C]``: bicubic on the patch part (square source grid)."""
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    side = int(math.isqrt(patches.shape[1]))
+    if side * side != patches.shape[1]:
+        raise ValueError(f"pos_embed has {patches.shape[1]} patch positions, not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    c = patches.shape[-1]
+    img = patches.reshape(1, side, side, c).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=grid, mode="bicubic", align_corners=False)
+    patches = img.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], 1)

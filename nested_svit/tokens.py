@@ -1,0 +1,179 @@
+"""Ragged token sets: the one layout every execution path uses.
+
+A batch of images is a set of token sequences of different lengths (different keep counts, or
+different resolutions). It is stored *packed*: all tokens of all images concatenated in one
+``values [T, C]`` tensor, image ``b`` owning rows ``offsets[b]:offsets[b+1]``. A dense batch
+``[B, N, C]`` is the special case where every image owns ``N`` rows, so nothing downstream
+distinguishes "pruned to different counts" from "different resolutions".
+
+Only this module knows that layout; blocks see a ``Packed`` and hand its ``layout`` to attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Where each image's rows lie in a packed ``[T, C]`` tensor.
+
+    ``lengths`` is the host copy of ``offsets.diff()``: per-image loops and ``max_len`` need it
+    without a device sync.
+    """
+
+    offsets: Tensor  # [B+1] int64, on the values' device
+    lengths: tuple[int, ...]  # B host ints
+
+    @staticmethod
+    def from_lengths(lengths: list[int] | tuple[int, ...], device: torch.device | str = "cpu") -> "Layout":
+        lengths = tuple(int(n) for n in lengths)
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        if lengths:
+            offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+        return Layout(offsets.to(device), lengths)
+
+    @staticmethod
+    def uniform(batch: int, length: int, device: torch.device | str = "cpu") -> "Layout":
+        return Layout(torch.arange(batch + 1, device=device, dtype=torch.int64) * length, (length,) * batch)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @cached_property
+    def max_len(self) -> int:
+        return max(self.lengths, default=0)
+
+    @cached_property
+    def is_uniform(self) -> bool:
+        return len(set(self.lengths)) <= 1
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for n in self.lengths:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    @cached_property
+    def image_index(self) -> Tensor:
+        """``[T]`` int64: which image each packed row belongs to."""
+        counts = torch.tensor(self.lengths, dtype=torch.int64, device=self.offsets.device)
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.offsets.device), counts,
+                                       output_size=self.total)
+
+    @cached_property
+    def first_rows(self) -> Tensor:
+        """``[B]`` int64: packed row of each image's first token (the class token)."""
+        return self.offsets[:-1]
+
+
+@dataclass(eq=False)
+class Packed:
+    """Tokens of a batch of images packed row-wise.
+
+    values: ``[T, C]``; layout: per-image row ranges; index: ``[T]`` rows of the source set these
+    tokens were gathered from (``None`` when this *is* the source feature map).
+    """
+
+    values: Tensor
+    layout: Layout
+    index: Tensor | None = None
+
+    @staticmethod
+    def from_dense(x: Tensor) -> "Packed":
+        """``[B, N, C]`` -> packed view (no copy)."""
+        b, n, c = x.shape
+        return Packed(x.reshape(b * n, c), Layout.uniform(b, n, x.device))
+
+    @staticmethod
+    def from_list(seqs: list[Tensor]) -> "Packed":
+        """Per-image ``[N_i, C]`` tensors -> packed copy."""
+        return Packed(torch.cat(seqs, 0), Layout.from_lengths([s.shape[0] for s in seqs], seqs[0].device))
+
+    def to_dense(self) -> Tensor:
+        """``[B, N, C]`` view; only for layouts where every image has the same length."""
+        if not self.layout.is_uniform:
+            raise ValueError(f"images have different token counts {sorted(set(self.layout.lengths))}; "
+                             "use .unbind() or .to_padded()")
+        b = self.layout.batch_size
+        return self.values.view(b, self.values.shape[0] // max(b, 1), *self.values.shape[1:])
+
+    def unbind(self) -> list[Tensor]:
+        """Per-image ``[N_i, C]`` views."""
+        return list(torch.split(self.values, list(self.layout.lengths), 0))
+
+    def with_values(self, values: Tensor) -> "Packed":
+        return Packed(values, self.layout, self.index)
+
+
+def keep_counts(keep: Tensor, layout: Layout) -> Tensor:
+    """``[B]`` int64 number of kept rows per image for a flat ``keep [T]`` bool mask."""
+    counts = torch.zeros(layout.batch_size, dtype=torch.int64, device=keep.device)
+    return counts.index_add_(0, layout.image_index, keep.to(torch.int64))
+
+
+def gather(x: Packed, keep: Tensor | None) -> Packed:
+    """Active tokens of every image: ``keep [T]`` bool over ``x``'s rows -> ``Packed`` with ``index``.
+
+    Image order and token order within an image are preserved. One host sync (the kept counts).
+    """
+    if keep is None:
+        return Packed(x.values, x.layout, None)
+    index = keep.nonzero().squeeze(1)
+    counts = keep_counts(keep, x.layout)
+    lengths = counts.tolist()
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=keep.device)
+    offsets[1:] = counts.cumsum(0)
+    return Packed(x.values.index_select(0, index), Layout(offsets, tuple(lengths)), index)
+
+
+def scatter(x: Packed, active: Packed, inplace: bool = False) -> Packed:
+    """Write ``active`` rows back into ``x`` at ``active.index``; other rows keep their values
+    (preserve). ``inplace`` avoids a copy of the feature map when autograd is not recording."""
+    if active.index is None:
+        return Packed(active.values, x.layout)
+    if inplace:
+        x.values.index_copy_(0, active.index, active.values)
+        return x
+    return Packed(x.values.index_copy(0, active.index, active.values), x.layout)
+
+
+def to_nested(x: Packed) -> Tensor:
+    """Jagged nested tensor ``[B, j, C...]`` sharing ``x.values`` storage."""
+    return torch.nested.nested_tensor_from_jagged(x.values, x.layout.offsets, max_seqlen=x.layout.max_len,
+                                                  min_seqlen=min(x.layout.lengths, default=0))
+
+
+def from_nested(nt: Tensor) -> Tensor:
+    """Jagged nested tensor -> packed ``values``."""
+    return nt.values()
+
+
+def pad(values: Tensor, layout: Layout, fill: float = 0.0) -> Tensor:
+    """Packed ``[T, ...]`` -> padded ``[B, max_len, ...]``."""
+    b, m = layout.batch_size, layout.max_len
+    out = values.new_full((b, m) + tuple(values.shape[1:]), fill)
+    rows = torch.arange(values.shape[0], device=values.device) - layout.offsets[layout.image_index]
+    out[layout.image_index, rows] = values
+    return out
+
+
+def padding_mask(layout: Layout) -> Tensor:
+    """``[B, max_len]`` bool, True where a padded position holds a real token."""
+    lengths = layout.offsets.diff()
+    return torch.arange(layout.max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def unpad(padded: Tensor, layout: Layout) -> Tensor:
+    """Padded ``[B, max_len, ...]`` -> packed ``[T, ...]``."""
+    return padded[padding_mask(layout)]
