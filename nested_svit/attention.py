@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .tokens import Layout, pad, padding_mask, unpad
 
@@ -60,12 +61,18 @@ def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     """Jagged nested tensors + SDPA. Jagged construction raises for inference tensors
     ("Cannot set version_counter for inference tensor"), so under ``torch.inference_mode`` the
     inputs are copied out of inference mode first."""
-    guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    mode_guard: contextlib.AbstractContextManager = contextlib.nullcontext()
     if q.is_inference():
-        guard = torch.inference_mode(False)
-    with guard:
-        if q.is_inference():
-            q, k, v = q.clone(), k.clone(), v.clone()
+        mode_guard = torch.inference_mode(False)
+    # On CPU, NJT SDPA only has the math kernel; pinning it skips the fused-kernel probes, which in
+    # CUDA builds of torch query the CUDA driver and fail on machines without one.
+    kernel_guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if q.device.type == "cpu":
+        kernel_guard = sdpa_kernel(SDPBackend.MATH)
+    with mode_guard, kernel_guard:
+        # NJT SDPA needs each of q, k, v contiguous as [T, H, D] (a copy out of the fused qkv);
+        # this copy also takes inference tensors out of inference mode.
+        q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
         nts = [torch.nested.nested_tensor_from_jagged(t, layout.offsets, max_seqlen=layout.max_len,
                                                       min_seqlen=min(layout.lengths)).transpose(1, 2)
                for t in (q, k, v)]
