@@ -1,7 +1,8 @@
 """The three executions of one block on a feature map with a keep mask (DESIGN.md).
 
-Each takes the full feature map ``x`` (packed ``[T, C]``), the block, and ``keep`` (``[T]``:
-bool, or float {0, 1} for ``masked``; ``None`` = every token) and returns the new feature map.
+Each takes the full feature map ``x`` (packed ``[T, C]``), the block, ``keep`` (``[T]``: bool, or
+float {0, 1} for ``masked``; ``None`` = every token) and ``counts`` (``[B]`` kept per image, or
+``None``) and returns the new feature map.
 Tokens not kept keep their previous values (preserve), so any later gate may pick them again.
 """
 from __future__ import annotations
@@ -18,15 +19,15 @@ from .tokens import Packed, gather, scatter
 EXECUTIONS = ("packed", "masked", "reference")
 
 
-def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str) -> Packed:
+def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
     """Gather the active tokens of all images, run the block once on ``[T_active, C]`` with
     variable-length attention, scatter back. No compute on pruned tokens."""
-    active = gather(x, keep)
+    active = gather(x, keep, counts)
     out = block(active.values, VarlenContext(active.layout, backend))
     return scatter(x, active.with_values(out), inplace=not torch.is_grad_enabled())
 
 
-def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str) -> Packed:
+def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
     """Per-image loop: each image's kept tokens through the plain block as a batch of one."""
     out = x.values.clone()
     for start, length in zip(x.layout.starts, x.layout.lengths):
@@ -38,7 +39,7 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str) ->
     return Packed(out, x.layout)
 
 
-def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str) -> Packed:
+def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
     """Training path (Eq. 1): dense ``[B, N, C]``; pruned keys masked out of every softmax;
     output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``)."""
     dense = x.to_dense()
@@ -50,6 +51,6 @@ def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str) -> Pa
     return Packed.from_dense(m * out + (1 - m) * dense)
 
 
-RUNNERS: dict[str, Callable[[Block, Packed, Tensor | None, str], Packed]] = {
+RUNNERS: dict[str, Callable[..., Packed]] = {
     "packed": run_packed, "masked": run_masked, "reference": run_reference,
 }

@@ -62,6 +62,9 @@ class Attention(nn.Module):
         return self.proj(context(self.qkv(x), self.num_heads))
 
 
+MLP_CHUNK_BYTES = 8 * 2**20
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
     ``x``: ``[B, N, C]`` or packed ``[T, C]``."""
@@ -78,7 +81,21 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
         x = x + self.attn(self.norm1(x), context)
-        return x + self.mlp(self.norm2(x))
+        return self._mlp_residual(x)
+
+    def _mlp_residual(self, x: Tensor) -> Tensor:
+        """``x + mlp(norm2(x))``. Inference on CPU runs it over row chunks whose hidden activations
+        stay cache-sized (<= MLP_CHUNK_BYTES), adding into ``x`` in place: large hidden tensors
+        otherwise cost page faults and memory traffic on every call (see bench/README.md)."""
+        rows = x.numel() // x.shape[-1]
+        chunk = max(256, MLP_CHUNK_BYTES // (self.mlp.fc1.out_features * x.element_size()))
+        if torch.is_grad_enabled() or x.device.type != "cpu" or rows <= chunk:
+            return x + self.mlp(self.norm2(x))
+        flat = x.view(rows, x.shape[-1])  # x is this block's own fresh tensor: safe to update
+        for start in range(0, rows, chunk):
+            part = flat[start:start + chunk]
+            part += self.mlp(self.norm2(part))
+        return x
 
 
 def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], num_prefix: int = 1) -> Tensor:

@@ -162,8 +162,9 @@ class SparseViT(nn.Module):
                 prev = keep
                 masks.append(keep)
                 decided_rows.append(decided)
-            kept_cols.append(lengths if keep is None else keep_counts(keep > 0.5, layout).cpu())
-            x = runner(block, x, keep, backend)
+            counts = None if keep is None else keep_counts(keep, layout)
+            kept_cols.append(lengths if counts is None else counts.cpu())
+            x = runner(block, x, keep, backend, counts)
         usage = TokenUsage(torch.stack(kept_cols, 1), lengths, self.config.gate_blocks, masks, decided_rows)
         return x, usage
 

@@ -117,23 +117,27 @@ class Packed:
 
 
 def keep_counts(keep: Tensor, layout: Layout) -> Tensor:
-    """``[B]`` int64 number of kept rows per image for a flat ``keep [T]`` bool mask."""
+    """``[B]`` int64 number of kept rows per image for a flat ``keep [T]`` mask (bool or {0,1})."""
+    keep = keep if keep.dtype == torch.bool else keep > 0.5
+    if layout.is_uniform and layout.batch_size:
+        return keep.view(layout.batch_size, -1).sum(1)
     counts = torch.zeros(layout.batch_size, dtype=torch.int64, device=keep.device)
     return counts.index_add_(0, layout.image_index, keep.to(torch.int64))
 
 
-def gather(x: Packed, keep: Tensor | None) -> Packed:
+def gather(x: Packed, keep: Tensor | None, counts: Tensor | None = None) -> Packed:
     """Active tokens of every image: ``keep [T]`` bool over ``x``'s rows -> ``Packed`` with ``index``.
 
-    Image order and token order within an image are preserved. One host sync (the kept counts).
+    Image order and token order within an image are preserved. ``counts``: the ``[B]`` kept counts
+    if the caller has them already (``keep_counts``). One host sync (the kept counts).
     """
     if keep is None:
         return Packed(x.values, x.layout, None)
-    index = keep.nonzero().squeeze(1)
-    counts = keep_counts(keep, x.layout)
+    counts = keep_counts(keep, x.layout) if counts is None else counts
     lengths = counts.tolist()
+    index = keep.nonzero().squeeze(1)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=keep.device)
-    offsets[1:] = counts.cumsum(0)
+    offsets[1:] = counts.to(keep.device).cumsum(0)
     return Packed(x.values.index_select(0, index), Layout(offsets, tuple(lengths)), index)
 
 

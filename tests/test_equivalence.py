@@ -142,3 +142,21 @@ def test_bad_inputs_raise_clear_errors():
         create_model("svit_huge")
     with pytest.raises(ValueError, match="unknown config field"):
         create_model("svit_tiny", keep_rate=0.5)
+
+
+@pytest.mark.parametrize("name", WIDTHS)
+def test_chunked_mlp_matches_reference(name, monkeypatch):
+    """Inference on CPU runs the MLP over row chunks; force several chunks and compare."""
+    from nested_svit import layers
+
+    monkeypatch.setattr(layers, "MLP_CHUNK_BYTES", 1)  # -> 256-row chunks
+    model = small_model(name)
+    batch, n = 40, model.config.num_tokens
+    gen = torch.Generator().manual_seed(7)
+    install_masks(model, random_masks(gen, [n] * batch, [[0.9] * batch, [0.6] * batch, [0.3] * batch]))
+    images = torch.randn(batch, 3, 64, 64, generator=gen)
+    results = run_all(model, images)
+    ref_feats, ref_usage = results.pop("reference")
+    for key, (feats, usage) in results.items():
+        assert torch.equal(usage.kept, ref_usage.kept), key
+        assert rel_err(feats, ref_feats) <= 1e-5, key

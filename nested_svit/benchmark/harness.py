@@ -1,0 +1,200 @@
+"""Batch-size sweep: time dense and pruned models side by side and relate speed-ups to FLOPs.
+
+Method: one image pool per run; per batch size every runner (model x backend) is warmed up, then
+timed in interleaved rounds (A B C A B C ...) so machine drift hits all alike; medians of the
+rounds are reported. Random-weight gates are calibrated to their keep targets on the pool
+(``SparseViT.calibrate_keep``) so pruned models prune as a trained one would on average.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..attention import resolve_backend
+from ..model import SparseViT
+from ..registry import create_model, dense_counterpart, get_config
+from .flops import flops_per_image
+from .memory import peak_memory_mb
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMM_PREFIX = "timm/"
+COLUMNS = ["model", "backend", "device", "precision", "batch_size", "img_size", "param_count",
+           "infer_samples_per_sec", "infer_step_time", "infer_step_time_p10", "infer_step_time_p90",
+           "mean_kept_tokens", "gflops_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb",
+           "calibrated_gates", "threads", "rounds", "torch_version"]
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["deit_small_patch16_224", "svit_small"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    device: str = "cpu"
+    threads: int | None = None
+    precision: str = "fp32"
+    backends: list[str] = field(default_factory=lambda: ["auto"])
+    input: str = "synthetic"  # or a directory of images
+    img_size: int = 224
+    rounds: int = 10
+    warmup: int = 2
+    calibrate: bool = True
+    seed: int = 0
+
+
+@dataclass
+class _Runner:
+    model_name: str
+    backend: str
+    module: nn.Module
+    base_name: str  # our registry name (timm models: the matching dense config)
+    calibrated: list[int]
+    times: list[float] = field(default_factory=list)
+
+
+def _timm_model(name: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(f"{name} needs timm: pip install 'nested-svit[bench]'") from e
+    return timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+
+
+def _image_pool(cfg: BenchConfig, count: int) -> torch.Tensor:
+    if cfg.input == "synthetic":
+        gen = torch.Generator().manual_seed(cfg.seed)
+        return torch.randn(count, 3, cfg.img_size, cfg.img_size, generator=gen)
+    from ..data.folder import load_images_from_dir
+
+    return load_images_from_dir(cfg.input, count, cfg.img_size)
+
+
+def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list[_Runner]:
+    names = list(dict.fromkeys(cfg.models))
+    for name in list(names):  # the dense model of each width is always measured: speedup needs it
+        if not name.startswith(TIMM_PREFIX):
+            dense = dense_counterpart(name)
+            if dense not in names:
+                names.insert(0, dense)
+    calib_images = pool[:64]
+    runners = []
+    for name in names:
+        torch.manual_seed(cfg.seed)
+        if name.startswith(TIMM_PREFIX):
+            runners.append(_Runner(name, "dense", _timm_model(name).eval().to(device, dtype),
+                                   name[len(TIMM_PREFIX):], []))
+            continue
+        model = create_model(name).eval()
+        if model.num_gates == 0:
+            runners.append(_Runner(name, "dense", model.to(device, dtype), name, []))
+            continue
+        calibrated: list[int] = []
+        if cfg.calibrate:
+            model.calibrate_keep(calib_images)
+            calibrated = list(range(model.num_gates))
+        model.to(device, dtype)
+        for backend in dict.fromkeys(cfg.backends):
+            label = backend if backend != "auto" else f"auto:{resolve_backend('auto', device, dtype)}"
+            clone = model if backend == cfg.backends[-1] else _copy_model(model)
+            clone.set_execution("packed", backend)
+            runners.append(_Runner(name, label, clone, name, calibrated))
+    return runners
+
+
+def _copy_model(model: SparseViT) -> SparseViT:
+    clone = SparseViT(model.config)
+    clone.name = model.name
+    clone.load_state_dict(model.state_dict())
+    for b_src, b_dst in zip(model.blocks, clone.blocks):
+        b_dst.set_eps(b_src.norm1.eps)
+    return clone.to(model.cls_token.device, model.cls_token.dtype).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(module: nn.Module, images: torch.Tensor, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        module(images)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    module(images)
+    return time.perf_counter() - t0
+
+
+def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, float]:
+    """(mean kept tokens per gated block per image, GFLOPs per image, dense-model GFLOPs per image),
+    the dense model being the same width without gates, on the same images."""
+    dense_cfg = get_config(dense_counterpart(runner.base_name))
+    n = 1 + (images.shape[-2] // dense_cfg.patch_size) * (images.shape[-1] // dense_cfg.patch_size)
+    total = torch.full((images.shape[0],), n, dtype=torch.int64)
+    dense = float(flops_per_image(dense_cfg, total[:, None].expand(-1, dense_cfg.depth), total).mean()) / 1e9
+    model = runner.module
+    if not isinstance(model, SparseViT) or model.num_gates == 0:
+        return float(n), dense, dense
+    _, usage = model.forward_features(images)
+    gated = list(model.config.gate_blocks)
+    gflops = float(flops_per_image(model.config, usage.kept, usage.total).mean()) / 1e9
+    return float(usage.kept[:, gated].double().mean()), gflops, dense
+
+
+def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Run the sweep; one row per (model, backend, batch size) with the columns of ``COLUMNS``."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision {cfg.precision!r}; choose from {list(PRECISIONS)}")
+    if cfg.rounds < 1 or any(b < 1 for b in cfg.batch_sizes):
+        raise ValueError("rounds and batch sizes must be positive")
+    device, dtype = torch.device(cfg.device), PRECISIONS[cfg.precision]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    report = progress or (lambda msg: None)
+    pool = _image_pool(cfg, max(cfg.batch_sizes))
+    runners = _build_runners(cfg, pool, device, dtype)
+    rows = []
+    with torch.inference_mode():
+        for bs in cfg.batch_sizes:
+            images = pool[:bs].to(device, dtype)
+            for r in runners:
+                r.times = []
+                for _ in range(cfg.warmup):
+                    r.module(images)
+                _sync(device)
+            for i in range(cfg.rounds):
+                report(f"batch {bs}: round {i + 1}/{cfg.rounds}")
+                for r in runners:
+                    r.times.append(_time_once(r.module, images, device))
+            dense_time = {r.model_name: statistics.median(r.times) for r in runners
+                          if isinstance(r.module, SparseViT) and r.module.num_gates == 0}
+            for r in runners:
+                step = statistics.median(r.times)
+                kept, gflops, dense_gflops = _usage_flops(r, images)
+                reference = dense_time.get(dense_counterpart(r.base_name))
+                speedup = reference / step if reference else float("nan")
+                ideal = dense_gflops / gflops
+                rows.append({
+                    "model": r.model_name, "backend": r.backend, "device": str(device), "precision": cfg.precision,
+                    "batch_size": bs, "img_size": images.shape[-1],
+                    "param_count": sum(p.numel() for p in r.module.parameters()),
+                    "infer_samples_per_sec": bs / step, "infer_step_time": step * 1000,
+                    "infer_step_time_p10": float(np.percentile(r.times, 10)) * 1000,
+                    "infer_step_time_p90": float(np.percentile(r.times, 90)) * 1000,
+                    "mean_kept_tokens": kept, "gflops_per_image": gflops, "ideal_speedup": ideal,
+                    "speedup": speedup, "efficiency": speedup / ideal,
+                    "peak_mem_mb": peak_memory_mb(lambda: r.module(images), device),
+                    "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
+                    "rounds": cfg.rounds, "torch_version": torch.__version__,
+                })
+    return pd.DataFrame(rows, columns=COLUMNS)
