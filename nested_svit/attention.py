@@ -44,9 +44,10 @@ def dense_attention(qkv: Tensor, num_heads: int) -> Tensor:
 def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     """Per-image SDPA on slices of the packed tensors. Few copies, one kernel per image."""
     qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))  # [H, T, D] strided views
-    outs = [F.scaled_dot_product_attention(qh[:, s:s + n], kh[:, s:s + n], vh[:, s:s + n])
-            for s, n in zip(layout.starts, layout.lengths)]
-    return torch.cat(outs, 1).transpose(0, 1)  # [T, H, D]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D] contiguous: reshapes to [T, C] free
+    for s, n in zip(layout.starts, layout.lengths):
+        out[s:s + n] = F.scaled_dot_product_attention(qh[:, s:s + n], kh[:, s:s + n], vh[:, s:s + n]).transpose(0, 1)
+    return out
 
 
 def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:

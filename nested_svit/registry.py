@@ -17,6 +17,20 @@ for _size, (_dim, _heads) in _WIDTHS.items():
     _MODELS[f"svit_{_size}"] = ViTConfig(embed_dim=_dim, num_heads=_heads, gate_blocks=SVIT_GATE_BLOCKS,
                                          keep_targets=SVIT_KEEP_TARGETS)
 
+# A small ViT for 32x32 inputs (the digits experiment in eval/; its SViT checkpoint ships with the package).
+_DIGITS = dict(embed_dim=64, num_heads=2, depth=12, patch_size=4, img_size=32, num_classes=10)
+_MODELS["vit_digits"] = ViTConfig(**_DIGITS)
+_MODELS["svit_digits"] = ViTConfig(**_DIGITS, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=SVIT_KEEP_TARGETS)
+
+# Eval preprocessing per model (as timm's pretrained configs carry it): input size and crop_pct.
+_EVAL_DEFAULTS: dict[str, dict] = {"vit_digits": {"img_size": 32, "crop_pct": 1.0},
+                                   "svit_digits": {"img_size": 32, "crop_pct": 1.0}}
+
+
+def eval_defaults(name: str) -> dict:
+    """``{"img_size", "crop_pct"}`` of the model's eval transform (DeiT: 224, 0.875)."""
+    return {"img_size": get_config(name).img_size, "crop_pct": 0.875, **_EVAL_DEFAULTS.get(name, {})}
+
 
 def list_models() -> list[str]:
     return sorted(_MODELS)
@@ -40,6 +54,8 @@ def dense_counterpart(name: str) -> str:
     for size in _WIDTHS:
         if name in (f"svit_{size}", f"deit_{size}_patch16_224"):
             return f"deit_{size}_patch16_224"
+    if name in ("vit_digits", "svit_digits"):
+        return "vit_digits"
     raise ValueError(f"no dense counterpart known for {name!r}")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .classes import imagenet_classes, imagenet_index
 from .decode import BadImage, decode_image
 from .transforms import EvalTransform
 
@@ -37,11 +38,16 @@ def _image_files(root: Path) -> list[Path]:
 def _folder_records(root: Path) -> Records:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if classes:
+        # ImageNet wnid directories (all 1000 or a subset) get the standard ImageNet indices and names;
+        # other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does.
+        wnid_index = imagenet_index(classes)
         files, labels = [], []
         for label, name in enumerate(classes):
             for f in _image_files(root / name):
                 files.append(f)
-                labels.append(label)
+                labels.append(wnid_index[name] if wnid_index else label)
+        if wnid_index:
+            classes = list(imagenet_classes()[1])
         kind = "imagefolder"
     else:
         files, labels, classes, kind = _image_files(root), None, None, "images"
@@ -131,7 +137,8 @@ def collate_records(items: list[dict]) -> dict:
         "index": torch.tensor([it["index"] for it in ok], dtype=torch.int64),
         "label": torch.tensor([it["label"] for it in ok], dtype=torch.int64),
         "id": [it["id"] for it in ok],
-        "failed": [(it["index"], it["id"], it["error"]) for it in items if it["image"] is None],
+        "failed": [(it["index"], it["id"], it["label"], it["error"]) for it in items if it["image"] is None],
+        "all_index": [it["index"] for it in items],
     }
 
 

@@ -1,0 +1,218 @@
+"""Gate fine-tuning (paper Sec. 3.3): masked execution with straight-through Gumbel-softmax masks,
+loss = task + lambda * keep-ratio loss, AdamW with a cosine schedule, separate learning rates for the
+backbone and the gates. Checkpoints resume exactly: model, optimizer, scheduler, RNG, epoch and step,
+with a data order and augmentation that depend only on (seed, epoch, index).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .io import atomic_write
+from .losses import keep_ratio_loss
+from .model import SparseViT
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-5  # backbone (paper: batchsize/512 * 1e-5)
+    gate_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    ratio_weight: float = 4.0  # lambda
+    ratio_loss: str = "dynamic"  # or "fixed"
+    freeze_backbone: bool = False
+    label_smoothing: float = 0.0
+    amp: bool = False  # CUDA autocast (bf16)
+    seed: int = 0
+    workers: int = 0
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    device: str = "cpu"
+
+
+@dataclass
+class StepLog:
+    epoch: int
+    step: int
+    loss: float
+    task_loss: float
+    ratio_loss: float
+    keep: list[float] = field(default_factory=list)
+    lr: float = 0.0
+
+
+def _is_gate(name: str) -> bool:
+    return name.startswith("gates.")
+
+
+def make_optimizer(model: SparseViT, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name in ("pos_embed", "cls_token")
+        groups.setdefault((_is_gate(name), no_decay), []).append(p)
+    param_groups = [{"params": ps, "lr": cfg.gate_lr if gate else cfg.lr,
+                     "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+                    for (gate, no_decay), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class SeededAugment(Dataset):
+    """Wraps ``(image, label)`` data; ``transform`` runs under an RNG seeded by (seed, epoch, index), so
+    an augmentation never depends on worker layout, batch order or where a run was resumed."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Tensor], Tensor] | None, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                image = self.transform(image)
+        return image, label
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled full batches of epoch ``epoch`` (the masked execution needs equal-sized batches)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Fine-tunes ``model`` on ``data`` (a data set of ``(image [3,H,W], label)``)."""
+
+    def __init__(self, model: SparseViT, data: Dataset, cfg: TrainConfig,
+                 augment: Callable[[Tensor], Tensor] | None = None, checkpoint_path: str | Path | None = None):
+        self.model, self.cfg = model.to(cfg.device), cfg
+        self.data = SeededAugment(data, augment, cfg.seed)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        for name, p in model.named_parameters():
+            p.requires_grad_(_is_gate(name) or not cfg.freeze_backbone)
+        self.steps_per_epoch = len(epoch_batches(len(self.data), cfg.batch_size, cfg.seed, 0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data set of {len(self.data)} images is smaller than one batch of {cfg.batch_size}")
+        self.opt = make_optimizer(model, cfg)
+        self.sched = make_scheduler(self.opt, cfg.epochs * self.steps_per_epoch, cfg.warmup_steps)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        torch.manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": _rng_state(), "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "train_config": asdict(self.cfg), "model_name": self.model.name,
+                "model_config": asdict(self.model.config)}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.checkpoint_path)
+        state = self.state_dict()
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        state = torch.load(path, map_location=self.cfg.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        _set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, images: Tensor, labels: Tensor) -> StepLog:
+        cfg, model = self.cfg, self.model
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and cfg.device.startswith("cuda") else _null()
+        with amp:
+            feats, usage = model.forward_features(images)
+            logits = model.forward_head(feats)
+            task = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            ratio = keep_ratio_loss(usage, model.config.keep_targets, cfg.ratio_loss) if model.num_gates else \
+                torch.zeros((), device=logits.device)
+            loss = task + cfg.ratio_weight * ratio
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        keep = usage.gate_keep_fraction().tolist() if model.num_gates else []
+        return StepLog(self.epoch, self.global_step, float(loss), float(task), float(ratio), keep,
+                       self.opt.param_groups[0]["lr"])
+
+    def fit(self, max_steps: int | None = None, log: Callable[[StepLog], None] | None = None) -> list[StepLog]:
+        """Train until ``cfg.epochs`` (or ``max_steps`` more steps); returns the step logs."""
+        cfg, model = self.cfg, self.model
+        model.train().set_execution("masked")
+        logs: list[StepLog] = []
+        done = 0
+        while self.epoch < cfg.epochs:
+            self.data.epoch = self.epoch
+            batches = epoch_batches(len(self.data), cfg.batch_size, cfg.seed, self.epoch)[self.step_in_epoch:]
+            # the loader's own generator: creating an iterator must not draw from the global RNG,
+            # or a resumed run (one extra loader) would see different Gumbel noise
+            loader = DataLoader(self.data, batch_sampler=batches, num_workers=cfg.workers,
+                                generator=torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch))
+            for images, labels in loader:
+                entry = self.train_step(images.to(cfg.device), labels.to(cfg.device))
+                self.step_in_epoch += 1
+                self.global_step += 1
+                done += 1
+                logs.append(entry)
+                if log:
+                    log(entry)
+                if self.checkpoint_path and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    self.save()
+                if max_steps is not None and done >= max_steps:
+                    return logs
+            self.epoch += 1
+            self.step_in_epoch = 0
+            if self.checkpoint_path:
+                self.save()
+        return logs
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,65 @@
+"""Small real image data sets written by the tests: ImageFolder, parquet shards, Arrow folder."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # ImageNet classes 0, 1, 2
+
+
+def make_image(rng: np.random.Generator, mode: str = "RGB", size: tuple[int, int] = (80, 60)) -> Image.Image:
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_image_folder(root: Path, per_class: int = 4, seed: int = 0) -> list[tuple[str, int]]:
+    """``root/<wnid>/*.{JPEG,png}`` -> [(relative path, ImageNet label)]."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for label, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            fmt, suffix = ("JPEG", "JPEG") if i % 2 == 0 else ("PNG", "png")
+            rel = f"{wnid}/img{i}.{suffix}"
+            (root / rel).write_bytes(encode(make_image(rng, size=(70 + 7 * i, 50 + 5 * label)), fmt))
+            items.append((rel, label))
+    return sorted(items)
+
+
+def write_parquet(root: Path, n: int = 10, shards: int = 2, seed: int = 1) -> list[tuple[bytes, int]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    records = [(encode(make_image(rng), "JPEG" if i % 3 else "PNG"), int(rng.integers(0, 10))) for i in range(n)]
+    root.mkdir(parents=True, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    per = (n + shards - 1) // shards
+    for s in range(shards):
+        part = records[s * per:(s + 1) * per]
+        table = pa.table({"image": pa.array([{"bytes": b, "path": None} for b, _ in part], type=image_type),
+                          "label": pa.array([lab for _, lab in part], type=pa.int64())})
+        pq.write_table(table, root / f"validation-{s:05d}-of-{shards:05d}.parquet")
+    return records
+
+
+def write_arrow(root: Path, n: int = 6, seed: int = 2) -> list[tuple[bytes, int]]:
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    records = [(encode(make_image(rng), "PNG"), i % 3) for i in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "fox"])})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b, _ in records],
+                                     "label": [lab for _, lab in records]}, features=features)
+    ds.save_to_disk(str(root))
+    return records
