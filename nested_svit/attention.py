@@ -112,15 +112,28 @@ def backend_available(name: str, device: torch.device | str, dtype: torch.dtype 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """``auto`` -> the fastest backend measured for the device (see bench/README.md):
-    CUDA half precision: flash varlen; other CUDA: jagged nested SDPA; CPU: per-image loop
-    (NJT SDPA falls back to a slow per-image math path on CPU)."""
+    CUDA half precision: flash varlen; other CUDA: jagged nested SDPA; CPU: ``cpu-auto``, decided per
+    call from the sequence shapes (``pick_cpu_backend``). NJT SDPA falls back to a slow per-image math
+    path on CPU, so it is never the CPU choice."""
     if name != "auto":
-        if not backend_available(name, device, dtype):
+        if name != "cpu-auto" and not backend_available(name, device, dtype):
             raise ValueError(f"attention backend {name!r} is not available on {device} with {dtype}")
         return name
     if torch.device(device).type == "cuda":
         return "varlen" if backend_available("varlen", device, dtype) else "nested"
-    return "loop"
+    return "cpu-auto"
+
+
+# padded wins only for many tiny sequences (bench/results/attention-backends-*.csv): one SDPA call
+# then beats one call per image; for anything larger the masked padded kernel is 1.5-3x slower.
+PADDED_MAX_WORK = 1.2e5  # heads * mean_len^2 * head_dim
+PADDED_MIN_BATCH = 16
+
+
+def pick_cpu_backend(layout: Layout, num_heads: int, head_dim: int) -> str:
+    mean_len = layout.total / max(layout.batch_size, 1)
+    small = num_heads * mean_len * mean_len * head_dim <= PADDED_MAX_WORK
+    return "padded" if small and layout.batch_size >= PADDED_MIN_BATCH else "loop"
 
 
 def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str = "loop") -> Tensor:
@@ -133,6 +146,8 @@ def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str =
     if t == 0:
         return qkv.new_zeros(0, c3 // 3)
     q, k, v = _split_heads(qkv, num_heads)
+    if backend == "cpu-auto":
+        backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
     return _IMPLS[backend](q, k, v, layout).reshape(t, c3 // 3)
 
 

@@ -32,7 +32,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(models=_csv_list(args.models), batch_sizes=_int_list(args.batch_sizes), device=args.device,
                       threads=args.threads, precision=args.precision, backends=_csv_list(args.backend),
-                      input=args.input, img_size=args.img_size, rounds=args.rounds, warmup=args.warmup,
+                      input=args.input, img_size=args.img_size, rounds=args.rounds, min_time=args.min_time,
+                      warmup=args.warmup,
                       calibrate=not args.no_calibrate, seed=args.seed)
     bar = tqdm(desc="bench", unit="step", file=sys.stderr)
 
@@ -184,6 +185,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .evaluation.runner import merge_parts, remove_parts
     from .io import atomic_write
 
+    if args.demo:  # bundled model + images: a real run with nothing to download
+        from importlib import resources
+
+        assets = resources.files("nested_svit.assets")
+        args.model, args.checkpoint = "svit_digits", str(assets / "svit_digits.pth")
+        args.input = args.input or str(assets / "digits_samples")
+    if not args.input:
+        raise ValueError("--input is required (or --demo)")
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")
     args.data = args.input
@@ -301,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", default="synthetic", help="'synthetic' or a directory of images")
     b.add_argument("--img-size", type=int, default=224)
     b.add_argument("--rounds", type=int, default=10)
+    b.add_argument("--min-time", type=float, default=2.0,
+                   help="more rounds at small batches: each runner is timed for at least this many seconds")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--no-calibrate", action="store_true", help="leave gates as loaded (trained checkpoints)")
     b.add_argument("--seed", type=int, default=0)
@@ -318,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="offline batch prediction: one row per image")
     _add_inference_args(p)
-    p.add_argument("--input", required=True, help="image directory, ImageFolder tree, parquet or Arrow data set")
+    p.add_argument("--input", default=None, help="image directory, ImageFolder tree, parquet or Arrow data set")
+    p.add_argument("--demo", action="store_true",
+                   help="bundled SViT trained on digits (eval/digits_experiment.py) and bundled sample images")
     p.add_argument("--out", default="predictions.parquet", help=".parquet or .csv")
     p.set_defaults(func=cmd_predict)
 

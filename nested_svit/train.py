@@ -175,7 +175,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         keep = usage.gate_keep_fraction().tolist() if model.num_gates else []
-        return StepLog(self.epoch, self.global_step, float(loss), float(task), float(ratio), keep,
+        return StepLog(self.epoch, self.global_step, loss.item(), task.item(), ratio.item(), keep,
                        self.opt.param_groups[0]["lr"])
 
     def fit(self, max_steps: int | None = None, log: Callable[[StepLog], None] | None = None) -> list[StepLog]:

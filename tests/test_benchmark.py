@@ -50,7 +50,7 @@ def test_calibration_hits_targets(targets):
 
 
 def test_harness_columns_and_consistency():
-    cfg = BenchConfig(models=["svit_tiny"], batch_sizes=[1, 2], rounds=2, warmup=1, img_size=64,
+    cfg = BenchConfig(models=["svit_tiny"], batch_sizes=[1, 2], rounds=2, min_time=0.0, warmup=1, img_size=64,
                       backends=["auto", "padded"])
     df = run_benchmark(cfg)
     assert list(df.columns) == COLUMNS

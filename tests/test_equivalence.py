@@ -12,7 +12,7 @@ from nested_svit.attention import BACKENDS, backend_available
 from nested_svit.execution import run_packed
 
 WIDTHS = ["svit_tiny", "svit_small", "svit_base"]  # 3, 6, 12 heads
-CPU_BACKENDS = [b for b in BACKENDS if backend_available(b, "cpu")]
+CPU_BACKENDS = ["auto"] + [b for b in BACKENDS if backend_available(b, "cpu")]
 SMALL = dict(img_size=64, depth=4, gate_blocks=(1, 2, 3), keep_targets=(0.7, 0.49, 0.343), num_classes=10)
 
 _models: dict[str, torch.nn.Module] = {}
@@ -160,3 +160,12 @@ def test_chunked_mlp_matches_reference(name, monkeypatch):
     for key, (feats, usage) in results.items():
         assert torch.equal(usage.kept, ref_usage.kept), key
         assert rel_err(feats, ref_feats) <= 1e-5, key
+
+
+def test_cpu_auto_picks_padded_only_for_many_tiny_sequences():
+    from nested_svit.attention import pick_cpu_backend
+    from nested_svit.tokens import Layout
+
+    assert pick_cpu_backend(Layout.from_lengths([30] * 64), num_heads=2, head_dim=32) == "padded"
+    assert pick_cpu_backend(Layout.from_lengths([30] * 4), num_heads=2, head_dim=32) == "loop"  # few images
+    assert pick_cpu_backend(Layout.from_lengths([100] * 64), num_heads=6, head_dim=64) == "loop"  # svit_small sizes

@@ -191,3 +191,25 @@ def test_torchrun_two_processes_equal_single(tmp_path, checkpoint):
         assert dist[key] == single[key], key
     a, b = pd.read_parquet(tmp_path / "single.parquet"), pd.read_parquet(tmp_path / "dist.parquet")
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
+
+
+def test_predict_demo_uses_bundled_model_and_images(tmp_path):
+    """The README's main job: bundled SViT (trained on digits) on bundled PNGs, checked against an
+    independent pipeline (torchvision transform, reference execution)."""
+    from importlib import resources
+
+    out = tmp_path / "demo.csv"
+    assert main(["predict", "--demo", "--workers", "0", "--out", str(out)]) == 0
+    rows = pd.read_csv(out)
+    assets = resources.files("nested_svit.assets")
+    model = create_model("svit_digits")
+    load_checkpoint(model, str(assets / "svit_digits.pth"))
+    model.eval().set_execution("reference")
+    tf = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # 32 px, crop 1.0
+    samples = Path(str(assets / "digits_samples"))
+    with torch.no_grad():
+        expected = [int(model(tf(Image.open(samples / rid).convert("RGB")).unsqueeze(0)).argmax())
+                    for rid in rows["id"]]
+    assert len(rows) == 20 and rows["top1_id"].tolist() == expected
+    assert (rows["top1_id"] == rows["label"]).mean() >= 0.9  # a trained model, not random weights
+    assert (rows["kept_b11"] < 65).all()

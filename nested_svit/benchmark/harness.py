@@ -7,6 +7,7 @@ rounds are reported. Random-weight gates are calibrated to their keep targets on
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ class BenchConfig:
     backends: list[str] = field(default_factory=lambda: ["auto"])
     input: str = "synthetic"  # or a directory of images
     img_size: int = 224
-    rounds: int = 10
+    rounds: int = 10  # at least this many interleaved rounds ...
+    min_time: float = 2.0  # ... and enough that each runner is timed for >= min_time seconds (small batches)
     warmup: int = 2
     calibrate: bool = True
     seed: int = 0
@@ -99,7 +101,8 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
             calibrated = list(range(model.num_gates))
         model.to(device, dtype)
         for backend in dict.fromkeys(cfg.backends):
-            label = backend if backend != "auto" else f"auto:{resolve_backend('auto', device, dtype)}"
+            resolved = resolve_backend(backend, device, dtype)
+            label = backend if backend != "auto" or resolved == "cpu-auto" else f"auto:{resolved}"
             clone = model if backend == cfg.backends[-1] else _copy_model(model)
             clone.set_execution("packed", backend)
             runners.append(_Runner(name, label, clone, name, calibrated))
@@ -167,13 +170,15 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     with torch.inference_mode():
         for bs in cfg.batch_sizes:
             images = pool[:bs].to(device, dtype)
+            fastest = float("inf")
             for r in runners:
                 r.times = []
                 for _ in range(cfg.warmup):
                     r.module(images)
-                _sync(device)
-            for i in range(cfg.rounds):
-                report(f"batch {bs}: round {i + 1}/{cfg.rounds}")
+                fastest = min(fastest, _time_once(r.module, images, device))
+            rounds = min(max(cfg.rounds, math.ceil(cfg.min_time / max(fastest, 1e-6))), 500)
+            for i in range(rounds):
+                report(f"batch {bs}: round {i + 1}/{rounds}")
                 for r in runners:
                     r.times.append(_time_once(r.module, images, device))
             dense_time = {r.model_name: statistics.median(r.times) for r in runners
@@ -195,6 +200,6 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                     "speedup": speedup, "efficiency": speedup / ideal,
                     "peak_mem_mb": peak_memory_mb(lambda: r.module(images), device),
                     "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
-                    "rounds": cfg.rounds, "torch_version": torch.__version__,
+                    "rounds": rounds, "torch_version": torch.__version__,
                 })
     return pd.DataFrame(rows, columns=COLUMNS)

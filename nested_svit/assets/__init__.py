@@ -1,0 +1,1 @@
+"""Files shipped with the package: ImageNet class table, the digits SViT checkpoint and sample images."""
