@@ -7,26 +7,15 @@ Run: ``python bench/attention_backends.py`` on an idle machine.
 from __future__ import annotations
 
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from nested_svit.attention import varlen_attention
+from nested_svit.benchmark.timing import median_ms
 from nested_svit.tokens import Layout
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def main() -> int:

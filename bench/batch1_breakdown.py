@@ -12,9 +12,7 @@ Run: ``python bench/batch1_breakdown.py``.
 from __future__ import annotations
 
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,23 +20,13 @@ import torch
 
 from nested_svit import create_model
 from nested_svit.attention import VarlenContext
-from nested_svit.tokens import Layout, Packed, gather, scatter
+from nested_svit.benchmark.timing import median_ms
+from nested_svit.tokens import Layout, gather, scatter
 
 
 def block_flops(n: int, c: int) -> float:
     """One block on ``n`` tokens: linears 24 n C^2 + attention 4 n^2 C (as nested_svit.benchmark.flops)."""
     return 24 * n * c * c + 4 * n * n * c
-
-
-def median_ms(fn, repeats: int = 60) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def main() -> int:
@@ -58,14 +46,14 @@ def main() -> int:
         for i, block in enumerate(model.blocks):
             n = kept[i]
             part = torch.randn(n, cfg.embed_dim)
-            standalone = median_ms(lambda: block(part, VarlenContext(Layout.uniform(1, n))))
-            dense = median_ms(lambda: block(full, VarlenContext(Layout.uniform(1, 197))))
+            standalone = median_ms(lambda: block(part, VarlenContext(Layout.uniform(1, n))), 60, 5)
+            dense = median_ms(lambda: block(full, VarlenContext(Layout.uniform(1, 197))), 60, 5)
             ratio = block_flops(n, cfg.embed_dim) / block_flops(197, cfg.embed_dim)
             k = cfg.gate_blocks.index(i) if i in cfg.gate_blocks else None
-            gate_ms = median_ms(lambda: model.gates[k].margin(x.values)) if k is not None else 0.0
+            gate_ms = median_ms(lambda: model.gates[k].margin(x.values), 60, 5) if k is not None else 0.0
             keep = torch.zeros(197, dtype=torch.bool)
             keep[torch.randperm(197)[:n]] = True
-            move_ms = median_ms(lambda: scatter(x, gather(x, keep), inplace=True)) if k is not None else 0.0
+            move_ms = median_ms(lambda: scatter(x, gather(x, keep), inplace=True), 60, 5) if k is not None else 0.0
             rows.append({"block": i, "kept": n, "flop_ratio": ratio, "standalone_ms": standalone,
                          "ideal_ms": dense * ratio, "full_ms": dense, "gate_ms": gate_ms, "gather_scatter_ms": move_ms})
     df = pd.DataFrame(rows)

@@ -136,7 +136,7 @@ def _run_job(job, label: str):
     bar.close()
     images = state.images
     if job.dist.world_size > 1:
-        total = torch.tensor([images], dtype=torch.int64)
+        total = torch.tensor([images], dtype=torch.int64, device=job.device)  # nccl reduces CUDA tensors only
         dist.all_reduce(total)
         images = int(total)
     return images, seconds
@@ -164,6 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       "checkpoint_notes": report.notes if report else [],
                       **metrics, "images_per_sec": images / seconds if seconds > 0 else float("nan"),
                       "images_this_run": images, "data": job.manifest["data"], "data_kind": job.dataset.records.kind,
+                      "label_source": job.dataset.records.label_source,
                       "transform": job.manifest["transform"], "batch_size": args.batch_size,
                       "world_size": job.dist.world_size, "device": str(job.device), "precision": args.precision,
                       "backend": args.backend, "torch_version": torch.__version__}

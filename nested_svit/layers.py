@@ -46,6 +46,12 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    def forward_inplace_act(self, x: Tensor) -> Tensor:
+        """Same values as ``forward``; GELU overwrites the hidden activations (no autograd)."""
+        hidden = self.fc1(x)
+        torch.ops.aten.gelu_(hidden)
+        return self.fc2(hidden)
+
 
 class Attention(nn.Module):
     """Multi-head self-attention; ``context`` says which rows attend to which."""
@@ -85,16 +91,17 @@ class Block(nn.Module):
 
     def _mlp_residual(self, x: Tensor) -> Tensor:
         """``x + mlp(norm2(x))``. Inference on CPU runs it over row chunks whose hidden activations
-        stay cache-sized (<= MLP_CHUNK_BYTES), adding into ``x`` in place: large hidden tensors
-        otherwise cost page faults and memory traffic on every call (see bench/README.md)."""
+        stay cache-sized (<= MLP_CHUNK_BYTES), with GELU in place and the result added into ``x``:
+        large hidden tensors otherwise cost page faults, memory traffic and peak memory on every
+        call (see bench/README.md)."""
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            return x + self.mlp(self.norm2(x))
         rows = x.numel() // x.shape[-1]
         chunk = max(256, MLP_CHUNK_BYTES // (self.mlp.fc1.out_features * x.element_size()))
-        if torch.is_grad_enabled() or x.device.type != "cpu" or rows <= chunk:
-            return x + self.mlp(self.norm2(x))
         flat = x.view(rows, x.shape[-1])  # x is this block's own fresh tensor: safe to update
         for start in range(0, rows, chunk):
             part = flat[start:start + chunk]
-            part += self.mlp(self.norm2(part))
+            part += self.mlp.forward_inplace_act(self.norm2(part))
         return x
 
 

@@ -63,6 +63,7 @@ def test_eval_imagefolder_matches_independent_topk(tmp_path, checkpoint):
     assert res["num_images"] == len(items) == 12 and res["num_skipped"] == 0
     assert res["top1"] == pytest.approx(top1) and res["top5"] == pytest.approx(top5)
     assert res["checkpoint_sha256"] and res["transform"]["resize_to"] == 73
+    assert res["label_source"] == "imagenet_wnid"
     assert set(res["mean_keep_ratio"]) == {f"block{b}" for b in range(3, 12)}
     assert all(sum(c) == 12 for c in res["token_usage_histogram"]["counts"].values())
     assert res["images_per_sec"] > 0

@@ -52,11 +52,17 @@ class BenchConfig:
 @dataclass
 class _Runner:
     model_name: str
-    backend: str
+    backend: str  # label in the output
     module: nn.Module
     base_name: str  # our registry name (timm models: the matching dense config)
     calibrated: list[int]
+    attention: str | None = None  # backend to set on a shared SparseViT before each call
     times: list[float] = field(default_factory=list)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.attention is not None:
+            self.module.backend = self.attention
+        return self.module(images)
 
 
 def _timm_model(name: str) -> nn.Module:
@@ -99,23 +105,12 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
         if cfg.calibrate:
             model.calibrate_keep(calib_images)
             calibrated = list(range(model.num_gates))
-        model.to(device, dtype)
+        model.to(device, dtype).set_execution("packed")
         for backend in dict.fromkeys(cfg.backends):
-            resolved = resolve_backend(backend, device, dtype)
+            resolved = resolve_backend(backend, device, dtype)  # also rejects backends not available here
             label = backend if backend != "auto" or resolved == "cpu-auto" else f"auto:{resolved}"
-            clone = model if backend == cfg.backends[-1] else _copy_model(model)
-            clone.set_execution("packed", backend)
-            runners.append(_Runner(name, label, clone, name, calibrated))
+            runners.append(_Runner(name, label, model, name, calibrated, attention=backend))
     return runners
-
-
-def _copy_model(model: SparseViT) -> SparseViT:
-    clone = SparseViT(model.config)
-    clone.name = model.name
-    clone.load_state_dict(model.state_dict())
-    for b_src, b_dst in zip(model.blocks, clone.blocks):
-        b_dst.set_eps(b_src.norm1.eps)
-    return clone.to(model.cls_token.device, model.cls_token.dtype).eval()
 
 
 def _sync(device: torch.device) -> None:
@@ -123,7 +118,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_once(module: nn.Module, images: torch.Tensor, device: torch.device) -> float:
+def _time_once(module: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -174,13 +169,13 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
             for r in runners:
                 r.times = []
                 for _ in range(cfg.warmup):
-                    r.module(images)
-                fastest = min(fastest, _time_once(r.module, images, device))
+                    r(images)
+                fastest = min(fastest, _time_once(r, images, device))
             rounds = min(max(cfg.rounds, math.ceil(cfg.min_time / max(fastest, 1e-6))), 500)
             for i in range(rounds):
                 report(f"batch {bs}: round {i + 1}/{rounds}")
                 for r in runners:
-                    r.times.append(_time_once(r.module, images, device))
+                    r.times.append(_time_once(r, images, device))
             dense_time = {r.model_name: statistics.median(r.times) for r in runners
                           if isinstance(r.module, SparseViT) and r.module.num_gates == 0}
             for r in runners:
@@ -198,7 +193,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                     "infer_step_time_p90": float(np.percentile(r.times, 90)) * 1000,
                     "mean_kept_tokens": kept, "gflops_per_image": gflops, "ideal_speedup": ideal,
                     "speedup": speedup, "efficiency": speedup / ideal,
-                    "peak_mem_mb": peak_memory_mb(lambda: r.module(images), device),
+                    "peak_mem_mb": peak_memory_mb(lambda: r(images), device),
                     "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
                     "rounds": rounds, "torch_version": torch.__version__,
                 })

@@ -29,6 +29,7 @@ class Records:
     ids: list[str]  # stable per-image identifier: relative path, or "<split>/<row>"
     class_names: list[str] | None
     kind: str
+    label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | dataset_label | none
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -37,6 +38,7 @@ def _image_files(root: Path) -> list[Path]:
 
 def _folder_records(root: Path) -> Records:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    wnid_index = None
     if classes:
         # ImageNet wnid directories (all 1000 or a subset) get the standard ImageNet indices and names;
         # other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does.
@@ -53,8 +55,9 @@ def _folder_records(root: Path) -> Records:
         files, labels, classes, kind = _image_files(root), None, None, "images"
     if not files:
         raise FileNotFoundError(f"no images found under {root}")
+    source = "none" if labels is None else ("imagenet_wnid" if wnid_index else "sorted_class_dirs")
     labels = labels or [-1] * len(files)
-    return Records([str(f) for f in files], labels, [str(f.relative_to(root)) for f in files], classes, kind)
+    return Records([str(f) for f in files], labels, [str(f.relative_to(root)) for f in files], classes, kind, source)
 
 
 def _hf_records(root: Path) -> Records:
@@ -80,7 +83,8 @@ def _hf_records(root: Path) -> Records:
         labels = [int(v) for v in ds["label"]]
     else:
         labels = [-1] * len(ds)
-    return Records(ds, labels, [f"{kind}/{i}" for i in range(len(ds))], names, kind)
+    source = "dataset_label" if "label" in ds.column_names else "none"
+    return Records(ds, labels, [f"{kind}/{i}" for i in range(len(ds))], names, kind, source)
 
 
 def _is_hf(root: Path) -> bool:
