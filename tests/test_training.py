@@ -110,3 +110,24 @@ def test_resume_equals_uninterrupted(tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert straight.opt.param_groups[0]["lr"] == resumed.opt.param_groups[0]["lr"]
+
+
+def test_train_cli_runs_and_resumes(tmp_path):
+    from datasets_fixtures import write_image_folder
+
+    from nested_svit.cli import main
+
+    write_image_folder(tmp_path / "train", per_class=4)  # 12 labelled images, ImageNet labels 0-2
+    out = tmp_path / "ft.pth"
+    args = ["train", "--model", "svit_tiny", "--img-size", "64", "--data", str(tmp_path / "train"),
+            "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--threads", "2",
+            "--log-every", "1", "--out", str(out)]
+    assert main(args) == 0
+    state = torch.load(out, weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (1, 3)
+    logs = [line for line in out.with_suffix(".log.jsonl").read_text().splitlines() if line]
+    assert len(logs) == 3 and all(len(__import__("json").loads(s)["keep"]) == 9 for s in logs)
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args) == 0  # same --out: resumes at epoch 1 and trains one more epoch
+    state = torch.load(out, weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (2, 6)
