@@ -73,7 +73,6 @@ def _prepare_job(args: argparse.Namespace, parts_dir: Path, kind: str):
     from .data import EvalTransform, open_dataset
     from .evaluation import InferenceJob
     from .evaluation.distributed import init_from_env
-
     from .registry import eval_defaults
 
     device = _resolve_device(args.device)
