@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .tokens import Layout, pad, padding_mask, unpad
+from .tokens import Layout, from_nested, pad, padding_mask, to_nested, unpad
 
 BACKENDS = ("loop", "padded", "nested", "varlen")
 
@@ -74,11 +74,8 @@ def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
         # NJT SDPA needs each of q, k, v contiguous as [T, H, D] (a copy out of the fused qkv);
         # this copy also takes inference tensors out of inference mode.
         q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
-        nts = [torch.nested.nested_tensor_from_jagged(t, layout.offsets, max_seqlen=layout.max_len,
-                                                      min_seqlen=min(layout.lengths)).transpose(1, 2)
-               for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*nts)
-        return out.transpose(1, 2).values()
+        nts = [to_nested(t, layout).transpose(1, 2) for t in (q, k, v)]  # [B, H, j, D]
+        return from_nested(F.scaled_dot_product_attention(*nts).transpose(1, 2))
 
 
 def _varlen_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:

@@ -152,14 +152,14 @@ def scatter(x: Packed, active: Packed, inplace: bool = False) -> Packed:
     return Packed(x.values.index_copy(0, active.index, active.values), x.layout)
 
 
-def to_nested(x: Packed) -> Tensor:
-    """Jagged nested tensor ``[B, j, C...]`` sharing ``x.values`` storage."""
-    return torch.nested.nested_tensor_from_jagged(x.values, x.layout.offsets, max_seqlen=x.layout.max_len,
-                                                  min_seqlen=min(x.layout.lengths, default=0))
+def to_nested(values: Tensor, layout: Layout) -> Tensor:
+    """Packed ``[T, ...]`` -> jagged nested tensor ``[B, j, ...]`` sharing ``values``' storage."""
+    return torch.nested.nested_tensor_from_jagged(values, layout.offsets, max_seqlen=layout.max_len,
+                                                  min_seqlen=min(layout.lengths, default=0))
 
 
 def from_nested(nt: Tensor) -> Tensor:
-    """Jagged nested tensor -> packed ``values``."""
+    """Jagged nested tensor -> packed ``values [T, ...]``."""
     return nt.values()
 
 
