@@ -96,6 +96,8 @@ def backend_available(name: str, device: torch.device | str, dtype: torch.dtype 
     device = torch.device(device)
     if name in ("loop", "padded", "nested"):
         return True
+    if name == "cpu-auto":  # loop or padded, chosen per call from the shapes
+        return device.type == "cpu"
     if name == "varlen":
         if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
             return False
@@ -113,7 +115,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = 
     call from the sequence shapes (``pick_cpu_backend``). NJT SDPA falls back to a slow per-image math
     path on CPU, so it is never the CPU choice."""
     if name != "auto":
-        if name != "cpu-auto" and not backend_available(name, device, dtype):
+        if not backend_available(name, device, dtype):
             raise ValueError(f"attention backend {name!r} is not available on {device} with {dtype}")
         return name
     if torch.device(device).type == "cuda":

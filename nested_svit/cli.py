@@ -267,10 +267,10 @@ class _PilRecords:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        from .data.decode import BadImage, decode_image
+        from .data.decode import BadImage
 
         try:
-            return decode_image(self.dataset._raw(index)), self.dataset.records.labels[index]
+            return self.dataset.image(index), self.dataset.records.labels[index]
         except BadImage as e:
             raise ValueError(f"training image {self.dataset.records.ids[index]}: {e}") from e
 

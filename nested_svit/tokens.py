@@ -137,7 +137,7 @@ def gather(x: Packed, keep: Tensor | None, counts: Tensor | None = None) -> Pack
     lengths = counts.tolist()
     index = keep.nonzero().squeeze(1)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=keep.device)
-    offsets[1:] = counts.to(keep.device).cumsum(0)
+    offsets[1:] = counts.cumsum(0)
     return Packed(x.values.index_select(0, index), Layout(offsets, tuple(lengths)), index)
 
 

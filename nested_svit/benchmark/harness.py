@@ -113,11 +113,6 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
     return runners
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_once(module: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -178,9 +173,12 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                     r.times.append(_time_once(r, images, device))
             dense_time = {r.model_name: statistics.median(r.times) for r in runners
                           if isinstance(r.module, SparseViT) and r.module.num_gates == 0}
+            usage: dict[int, tuple[float, float, float]] = {}  # backends of one model share its usage
             for r in runners:
                 step = statistics.median(r.times)
-                kept, gflops, dense_gflops = _usage_flops(r, images)
+                if id(r.module) not in usage:
+                    usage[id(r.module)] = _usage_flops(r, images)
+                kept, gflops, dense_gflops = usage[id(r.module)]
                 reference = dense_time.get(dense_counterpart(r.base_name))
                 speedup = reference / step if reference else float("nan")
                 ideal = dense_gflops / gflops

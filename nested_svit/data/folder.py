@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .classes import imagenet_classes, imagenet_index
@@ -113,11 +114,15 @@ class ImageRecordDataset(Dataset):
         cell = src[index]["image"]
         return cell["bytes"] if cell.get("bytes") else cell["path"]
 
+    def image(self, index: int) -> Image.Image:
+        """Decoded RGB image ``index`` (no transform); raises ``BadImage`` with the reason."""
+        return decode_image(self._raw(index))
+
     def __getitem__(self, index: int) -> dict:
         item = {"index": index, "id": self.records.ids[index], "label": self.records.labels[index],
                 "image": None, "error": None}
         try:
-            item["image"] = self.transform(decode_image(self._raw(index)))
+            item["image"] = self.transform(self.image(index))
         except BadImage as e:
             item["error"] = str(e)
         return item
