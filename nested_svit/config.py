@@ -12,6 +12,7 @@ class ViTConfig:
     patch_size: int = 16
     img_size: int = 224
     in_chans: int = 3
+    class_token: bool = True  # False: no class token, nothing protected (detection backbones)
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     gate_blocks: tuple[int, ...] = ()  # 0-based block indices preceded by a gate
@@ -37,5 +38,6 @@ class ViTConfig:
 
     @property
     def num_tokens(self) -> int:
+        """Rows of ``pos_embed``: the class row is kept even without a class token (checkpoint layout)."""
         g = self.grid
         return 1 + g[0] * g[1]

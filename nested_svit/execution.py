@@ -41,14 +41,25 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, co
 
 def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
     """Training path (Eq. 1): dense ``[B, N, C]``; pruned keys masked out of every softmax;
-    output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``)."""
+    output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``). Images of different token
+    counts (mixed resolutions) run as one dense batch per image."""
+    if not x.layout.is_uniform:
+        parts = [_masked_dense(block, part.unsqueeze(0), None if keep is None else keep[s:s + n].unsqueeze(0))[0]
+                 for part, s, n in zip(x.unbind(), x.layout.starts, x.layout.lengths)]
+        return Packed(torch.cat(parts, 0), x.layout)
     dense = x.to_dense()
+    mask = None if keep is None else keep.view(dense.shape[:2])
+    return Packed.from_dense(_masked_dense(block, dense, mask))
+
+
+def _masked_dense(block: Block, dense: Tensor, keep: Tensor | None) -> Tensor:
+    """``dense [B, N, C]``, ``keep [B, N]`` (bool or float {0,1}, or None) -> ``[B, N, C]``."""
     if keep is None:
-        return Packed.from_dense(block(dense, DenseContext()))
-    mask = keep.to(dense.dtype).view(dense.shape[:2])
+        return block(dense, DenseContext())
+    mask = keep.to(dense.dtype)
     out = block(dense, KeyMaskedContext(mask))
     m = mask.unsqueeze(-1)
-    return Packed.from_dense(m * out + (1 - m) * dense)
+    return m * out + (1 - m) * dense
 
 
 RUNNERS: dict[str, Callable[..., Packed]] = {

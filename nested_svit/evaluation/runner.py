@@ -103,7 +103,7 @@ def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None
     loader = DataLoader(job.dataset, batch_sampler=todo, num_workers=job.workers, collate_fn=collate_records,
                         persistent_workers=False, pin_memory=job.device.type == "cuda")
     model = job.model.eval()
-    dtype = model.cls_token.dtype
+    dtype = model.dtype
     state = Progress(0, 0, 0, 0.0)
     start = time.perf_counter()
     with torch.inference_mode():
