@@ -1,0 +1,204 @@
+"""Mask R-CNN with a (gated) ViT-Adapter backbone, batched over images of different sizes.
+
+``predict(images)`` = ``preprocess`` (each image resized and padded on its own) -> images sorted by
+padded size (stable) -> ``forward_backbone`` (one packed token set for the ViT, per-size-group
+spatial layers) -> FPN and RPN per size group -> proposals per image -> RoI features per size group,
+box and mask heads on the RoIs of all images at once -> per-image post-processing -> results in the
+caller's order. Nothing about an image depends on the other images of its batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.autograd.profiler import record_function
+
+from ..stack import TokenUsage
+from .adapter import SizeGroup, ViTAdapter, size_groups
+from .classes import COCO_CLASSES
+from .config import DetectorConfig
+from .neck import FPN
+from .preprocess import ImageMeta, preprocess, read_image
+from .roi_heads import BBoxHead, MaskHead, paste_masks, roi_features
+from .rpn import RPNHead
+
+ImageInput = np.ndarray | Tensor | str | os.PathLike
+
+
+@dataclass
+class Detections:
+    """One image's detections in original pixels. boxes ``[n, 4]`` xyxy float32, scores ``[n]``,
+    labels ``[n]`` int64 (0..K-1), names, masks: bool ``[n, H, W]`` or a list of COCO RLE dicts, or
+    None; kept: ``[depth]`` tokens each ViT block processed; total: tokens of the image."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+    masks: Tensor | list[dict] | None
+    kept: Tensor
+    total: int
+    meta: ImageMeta | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class RoIHead(nn.Module):
+    def __init__(self, num_classes: int, channels: int):
+        super().__init__()
+        self.bbox_head = BBoxHead(num_classes, channels)
+        self.mask_head = MaskHead(num_classes, channels)
+
+
+class MaskRCNNDetector(nn.Module):
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        self.config = config
+        self.name = "custom"
+        self.backbone = ViTAdapter(config.vit, config.adapter)
+        self.neck = FPN(config.vit.embed_dim, config.fpn_channels)
+        self.rpn_head = RPNHead(config.fpn_channels)
+        self.roi_head = RoIHead(config.num_classes, config.fpn_channels)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        if self.config.class_names:
+            return self.config.class_names
+        if self.config.num_classes == len(COCO_CLASSES):
+            return COCO_CLASSES
+        return tuple(f"class_{i}" for i in range(self.config.num_classes))
+
+    def set_execution(self, mode: str, backend: str | None = None) -> "MaskRCNNDetector":
+        self.backbone.set_execution(mode, backend)
+        return self
+
+    @torch.no_grad()
+    def calibrate_keep(self, images: Sequence[ImageInput], targets: Sequence[float] | None = None) -> list[float]:
+        """Shift gate thresholds so the batch-average keep fractions on ``images`` hit ``targets``."""
+        inputs, _ = self.preprocess(images)
+        return self.backbone.calibrate_keep(inputs, targets)
+
+    # ------------------------------------------------------------------ steps
+    def preprocess(self, images: Sequence[ImageInput]) -> tuple[list[Tensor], list[ImageMeta]]:
+        """RGB uint8 arrays/tensors or file paths -> normalised padded ``[3, H_i, W_i]`` and metas."""
+        inputs, metas = [], []
+        for img in images:
+            if isinstance(img, (str, os.PathLike)):
+                img = read_image(img)
+            t, meta = preprocess(img, self.config.img_scale)
+            inputs.append(t)
+            metas.append(meta)
+        return inputs, metas
+
+    def forward_backbone(self, inputs: Sequence[Tensor]) -> tuple[list[list[Tensor]], TokenUsage, list[SizeGroup]]:
+        """Padded inputs (consecutive equal sizes are batched) -> per size group the 4 backbone maps
+        ``[G, C, h/4 .. h/32]``, token usage per image, and the groups."""
+        dtype = self.backbone.dtype
+        inputs = [t.to(dtype) for t in inputs]
+        with record_function("backbone"):
+            feats, usage = self.backbone.forward_features(inputs)
+        groups = size_groups([tuple(t.shape[-2:]) for t in inputs], self.backbone.group_by)
+        return feats, usage, groups
+
+    def forward_neck(self, feats: list[list[Tensor]]) -> list[list[Tensor]]:
+        with record_function("neck"):
+            return [self.neck(f) for f in feats]
+
+    def proposals(self, pyramids: list[list[Tensor]], groups: list[SizeGroup], metas: list[ImageMeta]) -> list[Tensor]:
+        """Per image ``[n, 5]`` proposals (box in resized pixels, score)."""
+        out = []
+        with record_function("rpn"):
+            for pyramid, g in zip(pyramids, groups):
+                scores, deltas = self.rpn_head(pyramid)
+                anchors = self.rpn_head.anchors([tuple(p.shape[-2:]) for p in pyramid], pyramid[0].device)
+                for j in range(g.count):
+                    meta = metas[g.start + j]
+                    out.append(self.rpn_head.proposals([s[j] for s in scores], [d[j] for d in deltas], anchors,
+                                                       meta.img_shape[:2], self.config.rpn))
+        return out
+
+    def _roi_features(self, pyramids: list[list[Tensor]], groups: list[SizeGroup], boxes: list[Tensor],
+                      size: int) -> Tensor:
+        """Per-image boxes (padded-input pixels) -> RoI features of all images, image-major."""
+        feats = []
+        for pyramid, g in zip(pyramids, groups):
+            rois = [torch.cat([b.new_full((b.shape[0], 1), j), b[:, :4]], 1)
+                    for j, b in enumerate(boxes[g.start:g.start + g.count])]
+            feats.append(roi_features(pyramid[:4], torch.cat(rois), size))
+        return torch.cat(feats)
+
+    def detect(self, pyramids: list[list[Tensor]], groups: list[SizeGroup], metas: list[ImageMeta],
+               proposals: list[Tensor], with_masks: bool = True) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+        """Per image (boxes in original pixels, scores, labels, bool masks ``[n, H0, W0]`` or None)."""
+        cfg = self.config.rcnn
+        with record_function("roi_bbox"):
+            x = self._roi_features(pyramids, groups, proposals, 7)
+            logits, deltas = self.roi_head.bbox_head(x)
+            counts = [p.shape[0] for p in proposals]
+            dets = [self.roi_head.bbox_head.detections(p[:, :4], lg, dl, m.img_shape[:2], m.scale_tensor(p.device), cfg)
+                    for p, lg, dl, m in zip(proposals, logits.split(counts), deltas.split(counts), metas)]
+        if not with_masks:
+            return [(b, s, lab, None) for b, s, lab in dets]
+        with record_function("roi_mask"):
+            mask_boxes = [b * m.scale_tensor(b.device) for (b, _, _), m in zip(dets, metas)]
+            x = self._roi_features(pyramids, groups, mask_boxes, 14)
+            mask_logits = self.roi_head.mask_head(x) if x.shape[0] else x.new_zeros(0, self.config.num_classes, 28, 28)
+        out = []
+        with record_function("mask_paste"):
+            for (b, s, lab), mb, logit, m in zip(dets, mask_boxes, mask_logits.split([d[0].shape[0] for d in dets]), metas):
+                probs = logit[torch.arange(lab.shape[0], device=lab.device), lab].sigmoid()
+                paste_boxes = mb / m.scale_tensor(mb.device)
+                out.append((b, s, lab, paste_masks(probs, paste_boxes, m.ori_shape[0], m.ori_shape[1], cfg.mask_thr)))
+        return out
+
+    # ------------------------------------------------------------------ library call
+    @torch.inference_mode()
+    def predict(self, images: Sequence[ImageInput], masks: str | None = "bool") -> list[Detections]:
+        """Images (RGB uint8 ``[H, W, 3]`` arrays or tensors, or file paths) -> one ``Detections`` per
+        image, in input order. ``masks``: ``"bool"`` (``[n, H, W]``), ``"rle"`` (COCO RLE dicts) or None."""
+        if masks not in ("bool", "rle", None):
+            raise ValueError(f"masks must be 'bool', 'rle' or None, not {masks!r}")
+        if len(images) == 0:
+            return []
+        inputs, metas = self.preprocess(images)
+        return self.predict_preprocessed(inputs, metas, masks)
+
+    @torch.inference_mode()
+    def predict_preprocessed(self, inputs: list[Tensor], metas: list[ImageMeta], masks: str | None = "bool",
+                             backbone_only: bool = False) -> list[Detections]:
+        """Like ``predict`` on already preprocessed inputs. ``backbone_only``: stop after the backbone
+        (FPS^b timing); the results then hold usage only."""
+        device = self.backbone.pos_embed.device
+        order = sorted(range(len(inputs)), key=lambda i: (inputs[i].shape[-2], inputs[i].shape[-1]))
+        s_inputs = [inputs[i].to(device) for i in order]
+        s_metas = [metas[i] for i in order]
+        feats, usage, groups = self.forward_backbone(s_inputs)
+        if backbone_only:
+            results = [self._empty(usage, j, s_metas[j]) for j in range(len(order))]
+        else:
+            pyramids = self.forward_neck(feats)
+            props = self.proposals(pyramids, groups, s_metas)
+            dets = self.detect(pyramids, groups, s_metas, props, with_masks=masks is not None)
+            results = [self._result(d, usage, j, s_metas[j], masks) for j, d in enumerate(dets)]
+        out: list[Detections] = [None] * len(order)  # type: ignore[list-item]
+        for j, i in enumerate(order):
+            out[i] = results[j]
+        return out
+
+    def _empty(self, usage: TokenUsage, j: int, meta: ImageMeta) -> Detections:
+        z = torch.zeros(0)
+        return Detections(z.view(0, 4), z, z.long(), [], None, usage.kept[j].clone(), int(usage.total[j]), meta)
+
+    def _result(self, det, usage: TokenUsage, j: int, meta: ImageMeta, masks: str | None) -> Detections:
+        boxes, scores, labels, bool_masks = (t.cpu() if t is not None else None for t in det)
+        names = [self.class_names[int(k)] for k in labels]
+        mask_out: Tensor | list[dict] | None = bool_masks
+        if masks == "rle" and bool_masks is not None:
+            from .rle import encode_masks
+
+            mask_out = encode_masks(bool_masks)
+        return Detections(boxes.float(), scores.float(), labels, names, mask_out, usage.kept[j].clone(),
+                          int(usage.total[j]), meta)

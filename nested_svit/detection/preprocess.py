@@ -1,0 +1,91 @@
+"""mmdet 2.28's test pipeline for one image: keep-ratio resize of the uint8 image with OpenCV's
+INTER_LINEAR to fit ``img_scale`` (sizes ``int(x * s + 0.5)``), normalisation with ImageNet mean/std
+in RGB (float32, as mmcv's ``imnormalize``), zero padding (after normalisation) of the bottom/right
+to a multiple of 32. Every image keeps its own padded size."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float64)
+STD = np.array([58.395, 57.12, 57.375], dtype=np.float64)
+SIZE_DIVISOR = 32
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """mmdet's per-image metas: shapes are (h, w, 3); ``scale_factor`` is float32 (w, h, w, h)."""
+
+    ori_shape: tuple[int, int, int]
+    img_shape: tuple[int, int, int]
+    pad_shape: tuple[int, int, int]
+    scale_factor: tuple[float, float, float, float]
+
+    def scale_tensor(self, device: torch.device | str = "cpu") -> Tensor:
+        return torch.tensor(self.scale_factor, dtype=torch.float32, device=device)
+
+
+def rescale_size(width: int, height: int, img_scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with a (long, short) scale: -> (new_w, new_h)."""
+    s = min(max(img_scale) / max(height, width), min(img_scale) / min(height, width))
+    return int(width * float(s) + 0.5), int(height * float(s) + 0.5)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """File -> RGB uint8 ``[H, W, 3]`` (OpenCV decode as mmdet's ``LoadImageFromFile``, EXIF orientation
+    applied; Pillow for formats OpenCV cannot read). Raises ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is not None:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+        raise ValueError(f"cannot decode image {path}: {e}") from e
+
+
+def as_rgb_uint8(image: np.ndarray | Tensor) -> np.ndarray:
+    """RGB ``[H, W, 3]`` uint8 array or tensor (``[H, W, 3]`` or ``[3, H, W]``) -> contiguous numpy."""
+    if isinstance(image, Tensor):
+        arr = image.detach().cpu()
+        if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+            arr = arr.permute(1, 2, 0)
+        image = arr.numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"empty image of shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def preprocess(image: np.ndarray | Tensor, img_scale: tuple[int, int] = (1333, 800)) -> tuple[Tensor, ImageMeta]:
+    """RGB uint8 image -> (normalised, padded ``[3, H_pad, W_pad]`` float32, metas)."""
+    rgb = as_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    new_w, new_h = rescale_size(w, h, img_scale)
+    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    img = resized.astype(np.float32)
+    cv2.subtract(img, MEAN.reshape(1, -1), img)
+    cv2.multiply(img, 1 / STD.reshape(1, -1), img)
+    pad_h = -(-new_h // SIZE_DIVISOR) * SIZE_DIVISOR
+    pad_w = -(-new_w // SIZE_DIVISOR) * SIZE_DIVISOR
+    padded = np.zeros((pad_h, pad_w, 3), dtype=np.float32)
+    padded[:new_h, :new_w] = img
+    scale = np.array([new_w / w, new_h / h, new_w / w, new_h / h], dtype=np.float32)
+    meta = ImageMeta((h, w, 3), (new_h, new_w, 3), (pad_h, pad_w, 3), tuple(float(v) for v in scale))
+    return torch.from_numpy(padded).permute(2, 0, 1).contiguous(), meta

@@ -1,0 +1,140 @@
+"""RoI heads of mmdet 2.28's Mask R-CNN at test time: mmdet's level mapping, ``roi_align`` (aligned,
+adaptive sampling), Shared2FC box head (background = last class), class-wise NMS after rescaling to
+original pixels, FCN mask head and grid-sample mask pasting. Parameter names as mmdet
+(``bbox_head.shared_fcs.{i}``, ``fc_cls``, ``fc_reg``, ``mask_head.convs.{i}.conv``, ``upsample``,
+``conv_logits``). Forward passes return raw outputs, post-processing is separate, so training
+losses are an addition on the same modules."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from .boxes import batched_nms, decode
+from .neck import _ConvModule
+
+ROI_STRIDES = (4, 8, 16, 32)
+FINEST_SCALE = 56
+BBOX_STDS = (0.1, 0.1, 0.2, 0.2)
+
+
+@dataclass(frozen=True)
+class RCNNTestConfig:
+    score_thr: float = 0.05
+    iou: float = 0.5
+    max_per_img: int = 100
+    mask_thr: float = 0.5
+
+
+def map_roi_levels(rois: Tensor, levels: int = 4) -> Tensor:
+    """mmdet ``SingleRoIExtractor.map_roi_levels``: ``floor(log2(sqrt(wh)/56 + 1e-6))`` in [0, levels-1]."""
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    return torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(min=0, max=levels - 1).long()
+
+
+def roi_features(feats: list[Tensor], rois: Tensor, size: int) -> Tensor:
+    """``feats``: P2-P5 ``[G, 256, h, w]`` of one size group; ``rois [n, 5]`` (group image index, box
+    in padded-input pixels) -> ``[n, 256, size, size]``."""
+    out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], size, size)
+    if rois.shape[0] == 0:
+        return out
+    lvls = map_roi_levels(rois, len(ROI_STRIDES))
+    for i, (f, stride) in enumerate(zip(feats, ROI_STRIDES)):
+        rows = (lvls == i).nonzero().view(-1)
+        if rows.numel():
+            out[rows] = roi_align(f, rois[rows], (size, size), 1.0 / stride, sampling_ratio=0, aligned=True)
+    return out
+
+
+class BBoxHead(nn.Module):
+    """Shared2FCBBoxHead: ``[n, 256, 7, 7]`` -> class logits ``[n, K+1]`` (background last), deltas ``[n, 4K]``."""
+
+    def __init__(self, num_classes: int, channels: int = 256, roi_size: int = 7, fc: int = 1024):
+        super().__init__()
+        self.num_classes = num_classes
+        self.shared_fcs = nn.ModuleList([nn.Linear(channels * roi_size * roi_size, fc), nn.Linear(fc, fc)])
+        self.fc_cls = nn.Linear(fc, num_classes + 1)
+        self.fc_reg = nn.Linear(fc, 4 * num_classes)
+        for fc_layer in self.shared_fcs:
+            nn.init.xavier_uniform_(fc_layer.weight)
+            nn.init.zeros_(fc_layer.bias)
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.normal_(self.fc_reg.weight, std=0.001)
+        nn.init.zeros_(self.fc_cls.bias)
+        nn.init.zeros_(self.fc_reg.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(1)
+        for fc_layer in self.shared_fcs:
+            x = F.relu(fc_layer(x), inplace=True)
+        return self.fc_cls(x), self.fc_reg(x)
+
+    def detections(self, boxes: Tensor, logits: Tensor, deltas: Tensor, img_shape: tuple[int, int],
+                   scale_factor: Tensor, cfg: RCNNTestConfig) -> tuple[Tensor, Tensor, Tensor]:
+        """One image's proposals ``[n, 4]`` (resized pixels) -> boxes in original pixels ``[m, 4]``,
+        scores ``[m]``, labels ``[m]`` (0..K-1), by descending score (mmdet ``get_bboxes`` with rescale)."""
+        scores = F.softmax(logits, dim=-1)
+        decoded = decode(boxes, deltas, BBOX_STDS, img_shape)
+        if decoded.shape[0]:
+            decoded = (decoded.view(decoded.shape[0], -1, 4) / scale_factor.to(decoded)).view(decoded.shape[0], -1)
+        k = scores.shape[1] - 1
+        cand_boxes = decoded.view(-1, k, 4).reshape(-1, 4)
+        cand_scores = scores[:, :k].reshape(-1)
+        labels = torch.arange(k, device=scores.device).view(1, -1).expand(scores.shape[0], k).reshape(-1)
+        valid = (cand_scores > cfg.score_thr).nonzero().squeeze(1)
+        cand_boxes, cand_scores, labels = cand_boxes[valid], cand_scores[valid], labels[valid]
+        if cand_boxes.numel() == 0:
+            return cand_boxes.new_zeros(0, 4), cand_scores.new_zeros(0), labels.new_zeros(0)
+        keep = batched_nms(cand_boxes, cand_scores, labels, cfg.iou)[:cfg.max_per_img]
+        return cand_boxes[keep], cand_scores[keep], labels[keep]
+
+
+class MaskHead(nn.Module):
+    """FCNMaskHead: 4 x (3x3 conv + ReLU), 2x deconv + ReLU, 1x1 -> ``[n, K, 28, 28]`` logits."""
+
+    def __init__(self, num_classes: int, channels: int = 256):
+        super().__init__()
+        self.convs = nn.ModuleList(_ConvModule(channels, channels, 3, relu=True) for _ in range(4))
+        self.upsample = nn.ConvTranspose2d(channels, channels, 2, 2)
+        self.conv_logits = nn.Conv2d(channels, num_classes, 1)
+        for m in (self.upsample, self.conv_logits):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = conv(x)
+        return self.conv_logits(F.relu(self.upsample(x), inplace=True))
+
+
+def paste_masks(probs: Tensor, boxes: Tensor, height: int, width: int, threshold: float) -> Tensor:
+    """mmdet ``_do_paste_mask`` on the whole image (its GPU path): each ``[28, 28]`` probability map
+    is sampled (``grid_sample``, align_corners=False, zeros) at the centres of original pixels inside
+    ``boxes [n, 4]`` (continuous, original pixels) -> bool ``[n, height, width]`` (``>= threshold``).
+
+    Only a window around each box is computed: outside ``box +- box/56`` (half a mask cell) the
+    bilinear sample is exactly zero, so the result equals the whole-image computation.
+    """
+    n = probs.shape[0]
+    out = torch.zeros(n, height, width, dtype=torch.bool, device=probs.device)
+    cells = probs.shape[-1]
+    for i in range(n):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        mx, my = (x1 - x0) / (2 * cells) + 1, (y1 - y0) / (2 * cells) + 1
+        xa, xb = max(int(x0 - mx), 0), min(int(x1 + mx) + 2, width)
+        ya, yb = max(int(y0 - my), 0), min(int(y1 + my) + 2, height)
+        if xa >= xb or ya >= yb:
+            continue
+        img_x = torch.arange(xa, xb, device=probs.device, dtype=torch.float32) + 0.5
+        img_y = torch.arange(ya, yb, device=probs.device, dtype=torch.float32) + 0.5
+        img_x = (img_x - boxes[i, 0]) / (boxes[i, 2] - boxes[i, 0]) * 2 - 1
+        img_y = (img_y - boxes[i, 1]) / (boxes[i, 3] - boxes[i, 1]) * 2 - 1
+        img_x = torch.where(torch.isinf(img_x), torch.zeros_like(img_x), img_x)
+        img_y = torch.where(torch.isinf(img_y), torch.zeros_like(img_y), img_y)
+        grid = torch.stack([img_x[None, :].expand(len(img_y), -1), img_y[:, None].expand(-1, len(img_x))], -1)
+        sampled = F.grid_sample(probs[i][None, None].float(), grid[None], align_corners=False)[0, 0]
+        out[i, ya:yb, xa:xb] = sampled >= threshold
+    return out
