@@ -93,10 +93,8 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor], str, str | None]:
-    """Path or in-memory checkpoint -> (state dict, description, sha256 of the file)."""
-    if isinstance(source, dict):
-        return _unwrap(source), "<state dict>", None
+def read_checkpoint_file(source: str | os.PathLike) -> tuple[object, str, str]:
+    """Path -> (loaded object, description, sha256). Loads with ``weights_only=True``."""
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -104,16 +102,32 @@ def read_state_dict(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor]
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    return _unwrap(obj), str(path), sha256_of(path)
+    return obj, str(path), sha256_of(path)
+
+
+def read_state_dict(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor], str, str | None]:
+    """Path or in-memory checkpoint -> (state dict, description, sha256 of the file)."""
+    if isinstance(source, dict):
+        return _unwrap(source), "<state dict>", None
+    obj, desc, digest = read_checkpoint_file(source)
+    return _unwrap(obj), desc, digest
 
 
 def load_checkpoint(model: SparseViT, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
-    """Load ``source`` (path or state dict) into ``model`` in place.
+    """Load ``source`` (path or state dict) into ``model`` in place (a classifier, or a detector:
+    see ``detection/checkpoint.py``).
 
     Gates missing from a dense (timm/DeiT) checkpoint keep their initialisation (fine-tuning starts
     there) and are noted; every other missing, unexpected or mis-shaped key is an error listing all
     of them. A ``pos_embed`` of another grid size is interpolated (bicubic) and noted.
     """
+    if not isinstance(model, SparseViT):
+        from .detection.checkpoint import load_detector_checkpoint
+        from .detection.detector import MaskRCNNDetector
+
+        if isinstance(model, MaskRCNNDetector):
+            return load_detector_checkpoint(model, source, strict)
+        raise TypeError(f"cannot load a checkpoint into {type(model).__name__}")
     raw, desc, digest = read_state_dict(source)
     fmt = detect_format(raw)
     state = convert(raw, fmt)

@@ -76,6 +76,8 @@ def _prepare_job(args: argparse.Namespace, parts_dir: Path, kind: str):
     from .registry import eval_defaults
 
     device = _resolve_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 128
     defaults = eval_defaults(args.model)
     args.img_size = args.img_size or defaults["img_size"]
     args.crop_pct = args.crop_pct or defaults["crop_pct"]
@@ -181,6 +183,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .detection.registry import is_detector
+
+    if is_detector(args.model) and not args.demo:
+        from .cli_detection import cmd_predict_detection
+
+        if not args.input:
+            raise ValueError("--input is required: an image file or a directory of images")
+        if args.batch_size is None:
+            args.batch_size = 2
+        return cmd_predict_detection(args)
     from .evaluation.distributed import shutdown
     from .evaluation.runner import merge_parts, remove_parts
     from .io import atomic_write
@@ -279,7 +291,7 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="svit_small")
     p.add_argument("--checkpoint", default=None, help="timm/DeiT or official SViT .pth")
     p.add_argument("--random-weights", action="store_true", help="allow running without a checkpoint")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (classifiers), 2 (detectors)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -326,13 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     ei.add_argument("--data", required=True, help="ImageFolder tree, parquet shards or save_to_disk folder")
     ei.add_argument("--out", default="results.json")
     ei.set_defaults(func=cmd_eval)
+    from .cli_detection import add_eval_coco_parser
+
+    add_eval_coco_parser(esub)
 
     p = sub.add_parser("predict", help="offline batch prediction: one row per image")
     _add_inference_args(p)
     p.add_argument("--input", default=None, help="image directory, ImageFolder tree, parquet or Arrow data set")
     p.add_argument("--demo", action="store_true",
                    help="bundled SViT trained on digits (eval/digits_experiment.py) and bundled sample images")
-    p.add_argument("--out", default="predictions.parquet", help=".parquet or .csv")
+    p.add_argument("--out", default="predictions.parquet", help=".parquet or .csv (detectors: .parquet, .json, .jsonl)")
+    p.add_argument("--img-scale", default=None, help="detectors: W,H test scale (default: the model's, 1333,800)")
+    p.add_argument("--save-vis", default=None, help="detectors: folder for PNGs with boxes, masks and kept tokens")
     p.set_defaults(func=cmd_predict)
 
     t = sub.add_parser("train", help="fine-tune SViT gates (masked execution, Gumbel masks, keep-ratio loss)")

@@ -9,7 +9,7 @@ caller's order. Nothing about an image depends on the other images of its batch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -43,7 +43,7 @@ class Detections:
     kept: Tensor
     total: int
     meta: ImageMeta | None = None
-    extras: dict = field(default_factory=dict)
+    token_maps: Tensor | None = None  # bool [num_gates, h/16, w/16] over the padded input, when asked for
 
 
 class RoIHead(nn.Module):
@@ -156,26 +156,32 @@ class MaskRCNNDetector(nn.Module):
 
     # ------------------------------------------------------------------ library call
     @torch.inference_mode()
-    def predict(self, images: Sequence[ImageInput], masks: str | None = "bool") -> list[Detections]:
+    def predict(self, images: Sequence[ImageInput], masks: str | None = "bool", token_maps: bool = False) -> list[Detections]:
         """Images (RGB uint8 ``[H, W, 3]`` arrays or tensors, or file paths) -> one ``Detections`` per
-        image, in input order. ``masks``: ``"bool"`` (``[n, H, W]``), ``"rle"`` (COCO RLE dicts) or None."""
+        image, in input order. ``masks``: ``"bool"`` (``[n, H, W]``), ``"rle"`` (COCO RLE dicts) or None.
+        ``token_maps``: also return which tokens each gate kept (for pictures)."""
         if masks not in ("bool", "rle", None):
             raise ValueError(f"masks must be 'bool', 'rle' or None, not {masks!r}")
         if len(images) == 0:
             return []
         inputs, metas = self.preprocess(images)
-        return self.predict_preprocessed(inputs, metas, masks)
+        return self.predict_preprocessed(inputs, metas, masks, token_maps=token_maps)
 
     @torch.inference_mode()
     def predict_preprocessed(self, inputs: list[Tensor], metas: list[ImageMeta], masks: str | None = "bool",
-                             backbone_only: bool = False) -> list[Detections]:
+                             backbone_only: bool = False, timer: dict | None = None,
+                             token_maps: bool = False) -> list[Detections]:
         """Like ``predict`` on already preprocessed inputs. ``backbone_only``: stop after the backbone
-        (FPS^b timing); the results then hold usage only."""
+        (FPS^b timing); the results then hold usage only. ``timer``: seconds are added to its
+        ``"backbone"`` and ``"total"`` entries (device-synchronised; input upload included)."""
         device = self.backbone.pos_embed.device
+        start = _now(device)
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].shape[-2], inputs[i].shape[-1]))
         s_inputs = [inputs[i].to(device) for i in order]
         s_metas = [metas[i] for i in order]
         feats, usage, groups = self.forward_backbone(s_inputs)
+        if timer is not None:
+            timer["backbone"] = timer.get("backbone", 0.0) + _now(device) - start
         if backbone_only:
             results = [self._empty(usage, j, s_metas[j]) for j in range(len(order))]
         else:
@@ -183,10 +189,23 @@ class MaskRCNNDetector(nn.Module):
             props = self.proposals(pyramids, groups, s_metas)
             dets = self.detect(pyramids, groups, s_metas, props, with_masks=masks is not None)
             results = [self._result(d, usage, j, s_metas[j], masks) for j, d in enumerate(dets)]
+        if timer is not None:
+            timer["total"] = timer.get("total", 0.0) + _now(device) - start
+        if token_maps:
+            self._attach_token_maps(results, usage, s_inputs)
         out: list[Detections] = [None] * len(order)  # type: ignore[list-item]
         for j, i in enumerate(order):
             out[i] = results[j]
         return out
+
+    @staticmethod
+    def _attach_token_maps(results: list[Detections], usage: TokenUsage, inputs: list[Tensor]) -> None:
+        start = 0
+        for r, t in zip(results, inputs):
+            h, w = t.shape[-2] // 16, t.shape[-1] // 16
+            maps = [m[start:start + h * w].bool().view(h, w).cpu() for m in usage.masks]
+            r.token_maps = torch.stack(maps) if maps else torch.zeros(0, h, w, dtype=torch.bool)
+            start += h * w
 
     def _empty(self, usage: TokenUsage, j: int, meta: ImageMeta) -> Detections:
         z = torch.zeros(0)
@@ -202,3 +221,12 @@ class MaskRCNNDetector(nn.Module):
             mask_out = encode_masks(bool_masks)
         return Detections(boxes.float(), scores.float(), labels, names, mask_out, usage.kept[j].clone(),
                           int(usage.total[j]), meta)
+
+
+def _now(device: torch.device) -> float:
+    """Wall clock after the device has finished its queued work."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

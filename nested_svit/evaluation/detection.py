@@ -1,0 +1,154 @@
+"""COCO detection / instance segmentation evaluation: sharded, resumable inference (the same part
+files, manifest and batch sharding as ``runner.py``), COCO results, and pycocotools metrics."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.coco import DetectionImages, collate_detection
+from ..detection.detector import Detections, MaskRCNNDetector
+from ..io import atomic_write
+from .distributed import DistInfo
+from .runner import _check_manifest, _part_path, pending_batches
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@dataclass
+class DetectionJob:
+    model: MaskRCNNDetector
+    dataset: DetectionImages
+    parts_dir: Path
+    manifest: dict
+    batch_size: int = 2
+    workers: int = 2
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dist: DistInfo = field(default_factory=DistInfo)
+    masks: bool = True
+
+
+@dataclass
+class DetectionProgress:
+    images: int = 0
+    detections: int = 0
+    elapsed: float = 0.0
+    model_seconds: float = 0.0  # whole network (FPS^w), this process, this run
+    backbone_seconds: float = 0.0  # backbone only (FPS^b)
+
+
+def _detections_json(d: Detections) -> str:
+    boxes = d.boxes.tolist()
+    masks = d.masks if isinstance(d.masks, list) else [None] * len(boxes)
+    return json.dumps([{"bbox": [round(v, 4) for v in b], "score": float(s), "label": int(lab), "name": n,
+                        **({"segmentation": m} if m is not None else {})}
+                       for b, s, lab, n, m in zip(boxes, d.scores.tolist(), d.labels.tolist(), d.names, masks)])
+
+
+def detection_rows(job: DetectionJob, batch: dict, dets: list[Detections]) -> pd.DataFrame:
+    """One row per image of ``batch``: status, sizes, tokens per block, detections as JSON text
+    (boxes xyxy in original pixels, labels 0..K-1, RLE masks)."""
+    depth = job.model.config.vit.depth
+    rows = []
+    for idx, image_id, name, meta, d in zip(batch["index"], batch["image_id"], batch["id"], batch["metas"], dets):
+        row = {"index": idx, "id": name, "image_id": int(image_id), "status": "ok", "error": "",
+               "height": meta.ori_shape[0], "width": meta.ori_shape[1], "num_detections": len(d.scores),
+               "total_tokens": d.total, "detections": _detections_json(d)}
+        row.update({f"kept_b{b}": int(d.kept[b]) for b in range(depth)})
+        rows.append(row)
+    for idx, name, image_id, error in batch["failed"]:
+        rows.append({"index": idx, "id": name, "image_id": int(image_id), "status": "skipped", "error": error,
+                     "num_detections": 0, "detections": "[]"})
+    return pd.DataFrame(rows)
+
+
+def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], None] | None = None,
+                  on_batch: Callable[[dict, list[Detections]], None] | None = None) -> DetectionProgress:
+    """Run this process's pending batches, one part file per batch. ``on_batch(batch, detections)``
+    runs before a batch's part is written (pictures); detections then carry token maps."""
+    _check_manifest(job)
+    job.parts_dir.mkdir(parents=True, exist_ok=True)
+    todo = pending_batches(job)
+    loader = DataLoader(job.dataset, batch_sampler=todo, num_workers=job.workers, collate_fn=collate_detection,
+                        persistent_workers=False)
+    model = job.model.eval()
+    state = DetectionProgress()
+    start = time.perf_counter()
+    for batch in loader:
+        dets: list[Detections] = []
+        if batch["inputs"]:
+            timer: dict = {}
+            dets = model.predict_preprocessed(batch["inputs"], batch["metas"], "rle" if job.masks else None, timer=timer,
+                                              token_maps=on_batch is not None)
+            state.model_seconds += timer["total"]
+            state.backbone_seconds += timer["backbone"]
+            state.images += len(dets)
+            state.detections += sum(len(d.scores) for d in dets)
+        if on_batch is not None and dets:
+            on_batch(batch, dets)
+        frame = detection_rows(job, batch, dets)
+        batch_id = min(batch["all_index"]) // job.batch_size
+        atomic_write(_part_path(job.parts_dir, batch_id), lambda tmp: frame.to_parquet(tmp, index=False))
+        state.elapsed = time.perf_counter() - start
+        if progress:
+            progress(state)
+    return state
+
+
+def coco_results(rows: pd.DataFrame, cat_ids: list[int]) -> list[dict]:
+    """Rows -> COCO results (``bbox`` as x, y, w, h; original category ids; RLE ``segmentation``)."""
+    out = []
+    for image_id, text in zip(rows["image_id"], rows["detections"]):
+        for d in json.loads(text):
+            x1, y1, x2, y2 = d["bbox"]
+            res = {"image_id": int(image_id), "category_id": int(cat_ids[d["label"]]),
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"]}
+            if "segmentation" in d:
+                res["segmentation"] = d["segmentation"]
+            out.append(res)
+    return out
+
+
+def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], iou_types: tuple[str, ...] = ("bbox", "segm")) -> dict:
+    """pycocotools ``COCOeval`` over ``image_ids`` -> ``{iou_type: {stat name: value}}`` (12 stats each).
+    With no detections at all every stat is 0 (pycocotools cannot load an empty result list)."""
+    from pycocotools.cocoeval import COCOeval
+
+    out: dict = {}
+    for iou_type in iou_types:
+        usable = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        if not usable:
+            out[iou_type] = {name: 0.0 for name in STAT_NAMES}
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(usable)
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.params.imgIds = list(image_ids)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        out[iou_type] = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    return out
+
+
+def usage_summary(rows: pd.DataFrame, gate_blocks: tuple[int, ...]) -> dict:
+    """Mean keep ratio per gated block (kept / image tokens) and a 10-bin histogram per block."""
+    ok = rows[rows["status"] == "ok"]
+    edges = np.linspace(0, 1, 11)
+    keep, hist = {}, {}
+    for b in gate_blocks:
+        ratio = (ok[f"kept_b{b}"].astype(float) / ok["total_tokens"].astype(float)).to_numpy() if len(ok) else np.zeros(0)
+        keep[f"block{b}"] = float(ratio.mean()) if len(ratio) else float("nan")
+        hist[f"block{b}"] = np.histogram(ratio, bins=edges)[0].tolist()
+    return {"mean_keep_ratio": keep,
+            "mean_keep_ratio_all_gates": float(np.mean(list(keep.values()))) if keep else 1.0,
+            "token_usage_histogram": {"bin_edges": edges.round(2).tolist(), "counts": hist}}
