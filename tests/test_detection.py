@@ -255,17 +255,21 @@ def test_roi_level_mapping_hand_values():
 def test_mask_paste_equals_whole_image_grid_sample():
     """mmdet ``_do_paste_mask`` over the whole image (GPU path) written out directly."""
     torch.manual_seed(2)
-    probs = torch.rand(6, 28, 28)
+    probs = torch.rand(7, 28, 28)
+    probs[6] = 1.0  # a large confident box: its samples spill half a cell (10 px) beyond it
     boxes = torch.tensor([[10.3, 5.2, 90.7, 60.1], [0.0, 0.0, 150.0, 100.0], [120.5, 80.2, 149.9, 99.5],
-                          [40.0, 30.0, 41.5, 33.0], [-5.0, -3.0, 20.0, 10.0], [60.0, 10.0, 140.0, 95.0]])
-    h, w = 100, 150
+                          [40.0, 30.0, 41.5, 33.0], [-5.0, -3.0, 20.0, 10.0], [60.0, 10.0, 140.0, 95.0],
+                          [20.0, 15.0, 580.0, 575.0]])
+    h, w = 600, 620
     img_y = torch.arange(h, dtype=torch.float32) + 0.5
     img_x = torch.arange(w, dtype=torch.float32) + 0.5
     x0, y0, x1, y1 = boxes.split(1, 1)
-    gy = ((img_y - y0) / (y1 - y0) * 2 - 1)[:, :, None].expand(6, h, w)
-    gx = ((img_x - x0) / (x1 - x0) * 2 - 1)[:, None, :].expand(6, h, w)
-    ref = F.grid_sample(probs[:, None], torch.stack([gx, gy], 3), align_corners=False)[:, 0] >= 0.5
-    assert torch.equal(paste_masks(probs, boxes, h, w, 0.5), ref)
+    gy = ((img_y - y0) / (y1 - y0) * 2 - 1)[:, :, None].expand(7, h, w)
+    gx = ((img_x - x0) / (x1 - x0) * 2 - 1)[:, None, :].expand(7, h, w)
+    sampled = F.grid_sample(probs[:, None], torch.stack([gx, gy], 3), align_corners=False)[:, 0]
+    for thr in (0.5, 0.2):
+        assert torch.equal(paste_masks(probs, boxes, h, w, thr), sampled >= thr)
+    assert sampled[6, 300, 15] >= 0.2 and sampled[6, 300, 5] == 0  # 5 px left of the box: still sampled
 
 
 def test_preprocess_as_mmdet():
