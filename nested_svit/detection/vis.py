@@ -39,9 +39,13 @@ def render(image: np.ndarray, det: Detections, score_thr: float = 0.3) -> Image.
     keep = (det.scores >= score_thr).nonzero().view(-1).tolist()
     masks = det.masks if isinstance(det.masks, torch.Tensor) else None
     if masks is None and isinstance(det.masks, list) and det.masks:
+        import warnings
+
         from pycocotools import mask as mask_utils
 
-        masks = torch.from_numpy(np.stack([mask_utils.decode(m) for m in det.masks])).bool()
+        with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            masks = torch.from_numpy(np.stack([mask_utils.decode(m) for m in det.masks])).bool()
     for j, i in enumerate(keep):
         if masks is not None:
             m = masks[i].numpy()
