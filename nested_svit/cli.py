@@ -28,6 +28,14 @@ def _write_table(df, path: Path) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .detection.registry import is_detector
+
+    models = _csv_list(args.models)
+    if any(is_detector(m) for m in models):
+        if not all(is_detector(m) for m in models):
+            raise ValueError("bench either classifiers or detectors in one run, not both")
+        return _bench_detectors(args, models)
+
     from .benchmark import BenchConfig, run_benchmark
 
     cfg = BenchConfig(models=_csv_list(args.models), batch_sizes=_int_list(args.batch_sizes), device=args.device,
@@ -53,6 +61,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "gflops_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb"]
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _bench_detectors(args: argparse.Namespace, models: list[str]) -> int:
+    from tqdm import tqdm
+
+    from .benchmark.detection import DetBenchConfig, run_detection_benchmark
+    from .cli_detection import parse_img_scale
+
+    cfg = DetBenchConfig(models=models, batch_sizes=_int_list(args.batch_sizes if args.batch_sizes != "1,8,32" else "1,2,4"),
+                         img_scale=parse_img_scale(args.img_scale) or (1333, 800), device=args.device,
+                         threads=args.threads, rounds=args.rounds if args.rounds != 10 else 3, warmup=min(args.warmup, 1),
+                         calibrate=not args.no_calibrate, seed=args.seed, input=args.input)
+    total = len(cfg.batch_sizes) * cfg.rounds * 2 * len(set(models) | {m.replace("svit_", "vit_") for m in models})
+    bar = tqdm(total=total, desc="bench", unit="call", file=sys.stderr)
+
+    def progress(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    df = run_detection_benchmark(cfg, progress)
+    bar.close()
+    out = Path(args.out)
+    _write_table(df, out)
+    cols = ["model", "part", "batch_size", "images_per_sec", "time_per_image_ms", "gflops_per_image", "ideal_speedup",
+            "speedup", "efficiency", "mean_keep_ratio", "peak_mem_mb"]
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {out}")
     return 0
 
 
@@ -314,13 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput vs batch size, dense vs pruned, vs the FLOP ideal")
     b.add_argument("--models", default="deit_small_patch16_224,svit_small",
                    help="comma list; 'timm/<name>' for a timm model (needs timm)")
-    b.add_argument("--batch-sizes", default="1,8,32")
+    b.add_argument("--batch-sizes", default="1,8,32", help="(detectors: default 1,2,4)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--backend", default="auto", help="comma list of attention backends: auto,loop,padded,nested,varlen")
     b.add_argument("--input", default="synthetic", help="'synthetic' or a directory of images")
     b.add_argument("--img-size", type=int, default=224)
+    b.add_argument("--img-scale", default=None, help="detectors: W,H test scale (default 1333,800)")
     b.add_argument("--rounds", type=int, default=10)
     b.add_argument("--min-time", type=float, default=2.0,
                    help="more rounds at small batches: each runner is timed for at least this many seconds")

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 
 from ..config import ViTConfig
 from ..stack import TokenStack, TokenUsage
@@ -230,19 +231,26 @@ class ViTAdapter(TokenStack):
         spm, xs, cs = [], [], []
         for g in groups:
             batch = torch.stack(list(images[g.start:g.start + g.count]))
-            c1, c2, c3, c4 = self.spm(batch)
+            with record_function("backbone.spm"):
+                c1, c2, c3, c4 = self.spm(batch)
             spm.append(c1)
             cs.append(torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], 1))
-            xs.append(self.embed_batch(batch))
+            with record_function("backbone.patch_embed"):
+                xs.append(self.embed_batch(batch))
         lengths = [g.grid[0] * g.grid[1] for g in groups for _ in range(g.count)]
         x = Packed(torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), Layout.from_lengths(lengths, xs[0].device))
         block_pass = self.begin(x, calibrate)
         for inter, (first, last) in zip(self.interactions, self.adapter_config.interaction_indexes):
-            x = x.with_values(torch.cat([inter.injector(xg, cg, g).reshape(-1, xg.shape[-1])
-                                         for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]))
-            x = block_pass.run(x, first, last + 1)
-            cs = [inter.extract(cg, xg, g) for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]
-        feats = [self._output_maps(g, xg, cg, c1) for g, xg, cg, c1 in zip(groups, self._group_views(x, groups), cs, spm)]
+            with record_function("backbone.injector"):
+                x = x.with_values(torch.cat([inter.injector(xg, cg, g).reshape(-1, xg.shape[-1])
+                                             for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]))
+            with record_function("backbone.vit_blocks"):
+                x = block_pass.run(x, first, last + 1)
+            with record_function("backbone.extractor"):
+                cs = [inter.extract(cg, xg, g) for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]
+        with record_function("backbone.output"):
+            feats = [self._output_maps(g, xg, cg, c1)
+                     for g, xg, cg, c1 in zip(groups, self._group_views(x, groups), cs, spm)]
         return feats, block_pass.usage()
 
     @staticmethod

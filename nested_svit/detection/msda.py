@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 
 Shapes = list[tuple[int, int]]
 
@@ -125,4 +126,6 @@ class MSDeformAttn(nn.Module):
         if sampler == "auto":
             sampler = "gather" if query.device.type == "cpu" else "grid"
         fn = sample_gather if sampler == "gather" else sample_grid
-        return self.output_proj(fn(value, shapes, locations, weights))
+        with record_function("msda.sample"):
+            sampled = fn(value, shapes, locations, weights)
+        return self.output_proj(sampled)
