@@ -19,7 +19,7 @@ from nested_svit.checkpoint import CheckpointError
 from nested_svit.detection import create_detector, list_detectors, preprocess
 from nested_svit.detection import boxes as box_ops
 from nested_svit.detection.checkpoint import save_detector_checkpoint
-from nested_svit.detection.msda import sample_gather, sample_grid
+from nested_svit.detection.msda import sample_bag, sample_grid
 from nested_svit.detection.roi_heads import map_roi_levels, paste_masks
 
 SCALE = (192, 128)
@@ -297,4 +297,12 @@ def test_deformable_samplers_agree():
     value = torch.randn(2, sum(h * w for h, w in shapes), 3, 8)
     loc = torch.rand(2, 40, 3, 3, 4, 2) * 1.4 - 0.2  # includes points outside the maps
     weights = torch.rand(2, 40, 3, 3, 4)
-    assert rel_err(sample_gather(value, shapes, loc, weights), sample_grid(value, shapes, loc, weights)) <= 1e-5
+    assert rel_err(sample_bag(value, shapes, loc, weights), sample_grid(value, shapes, loc, weights)) <= 1e-5
+    # gradients too (training): w.r.t. values, locations and attention weights
+    grads = []
+    for fn in (sample_bag, sample_grid):
+        v, lo, w = (t.clone().requires_grad_() for t in (value, loc, weights))
+        (fn(v, shapes, lo, w) * torch.linspace(-1, 1, 24)).sum().backward()
+        grads.append((v.grad, lo.grad, w.grad))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-4

@@ -3,9 +3,8 @@
 Parameter names follow the official ``MSDeformAttn`` (``sampling_offsets``, ``attention_weights``,
 ``value_proj``, ``output_proj``). The sampling step is pure PyTorch on every device:
 ``grid_sample`` per level (exactly ``ms_deform_attn_core_pytorch`` of the official ops). On CPU a
-gather-based kernel (``sample_gather``) is used instead: it folds the attention weights into the four
-bilinear corner weights and reads values with one ``index_select`` per level, avoiding grid_sample's
-``[B*heads, D, Q, P]`` intermediate per level. Both are tested equal.
+weighted ``embedding_bag`` sum (``sample_bag``) is used instead: the attention weights are folded into
+the four bilinear corner weights and every (query, head) is one bag, 7-10x faster. Both are tested equal.
 """
 from __future__ import annotations
 
@@ -49,34 +48,38 @@ def sample_grid(value: Tensor, shapes: Shapes, locations: Tensor, weights: Tenso
     return out.transpose(1, 2).contiguous()
 
 
-def sample_gather(value: Tensor, shapes: Shapes, locations: Tensor, weights: Tensor) -> Tensor:
-    """Same result as ``sample_grid``: bilinear corners computed explicitly, attention weights folded
-    into the corner weights, corners outside the map get weight 0 (zeros padding)."""
+def sample_bag(value: Tensor, shapes: Shapes, locations: Tensor, weights: Tensor) -> Tensor:
+    """Same result as ``sample_grid`` as one weighted ``embedding_bag`` sum: each (image, query,
+    head) is a bag of the 4 bilinear corners of its ``levels * points`` samples, with the attention
+    weight folded into the corner weight; corners outside a map get weight 0 (zeros padding).
+    No ``[B*heads, D, Q, P]`` intermediate; 7-10x faster than ``grid_sample`` on CPU (bench/README.md).
+    Differentiable in ``value`` and, through the corner weights, in ``locations`` and ``weights``."""
     b, s, m, d = value.shape
     _, q, _, levels, points, _ = locations.shape
-    out = value.new_zeros(b, q, m, d)
     starts = [0]
     for h, w in shapes:
         starts.append(starts[-1] + h * w)
+    image_rows = torch.arange(b, device=value.device).view(b, 1, 1, 1) * s
     heads = torch.arange(m, device=value.device).view(1, 1, m, 1)
-    images = torch.arange(b, device=value.device).view(b, 1, 1, 1)
-    flat_value = value.reshape(b * s * m, d)
+    rows, corner_weights = [], []
     for lvl, (h, w) in enumerate(shapes):
-        # pixel coordinates with align_corners=False: centre of cell j is j + 0.5
+        # pixel coordinates with align_corners=False: the centre of cell j is j + 0.5
         x = locations[:, :, :, lvl, :, 0] * w - 0.5  # [B, Q, M, P]
         y = locations[:, :, :, lvl, :, 1] * h - 0.5
         x0, y0 = x.floor(), y.floor()
         fx, fy = x - x0, y - y0
-        a = weights[:, :, :, lvl]
+        attn = weights[:, :, :, lvl]
         x0, y0 = x0.long(), y0.long()
         for dy, dx, cw in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
             xi, yi = x0 + dx, y0 + dy
             inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-            cell = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)) + starts[lvl]
-            rows = (images * s + cell) * m + heads  # [B, Q, M, P] rows of flat_value
-            wgt = (cw * a * inside).unsqueeze(-1)
-            out += (flat_value.index_select(0, rows.reshape(-1)).view(b, q, m, points, d) * wgt).sum(3)
-    return out.reshape(b, q, m * d)
+            cell = yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1) + starts[lvl]
+            rows.append((image_rows + cell) * m + heads)  # row of value.reshape(B*S*M, D)
+            corner_weights.append(cw * attn * inside)
+    bags = torch.stack(rows, -1).reshape(b * q * m, -1)
+    bag_weights = torch.stack(corner_weights, -1).reshape(b * q * m, -1)
+    out = F.embedding_bag(bags, value.reshape(b * s * m, d), per_sample_weights=bag_weights, mode="sum")
+    return out.view(b, q, m * d)
 
 
 class MSDeformAttn(nn.Module):
@@ -92,7 +95,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(dim, heads * levels * points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
-        self.sampler = "auto"  # "grid" | "gather" | "auto" (gather on CPU, grid elsewhere)
+        self.sampler = "auto"  # "grid" | "bag" | "auto" (bag on CPU; grid elsewhere: unmeasured on CUDA)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -124,8 +127,8 @@ class MSDeformAttn(nn.Module):
         locations = ref[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         sampler = self.sampler
         if sampler == "auto":
-            sampler = "gather" if query.device.type == "cpu" else "grid"
-        fn = sample_gather if sampler == "gather" else sample_grid
+            sampler = "bag" if query.device.type == "cpu" else "grid"
+        fn = sample_bag if sampler == "bag" else sample_grid
         with record_function("msda.sample"):
             sampled = fn(value, shapes, locations, weights)
         return self.output_proj(sampled)
