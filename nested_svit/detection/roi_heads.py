@@ -6,6 +6,7 @@ original pixels, FCN mask head and grid-sample mask pasting. Parameter names as 
 losses are an addition on the same modules."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,25 @@ def map_roi_levels(rois: Tensor, levels: int = 4) -> Tensor:
     return torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(min=0, max=levels - 1).long()
 
 
+_POOL: ThreadPoolExecutor | None = None
+PARALLEL_MIN_ROIS = 64
+
+
+def _roi_align(feat: Tensor, rois: Tensor, size: int, scale: float) -> Tensor:
+    """torchvision ``roi_align`` (aligned, adaptive sampling). Its CPU kernel runs on one thread and
+    releases the GIL, so on CPU the RoIs are split over ``torch.get_num_threads()`` Python threads
+    (each RoI is computed independently: results are identical; 2x faster on 2 cores)."""
+    threads = torch.get_num_threads()
+    if feat.device.type != "cpu" or threads < 2 or rois.shape[0] < PARALLEL_MIN_ROIS:
+        return roi_align(feat, rois, (size, size), scale, sampling_ratio=0, aligned=True)
+    global _POOL
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
+    parts = list(_POOL.map(lambda r: roi_align(feat, r, (size, size), scale, sampling_ratio=0, aligned=True),
+                           rois.chunk(threads)))
+    return torch.cat(parts)
+
+
 def roi_features(feats: list[Tensor], rois: Tensor, size: int) -> Tensor:
     """``feats``: P2-P5 ``[G, 256, h, w]`` of one size group; ``rois [n, 5]`` (group image index, box
     in padded-input pixels) -> ``[n, 256, size, size]``."""
@@ -45,7 +65,7 @@ def roi_features(feats: list[Tensor], rois: Tensor, size: int) -> Tensor:
     for i, (f, stride) in enumerate(zip(feats, ROI_STRIDES)):
         rows = (lvls == i).nonzero().view(-1)
         if rows.numel():
-            out[rows] = roi_align(f, rois[rows], (size, size), 1.0 / stride, sampling_ratio=0, aligned=True)
+            out[rows] = _roi_align(f, rois[rows], size, 1.0 / stride)
     return out
 
 
@@ -92,6 +112,9 @@ class BBoxHead(nn.Module):
         return cand_boxes[keep], cand_scores[keep], labels[keep]
 
 
+MASK_CHUNK = 32
+
+
 class MaskHead(nn.Module):
     """FCNMaskHead: 4 x (3x3 conv + ReLU), 2x deconv + ReLU, 1x1 -> ``[n, K, 28, 28]`` logits."""
 
@@ -105,6 +128,9 @@ class MaskHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and x.shape[0] > MASK_CHUNK:
+            # small chunks keep the 4 convs' working set in cache: 25% faster per RoI on CPU (bench/README.md)
+            return torch.cat([self.forward(part) for part in x.split(MASK_CHUNK)])
         for conv in self.convs:
             x = conv(x)
         return self.conv_logits(F.relu(self.upsample(x), inplace=True))
