@@ -96,13 +96,39 @@ def sha256_of(path: str | os.PathLike) -> str:
 def read_checkpoint_file(source: str | os.PathLike) -> tuple[object, str, str]:
     """Path -> (loaded object, description, sha256). Loads with ``weights_only=True``."""
     path = Path(source)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .pth file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    what = _not_a_checkpoint(head)
+    if what:
+        raise CheckpointError(f"{path} is {what}, not a PyTorch checkpoint (.pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint or one with "
+                              f"objects other than tensors and plain data ({first})") from e
     return obj, str(path), sha256_of(path)
+
+
+def _not_a_checkpoint(head: bytes) -> str | None:
+    """What a file is, from its first bytes, when it certainly is no torch.save file."""
+    if not head:
+        return "an empty file"
+    for magic, name in ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+                        (b"PAR1", "a Parquet file"), (b"%PDF", "a PDF document")):
+        if head.startswith(magic):
+            return name
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None  # zip (torch >= 1.6) or legacy pickle
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return None
 
 
 def read_state_dict(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor], str, str | None]:
@@ -111,6 +137,21 @@ def read_state_dict(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor]
         return _unwrap(source), "<state dict>", None
     obj, desc, digest = read_checkpoint_file(source)
     return _unwrap(obj), desc, digest
+
+
+def checkpoint_model_config(source: str | os.PathLike | None) -> tuple[str | None, dict | None, list[str] | None]:
+    """(model name, ``ViTConfig`` fields, class names) that a file written by ``nested-svit train``
+    carries, else Nones. Unreadable files give Nones; loading them reports the problem."""
+    if not source or not Path(source).is_file():
+        return None, None, None
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return None, None, None
+    if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) and obj.get("kind") != "detector":
+        names = obj.get("class_names")
+        return obj.get("model_name"), dict(obj["model_config"]), list(names) if names else None
+    return None, None, None
 
 
 def load_checkpoint(model: SparseViT, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
@@ -138,7 +179,11 @@ def load_checkpoint(model: SparseViT, source: str | os.PathLike | dict, strict: 
         src, dst = state["pos_embed"], own["pos_embed"]
         if src.ndim == 3 and src.shape[-1] == dst.shape[-1]:
             side = math.isqrt(dst.shape[1] - 1)
-            state["pos_embed"] = resize_pos_embed(src, (side, side))
+            try:
+                state["pos_embed"] = resize_pos_embed(src, (side, side))
+            except ValueError as e:  # deit3 / distilled layouts: extra tokens or non-square grids
+                raise CheckpointError(f"checkpoint {desc}: pos_embed {tuple(src.shape)} cannot be resized to "
+                                      f"{tuple(dst.shape)}: {e}") from e
             report.notes.append(f"pos_embed interpolated (bicubic) from {tuple(src.shape)} to {tuple(dst.shape)}")
 
     missing = sorted(set(own) - set(state))
@@ -153,7 +198,8 @@ def load_checkpoint(model: SparseViT, source: str | os.PathLike | dict, strict: 
         lines = [f"checkpoint {desc} ({fmt} format) does not fit model {model.name!r}:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
             if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+                shown = ", ".join(keys[:40]) + (f" ... and {len(keys) - 40} more" if len(keys) > 40 else "")
+                lines.append(f"  {title} ({len(keys)}): {shown}")
         raise CheckpointError("\n".join(lines))
 
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)

@@ -61,7 +61,7 @@ def build_detector(args: argparse.Namespace, num_classes: int | None = None, cla
         model = MaskRCNNDetector(replace(file_cfg, **overrides))
         model.name = name or args.model
     else:
-        model = create_detector(args.model, **overrides)
+        model = create_detector(args.model or "svit_adapter_small_maskrcnn", **overrides)
     report = load_checkpoint(model, args.checkpoint) if args.checkpoint else None
     if report is None and not args.random_weights:
         raise ValueError("--checkpoint is required (or pass --random-weights to run an untrained model)")
@@ -200,6 +200,9 @@ def cmd_predict_detection(args: argparse.Namespace) -> int:
     from .io import atomic_write, atomic_write_text
 
     _check_common(args)
+    from .cli import check_writable
+
+    check_writable(Path(args.out))
     out = Path(args.out)
     fmt = out.suffix.lower()
     if fmt not in (".parquet", ".json", ".jsonl"):

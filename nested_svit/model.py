@@ -42,7 +42,13 @@ class SparseViT(TokenStack):
 
     def forward_features(self, images: Images) -> tuple[Tensor | Packed, TokenUsage]:
         """Images -> (normed features, usage). Features are ``[B, N, C]`` for a tensor batch and a
-        ``Packed`` set (per-image ``N_i``) for a list of images."""
+        ``Packed`` set (per-image ``N_i``) for a list of images. An empty batch gives empty outputs."""
+        if isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] == 0:
+            gh, gw = self.patch_embed.grid(images.shape[-2], images.shape[-1])
+            n = gh * gw + (self.cls_token is not None)
+            usage = TokenUsage(torch.zeros(0, self.config.depth, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                               self.config.gate_blocks)
+            return images.new_zeros(0, n, self.config.embed_dim), usage
         x, usage = self.forward_tokens(self.embed(images))
         x = x.with_values(self.norm(x.values))
         return (x.to_dense() if isinstance(images, Tensor) else x), usage

@@ -143,9 +143,7 @@ class TokenStack(nn.Module):
         config's keep targets). Gates are calibrated in order, each on the feature map produced by
         the already calibrated earlier gates. Per-image counts still vary. Returns the fractions
         reached."""
-        targets = list(self.config.keep_targets if targets is None else targets)
-        if len(targets) != self.num_gates:
-            raise ValueError(f"{len(targets)} targets for {self.num_gates} gates")
+        targets = validate_keep_targets(self.config.keep_targets if targets is None else targets, self.num_gates)
         saved = (self.execution, self.gates_open)
         self.execution, self.gates_open = "packed", False
         try:
@@ -220,6 +218,38 @@ class BlockPass:
     def usage(self) -> TokenUsage:
         kept = torch.stack(self.kept_cols, 1) if self.kept_cols else torch.zeros(len(self.lengths), 0, dtype=torch.int64)
         return TokenUsage(kept, self.lengths, self.stack.config.gate_blocks, self.masks, self.decided)
+
+
+def validate_keep_targets(targets: object, num_gates: int) -> list[float]:
+    """A sequence of ``num_gates`` numbers in [0, 1] -> list of floats; anything else is a ValueError."""
+    import math
+
+    if hasattr(targets, "tolist") and not isinstance(targets, Tensor):  # numpy arrays
+        targets = targets.tolist()
+    if isinstance(targets, (str, bytes, Tensor)) or not isinstance(targets, Sequence):
+        raise ValueError(f"keep targets must be a list of {num_gates} numbers in [0, 1], got {type(targets).__name__}")
+    out = []
+    for t in targets:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"keep targets must be numbers in [0, 1], got {t!r}")
+        out.append(float(t))
+    if len(out) != num_gates:
+        raise ValueError(f"{len(out)} keep targets for {num_gates} gates")
+    return out
+
+
+def keep_targets_from_cli(value: str, defaults: Sequence[float]) -> list[float]:
+    """``--keep-targets``: one value per gate ("0.7,0.7,...") or one scale factor for the model's
+    schedule ("0.8": every target times 0.8, clipped to [0, 1])."""
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas") from None
+    if len(values) == 1 and len(defaults) != 1:
+        if not values[0] >= 0:
+            raise ValueError(f"--keep-targets scale factor must be >= 0, got {value}")
+        return [min(1.0, t * values[0]) for t in defaults]
+    return validate_keep_targets(values, len(defaults))
 
 
 def keep_threshold_shift(margin: Tensor, target: float) -> float:

@@ -50,6 +50,7 @@ class StepLog:
     ratio_loss: float
     keep: list[float] = field(default_factory=list)
     lr: float = 0.0
+    skipped: int = 0  # undecodable images left out of this step's batch
 
 
 def _is_gate(name: str) -> bool:
@@ -91,11 +92,19 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.base[index]
-        if self.transform is not None:
+        if image is not None and self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
                 image = self.transform(image)
         return image, label
+
+
+def collate_skipping_bad(items: list) -> tuple[Tensor | None, Tensor | None, int]:
+    """``(image, label)`` items, ``image`` None for an undecodable file -> (images, labels, skipped)."""
+    ok = [(img, lab) for img, lab in items if img is not None]
+    if not ok:
+        return None, None, len(items)
+    return torch.stack([img for img, _ in ok]), torch.tensor([lab for _, lab in ok]), len(items) - len(ok)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -105,7 +114,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain lists, so the checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -113,8 +128,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -135,15 +152,16 @@ class Trainer:
         self.opt = make_optimizer(model, cfg)
         self.sched = make_scheduler(self.opt, cfg.epochs * self.steps_per_epoch, cfg.warmup_steps)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.skipped = 0  # undecodable images met so far (counted again when an epoch repeats them)
         torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "rng": _rng_state(), "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "skipped": self.skipped,
                 "train_config": asdict(self.cfg), "model_name": self.model.name,
-                "model_config": asdict(self.model.config)}
+                "model_config": asdict(self.model.config), "class_names": getattr(self.model, "class_names", None)}
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path or self.checkpoint_path)
@@ -152,11 +170,22 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path) -> None:
-        state = torch.load(path, map_location=self.cfg.device, weights_only=False)
+        try:
+            state = torch.load(path, map_location=self.cfg.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot resume from {path} (not a training checkpoint of this nested_svit version: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --restart") from e
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError(f"{path} is not a training checkpoint (no optimizer state); use --init to start from "
+                             "its weights, or another --out")
+        if state.get("model_name") not in (None, self.model.name):
+            raise ValueError(f"{path} is a training checkpoint of model {state['model_name']!r}, not {self.model.name!r}; "
+                             "use another --out or pass --restart")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.skipped = state.get("skipped", 0)
         _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ loop
@@ -189,10 +218,16 @@ class Trainer:
             batches = epoch_batches(len(self.data), cfg.batch_size, cfg.seed, self.epoch)[self.step_in_epoch:]
             # the loader's own generator: creating an iterator must not draw from the global RNG,
             # or a resumed run (one extra loader) would see different Gumbel noise
-            loader = DataLoader(self.data, batch_sampler=batches, num_workers=cfg.workers,
+            loader = DataLoader(self.data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_skipping_bad,
                                 generator=torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch))
-            for images, labels in loader:
-                entry = self.train_step(images.to(cfg.device), labels.to(cfg.device))
+            for images, labels, skipped in loader:
+                self.skipped += skipped
+                if images is None:  # every image of this batch was unreadable: count the step, learn nothing
+                    entry = StepLog(self.epoch, self.global_step, float("nan"), float("nan"), float("nan"), [],
+                                    self.opt.param_groups[0]["lr"], skipped)
+                else:
+                    entry = self.train_step(images.to(cfg.device), labels.to(cfg.device))
+                    entry.skipped = skipped
                 self.step_in_epoch += 1
                 self.global_step += 1
                 done += 1

@@ -32,3 +32,43 @@ def plot_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def token_usage_picture(image, keep, scale: int = 4):
+    """Which tokens each gate kept, for one image.
+
+    image: uint8 ``[H, W, 3]`` (what the model saw); keep: bool ``[G, gh, gw]`` per gate.
+    Top: the image, and the image tinted by how many of the G gated blocks processed each token
+    (paper Fig. 4 style, viridis: dark = pruned by every gate, yellow = kept by every gate).
+    Bottom: one small panel per gate, pruned tokens greyed out. -> PIL image.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    g, gh, gw = keep.shape
+    big = Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST)
+    counts = keep.float().mean(0).numpy() if g else np.ones((gh, gw))
+    cell = np.kron(counts, np.ones((h // gh, w // gw)))
+    heat = (colormaps["viridis"](cell)[..., :3] * 255).astype(np.float32)
+    tinted = Image.fromarray((0.4 * image + 0.6 * heat).clip(0, 255).astype(np.uint8)).resize(big.size, Image.NEAREST)
+    small_w = max(big.size[0] * 2 // max(g, 1), 24)
+    small_h = small_w * h // w
+    pad, text_h = 6, 14
+    canvas = Image.new("RGB", (2 * big.size[0] + pad, big.size[1] + text_h + (small_h + text_h if g else 0) + 2 * pad),
+                       (255, 255, 255))
+    canvas.paste(big, (0, text_h))
+    canvas.paste(tinted, (big.size[0] + pad, text_h))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), "input", fill=(0, 0, 0))
+    draw.text((big.size[0] + pad + 2, 1), f"blocks processing each token (of {g} gated)", fill=(0, 0, 0))
+    y = text_h + big.size[1] + pad
+    for k in range(g):
+        mask = np.kron(keep[k].numpy(), np.ones((h // gh, w // gw), dtype=bool))
+        grey = image.mean(-1, keepdims=True).repeat(3, -1) * 0.35 + 160
+        panel = np.where(mask[..., None], image, grey).astype(np.uint8)
+        x = k * (small_w + 2)
+        canvas.paste(Image.fromarray(panel).resize((small_w, small_h), Image.NEAREST), (x, y + text_h))
+        draw.text((x + 1, y), f"gate {k}: {mask.mean():.0%}", fill=(0, 0, 0))
+    return canvas

@@ -158,7 +158,7 @@ def test_svit_checkpoint_into_dense_model_is_an_error():
 def test_unreadable_checkpoint(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_checkpoint(create_model("deit_tiny_patch16_224"), bad)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(create_model("deit_tiny_patch16_224"), tmp_path / "missing.pth")

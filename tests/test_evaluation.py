@@ -97,8 +97,12 @@ def test_predict_names_and_csv(tmp_path, checkpoint):
     assert rows["index"].tolist() == list(range(len(records)))
     assert rows["top1_id"].tolist() == logits.argmax(-1).tolist()
     np.testing.assert_allclose(rows["top1_prob"], probs.max(-1).values.numpy(), rtol=1e-4)
-    names = ["cat", "dog", "fox"]
-    assert all(n == names[i] if i < 3 else pd.isna(n) for n, i in zip(rows["top1_name"], rows["top1_id"]))
+    from nested_svit.data.classes import imagenet_classes
+
+    names = imagenet_classes()[1]  # a 1000-class model's outputs are ImageNet classes, whatever the data's names
+    assert all(n == names[i] for n, i in zip(rows["top1_name"], rows["top1_id"]))
+    truth = ["cat", "dog", "fox"]  # the data set's ClassLabel names describe its labels, in their own column
+    assert all(n == truth[lab] for n, lab in zip(rows["label_name"], rows["label"]))
     kept = rows[[f"kept_b{b}" for b in range(12)]].to_numpy()
     assert (kept[:, :3] == 17).all() and (kept[:, 3:] <= 17).all()
 

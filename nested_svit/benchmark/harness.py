@@ -41,11 +41,12 @@ class BenchConfig:
     precision: str = "fp32"
     backends: list[str] = field(default_factory=lambda: ["auto"])
     input: str = "synthetic"  # or a directory of images
-    img_size: int = 224
+    img_size: int | None = None  # default: the first model's input size
     rounds: int = 10  # at least this many interleaved rounds ...
     min_time: float = 2.0  # ... and enough that each runner is timed for >= min_time seconds (small batches)
     warmup: int = 2
     calibrate: bool = True
+    keep_targets: str | None = None  # "--keep-targets": 9 fractions or one factor on the model's schedule
     seed: int = 0
 
 
@@ -103,7 +104,10 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
             continue
         calibrated: list[int] = []
         if cfg.calibrate:
-            model.calibrate_keep(calib_images)
+            from ..stack import keep_targets_from_cli
+
+            targets = keep_targets_from_cli(cfg.keep_targets, model.config.keep_targets) if cfg.keep_targets else None
+            model.calibrate_keep(calib_images, targets)
             calibrated = list(range(model.num_gates))
         model.to(device, dtype).set_execution("packed")
         for backend in dict.fromkeys(cfg.backends):
@@ -154,6 +158,9 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     report = progress or (lambda msg: None)
+    if cfg.img_size is None:
+        ours = [m for m in cfg.models if not m.startswith(TIMM_PREFIX)]
+        cfg.img_size = get_config(ours[0]).img_size if ours else 224
     pool = _image_pool(cfg, max(cfg.batch_sizes))
     runners = _build_runners(cfg, pool, device, dtype)
     rows = []

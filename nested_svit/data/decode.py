@@ -4,22 +4,39 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow warns above 89 Mpx and refuses above 179 Mpx ("decompression bomb"); real photos (panoramas,
+# 100+ Mpx sensors) exceed that. Our limit: 1 gigapixel (about 3 GB decoded), changeable per call
+# (``--max-image-pixels``).
+MAX_IMAGE_PIXELS = 1_000_000_000
 
 
 class BadImage(Exception):
     """An image that cannot be decoded; ``str()`` is the reason recorded in outputs."""
 
 
-def decode_image(source: str | bytes) -> Image.Image:
-    """Path or encoded bytes -> fully decoded RGB image. Grayscale, palette, CMYK, 16-bit and alpha
-    images are converted (alpha dropped, as timm/DeiT do); truncated or unreadable files raise
-    ``BadImage``."""
+def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool = False) -> Image.Image:
+    """Path or encoded bytes -> fully decoded RGB image. Grayscale, palette, CMYK, 16-bit, float and
+    alpha images are converted (alpha dropped, as timm/DeiT do); truncated or unreadable files and
+    images above ``max_pixels`` raise ``BadImage``. ``exif``: apply the EXIF orientation (phone photos);
+    the ImageNet eval protocol does not."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            if img.width * img.height > limit:
+                raise BadImage(f"image of {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} Mpx is above "
+                               f"the limit of {limit / 1e6:.0f} Mpx (raise it with --max-image-pixels)")
             img.load()
+            if exif:
+                img = ImageOps.exif_transpose(img)
     except FileNotFoundError as e:
         raise BadImage(f"missing file: {e}") from e
     except UnidentifiedImageError as e:
@@ -28,6 +45,11 @@ def decode_image(source: str | bytes) -> Image.Image:
         raise BadImage(f"corrupt or unreadable image: {e}") from e
     if img.width < 1 or img.height < 1:
         raise BadImage(f"empty image {img.width}x{img.height}")
-    if img.mode == "I;16" or img.mode == "I":
-        img = img.point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode == "F":  # float images: 0..1 (scientific / HDR exports) or 0..255
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
+        img = Image.fromarray((arr * scale).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((arr / 256).clip(0, 255).astype(np.uint8), "L")
     return img.convert("RGB") if img.mode != "RGB" else img

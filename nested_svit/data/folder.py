@@ -8,8 +8,9 @@ Layouts (all offline):
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,9 +21,11 @@ from .classes import imagenet_classes, imagenet_index
 from .decode import BadImage, decode_image
 from .transforms import EvalTransform
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".tga", ".dib", ".pcx"}
+# files that are certainly not images: listed as ignored (with the reason), never decoded
+NON_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow", ".md", ".py", ".pth", ".pt", ".npy",
+                      ".npz", ".xml", ".yaml", ".yml", ".log", ".zip", ".tar", ".gz", ".pdf", ".html", ".lock"}
 @dataclass
 class Records:
     sources: list  # paths (str) or a datasets.Dataset with undecoded images
@@ -31,47 +34,91 @@ class Records:
     class_names: list[str] | None
     kind: str
     label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | dataset_label | none
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that get no row
+
+    def digest(self) -> str:
+        """Pins the exact input: paths, sizes and modification times of every file (or the data set's
+        fingerprint); a resumed run with different files is refused."""
+        h = hashlib.sha256()
+        if isinstance(self.sources, list):
+            for src in self.sources:
+                try:
+                    st = os.stat(src)
+                    h.update(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(f"{src}\0missing\n".encode())
+        else:
+            h.update(str(getattr(self.sources, "_fingerprint", len(self.sources))).encode())
+        return h.hexdigest()
 
 
-def _image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _hidden(name: str) -> bool:
+    """Hidden or tool folders (``.ipynb_checkpoints``, ``.git``, ``__MACOSX``) are never data."""
+    return name.startswith(".") or name.startswith("__")
 
 
-def _folder_records(root: Path) -> Records:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    wnid_index = None
+def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Candidate image files under ``root`` (sorted; dangling symlinks included, so they get a row)
+    and ignored files with the reason. Hidden folders/files and our own outputs are skipped."""
+    files, ignored = [], []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(_hidden(part) for part in rel.parts) or any(part.endswith(".parts") for part in rel.parts[:-1]):
+            continue
+        if p.is_dir():
+            continue
+        if p.resolve() in exclude or p.name.endswith(".parts"):
+            ignored.append((str(rel), "output of this run"))
+            continue
+        suffix = p.suffix.lower()
+        if suffix in NON_IMAGE_SUFFIXES:
+            ignored.append((str(rel), f"not an image ({suffix} file)"))
+            continue
+        files.append(p)  # known image suffixes, unknown suffixes and no suffix: Pillow decides
+    return files, ignored
+
+
+def _folder_records(root: Path, exclude: set[Path] = frozenset()) -> Records:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name) and not d.name.endswith(".parts"))
+    files, ignored = _walk(root, set(exclude))
     if classes:
         # ImageNet wnid directories (all 1000 or a subset) get the standard ImageNet indices and names;
-        # other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does.
+        # other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does. Files at the top of
+        # the tree (no class folder) keep a row with label -1.
         wnid_index = imagenet_index(classes)
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            for f in _image_files(root / name):
-                files.append(f)
-                labels.append(wnid_index[name] if wnid_index else label)
-        if wnid_index:
-            classes = list(imagenet_classes()[1])
-        kind = "imagefolder"
+        index = wnid_index or {name: i for i, name in enumerate(classes)}
+        labels = [index[f.relative_to(root).parts[0]] if len(f.relative_to(root).parts) > 1 else -1 for f in files]
+        class_names = list(imagenet_classes()[1]) if wnid_index else classes
+        kind, source = "imagefolder", ("imagenet_wnid" if wnid_index else "sorted_class_dirs")
     else:
-        files, labels, classes, kind = _image_files(root), None, None, "images"
+        labels, class_names, kind, source = [-1] * len(files), None, "images", "none"
     if not files:
-        raise FileNotFoundError(f"no images found under {root}")
-    source = "none" if labels is None else ("imagenet_wnid" if wnid_index else "sorted_class_dirs")
-    labels = labels or [-1] * len(files)
-    return Records([str(f) for f in files], labels, [str(f.relative_to(root)) for f in files], classes, kind, source)
+        raise FileNotFoundError(f"no images found under {root}" + (f" ({len(ignored)} non-image files ignored)" if ignored else ""))
+    return Records([str(f) for f in files], labels, [str(f.relative_to(root)) for f in files], class_names, kind,
+                   source, ignored)
 
 
-def _hf_records(root: Path) -> Records:
+def _file_list_records(files: list[Path], base: Path | None, kind: str) -> Records:
+    if not files:
+        raise FileNotFoundError("no images matched")
+    ids = [str(f.relative_to(base)) if base is not None and f.is_relative_to(base) else str(f) for f in files]
+    return Records([str(f) for f in files], [-1] * len(files), ids, None, kind, "none")
+
+
+def _hf_records(root: Path, split: str | None = None, exclude: set[Path] = frozenset()) -> Records:
     import datasets
 
-    if (root / "dataset_info.json").exists() or (root / "state.json").exists() or (root / "dataset_dict.json").exists():
+    if root.is_dir() and ((root / "dataset_info.json").exists() or (root / "state.json").exists()
+                          or (root / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(root))
         if isinstance(ds, datasets.DatasetDict):
-            split = "validation" if "validation" in ds else sorted(ds)[0]
+            if split is not None and split not in ds:
+                raise ValueError(f"{root}: no split {split!r}; splits: {sorted(ds)}")
+            split = split or ("validation" if "validation" in ds else sorted(ds)[0])
             ds = ds[split]
         kind = "arrow"
     else:
-        files = sorted(str(p) for p in root.rglob("*.parquet"))
+        files = [str(root)] if root.is_file() else _hf_parquet_files(root, exclude)
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
         kind = "parquet"
     if "image" not in ds.column_names:
@@ -88,17 +135,27 @@ def _hf_records(root: Path) -> Records:
     return Records(ds, labels, [f"{kind}/{i}" for i in range(len(ds))], names, kind, source)
 
 
-def _is_hf(root: Path) -> bool:
-    return any(root.rglob("*.parquet")) or any(root.glob("*.arrow")) or (root / "dataset_dict.json").exists() \
-        or (root / "state.json").exists()
+def _hf_parquet_files(root: Path, exclude: set[Path]) -> list[str]:
+    """Parquet shards of a data set folder: at the top level or under ``data/`` (the Hub layout)."""
+    found = [p for p in sorted(root.glob("*.parquet")) + sorted((root / "data").rglob("*.parquet"))
+             if p.resolve() not in exclude]
+    return [str(p) for p in found]
+
+
+def _is_hf(root: Path, exclude: set[Path] = frozenset()) -> bool:
+    """Decided at the top level only: a stray .parquet deep in an image tree is not a data set."""
+    return bool(_hf_parquet_files(root, set(exclude))) or any(root.glob("*.arrow")) \
+        or (root / "dataset_dict.json").exists() or (root / "state.json").exists()
 
 
 class ImageRecordDataset(Dataset):
     """Item ``i`` -> dict(index, id, label, image ``[3, S, S]`` or None, error str or None)."""
 
-    def __init__(self, records: Records, transform: EvalTransform):
+    def __init__(self, records: Records, transform: EvalTransform, exif: bool = False, max_pixels: int | None = None):
         self.records = records
         self.transform = transform
+        self.exif = exif  # apply EXIF orientation (predict); the ImageNet protocol does not
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.records.labels)
@@ -116,7 +173,10 @@ class ImageRecordDataset(Dataset):
 
     def image(self, index: int) -> Image.Image:
         """Decoded RGB image ``index`` (no transform); raises ``BadImage`` with the reason."""
-        return decode_image(self._raw(index))
+        raw = self._raw(index)
+        if isinstance(raw, str) and os.path.islink(raw) and not os.path.exists(raw):
+            raise BadImage(f"broken symbolic link to {os.readlink(raw)}")
+        return decode_image(raw, self.max_pixels, self.exif)
 
     def __getitem__(self, index: int) -> dict:
         item = {"index": index, "id": self.records.ids[index], "label": self.records.labels[index],
@@ -128,14 +188,41 @@ class ImageRecordDataset(Dataset):
         return item
 
 
-def open_dataset(path: str | os.PathLike, transform: EvalTransform | None = None) -> ImageRecordDataset:
-    """Open an ImageFolder tree, a directory of images, parquet shards or an Arrow folder."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"data path not found: {root}")
+def open_dataset(path: str | os.PathLike, transform: EvalTransform | None = None, split: str | None = None,
+                 exclude: list[str | os.PathLike] = (), exif: bool = False, max_pixels: int | None = None,
+                 ) -> ImageRecordDataset:
+    """Open an input: an ImageFolder tree or a directory of images, parquet shards or a ``save_to_disk``
+    folder, a single image file, a single ``.parquet`` file, a text file listing image paths (one per
+    line, relative to the list's folder), or a glob pattern (``'photos/*.jpg'``). ``exclude``: our own
+    output files, never read back as input."""
     transform = transform or EvalTransform()
-    records = _hf_records(root) if root.is_dir() and _is_hf(root) else _folder_records(root)
-    return ImageRecordDataset(records, transform)
+    excluded = {Path(p).resolve() for p in exclude}
+    text = str(path)
+    if any(ch in text for ch in "*?[") and not Path(text).exists():
+        import glob
+
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).is_dir())
+        if not files:
+            raise FileNotFoundError(f"no files match {text}")
+        return ImageRecordDataset(_file_list_records(files, None, "glob"), transform, exif, max_pixels)
+    root = Path(path)
+    if not root.exists() and not root.is_symlink():
+        raise FileNotFoundError(f"data path not found: {root}")
+    if root.is_file():
+        suffix = root.suffix.lower()
+        if suffix == ".parquet":
+            records = _hf_records(root, split)
+        elif suffix in (".txt", ".lst"):
+            lines = [ln.strip() for ln in root.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            files = [(root.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+            records = _file_list_records(files, root.parent, "list")
+        else:
+            records = _file_list_records([root], root.parent, "image")
+    elif _is_hf(root, excluded):
+        records = _hf_records(root, split, excluded)
+    else:
+        records = _folder_records(root, excluded)
+    return ImageRecordDataset(records, transform, exif, max_pixels)
 
 
 def collate_records(items: list[dict]) -> dict:

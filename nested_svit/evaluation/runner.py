@@ -37,14 +37,17 @@ class InferenceJob:
     topk: int = 5
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dist: DistInfo = field(default_factory=DistInfo)
+    class_names: list[str] | None = None  # the MODEL's output classes (not the data's folders)
+    on_batch: Callable[[dict, torch.Tensor, object], None] | None = None  # (batch, images, usage): pictures
 
 
 @dataclass
 class Progress:
-    images: int  # processed by this process in this run
+    images: int  # predicted by this process in this run
     correct1: int
     labelled: int
     elapsed: float
+    seen: int = 0  # predicted or skipped
 
 
 def _check_manifest(job: InferenceJob) -> None:
@@ -66,7 +69,8 @@ def _part_path(parts_dir: Path, batch: int) -> Path:
 
 
 def _rows(job: InferenceJob, batch: dict, logits: torch.Tensor | None, kept: torch.Tensor | None) -> pd.DataFrame:
-    names = job.dataset.class_names
+    names = job.class_names
+    truth = job.dataset.class_names  # ground-truth names of the data's labels
     depth = job.model.config.depth
     rows: list[dict] = []
     if logits is not None:
@@ -74,7 +78,10 @@ def _rows(job: InferenceJob, batch: dict, logits: torch.Tensor | None, kept: tor
         k = min(job.topk, probs.shape[-1])
         top_p, top_i = probs.topk(k, dim=-1)
         for j, idx in enumerate(batch["index"].tolist()):
-            row = {"index": idx, "id": batch["id"][j], "label": int(batch["label"][j]), "status": "ok", "error": ""}
+            row = {"index": idx, "id": batch["id"][j], "label": int(batch["label"][j]), "status": "ok", "error": "",
+                   "orientation": "exif applied" if getattr(job.dataset, "exif", False) else "as stored"}
+            label = row["label"]
+            row["label_name"] = truth[label] if truth and 0 <= label < len(truth) else None
             for r in range(k):
                 cls = int(top_i[j, r])
                 row[f"top{r + 1}_id"] = cls
@@ -114,11 +121,14 @@ def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None
                 feats, usage = model.forward_features(images)
                 logits = model.forward_head(feats).cpu()
                 kept = usage.kept.cpu()
+                if job.on_batch is not None:
+                    job.on_batch(batch, images, usage)
                 labels = batch["label"]
                 has_label = labels >= 0
                 state.correct1 += int((logits.argmax(-1)[has_label] == labels[has_label]).sum())
                 state.labelled += int(has_label.sum())
                 state.images += len(labels)
+            state.seen += len(batch["all_index"])
             frame = _rows(job, batch, logits, kept)
             batch_id = min(batch["all_index"]) // job.batch_size
             atomic_write(_part_path(job.parts_dir, batch_id), lambda tmp: frame.to_parquet(tmp, index=False))
