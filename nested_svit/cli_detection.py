@@ -65,6 +65,11 @@ def build_detector(args: argparse.Namespace, num_classes: int | None = None, cla
     report = load_checkpoint(model, args.checkpoint) if args.checkpoint else None
     if report is None and not args.random_weights:
         raise ValueError("--checkpoint is required (or pass --random-weights to run an untrained model)")
+    if report is not None and model.backbone.num_gates and report.format in ("mmdet-dense", "imagenet"):
+        note = ("warning: the checkpoint has no gate weights, so the gates of this SViT detector are random: "
+                "pruning is arbitrary. Use an SViT checkpoint, or the dense vit_adapter_* model")
+        report.notes.append(note)
+        print(note, file=sys.stderr)
     return model, report
 
 
@@ -128,7 +133,15 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     from .io import atomic_write_text
 
     _check_common(args)
+    from .cli import check_writable
+    from .detection.registry import is_detector
+
+    if not is_detector(args.model) and _read_detector_file_config(args.checkpoint)[1] is None:
+        from .detection.registry import list_detectors
+
+        raise ValueError(f"unknown detector {args.model!r}; available: {', '.join(list_detectors())}")
     out = Path(args.out)
+    check_writable(out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: eval coco writes a .json result (and <name>.detections.json beside it)")
     ann_file, image_dir = resolve_coco_paths(args.data, args.split, args.ann, args.images)

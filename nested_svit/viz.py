@@ -30,6 +30,9 @@ def plot_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
