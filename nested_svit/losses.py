@@ -22,13 +22,13 @@ def keep_ratio_loss(usage: TokenUsage, targets: Sequence[float], kind: str = "dy
         raise ValueError(f"ratio loss {kind!r}; choose from {RATIO_LOSSES}")
     if not usage.masks:
         raise ValueError("no gate masks recorded: the model has no gates")
-    batch = usage.total.shape[0]
+    lengths = usage.total.tolist()  # rows per image (images may differ: mixed resolutions)
     terms = []
     for mask, decided, target in zip(usage.masks, usage.decided, targets):
-        m = mask.float().view(batch, -1)
-        d = decided.float().view(batch, -1)
+        m, d = mask.float(), decided.float()
         if kind == "dynamic":
             terms.append(((m * d).sum() / d.sum() - target) ** 2)
         else:
-            terms.append((((m * d).sum(1) / d.sum(1) - target) ** 2).mean())
+            per_image = [(mi * di).sum() / di.sum() for mi, di in zip(m.split(lengths), d.split(lengths))]
+            terms.append(((torch.stack(per_image) - target) ** 2).mean())
     return torch.stack(terms).mean()
