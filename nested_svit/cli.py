@@ -473,7 +473,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer
 
     from .checkpoint import checkpoint_model_config
+    from .detection.registry import is_detector
 
+    if is_detector(args.model):
+        from .cli_detection import cmd_train_detector
+
+        return cmd_train_detector(args)
+    if not args.data:
+        raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
+    for key, value in (("epochs", 30), ("batch_size", 64), ("lr", 1e-5), ("gate_lr", 1e-3), ("weight_decay", 0.05),
+                       ("warmup_steps", 0)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
@@ -665,16 +676,25 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune SViT gates (masked execution, Gumbel masks, keep-ratio loss)", formatter_class=_FMT)
     t.add_argument("--model", default="svit_small", help="model name (nested-svit list: see README)")
     t.add_argument("--init", default=None, help="dense (timm/DeiT) or SViT checkpoint to start from")
-    t.add_argument("--data", required=True, help="labelled ImageFolder tree, parquet or Arrow data set")
+    t.add_argument("--data", default=None, help="labelled ImageFolder tree, parquet or Arrow data set; detectors: COCO root")
+    t.add_argument("--split", default="train2017", help="detectors: COCO split under --data")
+    t.add_argument("--ann", default=None, help="detectors: COCO-format annotation json (with --images)")
+    t.add_argument("--images", default=None, help="detectors: image folder of --ann")
+    t.add_argument("--img-scale", default=None, help="detectors: W,H training scale (default: the model's 1333,800)")
+    t.add_argument("--schedule", default=None, choices=["step", "cosine"], help="detectors: lr decay (default step)")
+    t.add_argument("--steps", default=None, help="detectors: epochs at which a step schedule multiplies lr by 0.1")
+    t.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    t.add_argument("--flip", type=float, default=0.5, help="detectors: horizontal flip probability")
     t.add_argument("--out", default="svit-finetuned.pth", help="training checkpoint (resumed if it exists)")
     t.add_argument("--resume", default=None, help="training checkpoint to resume from (default: --out if it exists)")
     t.add_argument("--restart", action="store_true", help="ignore an existing --out checkpoint")
-    t.add_argument("--epochs", type=int, default=30, help="training epochs")
-    t.add_argument("--batch-size", type=int, default=64, help="images per step")
-    t.add_argument("--lr", type=float, default=1e-5, help="backbone learning rate")
-    t.add_argument("--gate-lr", type=float, default=1e-3, help="learning rate of the gates")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (None: 30 classifiers, 12 detectors)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (None: 64 classifiers, 2 detectors)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (None: 1e-5 classifiers; detectors 1e-4, or 1e-5 fine-tuning SViT from --init)")
+    t.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gates (None: 1e-3 classifiers, --lr detectors)")
+    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (None: 0.05; 1e-6 SViT detector fine-tune)")
+    t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (None: 0 classifiers, 500 detectors)")
     t.add_argument("--ratio-weight", type=float, default=4.0, help="lambda of the keep-ratio loss")
     t.add_argument("--ratio-loss", default="dynamic", choices=["dynamic", "fixed"], help="keep-ratio loss: dynamic (Eq. 2, batch average) or fixed (Eq. 3, per image)")
     t.add_argument("--no-reactivation", action="store_true", help="M_l <- M_l * M_(l-1)")

@@ -280,3 +280,82 @@ def add_eval_coco_parser(esub) -> None:
     c.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-weights")
     c.add_argument("--out", default="coco-results.json")
     c.set_defaults(func=cmd_eval_coco)
+
+
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    """``nested-svit train`` with a detector on COCO-format data (``--data ROOT --split S`` or ``--ann --images``)."""
+    import torch
+    from tqdm import tqdm
+
+    from . import load_checkpoint
+    from .cli import check_writable
+    from .data.coco import CocoTrainData, load_coco, resolve_coco_paths
+    from .detection import create_detector
+    from .detection.trainer import DetectorTrainer, DetTrainConfig
+
+    check_writable(Path(args.out))
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.flip <= 1:
+        raise ValueError(f"--flip must be a probability, got {args.flip}")
+    ann_file, image_dir = resolve_coco_paths(args.data, args.split, args.ann, args.images)
+    coco = load_coco(ann_file)
+    names = [coco.loadCats(c)[0]["name"] for c in sorted(coco.getCatIds())]
+    if args.num_classes is not None and args.num_classes != len(names):
+        raise ValueError(f"--num-classes {args.num_classes}, but {ann_file} has {len(names)} categories")
+    overrides: dict = {"num_classes": len(names), "class_names": tuple(names),
+                       "reactivation": not args.no_reactivation, "gate_tau": args.tau}
+    scale = parse_img_scale(args.img_scale)
+    if scale:
+        overrides["img_scale"] = scale
+    torch.manual_seed(args.seed)
+    model = create_detector(args.model, **overrides)
+    gated = model.backbone.num_gates > 0
+    if args.init:
+        for note in load_checkpoint(model, args.init, strict=True).notes:
+            print(f"note: {note}", file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fine_tune = gated and args.init is not None
+    defaults = DetTrainConfig()
+    cfg = DetTrainConfig(
+        epochs=args.epochs or defaults.epochs, batch_size=args.batch_size or defaults.batch_size,
+        lr=args.lr if args.lr is not None else (1e-5 if fine_tune else defaults.lr), gate_lr=args.gate_lr,
+        weight_decay=args.weight_decay if args.weight_decay is not None else (1e-6 if fine_tune else defaults.weight_decay),
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else defaults.warmup_steps,
+        schedule=args.schedule or "step",
+        steps=tuple(int(v) for v in args.steps.split(",")) if args.steps else defaults.steps,
+        clip_grad=args.clip_grad, ratio_weight=args.ratio_weight, ratio_loss=args.ratio_loss, amp=args.amp,
+        seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
+        device=args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed)
+    if data.left_out:
+        print(f"note: {data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)",
+              file=sys.stderr)
+    trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out)
+    if args.resume or (Path(args.out).exists() and not args.restart):
+        path = args.resume or args.out
+        trainer.resume(path)
+        print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
+    log_path = Path(args.out).with_suffix(".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():
+        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    bar = tqdm(total=cfg.epochs * trainer.steps_per_epoch, initial=trainer.global_step, desc="train", unit="step",
+               file=sys.stderr)
+
+    def log(entry) -> None:
+        bar.update(1)
+        if entry.losses:
+            bar.set_postfix(loss=f"{entry.losses['loss']:.3f}", skipped=trainer.skipped)
+        if entry.step % args.log_every == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry.__dict__) + "\n")
+
+    trainer.fit(log=log)
+    bar.close()
+    print(f"trained {trainer.global_step} steps ({trainer.skipped} unreadable images skipped) -> {args.out}")
+    return 0

@@ -117,3 +117,92 @@ def collate_detection(items: list[dict]) -> dict:
 
 __all__ = ["CocoDetectionData", "DetectionImages", "image_list_data", "collate_detection", "load_coco",
            "resolve_coco_paths", "COCO_SPLITS"]
+
+
+class CocoTrainData(Dataset):
+    """mmdet's training pipeline on a COCO-format set: images without usable annotations are left out
+    (``filter_empty_gt``); crowd boxes and boxes under 1 px are dropped (the Mask R-CNN config ignores
+    crowd regions); keep-ratio resize to ``img_scale`` (OpenCV INTER_LINEAR; masks nearest), horizontal
+    flip with probability ``flip`` from a generator seeded by (seed, epoch, index), normalise, pad to /32.
+    Item ``i`` -> ``(input [3, H, W], target)`` with ``boxes``, ``labels``, ``masks`` and ``img_shape``
+    in padded-input pixels; an unreadable image gives ``(None, reason)``."""
+
+    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, img_scale: tuple[int, int],
+                 flip: float = 0.5, seed: int = 0):
+        self.coco = load_coco(ann_file)
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder {image_dir} not found")
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.category_names = [self.coco.loadCats(c)[0]["name"] for c in self.cat_ids]
+        self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
+        self.img_scale, self.flip, self.seed, self.epoch = img_scale, flip, seed, 0
+        self.image_ids = [i for i in sorted(self.coco.getImgIds()) if self._annotations(i)[0].shape[0]]
+        self.left_out = len(self.coco.getImgIds()) - len(self.image_ids)
+        if not self.image_ids:
+            raise ValueError(f"{ann_file}: no image has a usable (non-crowd, >= 1 px) annotation")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _annotations(self, image_id: int):
+        import numpy as np
+
+        boxes, labels, anns = [], [], []
+        info = self.coco.loadImgs(image_id)[0]
+        for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id])):
+            x, y, w, h = a["bbox"]
+            inter_w = max(0, min(x + w, info["width"]) - max(x, 0))
+            inter_h = max(0, min(y + h, info["height"]) - max(y, 0))
+            if a.get("ignore", False) or a.get("iscrowd", 0) or inter_w * inter_h == 0 or a.get("area", w * h) <= 0 \
+                    or w < 1 or h < 1 or a["category_id"] not in self.cat2label:
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(self.cat2label[a["category_id"]])
+            anns.append(a)
+        return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64), anns
+
+    def __getitem__(self, index: int):
+        import cv2
+        import numpy as np
+        import torch
+
+        from ..detection.preprocess import preprocess
+
+        image_id = self.image_ids[index]
+        info = self.coco.loadImgs(image_id)[0]
+        try:
+            rgb = read_image(self.image_dir / info["file_name"])
+        except ValueError as e:
+            return None, str(e)
+        boxes, labels, anns = self._annotations(image_id)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+        flip = bool(torch.rand((), generator=gen) < self.flip)
+        if flip:
+            rgb = np.ascontiguousarray(rgb[:, ::-1])
+        tensor, meta = preprocess(rgb, self.img_scale)
+        sx, sy = meta.scale_factor[0], meta.scale_factor[1]
+        h, w = meta.img_shape[:2]
+        boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+        masks = np.zeros((len(anns), meta.pad_shape[0], meta.pad_shape[1]), dtype=bool)
+        import warnings
+
+        for k, a in enumerate(anns):
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword deprecation
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = self.coco.annToMask(a)
+            if flip:
+                m = m[:, ::-1]
+            masks[k, :h, :w] = cv2.resize(np.ascontiguousarray(m), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        if flip:  # mmdet bbox_flip on the resized image: x1' = w - x2, x2' = w - x1
+            orig = boxes.copy()
+            boxes[:, 0], boxes[:, 2] = w - orig[:, 2], w - orig[:, 0]
+        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+                  "masks": torch.from_numpy(masks), "img_shape": (h, w), "image_id": image_id, "flip": flip}
+        return tensor, target
+
+
+def collate_train(items: list) -> tuple[list, list, int]:
+    """-> (inputs, targets, number of unreadable images left out of the batch)."""
+    ok = [(x, t) for x, t in items if x is not None]
+    return [x for x, _ in ok], [t for _, t in ok], len(items) - len(ok)

@@ -115,7 +115,7 @@ def load_detector_checkpoint(model: MaskRCNNDetector, source: str | os.PathLike 
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         gates_only = [k for k in missing if k.startswith("backbone.gates.")]
-        if fmt == "mmdet-dense" and gates_only and len(gates_only) == len(missing):
+        if fmt in ("mmdet-dense", "nested_svit") and gates_only and len(gates_only) == len(missing):
             missing = []
             report.notes.append(f"dense detector checkpoint: {model.backbone.num_gates} gates keep their initialisation")
         mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
