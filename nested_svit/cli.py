@@ -362,6 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       **metrics, "images_per_sec": images / seconds if seconds > 0 else float("nan"),
                       "images_this_run": images, "data": job.manifest["data"], "data_kind": job.dataset.records.kind,
                       "label_source": job.dataset.records.label_source,
+                      "ignored_files": [{"path": p, "reason": why} for p, why in job.dataset.records.ignored],
                       "transform": job.manifest["transform"], "batch_size": args.batch_size,
                       "world_size": job.dist.world_size, "device": str(job.device), "precision": args.precision,
                       "backend": args.backend, "torch_version": torch.__version__}
@@ -458,6 +459,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 atomic_write(out, lambda tmp: rows.to_parquet(tmp, index=False))
             remove_parts(parts)
             print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}")
+            ignored = job.dataset.records.ignored
+            if ignored:
+                print(f"{len(ignored)} files ignored (no row): " + "; ".join(f"{p} ({why})" for p, why in ignored[:10])
+                      + (" ..." if len(ignored) > 10 else ""), file=sys.stderr)
     finally:
         shutdown(job.dist)
     return 0
@@ -491,8 +496,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_writable(Path(args.out))
     records = open_dataset(args.data)
-    if records.records.labels and min(records.records.labels) < 0:
+    labels = records.records.labels
+    if not labels or max(labels) < 0:
         raise ValueError(f"{args.data}: training needs labelled images (ImageFolder tree or a data set with 'label')")
+    if min(labels) < 0 and isinstance(records.records.sources, list):  # files outside class folders: no label
+        r = records.records
+        keep = [i for i, lab in enumerate(r.labels) if lab >= 0]
+        print(f"note: {len(r.labels) - len(keep)} files outside class folders have no label and are not trained on",
+              file=sys.stderr)
+        r.sources, r.labels, r.ids = [r.sources[i] for i in keep], [r.labels[i] for i in keep], [r.ids[i] for i in keep]
     data_classes = max(records.records.labels) + 1
     if args.num_classes is not None and args.num_classes < data_classes:
         raise ValueError(f"--num-classes {args.num_classes}, but the data has labels up to {data_classes - 1} "
