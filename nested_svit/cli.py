@@ -532,6 +532,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                       workers=args.workers, checkpoint_every=args.checkpoint_every,
                       device=_resolve_device(args.device))
     trainer = Trainer(model, _PilRecords(records), cfg, augment=augment, checkpoint_path=args.out)
+    return fit_with_progress(args, trainer, args.epochs,
+                             lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
+
+
+def fit_with_progress(args: argparse.Namespace, trainer, epochs: int, postfix) -> int:
+    """Resume from ``--out``/``--resume`` unless ``--restart``, trim the ``<out>.log.jsonl`` lines of steps
+    that will be redone, train with a progress bar, log every ``--log-every`` steps (classifiers and detectors)."""
+    from tqdm import tqdm
+
     if args.resume or (args.out and Path(args.out).exists() and not args.restart):
         path = args.resume or args.out
         trainer.resume(path)
@@ -541,14 +550,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if log_path.exists():  # drop log lines of steps after the checkpoint we resumed from (they are redone)
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
-    from tqdm import tqdm
-
-    total = args.epochs * trainer.steps_per_epoch
-    bar = tqdm(total=total, initial=trainer.global_step, desc="train", unit="step", file=sys.stderr)
+    bar = tqdm(total=epochs * trainer.steps_per_epoch, initial=trainer.global_step, desc="train", unit="step",
+               file=sys.stderr)
 
     def log(entry) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{entry.loss:.3f}", ratio=f"{entry.ratio_loss:.3f}", skipped=trainer.skipped)
+        post = postfix(entry)
+        if post:
+            bar.set_postfix(**post, skipped=trainer.skipped)
         if entry.step % args.log_every == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry.__dict__) + "\n")

@@ -285,7 +285,6 @@ def add_eval_coco_parser(esub) -> None:
 def cmd_train_detector(args: argparse.Namespace) -> int:
     """``nested-svit train`` with a detector on COCO-format data (``--data ROOT --split S`` or ``--ann --images``)."""
     import torch
-    from tqdm import tqdm
 
     from . import load_checkpoint
     from .cli import check_writable
@@ -335,27 +334,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
         print(f"note: {data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)",
               file=sys.stderr)
     trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out)
-    if args.resume or (Path(args.out).exists() and not args.restart):
-        path = args.resume or args.out
-        trainer.resume(path)
-        print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
-    log_path = Path(args.out).with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if log_path.exists():
-        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    bar = tqdm(total=cfg.epochs * trainer.steps_per_epoch, initial=trainer.global_step, desc="train", unit="step",
-               file=sys.stderr)
+    from .cli import fit_with_progress
 
-    def log(entry) -> None:
-        bar.update(1)
-        if entry.losses:
-            bar.set_postfix(loss=f"{entry.losses['loss']:.3f}", skipped=trainer.skipped)
-        if entry.step % args.log_every == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry.__dict__) + "\n")
-
-    trainer.fit(log=log)
-    bar.close()
-    print(f"trained {trainer.global_step} steps ({trainer.skipped} unreadable images skipped) -> {args.out}")
-    return 0
+    return fit_with_progress(args, trainer, cfg.epochs,
+                             lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})
