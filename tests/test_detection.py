@@ -201,6 +201,8 @@ def test_deit_imagenet_checkpoint_into_backbone_only():
     for key in ("backbone.spm.fc1.weight", "neck.lateral_convs.0.conv.weight", "backbone.gates.0.mlp.fc1.weight"):
         assert torch.equal(sd[key], before[key])
     assert det.backbone.blocks[0].norm1.eps == 1e-6
+    with pytest.raises(CheckpointError, match="mis-shaped"):  # DeiT-S weights for a DeiT-T backbone
+        load_checkpoint(create_detector("svit_adapter_tiny_maskrcnn"), {"model": create_model("deit_small_patch16_224").state_dict()})
 
 
 # ---------------------------------------------------------------- mmdet rules vs independent references

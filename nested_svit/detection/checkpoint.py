@@ -110,6 +110,11 @@ def load_detector_checkpoint(model: MaskRCNNDetector, source: str | os.PathLike 
         report.notes.append(f"pos_embed interpolated (bicubic) from {tuple(src.shape)} to {tuple(own[key].shape)}")
 
     if fmt == "imagenet":
+        mis_shaped = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                            for k, v in state.items() if k in own and v.shape != own[k].shape)
+        if mis_shaped:  # e.g. DeiT-B weights for a DeiT-S backbone
+            raise CheckpointError(_listing(f"checkpoint {desc} does not fit the ViT of detector {model.name!r}",
+                                           [("mis-shaped", mis_shaped)]))
         model.load_state_dict(state, strict=False)
     else:
         missing = sorted(set(own) - set(state))
