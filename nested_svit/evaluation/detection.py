@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import DetectionImages, collate_detection
 from ..detection.detector import Detections, MaskRCNNDetector
-from ..io import atomic_write
 from .distributed import DistInfo
-from .runner import _check_manifest, _part_path, pending_batches
+from .runner import _check_manifest, pending_batches, write_part
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -96,8 +95,7 @@ def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], Non
         if on_batch is not None and dets:
             on_batch(batch, dets)
         frame = detection_rows(job, batch, dets)
-        batch_id = min(batch["all_index"]) // job.batch_size
-        atomic_write(_part_path(job.parts_dir, batch_id), lambda tmp: frame.to_parquet(tmp, index=False))
+        write_part(job, batch, frame)
         state.elapsed = time.perf_counter() - start
         if progress:
             progress(state)

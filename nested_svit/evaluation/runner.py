@@ -95,6 +95,12 @@ def _rows(job: InferenceJob, batch: dict, logits: torch.Tensor | None, kept: tor
     return pd.DataFrame(rows)
 
 
+def write_part(job, batch: dict, frame: pd.DataFrame) -> None:
+    """The rows of one finished global batch, written atomically as its part file."""
+    batch_id = min(batch["all_index"]) // job.batch_size
+    atomic_write(_part_path(job.parts_dir, batch_id), lambda tmp: frame.to_parquet(tmp, index=False))
+
+
 def pending_batches(job: InferenceJob) -> list[list[int]]:
     """Index lists of this process's global batches that have no part file yet."""
     n, b = len(job.dataset), job.batch_size
@@ -130,8 +136,7 @@ def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None
                 state.images += len(labels)
             state.seen += len(batch["all_index"])
             frame = _rows(job, batch, logits, kept)
-            batch_id = min(batch["all_index"]) // job.batch_size
-            atomic_write(_part_path(job.parts_dir, batch_id), lambda tmp: frame.to_parquet(tmp, index=False))
+            write_part(job, batch, frame)
             state.elapsed = time.perf_counter() - start
             if progress:
                 progress(state)
