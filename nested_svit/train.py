@@ -211,38 +211,52 @@ class Trainer:
         """Train until ``cfg.epochs`` (or ``max_steps`` more steps); returns the step logs."""
         cfg, model = self.cfg, self.model
         model.train().set_execution("masked")
-        logs: list[StepLog] = []
-        done = 0
-        while self.epoch < cfg.epochs:
-            self.data.epoch = self.epoch
-            batches = epoch_batches(len(self.data), cfg.batch_size, cfg.seed, self.epoch)[self.step_in_epoch:]
-            # the loader's own generator: creating an iterator must not draw from the global RNG,
-            # or a resumed run (one extra loader) would see different Gumbel noise
-            loader = DataLoader(self.data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_skipping_bad,
-                                generator=torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch))
-            for images, labels, skipped in loader:
-                self.skipped += skipped
-                if images is None:  # every image of this batch was unreadable: count the step, learn nothing
-                    entry = StepLog(self.epoch, self.global_step, float("nan"), float("nan"), float("nan"), [],
-                                    self.opt.param_groups[0]["lr"], skipped)
-                else:
-                    entry = self.train_step(images.to(cfg.device), labels.to(cfg.device))
-                    entry.skipped = skipped
-                self.step_in_epoch += 1
-                self.global_step += 1
-                done += 1
-                logs.append(entry)
-                if log:
-                    log(entry)
-                if self.checkpoint_path and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
-                    self.save()
-                if max_steps is not None and done >= max_steps:
-                    return logs
-            self.epoch += 1
-            self.step_in_epoch = 0
-            if self.checkpoint_path:
-                self.save()
-        return logs
+
+        def step(images, labels, skipped: int) -> StepLog:
+            if images is None:  # every image of this batch was unreadable: count the step, learn nothing
+                return StepLog(self.epoch, self.global_step, float("nan"), float("nan"), float("nan"), [],
+                               self.opt.param_groups[0]["lr"], skipped)
+            entry = self.train_step(images.to(cfg.device), labels.to(cfg.device))
+            entry.skipped = skipped
+            return entry
+
+        return fit_epochs(self, collate_skipping_bad, step, max_steps, log)
+
+
+def fit_epochs(trainer, collate: Callable, step: Callable, max_steps: int | None, log: Callable | None) -> list:
+    """The epoch loop of every trainer (classifier and detector): the data order of epoch ``e`` depends
+    only on (seed, e), a resumed run continues mid-epoch at ``trainer.step_in_epoch``, unreadable images
+    are counted in ``trainer.skipped``, checkpoints are saved every ``checkpoint_every`` steps and at the
+    end of each epoch. ``step(*batch, skipped)`` runs one optimisation step and returns its log entry.
+    Stops after ``max_steps`` steps of this call when given."""
+    cfg = trainer.cfg
+    logs: list = []
+    done = 0
+    while trainer.epoch < cfg.epochs:
+        trainer.data.epoch = trainer.epoch
+        batches = epoch_batches(len(trainer.data), cfg.batch_size, cfg.seed, trainer.epoch)[trainer.step_in_epoch:]
+        # the loader's own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run (one extra loader) would see different Gumbel noise
+        loader = DataLoader(trainer.data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + trainer.epoch))
+        for *batch, skipped in loader:
+            trainer.skipped += skipped
+            entry = step(*batch, skipped)
+            trainer.step_in_epoch += 1
+            trainer.global_step += 1
+            done += 1
+            logs.append(entry)
+            if log:
+                log(entry)
+            if trainer.checkpoint_path and cfg.checkpoint_every and trainer.global_step % cfg.checkpoint_every == 0:
+                trainer.save()
+            if max_steps is not None and done >= max_steps:
+                return logs
+        trainer.epoch += 1
+        trainer.step_in_epoch = 0
+        if trainer.checkpoint_path:
+            trainer.save()
+    return logs
 
 
 class _null:

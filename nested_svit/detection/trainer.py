@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..io import atomic_write
-from ..train import _rng_state, _set_rng_state, epoch_batches
+from ..train import _rng_state, _set_rng_state, epoch_batches, fit_epochs
 from .detector import MaskRCNNDetector
 from .training import detector_losses
 
@@ -141,32 +140,16 @@ class DetectorTrainer:
 
         cfg, model = self.cfg, self.model
         model.train().set_execution("masked")
-        logs, done = [], 0
-        while self.epoch < cfg.epochs:
-            self.data.epoch = self.epoch
-            batches = epoch_batches(len(self.data), cfg.batch_size, cfg.seed, self.epoch)[self.step_in_epoch:]
-            loader = DataLoader(self.data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_train,
-                                generator=torch.Generator().manual_seed(cfg.seed * 7919 + self.epoch))
-            for inputs, targets, skipped in loader:
-                self.skipped += skipped
-                if inputs:
-                    entry = self.train_step(inputs, targets)
-                    entry.skipped = skipped
-                else:
-                    entry = DetStepLog(self.epoch, self.global_step, {}, [], self.opt.param_groups[0]["lr"], skipped)
-                self.step_in_epoch += 1
-                self.global_step += 1
-                done += 1
-                logs.append(entry)
-                if log:
-                    log(entry)
-                if self.checkpoint_path and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
-                    self.save()
-                if max_steps is not None and done >= max_steps:
-                    return logs
-            self.epoch += 1
-            self.step_in_epoch = 0
-            if self.checkpoint_path:
-                self.save()
+
+        def step(inputs: list, targets: list, skipped: int) -> DetStepLog:
+            if not inputs:  # every image of this batch was unreadable: count the step, learn nothing
+                return DetStepLog(self.epoch, self.global_step, {}, [], self.opt.param_groups[0]["lr"], skipped)
+            entry = self.train_step(inputs, targets)
+            entry.skipped = skipped
+            return entry
+
+        logs = fit_epochs(self, collate_train, step, max_steps, log)
+        if self.epoch < cfg.epochs:  # stopped by max_steps: still training
+            return logs
         model.eval().set_execution("packed")
         return logs
