@@ -127,7 +127,8 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     import torch
 
     from .data.coco import CocoDetectionData, resolve_coco_paths
-    from .evaluation.detection import coco_metrics, coco_results, usage_summary
+    from .evaluation.detection import coco_metrics, coco_results
+    from .evaluation.usage import usage_summary
     from .evaluation.distributed import shutdown
     from .evaluation.runner import merge_parts, remove_parts
     from .io import atomic_write_text
@@ -174,7 +175,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                 "num_evaluated": int(len(ok)), "num_skipped": int(len(skipped)),
                 "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
                 "bbox": metrics["bbox"], "segm": metrics["segm"], "num_detections": len(results),
-                **usage_summary(rows, model.config.vit.gate_blocks),
+                **usage_summary(ok, model.config.vit.gate_blocks, ok["total_tokens"].astype(float)),
                 "fps_whole": images / model_s if model_s > 0 else None,
                 "fps_backbone": images / backbone_s if backbone_s > 0 else None,
                 "fps_note": "FPS^w / FPS^b: images per second of model time (preprocessed input on the device to "

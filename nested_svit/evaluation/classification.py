@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ViTConfig
+from .usage import usage_summary
 
 
 def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_image: int, topk: int = 5) -> dict:
@@ -20,20 +21,10 @@ def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_ima
     n = len(labelled)
     top1 = float((top_ids[:, 0] == labels).mean() * 100) if n else float("nan")
     top5 = float((top_ids == labels[:, None]).any(1).mean() * 100) if n else float("nan")
-    gated = list(config.gate_blocks)
-    keep = {}
-    hist = {}
-    edges = np.linspace(0, 1, 11)
-    for b in gated:
-        ratio = ok[f"kept_b{b}"].to_numpy() / tokens_per_image if len(ok) else np.zeros(0)
-        keep[f"block{b}"] = float(ratio.mean()) if len(ratio) else float("nan")
-        hist[f"block{b}"] = np.histogram(ratio, bins=edges)[0].tolist()
     skipped = rows[rows["status"] != "ok"]
     return {
         "top1": top1, "top5": top5, "num_images": int(n), "num_predicted": int(len(ok)),
         "num_skipped": int(len(skipped)),
         "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
-        "mean_keep_ratio": keep,
-        "mean_keep_ratio_all_gates": float(np.mean(list(keep.values()))) if keep else 1.0,
-        "token_usage_histogram": {"bin_edges": edges.round(2).tolist(), "counts": hist},
+        **usage_summary(ok, config.gate_blocks, float(tokens_per_image)),
     }

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -136,17 +135,3 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], iou_types: 
             ev.summarize()
         out[iou_type] = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
     return out
-
-
-def usage_summary(rows: pd.DataFrame, gate_blocks: tuple[int, ...]) -> dict:
-    """Mean keep ratio per gated block (kept / image tokens) and a 10-bin histogram per block."""
-    ok = rows[rows["status"] == "ok"]
-    edges = np.linspace(0, 1, 11)
-    keep, hist = {}, {}
-    for b in gate_blocks:
-        ratio = (ok[f"kept_b{b}"].astype(float) / ok["total_tokens"].astype(float)).to_numpy() if len(ok) else np.zeros(0)
-        keep[f"block{b}"] = float(ratio.mean()) if len(ratio) else float("nan")
-        hist[f"block{b}"] = np.histogram(ratio, bins=edges)[0].tolist()
-    return {"mean_keep_ratio": keep,
-            "mean_keep_ratio_all_gates": float(np.mean(list(keep.values()))) if keep else 1.0,
-            "token_usage_histogram": {"bin_edges": edges.round(2).tolist(), "counts": hist}}
