@@ -139,16 +139,24 @@ def read_state_dict(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor]
     return _unwrap(obj), desc, digest
 
 
+def peek_checkpoint(source: str | os.PathLike | None) -> dict | None:
+    """The top-level dict of a checkpoint file, memory-mapped (tensors are not read), to look at the
+    metadata our files carry before building the model; None for anything else (``load_checkpoint``
+    then reports what is wrong with it)."""
+    if not source or not Path(source).is_file():
+        return None
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable, legacy or not a checkpoint: the loader says why
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def checkpoint_model_config(source: str | os.PathLike | None) -> tuple[str | None, dict | None, list[str] | None]:
     """(model name, ``ViTConfig`` fields, class names) that a file written by ``nested-svit train``
-    carries, else Nones. Unreadable files give Nones; loading them reports the problem."""
-    if not source or not Path(source).is_file():
-        return None, None, None
-    try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        return None, None, None
-    if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) and obj.get("kind") != "detector":
+    carries, else Nones."""
+    obj = peek_checkpoint(source)
+    if obj is not None and isinstance(obj.get("model_config"), dict) and obj.get("kind") != "detector":
         names = obj.get("class_names")
         return obj.get("model_name"), dict(obj["model_config"]), list(names) if names else None
     return None, None, None

@@ -21,16 +21,10 @@ def parse_img_scale(value: str | None) -> tuple[int, int] | None:
 
 def _read_detector_file_config(path: str | None):
     """(model name, DetectorConfig) carried by a file ``save_detector_checkpoint`` wrote, else (None, None)."""
-    if not path or not Path(path).is_file():
-        return None, None
-    import torch
-
+    from .checkpoint import peek_checkpoint
     from .detection.config import DetectorConfig
 
-    try:
-        top = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_checkpoint reports unreadable files properly
-        return None, None
+    top = peek_checkpoint(path)
     if isinstance(top, dict) and top.get("format") == "nested_svit" and top.get("kind") == "detector":
         return top.get("model_name"), DetectorConfig.from_dict(top["model_config"])
     return None, None
