@@ -484,6 +484,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .cli_detection import cmd_train_detector
 
         return cmd_train_detector(args)
+    detector_only = [flag for flag, value in (("--ann", args.ann), ("--images", args.images), ("--img-scale", args.img_scale),
+                                              ("--schedule", args.schedule), ("--steps", args.steps),
+                                              ("--multiscale-crop", args.multiscale_crop)) if value]
+    if detector_only:
+        raise ValueError(f"{', '.join(detector_only)} only apply to detectors; {args.model} is a classifier")
     if not args.data:
         raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
     for key, value in (("epochs", 30), ("batch_size", 64), ("lr", 1e-5), ("gate_lr", 1e-3), ("weight_decay", 0.05),
@@ -706,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", default=None, help="detectors: epochs at which a step schedule multiplies lr by 0.1")
     t.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     t.add_argument("--flip", type=float, default=0.5, help="detectors: horizontal flip probability")
+    t.add_argument("--multiscale-crop", action="store_true",
+                   help="detectors: the official multi-scale + random-crop augmentation (short side 480..800, "
+                        "crops of 384..600 px) instead of one --img-scale")
     t.add_argument("--out", default="svit-finetuned.pth", help="training checkpoint (resumed if it exists)")
     t.add_argument("--resume", default=None, help="training checkpoint to resume from (default: --out if it exists)")
     t.add_argument("--restart", action="store_true", help="ignore an existing --out checkpoint")

@@ -324,7 +324,8 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
         clip_grad=args.clip_grad, ratio_weight=args.ratio_weight, ratio_loss=args.ratio_loss, amp=args.amp,
         seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
         device=args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed)
+    data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed,
+                         multiscale=args.multiscale_crop)
     if data.left_out:
         print(f"note: {data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)",
               file=sys.stderr)

@@ -122,13 +122,15 @@ __all__ = ["CocoDetectionData", "DetectionImages", "image_list_data", "collate_d
 class CocoTrainData(Dataset):
     """mmdet's training pipeline on a COCO-format set: images without usable annotations are left out
     (``filter_empty_gt``); crowd boxes and boxes under 1 px are dropped (the Mask R-CNN config ignores
-    crowd regions); keep-ratio resize to ``img_scale`` (OpenCV INTER_LINEAR; masks nearest), horizontal
-    flip with probability ``flip`` from a generator seeded by (seed, epoch, index), normalise, pad to /32.
-    Item ``i`` -> ``(input [3, H, W], target)`` with ``boxes``, ``labels``, ``masks`` and ``img_shape``
-    in padded-input pixels; an unreadable image gives ``(None, reason)``."""
+    crowd regions); horizontal flip with probability ``flip``, then either a keep-ratio resize to
+    ``img_scale`` or, with ``multiscale=True``, the official multi-scale + crop policy
+    (``det_augment.multiscale_crop``); normalise, pad to /32. Every draw comes from a generator seeded
+    by (seed, epoch, index). Item ``i`` -> ``(input [3, H, W], target)`` with ``boxes``, ``labels``,
+    ``masks`` and ``img_shape`` in padded-input pixels (a crop may leave no instance); an unreadable
+    image gives ``(None, reason)``."""
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, img_scale: tuple[int, int],
-                 flip: float = 0.5, seed: int = 0):
+                 flip: float = 0.5, seed: int = 0, multiscale: bool = False):
         self.coco = load_coco(ann_file)
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
@@ -137,6 +139,7 @@ class CocoTrainData(Dataset):
         self.category_names = [self.coco.loadCats(c)[0]["name"] for c in self.cat_ids]
         self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
         self.img_scale, self.flip, self.seed, self.epoch = img_scale, flip, seed, 0
+        self.multiscale = multiscale
         self.image_ids = [i for i in sorted(self.coco.getImgIds()) if self._annotations(i)[0].shape[0]]
         self.left_out = len(self.coco.getImgIds()) - len(self.image_ids)
         if not self.image_ids:
@@ -162,43 +165,48 @@ class CocoTrainData(Dataset):
             anns.append(a)
         return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64), anns
 
-    def __getitem__(self, index: int):
-        import cv2
-        import numpy as np
-        import torch
-
-        from ..detection.preprocess import preprocess
-
-        image_id = self.image_ids[index]
-        info = self.coco.loadImgs(image_id)[0]
-        try:
-            rgb = read_image(self.image_dir / info["file_name"])
-        except ValueError as e:
-            return None, str(e)
-        boxes, labels, anns = self._annotations(image_id)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-        flip = bool(torch.rand((), generator=gen) < self.flip)
-        if flip:
-            rgb = np.ascontiguousarray(rgb[:, ::-1])
-        tensor, meta = preprocess(rgb, self.img_scale)
-        sx, sy = meta.scale_factor[0], meta.scale_factor[1]
-        h, w = meta.img_shape[:2]
-        boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
-        masks = np.zeros((len(anns), meta.pad_shape[0], meta.pad_shape[1]), dtype=bool)
+    def instances(self, index: int):
+        """Image ``index`` at its original size with its usable instances (``det_augment.Instances``)."""
         import warnings
 
+        import numpy as np
+
+        from .det_augment import Instances
+
+        image_id = self.image_ids[index]
+        rgb = read_image(self.image_dir / self.coco.loadImgs(image_id)[0]["file_name"])
+        boxes, labels, anns = self._annotations(image_id)
+        masks = np.zeros((len(anns), rgb.shape[0], rgb.shape[1]), dtype=bool)
         for k, a in enumerate(anns):
             with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword deprecation
                 warnings.simplefilter("ignore", DeprecationWarning)
                 m = self.coco.annToMask(a)
-            if flip:
-                m = m[:, ::-1]
-            masks[k, :h, :w] = cv2.resize(np.ascontiguousarray(m), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-        if flip:  # mmdet bbox_flip on the resized image: x1' = w - x2, x2' = w - x1
-            orig = boxes.copy()
-            boxes[:, 0], boxes[:, 2] = w - orig[:, 2], w - orig[:, 0]
-        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
-                  "masks": torch.from_numpy(masks), "img_shape": (h, w), "image_id": image_id, "flip": flip}
+            masks[k, :m.shape[0], :m.shape[1]] = m[:rgb.shape[0], :rgb.shape[1]] > 0
+        return Instances(rgb, boxes, labels, masks)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+        import torch
+
+        from ..detection.preprocess import normalize_pad
+        from .det_augment import hflip, multiscale_crop, resize
+
+        try:
+            x = self.instances(index)
+        except ValueError as e:
+            return None, str(e)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+        flip = bool(torch.rand((), generator=gen) < self.flip)
+        if flip:
+            x = hflip(x)
+        x = multiscale_crop(x, gen) if self.multiscale else resize(x, self.img_scale)
+        tensor = normalize_pad(x.image)
+        h, w = x.size
+        masks = np.zeros((len(x.masks), tensor.shape[1], tensor.shape[2]), dtype=bool)
+        masks[:, :h, :w] = x.masks
+        target = {"boxes": torch.from_numpy(x.boxes), "labels": torch.from_numpy(x.labels),
+                  "masks": torch.from_numpy(masks), "img_shape": (h, w), "image_id": self.image_ids[index],
+                  "flip": flip}
         return tensor, target
 
 

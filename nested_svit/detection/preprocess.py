@@ -73,12 +73,9 @@ def as_rgb_uint8(image: np.ndarray | Tensor) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def preprocess(image: np.ndarray | Tensor, img_scale: tuple[int, int] = (1333, 800)) -> tuple[Tensor, ImageMeta]:
-    """RGB uint8 image -> (normalised, padded ``[3, H_pad, W_pad]`` float32, metas)."""
-    rgb = as_rgb_uint8(image)
-    h, w = rgb.shape[:2]
-    new_w, new_h = rescale_size(w, h, img_scale)
-    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+def normalize_pad(resized: np.ndarray) -> Tensor:
+    """Resized RGB uint8 ``[h, w, 3]`` -> normalised float32 ``[3, H_pad, W_pad]``, zero-padded to /32."""
+    new_h, new_w = resized.shape[:2]
     img = resized.astype(np.float32)
     cv2.subtract(img, MEAN.reshape(1, -1), img)
     cv2.multiply(img, 1 / STD.reshape(1, -1), img)
@@ -86,6 +83,16 @@ def preprocess(image: np.ndarray | Tensor, img_scale: tuple[int, int] = (1333, 8
     pad_w = -(-new_w // SIZE_DIVISOR) * SIZE_DIVISOR
     padded = np.zeros((pad_h, pad_w, 3), dtype=np.float32)
     padded[:new_h, :new_w] = img
+    return torch.from_numpy(padded).permute(2, 0, 1).contiguous()
+
+
+def preprocess(image: np.ndarray | Tensor, img_scale: tuple[int, int] = (1333, 800)) -> tuple[Tensor, ImageMeta]:
+    """RGB uint8 image -> (normalised, padded ``[3, H_pad, W_pad]`` float32, metas)."""
+    rgb = as_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    new_w, new_h = rescale_size(w, h, img_scale)
+    padded = normalize_pad(cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR))
     scale = np.array([new_w / w, new_h / h, new_w / w, new_h / h], dtype=np.float32)
-    meta = ImageMeta((h, w, 3), (new_h, new_w, 3), (pad_h, pad_w, 3), tuple(float(v) for v in scale))
-    return torch.from_numpy(padded).permute(2, 0, 1).contiguous(), meta
+    meta = ImageMeta((h, w, 3), (new_h, new_w, 3), (padded.shape[1], padded.shape[2], 3),
+                     tuple(float(v) for v in scale))
+    return padded, meta
