@@ -536,40 +536,61 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ratio_loss=args.ratio_loss, freeze_backbone=args.freeze_backbone, amp=args.amp, seed=args.seed,
                       workers=args.workers, checkpoint_every=args.checkpoint_every,
                       device=_resolve_device(args.device))
+    join_process_group(cfg.device)
     trainer = Trainer(model, _PilRecords(records), cfg, augment=augment, checkpoint_path=args.out)
     return fit_with_progress(args, trainer, args.epochs,
                              lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
 
 
+def join_process_group(device: str) -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group before a trainer is built: it reads the
+    group (``parallel.current``) to shard batches and average gradients."""
+    from .parallel import init_from_env
+
+    init_from_env(device)
+
+
 def fit_with_progress(args: argparse.Namespace, trainer, epochs: int, postfix) -> int:
     """Resume from ``--out``/``--resume`` unless ``--restart``, trim the ``<out>.log.jsonl`` lines of steps
-    that will be redone, train with a progress bar, log every ``--log-every`` steps (classifiers and detectors)."""
+    that will be redone, train with a progress bar, log every ``--log-every`` steps (classifiers and detectors).
+    Under torchrun rank 0 alone shows the bar and writes the log and the checkpoint."""
     from tqdm import tqdm
 
-    if args.resume or (args.out and Path(args.out).exists() and not args.restart):
-        path = args.resume or args.out
-        trainer.resume(path)
-        print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
-    log_path = Path(args.out).with_suffix(".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if log_path.exists():  # drop log lines of steps after the checkpoint we resumed from (they are redone)
-        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    bar = tqdm(total=epochs * trainer.steps_per_epoch, initial=trainer.global_step, desc="train", unit="step",
-               file=sys.stderr)
+    from .parallel import shutdown
 
-    def log(entry) -> None:
-        bar.update(1)
-        post = postfix(entry)
-        if post:
-            bar.set_postfix(**post, skipped=trainer.skipped)
-        if entry.step % args.log_every == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry.__dict__) + "\n")
+    main_rank = trainer.dist.is_main
+    try:
+        if args.resume or (args.out and Path(args.out).exists() and not args.restart):
+            path = args.resume or args.out
+            trainer.resume(path)
+            if main_rank:
+                print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
+        log_path = Path(args.out).with_suffix(".log.jsonl")
+        if main_rank:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if log_path.exists():  # drop log lines of steps after the checkpoint we resumed from (they are redone)
+                kept = [ln for ln in log_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
+                log_path.write_text("".join(ln + "\n" for ln in kept))
+        bar = tqdm(total=epochs * trainer.steps_per_epoch, initial=trainer.global_step, desc="train", unit="step",
+                   file=sys.stderr, disable=not main_rank)
 
-    trainer.fit(log=log)
-    bar.close()
-    print(f"trained {trainer.global_step} steps ({trainer.skipped} unreadable images skipped) -> {args.out}")
+        def log(entry) -> None:
+            bar.update(1)
+            post = postfix(entry)
+            if post:
+                bar.set_postfix(**post, skipped=trainer.skipped)
+            if main_rank and entry.step % args.log_every == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry.__dict__) + "\n")
+
+        trainer.fit(log=log)
+        bar.close()
+        if main_rank:
+            world = f" on {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else ""
+            print(f"trained {trainer.global_step} steps{world} ({trainer.skipped} unreadable images skipped) -> {args.out}")
+    finally:
+        shutdown(trainer.dist)
     return 0
 
 

@@ -329,8 +329,10 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
     if data.left_out:
         print(f"note: {data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)",
               file=sys.stderr)
+    from .cli import fit_with_progress, join_process_group
+
+    join_process_group(cfg.device)
     trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out)
-    from .cli import fit_with_progress
 
     return fit_with_progress(args, trainer, cfg.epochs,
                              lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .io import atomic_write
 from .losses import keep_ratio_loss
 from .model import SparseViT
+from .parallel import average_gradients, barrier, broadcast_state, current, shard, step_seed
 
 
 @dataclass
@@ -153,7 +154,8 @@ class Trainer:
         self.sched = make_scheduler(self.opt, cfg.epochs * self.steps_per_epoch, cfg.warmup_steps)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.skipped = 0  # undecodable images met so far (counted again when an epoch repeats them)
-        torch.manual_seed(cfg.seed)
+        self.dist = current()
+        broadcast_state(model, self.dist)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -189,8 +191,15 @@ class Trainer:
         _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ loop
-    def train_step(self, images: Tensor, labels: Tensor) -> StepLog:
+    def train_step(self, images: Tensor | None, labels: Tensor | None, skipped: int = 0) -> StepLog:
+        """One optimisation step on this rank's ``images [B, 3, H, W]`` (None: all unreadable)."""
         cfg, model = self.cfg, self.model
+        self.opt.zero_grad(set_to_none=True)
+        if images is None:
+            optimizer_step(self, None, skipped)
+            nan = float("nan")
+            return StepLog(self.epoch, self.global_step, nan, nan, nan, [], self.opt.param_groups[0]["lr"], skipped)
+        images, labels = images.to(cfg.device), labels.to(cfg.device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and cfg.device.startswith("cuda") else _null()
         with amp:
             feats, usage = model.forward_features(images)
@@ -199,63 +208,75 @@ class Trainer:
             ratio = keep_ratio_loss(usage, model.config.keep_targets, cfg.ratio_loss) if model.num_gates else \
                 torch.zeros((), device=logits.device)
             loss = task + cfg.ratio_weight * ratio
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
+        skipped = optimizer_step(self, loss, skipped)
         keep = usage.gate_keep_fraction().tolist() if model.num_gates else []
         return StepLog(self.epoch, self.global_step, loss.item(), task.item(), ratio.item(), keep,
-                       self.opt.param_groups[0]["lr"])
+                       self.opt.param_groups[0]["lr"], skipped)
 
     def fit(self, max_steps: int | None = None, log: Callable[[StepLog], None] | None = None) -> list[StepLog]:
         """Train until ``cfg.epochs`` (or ``max_steps`` more steps); returns the step logs."""
-        cfg, model = self.cfg, self.model
-        model.train().set_execution("masked")
+        self.model.train().set_execution("masked")
+        return fit_epochs(self, collate_skipping_bad, self.train_step, max_steps, log)
 
-        def step(images, labels, skipped: int) -> StepLog:
-            if images is None:  # every image of this batch was unreadable: count the step, learn nothing
-                return StepLog(self.epoch, self.global_step, float("nan"), float("nan"), float("nan"), [],
-                               self.opt.param_groups[0]["lr"], skipped)
-            entry = self.train_step(images.to(cfg.device), labels.to(cfg.device))
-            entry.skipped = skipped
-            return entry
 
-        return fit_epochs(self, collate_skipping_bad, step, max_steps, log)
+def optimizer_step(trainer, loss: Tensor | None, skipped: int, clip_grad: float | None = None) -> int:
+    """Backward ``loss`` (None: this rank had no readable image), average the gradients over the ranks
+    (``parallel.average_gradients``), clip, step optimizer and schedule; no step when no rank had data.
+    -> images skipped in this step over all ranks."""
+    if loss is not None:
+        loss.backward()
+    params = [p for group in trainer.opt.param_groups for p in group["params"]]
+    ranks_with_data, (skipped_all,) = average_gradients(params, trainer.dist, loss is not None, (float(skipped),))
+    if ranks_with_data:
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_grad)
+        trainer.opt.step()
+        trainer.sched.step()
+    return int(skipped_all)
 
 
 def fit_epochs(trainer, collate: Callable, step: Callable, max_steps: int | None, log: Callable | None) -> list:
     """The epoch loop of every trainer (classifier and detector): the data order of epoch ``e`` depends
     only on (seed, e), a resumed run continues mid-epoch at ``trainer.step_in_epoch``, unreadable images
     are counted in ``trainer.skipped``, checkpoints are saved every ``checkpoint_every`` steps and at the
-    end of each epoch. ``step(*batch, skipped)`` runs one optimisation step and returns its log entry.
+    end of each epoch (by rank 0). ``step(*batch, skipped)`` runs one optimisation step and returns its
+    log entry (``skipped``: over all ranks). Under torchrun each rank loads its shard of every batch
+    (``parallel.shard``); each step's random draws are seeded by (seed, step, rank).
     Stops after ``max_steps`` steps of this call when given."""
-    cfg = trainer.cfg
+    cfg, info = trainer.cfg, trainer.dist
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
     logs: list = []
     done = 0
     while trainer.epoch < cfg.epochs:
         trainer.data.epoch = trainer.epoch
-        batches = epoch_batches(len(trainer.data), cfg.batch_size, cfg.seed, trainer.epoch)[trainer.step_in_epoch:]
+        batches = [shard(b, info) for b in
+                   epoch_batches(len(trainer.data), cfg.batch_size, cfg.seed, trainer.epoch)[trainer.step_in_epoch:]]
         # the loader's own generator: creating an iterator must not draw from the global RNG,
         # or a resumed run (one extra loader) would see different Gumbel noise
         loader = DataLoader(trainer.data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + trainer.epoch))
         for *batch, skipped in loader:
-            trainer.skipped += skipped
+            torch.manual_seed(step_seed(cfg.seed, trainer.global_step, info.rank))
+            broadcast_state(trainer.model, info, parameters=False)
             entry = step(*batch, skipped)
+            trainer.skipped += entry.skipped
             trainer.step_in_epoch += 1
             trainer.global_step += 1
             done += 1
             logs.append(entry)
             if log:
                 log(entry)
-            if trainer.checkpoint_path and cfg.checkpoint_every and trainer.global_step % cfg.checkpoint_every == 0:
+            if trainer.checkpoint_path and cfg.checkpoint_every and trainer.global_step % cfg.checkpoint_every == 0 \
+                    and info.is_main:
                 trainer.save()
             if max_steps is not None and done >= max_steps:
                 return logs
         trainer.epoch += 1
         trainer.step_in_epoch = 0
-        if trainer.checkpoint_path:
+        if trainer.checkpoint_path and info.is_main:
             trainer.save()
+    barrier(info)  # the last checkpoint is written before any rank moves on
     return logs
 
 

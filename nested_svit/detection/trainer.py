@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from ..io import atomic_write
-from ..train import _rng_state, _set_rng_state, epoch_batches, fit_epochs
+from ..parallel import broadcast_state, current
+from ..train import _rng_state, _set_rng_state, epoch_batches, fit_epochs, optimizer_step
 from .detector import MaskRCNNDetector
 from .training import detector_losses
 
@@ -72,7 +73,8 @@ class DetectorTrainer:
         total = cfg.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self._factor(step, total))
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
-        torch.manual_seed(cfg.seed)
+        self.dist = current()
+        broadcast_state(model, self.dist)
 
     def _factor(self, step: int, total: int) -> float:
         cfg = self.cfg
@@ -117,38 +119,30 @@ class DetectorTrainer:
         _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ loop
-    def train_step(self, inputs: list, targets: list) -> DetStepLog:
+    def train_step(self, inputs: list, targets: list, skipped: int = 0) -> DetStepLog:
+        """One optimisation step on this rank's images (``[]``: all unreadable)."""
         cfg, model = self.cfg, self.model
+        self.opt.zero_grad(set_to_none=True)
+        if not inputs:
+            skipped = optimizer_step(self, None, skipped, cfg.clip_grad)
+            return DetStepLog(self.epoch, self.global_step, {}, [], self.opt.param_groups[0]["lr"], skipped)
         dev = torch.device(cfg.device)
         inputs = [x.to(dev) for x in inputs]
         targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
         with autocast:
             losses, usage = detector_losses(model, inputs, targets, cfg.ratio_loss, cfg.ratio_weight)
-        self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_grad)
-        self.opt.step()
-        self.sched.step()
+        skipped = optimizer_step(self, losses["loss"], skipped, cfg.clip_grad)
         keep = usage.gate_keep_fraction().tolist() if model.backbone.num_gates else []
         return DetStepLog(self.epoch, self.global_step, {k: float(v.detach()) for k, v in losses.items()}, keep,
-                          self.opt.param_groups[0]["lr"])
+                          self.opt.param_groups[0]["lr"], skipped)
 
     def fit(self, max_steps: int | None = None, log: Callable[[DetStepLog], None] | None = None) -> list[DetStepLog]:
         from ..data.coco import collate_train
 
         cfg, model = self.cfg, self.model
         model.train().set_execution("masked")
-
-        def step(inputs: list, targets: list, skipped: int) -> DetStepLog:
-            if not inputs:  # every image of this batch was unreadable: count the step, learn nothing
-                return DetStepLog(self.epoch, self.global_step, {}, [], self.opt.param_groups[0]["lr"], skipped)
-            entry = self.train_step(inputs, targets)
-            entry.skipped = skipped
-            return entry
-
-        logs = fit_epochs(self, collate_train, step, max_steps, log)
+        logs = fit_epochs(self, collate_train, self.train_step, max_steps, log)
         if self.epoch < cfg.epochs:  # stopped by max_steps: still training
             return logs
         model.eval().set_execution("packed")

@@ -1,0 +1,80 @@
+"""Data-parallel training under torchrun, shared by the classifier and detector trainers.
+
+Each global batch of ``batch_size`` images (the same batches a single process would see) is split into
+``world_size`` equal shards, ``batch[rank::world_size]``. Every rank computes its loss on its shard;
+gradients are averaged over the ranks that had readable images, with one ``all_reduce`` of a flat buffer
+per step, so a rank whose shard was all unreadable still takes part (and nobody waits forever). Random
+draws (Gumbel noise, drop-path) are seeded per (seed, step, rank), which also makes a resumed run exact
+at any world size. Buffers (BatchNorm running statistics) follow rank 0 each step, as DDP's
+``broadcast_buffers`` does.
+
+Why not ``DistributedDataParallel``: the trainers call model methods other than ``forward``
+(``forward_features``, the detector's backbone/neck/heads), which DDP does not hook; one flat
+all-reduce after backward is simple and exact (it does not overlap communication with backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .evaluation.distributed import DistInfo, barrier, init_from_env, shutdown
+
+__all__ = ["DistInfo", "init_from_env", "barrier", "shutdown", "current", "shard", "step_seed", "average_gradients",
+           "broadcast_state"]
+
+
+def current() -> DistInfo:
+    """The process group this process has joined (``init_from_env``), else a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    import os
+
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shard(batch: list[int], info: DistInfo) -> list[int]:
+    """This rank's share of a global batch of indices."""
+    return batch[info.rank::info.world_size]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of optimisation step ``step`` on ``rank``."""
+    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2 ** 63)
+
+
+def broadcast_state(module: nn.Module, info: DistInfo, parameters: bool = True) -> None:
+    """Copy rank 0's buffers (and parameters) to every rank."""
+    if info.world_size <= 1:
+        return
+    tensors = list(module.buffers()) + (list(module.parameters()) if parameters else [])
+    for t in tensors:
+        dist.broadcast(t.data, 0)
+
+
+def average_gradients(params: list[Tensor], info: DistInfo, has_data: bool, extras: tuple[float, ...] = ()
+                      ) -> tuple[int, list[float]]:
+    """Average ``.grad`` over the ranks with data (``has_data``) in place; a parameter without a gradient
+    on every rank keeps ``None``. ``extras`` are summed over the ranks. -> (ranks with data, summed extras)."""
+    if info.world_size <= 1:
+        return int(has_data), list(extras)
+    device = params[0].device
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device, dtype=p.dtype)
+             for p in params]
+    flags = torch.tensor([float(p.grad is not None) for p in params] + [float(has_data), *extras],
+                         device=device, dtype=torch.float64)
+    flat = torch.cat(grads) if grads else torch.zeros(0, device=device)
+    if not has_data:
+        flat.zero_()
+    dist.all_reduce(flat)
+    dist.all_reduce(flags)
+    ranks_with_data = int(flags[len(params)].item())
+    offset = 0
+    for p, had_grad in zip(params, flags[:len(params)].tolist()):
+        n = p.numel()
+        if had_grad:
+            p.grad = (flat[offset:offset + n] / max(ranks_with_data, 1)).view_as(p).to(p.dtype)
+        else:
+            p.grad = None
+        offset += n
+    return ranks_with_data, flags[len(params) + 1:].tolist()

@@ -1,0 +1,41 @@
+"""Run under torchrun by tests/test_parallel_training.py: trains a tiny detector for one epoch with
+DetectorTrainer on the process group torchrun describes; rank 0 writes the weights to ``out``."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from nested_svit.data.coco import CocoTrainData
+from nested_svit.detection import create_detector
+from nested_svit.detection.trainer import DetectorTrainer, DetTrainConfig
+from nested_svit.parallel import init_from_env, shutdown
+
+CONFIG = DetTrainConfig(epochs=1, batch_size=2, lr=1e-4, warmup_steps=1, workers=0)
+
+
+def build(ann: str, images: str):
+    data = CocoTrainData(ann, images, (192, 128), seed=CONFIG.seed)
+    torch.manual_seed(0)
+    return create_detector("svit_adapter_tiny_maskrcnn", num_classes=2, img_scale=(192, 128)), data
+
+
+if __name__ == "__main__":
+    ann, images, out = sys.argv[1:4]
+    torch.set_num_threads(1)
+    info = init_from_env("cpu")
+    model, data = build(ann, images)
+    trainer = DetectorTrainer(model, data, CONFIG)
+    grads: list[dict] = []  # the averaged gradients each optimizer step sees
+    step = trainer.opt.step
+
+    def recording_step(*a, **k):
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return step(*a, **k)
+
+    trainer.opt.step = recording_step
+    trainer.fit()
+    if info.is_main:
+        torch.save({"model": model.state_dict(), "grads": grads, "skipped": trainer.skipped,
+                    "steps": trainer.global_step, "world_size": info.world_size}, out)
+    shutdown(info)
