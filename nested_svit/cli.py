@@ -486,7 +486,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_train_detector(args)
     detector_only = [flag for flag, value in (("--ann", args.ann), ("--images", args.images), ("--img-scale", args.img_scale),
                                               ("--schedule", args.schedule), ("--steps", args.steps),
-                                              ("--multiscale-crop", args.multiscale_crop)) if value]
+                                              ("--multiscale-crop", args.multiscale_crop),
+                                              ("--no-sync-bn", args.no_sync_bn)) if value]
     if detector_only:
         raise ValueError(f"{', '.join(detector_only)} only apply to detectors; {args.model} is a classifier")
     if not args.data:
@@ -732,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", default=None, help="detectors: epochs at which a step schedule multiplies lr by 0.1")
     t.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     t.add_argument("--flip", type=float, default=0.5, help="detectors: horizontal flip probability")
+    t.add_argument("--no-sync-bn", action="store_true",
+                   help="detectors under torchrun: BatchNorm statistics per process (default: over all, as SyncBN)")
     t.add_argument("--multiscale-crop", action="store_true",
                    help="detectors: the official multi-scale + random-crop augmentation (short side 480..800, "
                         "crops of 384..600 px) instead of one --img-scale")

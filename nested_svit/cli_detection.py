@@ -322,7 +322,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
         schedule=args.schedule or "step",
         steps=tuple(int(v) for v in args.steps.split(",")) if args.steps else defaults.steps,
         clip_grad=args.clip_grad, ratio_weight=args.ratio_weight, ratio_loss=args.ratio_loss, amp=args.amp,
-        seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every, sync_bn=not args.no_sync_bn,
         device=args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed,
                          multiscale=args.multiscale_crop)

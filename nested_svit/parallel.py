@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .evaluation.distributed import DistInfo, barrier, init_from_env, shutdown
 
-__all__ = ["DistInfo", "init_from_env", "barrier", "shutdown", "current", "shard", "step_seed", "average_gradients",
+__all__ = ["DistInfo", "init_from_env", "barrier", "shutdown", "current", "all_ranks", "shard", "step_seed", "average_gradients",
            "broadcast_state"]
 
 
@@ -41,6 +41,15 @@ def shard(batch: list[int], info: DistInfo) -> list[int]:
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of optimisation step ``step`` on ``rank``."""
     return ((seed * 1_000_003 + step) * 10_007 + rank) % (2 ** 63)
+
+
+def all_ranks(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` holds on every rank (every rank must call this)."""
+    if info.world_size <= 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def broadcast_state(module: nn.Module, info: DistInfo, parameters: bool = True) -> None:

@@ -24,6 +24,7 @@ from torch.autograd.profiler import record_function
 from ..config import ViTConfig
 from ..stack import TokenStack, TokenUsage
 from ..tokens import Layout, Packed
+from .batchnorm import apply_layer
 from .msda import MSDeformAttn, Shapes, reference_points
 
 ADAPTER_EPS = 1e-6
@@ -86,12 +87,25 @@ class SpatialPriorModule(nn.Module):
         self.fc4 = nn.Conv2d(4 * inplanes, dim, 1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        c1 = self.stem(images)
-        c2 = self.conv2(c1)
-        c3 = self.conv3(c2)
-        c4 = self.conv4(c3)
-        return (self.fc1(c1), self.fc2(c2).flatten(2).transpose(1, 2), self.fc3(c3).flatten(2).transpose(1, 2),
-                self.fc4(c4).flatten(2).transpose(1, 2))
+        return self.forward_groups([images])[0]
+
+    def forward_groups(self, batches: Sequence[Tensor], sync_bn: bool = False
+                       ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """One ``forward`` per size group ``[G_i, 3, h_i, w_i]``; in training each BatchNorm takes its
+        statistics over all groups together (``ragged_batch_norm``; over all ranks with ``sync_bn``).
+        In eval the groups run one after another (less memory)."""
+        if not self.training:
+            return [self._run([batch], False)[0] for batch in batches]
+        return self._run(batches, sync_bn)
+
+    def _run(self, batches: Sequence[Tensor], sync_bn: bool) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        levels, xs = [], list(batches)
+        for stage in (self.stem, self.conv2, self.conv3, self.conv4):
+            for layer in stage:
+                xs = apply_layer(layer, xs, sync_bn)
+            levels.append(xs)
+        return [(self.fc1(c1), self.fc2(c2).flatten(2).transpose(1, 2), self.fc3(c3).flatten(2).transpose(1, 2),
+                 self.fc4(c4).flatten(2).transpose(1, 2)) for c1, c2, c3, c4 in zip(*levels)]
 
 
 class DWConv(nn.Module):
@@ -197,6 +211,7 @@ class ViTAdapter(TokenStack):
         self.up = nn.ConvTranspose2d(c, c, 2, 2)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(c) for _ in range(4))
         self.group_by = "image"  # spatial layers per image: as fast as per size group on CPU (bench/README.md) and batch-invariant
+        self.sync_bn = False  # training: BatchNorm statistics over all ranks (else over this process's batch)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -228,15 +243,14 @@ class ViTAdapter(TokenStack):
         if len(images) == 0:
             raise ValueError("empty list of images")
         groups = size_groups([tuple(img.shape[-2:]) for img in images], self.group_by)
-        spm, xs, cs = [], [], []
-        for g in groups:
-            batch = torch.stack(list(images[g.start:g.start + g.count]))
-            with record_function("backbone.spm"):
-                c1, c2, c3, c4 = self.spm(batch)
-            spm.append(c1)
-            cs.append(torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], 1))
-            with record_function("backbone.patch_embed"):
-                xs.append(self.embed_batch(batch))
+        batches = [torch.stack(list(images[g.start:g.start + g.count])) for g in groups]
+        with record_function("backbone.spm"):
+            levels = self.spm.forward_groups(batches, self.sync_bn)
+        spm = [c1 for c1, _, _, _ in levels]
+        cs = [torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], 1)
+              for _, c2, c3, c4 in levels]
+        with record_function("backbone.patch_embed"):
+            xs = [self.embed_batch(batch) for batch in batches]
         lengths = [g.grid[0] * g.grid[1] for g in groups for _ in range(g.count)]
         x = Packed(torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), Layout.from_lengths(lengths, xs[0].device))
         block_pass = self.begin(x, calibrate)
@@ -249,8 +263,11 @@ class ViTAdapter(TokenStack):
             with record_function("backbone.extractor"):
                 cs = [inter.extract(cg, xg, g) for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]
         with record_function("backbone.output"):
-            feats = [self._output_maps(g, xg, cg, c1)
-                     for g, xg, cg, c1 in zip(groups, self._group_views(x, groups), cs, spm)]
+            maps = [self._output_maps(g, xg, cg, c1)
+                    for g, xg, cg, c1 in zip(groups, self._group_views(x, groups), cs, spm)]
+            normed = [apply_layer(norm, [m[level] for m in maps], self.sync_bn)
+                      for level, norm in enumerate((self.norm1, self.norm2, self.norm3, self.norm4))]
+            feats = [list(per_group) for per_group in zip(*normed)]
         return feats, block_pass.usage()
 
     @staticmethod
@@ -276,4 +293,4 @@ class ViTAdapter(TokenStack):
         c2 = c2 + F.interpolate(x3, scale_factor=2, mode="bilinear", align_corners=False)
         c3 = c3 + x3
         c4 = c4 + F.interpolate(x3, scale_factor=0.5, mode="bilinear", align_corners=False)
-        return [self.norm1(c1), self.norm2(c2), self.norm3(c3), self.norm4(c4)]
+        return [c1, c2, c3, c4]  # before norm1..norm4

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..io import atomic_write
-from ..parallel import broadcast_state, current
+from ..parallel import all_ranks, broadcast_state, current
 from ..train import _rng_state, _set_rng_state, epoch_batches, fit_epochs, optimizer_step
 from .detector import MaskRCNNDetector
 from .training import detector_losses
@@ -37,6 +37,7 @@ class DetTrainConfig:
     seed: int = 0
     workers: int = 0
     checkpoint_every: int = 0  # steps; 0: end of each epoch
+    sync_bn: bool = True  # under torchrun: the adapter's BatchNorm statistics over all ranks (mmdet's SyncBN)
     device: str = "cpu"
 
 
@@ -123,6 +124,8 @@ class DetectorTrainer:
         """One optimisation step on this rank's images (``[]``: all unreadable)."""
         cfg, model = self.cfg, self.model
         self.opt.zero_grad(set_to_none=True)
+        # SyncBN all-reduces inside the forward: only when every rank has images this step
+        model.backbone.sync_bn = cfg.sync_bn and all_ranks(bool(inputs), self.dist)
         if not inputs:
             skipped = optimizer_step(self, None, skipped, cfg.clip_grad)
             return DetStepLog(self.epoch, self.global_step, {}, [], self.opt.param_groups[0]["lr"], skipped)
