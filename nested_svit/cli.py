@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 import sys
 from pathlib import Path
@@ -508,8 +509,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if min(labels) < 0 and isinstance(records.records.sources, list):  # files outside class folders: no label
         r = records.records
         keep = [i for i, lab in enumerate(r.labels) if lab >= 0]
-        print(f"note: {len(r.labels) - len(keep)} files outside class folders have no label and are not trained on",
-              file=sys.stderr)
+        train_note(f"{len(r.labels) - len(keep)} files outside class folders have no label and are not trained on")
         r.sources, r.labels, r.ids = [r.sources[i] for i in keep], [r.labels[i] for i in keep], [r.ids[i] for i in keep]
     data_classes = max(records.records.labels) + 1
     if args.num_classes is not None and args.num_classes < data_classes:
@@ -527,7 +527,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of the patch size {model.config.patch_size}")
     if args.init:
         for note in _load_init(model, args.init):
-            print(f"note: {note}", file=sys.stderr)
+            train_note(note)
     if args.threads:
         torch.set_num_threads(args.threads)
     augment = T.Compose([T.RandomResizedCrop(args.img_size, interpolation=T.InterpolationMode.BICUBIC),
@@ -536,11 +536,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, ratio_weight=args.ratio_weight,
                       ratio_loss=args.ratio_loss, freeze_backbone=args.freeze_backbone, amp=args.amp, seed=args.seed,
                       workers=args.workers, checkpoint_every=args.checkpoint_every,
-                      device=_resolve_device(args.device))
+                      drop_path=args.drop_path or 0.0, device=_resolve_device(args.device))
     join_process_group(cfg.device)
     trainer = Trainer(model, _PilRecords(records), cfg, augment=augment, checkpoint_path=args.out)
     return fit_with_progress(args, trainer, args.epochs,
                              lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
+
+
+def train_note(message: str) -> None:
+    """A ``note:`` line on stderr, once per run (rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr)
 
 
 def join_process_group(device: str) -> None:
@@ -733,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", default=None, help="detectors: epochs at which a step schedule multiplies lr by 0.1")
     t.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     t.add_argument("--flip", type=float, default=0.5, help="detectors: horizontal flip probability")
+    t.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth rate, linear over the blocks (default: detectors 0.1 tiny / 0.2 small "
+                        "as the official configs; classifiers 0)")
     t.add_argument("--no-sync-bn", action="store_true",
                    help="detectors under torchrun: BatchNorm statistics per process (default: over all, as SyncBN)")
     t.add_argument("--multiscale-crop", action="store_true",

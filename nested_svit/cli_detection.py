@@ -282,7 +282,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
     import torch
 
     from . import load_checkpoint
-    from .cli import check_writable
+    from .cli import check_writable, train_note
     from .data.coco import CocoTrainData, load_coco, resolve_coco_paths
     from .detection import create_detector
     from .detection.trainer import DetectorTrainer, DetTrainConfig
@@ -309,7 +309,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
     gated = model.backbone.num_gates > 0
     if args.init:
         for note in load_checkpoint(model, args.init, strict=True).notes:
-            print(f"note: {note}", file=sys.stderr)
+            train_note(note)
     if args.threads:
         torch.set_num_threads(args.threads)
     fine_tune = gated and args.init is not None
@@ -323,12 +323,12 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
         steps=tuple(int(v) for v in args.steps.split(",")) if args.steps else defaults.steps,
         clip_grad=args.clip_grad, ratio_weight=args.ratio_weight, ratio_loss=args.ratio_loss, amp=args.amp,
         seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every, sync_bn=not args.no_sync_bn,
+        drop_path=args.drop_path if args.drop_path is not None else (0.1 if model.config.vit.embed_dim <= 192 else 0.2),
         device=args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed,
                          multiscale=args.multiscale_crop)
     if data.left_out:
-        print(f"note: {data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)",
-              file=sys.stderr)
+        train_note(f"{data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)")
     from .cli import fit_with_progress, join_process_group
 
     join_process_group(cfg.device)

@@ -71,6 +71,17 @@ class Attention(nn.Module):
 MLP_CHUNK_BYTES = 8 * 2**20
 
 
+def drop_path(branch: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: in training, zero a residual ``branch [B, ...]`` per sample with probability
+    ``rate`` and scale the rest by ``1 / (1 - rate)`` (timm's DropPath); identity otherwise."""
+    if not training or rate <= 0.0:
+        return branch
+    if branch.dim() < 3:
+        raise ValueError("drop path needs a dense [B, N, C] batch (the masked execution), not packed rows")
+    keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(1.0 - rate)
+    return branch * keep / (1.0 - rate)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
     ``x``: ``[B, N, C]`` or packed ``[T, C]``."""
@@ -81,12 +92,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = 0.0  # stochastic depth rate in training (``TokenStack.set_drop_path``)
 
     def set_eps(self, eps: float) -> None:
         self.norm1.eps = self.norm2.eps = eps
 
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
-        x = x + self.attn(self.norm1(x), context)
+        x = x + drop_path(self.attn(self.norm1(x), context), self.drop_path, self.training)
         return self._mlp_residual(x)
 
     def _mlp_residual(self, x: Tensor) -> Tensor:
@@ -94,8 +106,8 @@ class Block(nn.Module):
         stay cache-sized (<= MLP_CHUNK_BYTES), with GELU in place and the result added into ``x``:
         large hidden tensors otherwise cost page faults, memory traffic and peak memory on every
         call (see bench/README.md)."""
-        if torch.is_grad_enabled() or x.device.type != "cpu":
-            return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled() or (self.training and self.drop_path > 0) or x.device.type != "cpu":
+            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
         rows = x.numel() // x.shape[-1]
         chunk = max(256, MLP_CHUNK_BYTES // (self.mlp.fc1.out_features * x.element_size()))
         flat = x.view(rows, x.shape[-1])  # x is this block's own fresh tensor: safe to update

@@ -83,6 +83,16 @@ class TokenStack(nn.Module):
     def num_gates(self) -> int:
         return len(self.gates)
 
+    def set_drop_path(self, rate: float) -> "TokenStack":
+        """Stochastic depth for training: block ``i`` drops its residual branches with probability
+        ``rate * i / (depth - 1)`` (timm's linear rule); 0 turns it off."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        depth = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / max(depth - 1, 1)
+        return self
+
     def set_execution(self, mode: str, backend: str | None = None) -> "TokenStack":
         """``packed`` (inference), ``masked`` (training, Eq. 1) or ``reference`` (per-image loop);
         ``backend``: variable-length attention backend for ``packed`` (``auto`` or one of

@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    drop_path: float = 0.0  # stochastic depth rate (linear over the blocks)
     device: str = "cpu"
 
 
@@ -156,6 +157,7 @@ class Trainer:
         self.skipped = 0  # undecodable images met so far (counted again when an epoch repeats them)
         self.dist = current()
         broadcast_state(model, self.dist)
+        model.set_drop_path(cfg.drop_path)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

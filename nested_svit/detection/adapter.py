@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from ..config import ViTConfig
+from ..layers import drop_path
 from ..stack import TokenStack, TokenUsage
 from ..tokens import Layout, Packed
 from .batchnorm import apply_layer
@@ -160,12 +161,13 @@ class Extractor(nn.Module):
         self.attn = MSDeformAttn(dim, 1, heads, points)
         self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
         self.ffn_norm = nn.LayerNorm(dim, eps=ADAPTER_EPS)
+        self.drop_path = 0.0  # stochastic depth of the ConvFFN branch in training
 
     def forward(self, c: Tensor, x: Tensor, group: SizeGroup) -> Tensor:
         """c ``[G, 21N/4, C]``, x ``[G, N, C]`` -> ``[G, 21N/4, C]``."""
         ref = reference_points(group.spm_shapes, c.device).to(c.dtype)
         c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x), [group.grid])
-        return c + self.ffn(self.ffn_norm(c), group.spm_shapes)
+        return c + drop_path(self.ffn(self.ffn_norm(c), group.spm_shapes), self.drop_path, self.training)
 
 
 class Interaction(nn.Module):
@@ -232,6 +234,15 @@ class ViTAdapter(TokenStack):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
+
+    def set_drop_path(self, rate: float) -> "ViTAdapter":
+        """ViT blocks as ``TokenStack.set_drop_path``; every extractor's ConvFFN branch at ``rate``
+        (ViT-Adapter's rule)."""
+        super().set_drop_path(rate)
+        for m in self.modules():
+            if isinstance(m, Extractor):
+                m.drop_path = rate
+        return self
 
     def forward_usage(self, images: Sequence[Tensor], calibrate: Sequence[float] | None = None) -> TokenUsage:
         return self.forward_features(images, calibrate)[1]

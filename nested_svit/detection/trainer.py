@@ -37,6 +37,7 @@ class DetTrainConfig:
     seed: int = 0
     workers: int = 0
     checkpoint_every: int = 0  # steps; 0: end of each epoch
+    drop_path: float = 0.0  # stochastic depth (official: 0.1 tiny, 0.2 small); training only
     sync_bn: bool = True  # under torchrun: the adapter's BatchNorm statistics over all ranks (mmdet's SyncBN)
     device: str = "cpu"
 
@@ -76,6 +77,7 @@ class DetectorTrainer:
         self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
         self.dist = current()
         broadcast_state(model, self.dist)
+        model.backbone.set_drop_path(cfg.drop_path)
 
     def _factor(self, step: int, total: int) -> float:
         cfg = self.cfg
