@@ -193,4 +193,17 @@ class KeyMaskedContext:
         return masked_attention(qkv, num_heads, self.key_keep)
 
 
-AttentionContext = DenseContext | VarlenContext | KeyMaskedContext
+class RecordingContext:
+    """Wraps another context and keeps the ``qkv`` it was given (``[..., 3C]``), so a pruning method
+    can read the block's class-token attention row or value norms without a second attention."""
+
+    def __init__(self, inner: "DenseContext | VarlenContext | KeyMaskedContext"):
+        self.inner = inner
+        self.qkv: Tensor | None = None
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        self.qkv = qkv
+        return self.inner(qkv, num_heads)
+
+
+AttentionContext = DenseContext | VarlenContext | KeyMaskedContext | RecordingContext

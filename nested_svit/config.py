@@ -23,8 +23,26 @@ class ViTConfig:
     norm_eps: float = 1e-6
     gate_norm_eps: float = 1e-5
     gate_tau: float = 1.0
+    # the pruning method (nested_svit/methods): "svit" (gates; dense without gate_blocks), "dynamicvit",
+    # "evit", "evovit", "ats"; gate_blocks are where it acts, keep_targets its per-stage keep rates
+    method: str = "svit"
+    fuse_token: bool = False  # evit: dropped tokens fused into one extra token per stage
+    evit_preserve: str = "attention"  # evit: a dropped token keeps its post-attention value, or "input"
+    evo_tradeoff: float = 0.5  # evovit: score <- (1 - t) score + t attention after the first selection
+    readout: str = "cls"  # classifier head input: "cls" token, or "mean" of patch tokens then norm (evovit)
+    remove_pruned: bool = False  # True: rows not active at the end are zero in the output map ("remove")
 
     def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose from {METHODS}")
+        if self.readout not in ("cls", "mean"):
+            raise ValueError(f"readout must be 'cls' or 'mean', not {self.readout!r}")
+        if self.evit_preserve not in ("attention", "input"):
+            raise ValueError(f"evit_preserve must be 'attention' or 'input', not {self.evit_preserve!r}")
+        if self.method != "svit" and not self.class_token and self.method != "dynamicvit":
+            raise ValueError(f"{self.method} selects with the class token's attention: it needs class_token=True")
         if len(self.gate_blocks) != len(self.keep_targets):
             raise ValueError(f"{len(self.gate_blocks)} gates but {len(self.keep_targets)} keep targets")
         if any(not 0 <= b < self.depth for b in self.gate_blocks) or list(self.gate_blocks) != sorted(set(self.gate_blocks)):

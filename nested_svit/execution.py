@@ -7,28 +7,45 @@ Tokens not kept keep their previous values (preserve), so any later gate may pic
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
-from .attention import DenseContext, KeyMaskedContext, VarlenContext
+from .attention import DenseContext, KeyMaskedContext, RecordingContext, VarlenContext
 from .layers import Block
-from .tokens import Packed, gather, scatter
+from .tokens import Layout, Packed, gather, scatter
+
+if TYPE_CHECKING:
+    from .methods.base import MethodRun
 
 EXECUTIONS = ("packed", "masked", "reference")
 
 
-def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
+def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
+               method: "MethodRun | None" = None, index: int = -1) -> Packed:
     """Gather the active tokens of all images, run the block once on ``[T_active, C]`` with
-    variable-length attention, scatter back. No compute on pruned tokens."""
+    variable-length attention, scatter back. No compute on pruned tokens. With a pruning ``method``
+    that reads block ``index``'s attention or selects between attention and MLP, the block runs in
+    two halves around it (``_run_split``)."""
+    if _splits(method, index):
+        return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
+                          lambda a, ctx: block.attention_residual(a.values, ctx),
+                          lambda a: block.mlp_residual(a.values),
+                          lambda layout: VarlenContext(layout, backend))
     active = gather(x, keep, counts)
     out = block(active.values, VarlenContext(active.layout, backend))
     return scatter(x, active.with_values(out), inplace=not torch.is_grad_enabled())
 
 
-def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
+def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
+                  method: "MethodRun | None" = None, index: int = -1) -> Packed:
     """Per-image loop: each image's kept tokens through the plain block as a batch of one."""
+    if _splits(method, index):
+        return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
+                          lambda a, ctx: _per_image(a, lambda seq: block.attention_residual(seq, ctx)),
+                          lambda a: _per_image(a, block.mlp_residual),
+                          lambda layout: _PerImageRecording())
     out = x.values.clone()
     for start, length in zip(x.layout.starts, x.layout.lengths):
         rows = torch.arange(start, start + length, device=x.values.device)
@@ -39,10 +56,64 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, co
     return Packed(out, x.layout)
 
 
-def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None) -> Packed:
+def _splits(method: "MethodRun | None", index: int) -> bool:
+    return method is not None and (method.records(index) or method.has_mid_selection(index))
+
+
+def _per_image(a: Packed, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` on each image's rows as a dense batch of one -> packed ``[T, C]``."""
+    parts = [fn(seq.unsqueeze(0))[0] for seq in a.unbind() if seq.shape[0]]
+    return torch.cat(parts, 0) if parts else a.values[:0]
+
+
+class _PerImageRecording:
+    """Dense attention per image that keeps every image's ``qkv``, concatenated like packed rows."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        self.parts.append(qkv.reshape(-1, qkv.shape[-1]))
+        return DenseContext()(qkv, num_heads)
+
+    @property
+    def qkv(self) -> Tensor:
+        return torch.cat(self.parts, 0)
+
+
+def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: "MethodRun", index: int,
+               attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object]) -> Packed:
+    """Attention half on the active rows, the method's record / selection, MLP half on the rows it
+    keeps. Rows dropped between the halves keep their post-attention value in the map."""
+    from .methods.base import AttentionRecord
+
+    active = gather(x, keep, counts)
+    rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
+    ctx = context(active.layout)
+    recorder = ctx if isinstance(ctx, _PerImageRecording) else RecordingContext(ctx)
+    h = attention(active, recorder)
+    record = AttentionRecord(rows, active.layout, recorder.qkv, block.attn.num_heads)
+    y = x.values.clone()
+    y[rows] = h
+    mlp_keep = method.after_attention(index, y, record, x.values) if method.has_mid_selection(index) else None
+    if mlp_keep is None:
+        y[rows] = mlp(Packed(h, active.layout))
+    else:
+        sub = gather(Packed(y, x.layout), mlp_keep)
+        if sub.values.shape[0]:
+            y[sub.index] = mlp(sub)
+    method.after_block(index, record)
+    return Packed(y, x.layout)
+
+
+def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
+               method: "MethodRun | None" = None, index: int = -1) -> Packed:
     """Training path (Eq. 1): dense ``[B, N, C]``; pruned keys masked out of every softmax;
     output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``). Images of different token
     counts (mixed resolutions) run as one dense batch per image."""
+    if _splits(method, index):
+        raise NotImplementedError("the masked (training) execution runs SViT gates only; the baseline methods "
+                                  "run in the packed and reference executions")
     if not x.layout.is_uniform:
         parts = [_masked_dense(block, part.unsqueeze(0), None if keep is None else keep[s:s + n].unsqueeze(0))[0]
                  for part, s, n in zip(x.unbind(), x.layout.starts, x.layout.lengths)]

@@ -98,10 +98,13 @@ class Block(nn.Module):
         self.norm1.eps = self.norm2.eps = eps
 
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), context), self.drop_path, self.training)
-        return self._mlp_residual(x)
+        return self.mlp_residual(self.attention_residual(x, context))
 
-    def _mlp_residual(self, x: Tensor) -> Tensor:
+    def attention_residual(self, x: Tensor, context: AttentionContext) -> Tensor:
+        """``x + attn(norm1(x))``: the first half, after which a pruning method may select tokens."""
+        return x + drop_path(self.attn(self.norm1(x), context), self.drop_path, self.training)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
         """``x + mlp(norm2(x))``. Inference on CPU runs it over row chunks whose hidden activations
         stay cache-sized (<= MLP_CHUNK_BYTES), with GELU in place and the result added into ``x``:
         large hidden tensors otherwise cost page faults, memory traffic and peak memory on every

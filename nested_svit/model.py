@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .config import ViTConfig
 from .stack import Images, TokenStack, TokenUsage, keep_threshold_shift  # noqa: F401 (re-exported)
-from .tokens import Packed
+from .tokens import Layout, Packed
 
 
 class SparseViT(TokenStack):
@@ -37,7 +37,10 @@ class SparseViT(TokenStack):
     def forward_tokens(self, x: Packed, calibrate: Sequence[float] | None = None) -> tuple[Packed, TokenUsage]:
         """Run every block on the packed feature map; returns the map (before ``norm``) and usage."""
         block_pass = self.begin(x, calibrate)
-        x = block_pass.run(x, 0, self.config.depth)
+        x = block_pass.readout(block_pass.run(x, 0, self.config.depth))
+        if self.slots:  # virtual rows (EViT's fused tokens) are not part of the output map
+            real = ~block_pass.slot_mask
+            x = Packed(x.values[real], Layout.from_lengths(block_pass.lengths.tolist(), x.values.device))
         return x, block_pass.usage()
 
     def forward_features(self, images: Images) -> tuple[Tensor | Packed, TokenUsage]:
@@ -50,12 +53,20 @@ class SparseViT(TokenStack):
                                self.config.gate_blocks)
             return images.new_zeros(0, n, self.config.embed_dim), usage
         x, usage = self.forward_tokens(self.embed(images))
-        x = x.with_values(self.norm(x.values))
+        if self.config.readout == "cls":
+            x = x.with_values(self.norm(x.values))
         return (x.to_dense() if isinstance(images, Tensor) else x), usage
 
     def forward_head(self, feats: Tensor | Packed, pre_logits: bool = False) -> Tensor:
-        """Class token (or the mean token without one) -> logits ``[B, num_classes]``."""
-        if self.cls_token is None:
+        """Class token (or the mean token without one) -> logits ``[B, num_classes]``. With
+        ``readout="mean"`` (Evo-ViT) ``feats`` are the un-normed tokens: ``head(norm(mean of the
+        patch tokens))``."""
+        if self.config.readout == "mean":
+            skip = 1 if self.cls_token is not None else 0
+            pooled = feats[:, skip:].mean(1) if isinstance(feats, Tensor) else \
+                torch.stack([v[skip:].mean(0) for v in feats.unbind()])
+            pooled = self.norm(pooled)
+        elif self.cls_token is None:
             pooled = feats.mean(1) if isinstance(feats, Tensor) else torch.stack([v.mean(0) for v in feats.unbind()])
         else:
             pooled = feats[:, 0] if isinstance(feats, Tensor) else feats.values[feats.layout.first_rows]

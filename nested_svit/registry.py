@@ -17,6 +17,22 @@ for _size, (_dim, _heads) in _WIDTHS.items():
     _MODELS[f"svit_{_size}"] = ViTConfig(embed_dim=_dim, num_heads=_heads, gate_blocks=SVIT_GATE_BLOCKS,
                                          keep_targets=SVIT_KEEP_TARGETS)
 
+# The paper's baselines on the same engine (nested_svit/methods; ../shared/specs/baselines.md), at the
+# authors' release configurations; block indices 0-based. Tiny/base where the authors released them.
+_RHO = (0.7, 0.7 ** 2, 0.7 ** 3)
+_BASELINES = {
+    "dynamicvit": (("small", "base"), dict(method="dynamicvit", gate_blocks=(3, 6, 9), keep_targets=_RHO)),
+    "evit": (("small",), dict(method="evit", gate_blocks=(3, 6, 9), keep_targets=(0.7,) * 3, fuse_token=True)),
+    "evit_nofuse": (("small",), dict(method="evit", gate_blocks=(3, 6, 9), keep_targets=(0.7,) * 3)),
+    "evovit": (("tiny", "small", "base"), dict(method="evovit", gate_blocks=(4, 8), keep_targets=(0.5, 0.5),
+                                               readout="mean")),
+    "ats": (("small",), dict(method="ats", gate_blocks=tuple(range(3, 12)), keep_targets=(1.0,) * 9)),
+}
+for _method, (_sizes, _fields) in _BASELINES.items():
+    for _size in _sizes:
+        _dim, _heads = _WIDTHS[_size]
+        _MODELS[f"{_method}_{_size}"] = ViTConfig(embed_dim=_dim, num_heads=_heads, **_fields)
+
 # A small ViT for 32x32 inputs (the digits experiment in eval/; its SViT checkpoint ships with the package).
 _DIGITS = dict(embed_dim=64, num_heads=2, depth=12, patch_size=4, img_size=32, num_classes=10)
 _MODELS["vit_digits"] = ViTConfig(**_DIGITS)
@@ -50,9 +66,9 @@ def get_config(name: str, **overrides) -> ViTConfig:
 
 
 def dense_counterpart(name: str) -> str:
-    """``svit_small`` -> ``deit_small_patch16_224`` (same width, no gates)."""
+    """``svit_small`` (or any baseline of that width) -> ``deit_small_patch16_224`` (same width, dense)."""
     for size in _WIDTHS:
-        if name in (f"svit_{size}", f"deit_{size}_patch16_224"):
+        if name in (f"svit_{size}", f"deit_{size}_patch16_224") or any(name == f"{m}_{size}" for m in _BASELINES):
             return f"deit_{size}_patch16_224"
     if name in ("vit_digits", "svit_digits"):
         return "vit_digits"

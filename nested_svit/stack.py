@@ -18,7 +18,7 @@ from .attention import resolve_backend
 from .config import ViTConfig
 from .execution import EXECUTIONS, RUNNERS
 from .layers import Block, PatchEmbed, resize_pos_embed
-from .selectors import MlpGate, TokenSelector
+from .methods import RUNS, make_gates, virtual_slots
 from .tokens import Packed, keep_counts
 
 Images = Tensor | Sequence[Tensor]
@@ -28,8 +28,9 @@ Images = Tensor | Sequence[Tensor]
 class TokenUsage:
     """What each block processed.
 
-    kept: ``[B, depth]`` int64 tokens processed per image per block (class token included).
-    total: ``[B]`` int64 tokens per image.
+    kept: ``[B, depth]`` int64 tokens processed per image per block (class token included; by the
+    attention half when a method selects between attention and MLP, see ``kept_mlp``).
+    total: ``[B]`` int64 tokens per image (virtual rows not counted).
     masks / decided: per gate, the ``[T]`` keep mask (float, straight-through when training) and
     which rows the gate decided on (not protected); used by the keep-ratio losses.
     """
@@ -39,6 +40,8 @@ class TokenUsage:
     gate_blocks: tuple[int, ...]
     masks: list[Tensor] = field(default_factory=list, repr=False)
     decided: list[Tensor] = field(default_factory=list, repr=False)
+    kept_mlp: Tensor | None = None  # [B, depth] tokens each block's MLP processed, where a method selects
+    # between attention and MLP (EViT, ATS); None: as ``kept``
 
     def keep_ratio(self) -> Tensor:
         """``[B, depth]`` kept / total."""
@@ -52,7 +55,8 @@ class TokenUsage:
     def select(self, order: Sequence[int]) -> "TokenUsage":
         """The usage rows of images ``order`` (per-image fields only; masks are dropped)."""
         idx = torch.as_tensor(list(order), dtype=torch.int64)
-        return TokenUsage(self.kept[idx], self.total[idx], self.gate_blocks)
+        return TokenUsage(self.kept[idx], self.total[idx], self.gate_blocks,
+                          kept_mlp=None if self.kept_mlp is None else self.kept_mlp[idx])
 
 
 class TokenStack(nn.Module):
@@ -69,11 +73,11 @@ class TokenStack(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, c))
         self.blocks = nn.ModuleList(Block(c, config.num_heads, config.mlp_ratio, config.block_norm_eps)
                                     for _ in range(config.depth))
-        self.gates = nn.ModuleList(MlpGate(c, config.gate_norm_eps, config.gate_tau) for _ in config.gate_blocks)
+        self.gates = nn.ModuleList(make_gates(config))
+        self.slots = virtual_slots(config)  # extra rows per image a method writes (EViT's fused tokens)
         self.execution = "packed"
         self.backend = "auto"
         self.gates_open = False  # True: every gate keeps every token (dense behaviour, gate cost still paid)
-        self._gate_of_block = {b: k for k, b in enumerate(config.gate_blocks)}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -82,6 +86,11 @@ class TokenStack(nn.Module):
     @property
     def num_gates(self) -> int:
         return len(self.gates)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any block runs on fewer than all tokens (a method with places to act)."""
+        return bool(self.config.gate_blocks)
 
     def set_drop_path(self, rate: float) -> "TokenStack":
         """Stochastic depth for training: block ``i`` drops its residual branches with probability
@@ -112,9 +121,12 @@ class TokenStack(nn.Module):
         x = self.patch_embed(images)
         pos = resize_pos_embed(self.pos_embed, grid)
         if self.cls_token is None:
-            return x + pos[:, 1:]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
-        return x + pos
+            x = x + pos[:, 1:]
+        else:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + pos
+        if self.slots:  # virtual rows at the end, inactive until a method writes them
+            x = torch.cat([x, x.new_zeros(x.shape[0], self.slots, x.shape[-1])], 1)
+        return x
 
     def embed(self, images: Images) -> Packed:
         """Images -> packed feature map. A tensor is a uniform batch; a list may mix resolutions
@@ -153,6 +165,9 @@ class TokenStack(nn.Module):
         config's keep targets). Gates are calibrated in order, each on the feature map produced by
         the already calibrated earlier gates. Per-image counts still vary. Returns the fractions
         reached."""
+        if self.config.method != "svit":
+            raise ValueError(f"calibration shifts SViT gate thresholds; {self.config.method} keeps fixed or "
+                             "sampled counts (set keep_targets in the config instead)")
         targets = validate_keep_targets(self.config.keep_targets if targets is None else targets, self.num_gates)
         saved = (self.execution, self.gates_open)
         self.execution, self.gates_open = "packed", False
@@ -164,9 +179,14 @@ class TokenStack(nn.Module):
 
 
 class BlockPass:
-    """One forward through ``stack``'s blocks: gates decide, the execution runs the block on the
-    kept tokens, and usage is recorded. ``run`` may be called on consecutive stretches of blocks,
-    with other layers changing the feature map in between (same layout)."""
+    """One forward through ``stack``'s blocks: the pruning method (``methods/``) says which rows each
+    block processes, the execution runs the block on them, and usage is recorded. ``run`` may be
+    called on consecutive stretches of blocks, with other layers changing the feature map in
+    between (same layout).
+
+    Row bookkeeping the methods read: ``layout`` (the whole map), ``protect`` (class-token rows),
+    ``slot_mask`` / ``slot_rows [B, S]`` (virtual rows, EViT's fused tokens), ``patches [B]`` (each
+    image's patch-token count, the base of the baselines' keep counts)."""
 
     def __init__(self, stack: TokenStack, x: Packed, calibrate: Sequence[float] | None = None):
         self.stack = stack
@@ -174,60 +194,53 @@ class BlockPass:
         self.runner = RUNNERS[stack.execution]
         self.backend = resolve_backend(stack.backend, x.values.device, x.values.dtype)
         self.layout = x.layout
-        self.protect = torch.zeros(self.layout.total, dtype=torch.bool, device=x.values.device)
+        device = x.values.device
+        self.protect = torch.zeros(self.layout.total, dtype=torch.bool, device=device)
         if stack.cls_token is not None:
             self.protect[self.layout.first_rows] = True
-        self.lengths = torch.tensor(self.layout.lengths, dtype=torch.int64)
+        ends = self.layout.offsets[1:]
+        self.slot_rows = ends[:, None] - stack.slots + torch.arange(stack.slots, device=device)[None, :]
+        self.slot_mask = torch.zeros_like(self.protect)
+        self.slot_mask[self.slot_rows.reshape(-1)] = True
+        lengths = torch.tensor(self.layout.lengths, dtype=torch.int64)
+        self.lengths = lengths - stack.slots  # real tokens per image
+        self.patches = (self.lengths - int(stack.cls_token is not None)).to(device)
         self.kept_cols: list[Tensor] = []
-        self.masks: list[Tensor] = []
-        self.decided: list[Tensor] = []
-        self.prev: Tensor | None = None
+        self.mlp_cols: list[Tensor] = []
+        self.method = RUNS[stack.config.method](self)
         self.next_block = 0
-
-    def _gate_mask(self, k: int, x: Packed, protect: Tensor) -> Tensor:
-        """Keep mask of gate ``k`` over all rows of ``x``: bool, or float {0,1} when sampling."""
-        stack = self.stack
-        gate: TokenSelector = stack.gates[k]
-        if stack.gates_open:
-            return torch.ones_like(protect)
-        if stack.execution == "masked" and stack.training:
-            return torch.where(protect, torch.ones_like(x.values[:, 0]), gate.sample(x.values))
-        margin = gate.margin(x.values)
-        if self.calibrate is not None:
-            shift = keep_threshold_shift(margin[~protect], self.calibrate[k])
-            gate.shift_margin(shift)
-            margin = margin + shift
-        keep = (margin > 0) | protect
-        return keep.to(x.values.dtype) if stack.execution == "masked" else keep
 
     def run(self, x: Packed, start: int, stop: int) -> Packed:
         """Blocks ``start .. stop-1`` on ``x`` -> new feature map."""
         if start != self.next_block:
             raise ValueError(f"blocks must run in order: expected block {self.next_block}, got {start}")
-        stack, cfg = self.stack, self.stack.config
-        last_gate = stack.num_gates - 1
         for i in range(start, stop):
-            k = stack._gate_of_block.get(i)
-            keep = None
-            if k is not None:
-                protect = self.protect
-                if k == last_gate and cfg.prune_cls_last:
-                    protect = torch.zeros_like(protect)
-                keep = self._gate_mask(k, x, protect)
-                if not cfg.reactivation and self.prev is not None:
-                    keep = keep * self.prev if keep.is_floating_point() else keep & self.prev
-                self.prev = keep
-                self.masks.append(keep)
-                self.decided.append(~protect)
+            keep = self.method.before_block(i, x)
+            if keep is not None and self.stack.slots == 0 and self.stack.config.method != "svit" and bool(keep.all()):
+                keep = None  # every row: the plain path
             counts = None if keep is None else keep_counts(keep, self.layout)
             self.kept_cols.append(self.lengths if counts is None else counts.cpu())
-            x = self.runner(stack.blocks[i], x, keep, self.backend, counts)
+            x = self.runner(self.stack.blocks[i], x, keep, self.backend, counts, self.method, i)
+            mlp_rows = getattr(self.method, "active", None) if self.method.has_mid_selection(i) else None
+            self.mlp_cols.append(self.kept_cols[-1] if mlp_rows is None else keep_counts(mlp_rows, self.layout).cpu())
         self.next_block = stop
         return x
 
+    def readout(self, x: Packed) -> Packed:
+        """The map a head or neck reads: with ``remove_pruned`` the rows not active at the end are zero
+        (the paper's "remove"); otherwise they keep their last value ("preserve"). Virtual rows are
+        dropped by the caller (``real_rows``)."""
+        mask = self.method.readout_mask()
+        if not self.stack.config.remove_pruned or mask is None:
+            return x
+        return x.with_values(x.values * mask.to(x.values.dtype)[:, None])
+
     def usage(self) -> TokenUsage:
-        kept = torch.stack(self.kept_cols, 1) if self.kept_cols else torch.zeros(len(self.lengths), 0, dtype=torch.int64)
-        return TokenUsage(kept, self.lengths, self.stack.config.gate_blocks, self.masks, self.decided)
+        empty = torch.zeros(len(self.lengths), 0, dtype=torch.int64)
+        kept = torch.stack(self.kept_cols, 1) if self.kept_cols else empty
+        kept_mlp = torch.stack(self.mlp_cols, 1) if self.mlp_cols else empty
+        return TokenUsage(kept, self.lengths, self.stack.config.gate_blocks, getattr(self.method, "masks", []),
+                          getattr(self.method, "decided", []), kept_mlp)
 
 
 def validate_keep_targets(targets: object, num_gates: int) -> list[float]:

@@ -1,0 +1,53 @@
+"""DynamicViT (Rao et al. 2021; raoyongming/DynamicViT ``VisionTransformerDiffPruning``), inference.
+
+Before each pruning block (``gate_blocks``, DeiT-S: 3, 6, 9) a predictor scores the image's active
+patch tokens; the top ``int(N0 * keep_targets[s])`` of them stay (``N0``: the image's initial patch
+count; targets rho, rho^2, rho^3), the class token always stays, the rest are dropped for good.
+Predictor (``PredictorLG``): ``LayerNorm(eps 1e-5) -> Linear(C, C) -> GELU``, the second half of the
+channels replaced by its mean over the image's active patch tokens, then ``Linear(C, C/2) -> GELU ->
+Linear(C/2, C/4) -> GELU -> Linear(C/4, 2) -> LogSoftmax``; channel 0 is "keep". The release's
+``score_predictor.{s}`` parameters load as ``gates.{s}`` with the same inner names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ViTConfig
+from ..tokens import Packed
+from .selection import SubsetRun, keep_count
+
+
+class PredictorLG(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                      nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+    def keep_log_prob(self, values: Tensor, image: Tensor, num_images: int) -> Tensor:
+        """``values [R, C]`` active patch tokens of images ``image [R]`` -> ``[R]`` log p(keep)."""
+        h = self.in_conv(values)
+        half = h.shape[-1] // 2
+        sums = h.new_zeros(num_images, half).index_add_(0, image, h[:, half:])
+        counts = torch.bincount(image, minlength=num_images).clamp_min(1).to(h.dtype)
+        mean = sums / counts[:, None]
+        return self.out_conv(torch.cat([h[:, :half], mean[image]], -1))[:, 0]
+
+
+def make_gates(config: ViTConfig) -> list[nn.Module]:
+    return [PredictorLG(config.embed_dim, config.gate_norm_eps) for _ in config.gate_blocks]
+
+
+class DynamicViTRun(SubsetRun):
+    def before_block(self, i: int, x: Packed) -> Tensor | None:
+        s = self.stage_of_block.get(i)
+        if s is None:
+            return self.active
+        bp = self.block_pass
+        candidates = self.active & ~bp.protect
+        rows = candidates.nonzero().squeeze(1)
+        image = bp.layout.image_index[rows]
+        scores = bp.stack.gates[s].keep_log_prob(x.values[rows], image, bp.layout.batch_size)
+        k = keep_count(bp.patches, self.config.keep_targets[s], "floor")
+        return self.chose(self.top_k(scores.float(), rows, image, k) | (self.active & bp.protect), candidates)

@@ -1,0 +1,110 @@
+"""The paper's baselines on the packed engine (nested_svit/methods) against independent per-image
+implementations of the authors' algorithms (tests/baseline_reference.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import baseline_reference as ref
+from nested_svit import create_model
+
+SMALL = dict(embed_dim=128, num_heads=2, num_classes=10)  # head_dim 64 as DeiT; fast on CPU
+CASES = {
+    "dynamicvit_small": ref.run_dynamicvit,
+    "evit_small": ref.run_evit,
+    "evit_nofuse_small": lambda s, img: ref.run_evit(s, img, fuse=False),
+    "evovit_small": ref.run_evovit,
+    "ats_small": ref.run_ats,
+}
+
+
+def _model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model(name, **SMALL).eval()
+    with torch.no_grad():  # a class token and positions that matter (timm inits them near zero)
+        model.cls_token.normal_(std=0.5)
+        model.pos_embed.normal_(std=0.5)
+        for gate in model.gates:  # predictors whose global (per-image mean) half matters to the ranking
+            for m in gate.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.normal_(std=2.0 / m.in_features ** 0.5)
+                    m.bias.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_packed_batch_equals_the_authors_algorithm_per_image(name):
+    model = _model(name)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 224, 224, generator=gen)
+    with torch.no_grad():
+        feats, usage = model.forward_features(images)
+        logits = model.forward_head(feats)
+        state = model.state_dict()
+        n = usage.total[0].item()
+        for b in range(images.shape[0]):
+            expected, counts, kept = CASES[name](state, images[b])
+            assert usage.kept_mlp[b].tolist() == counts, (b, usage.kept_mlp[b].tolist(), counts)
+            start = b * (n + model.slots)  # rows of image b in the packed map: class token, patches, slots
+            mine = [(m[start + 1:start + n].nonzero().squeeze(1)).tolist() for m in usage.masks]
+            assert mine == kept  # the same tokens, not only as many
+            torch.testing.assert_close(logits[b], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mixed_resolutions_packed_equals_reference_and_single_images(name):
+    """Images of three sizes in one packed batch == the engine's per-image reference execution ==
+    each image alone == the independent implementation (keep counts follow each image's own N0)."""
+    model = _model(name, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    images = [torch.randn(3, 224, 224, generator=gen), torch.randn(3, 160, 208, generator=gen),
+              torch.randn(3, 128, 128, generator=gen)]
+    with torch.no_grad():
+        packed = model.forward_head(model.forward_features(images)[0])
+        model.set_execution("reference")
+        reference = model.forward_head(model.forward_features(images)[0])
+        model.set_execution("packed")
+        single = torch.cat([model.forward_head(model.forward_features([img])[0]) for img in images])
+        state = model.state_dict()
+        independent = torch.stack([CASES[name](state, img)[0] for img in images])
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, independent, atol=1e-4, rtol=1e-4)
+
+
+def test_release_token_counts_of_deit_small():
+    """Token counts per block at the release configurations, as measured on the authors' code
+    (spec section 0): fixed for DynamicViT / EViT / Evo-ViT."""
+    expected = {
+        "dynamicvit_small": [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3,
+        "evit_small": [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3,
+        "evit_nofuse_small": [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3,
+        "evovit_small": [197] * 4 + [99] * 8,
+    }
+    images = torch.randn(2, 3, 224, 224)
+    for name, counts in expected.items():
+        model = _model(name)
+        with torch.no_grad():
+            usage = model.forward_features(images)[1]
+        assert usage.kept_mlp.tolist() == [counts, counts], name
+
+
+def test_evit_fused_tokens_equal_the_reference():
+    """The final map's fused tokens (virtual rows) and kept patch tokens equal EViT's sequence."""
+    model = _model("evit_small", seed=4)
+    image = torch.randn(3, 224, 224)
+    with torch.no_grad():
+        x = model.embed(image[None])
+        block_pass = model.begin(x)
+        x = block_pass.run(x, 0, 12)
+        active = block_pass.method.active
+        tokens: list = []
+        ref.run_evit(model.state_dict(), image, tokens=tokens)
+    seq, orig = tokens
+    rows = active.nonzero().squeeze(1)
+    slots = block_pass.slot_mask[rows]
+    patch_rows = rows[~slots][1:]  # after the class token, in original patch order
+    order = torch.argsort(orig[orig >= 0])
+    torch.testing.assert_close(x.values[patch_rows], seq[1:][orig >= 0][order], atol=1e-4, rtol=1e-4)
+    assert int(slots.sum()) == int((orig < 0).sum()) >= 1
+    torch.testing.assert_close(x.values[rows[slots]].sum(0), seq[1:][orig < 0].sum(0), atol=1e-4, rtol=1e-4)
