@@ -193,6 +193,31 @@ class KeyMaskedContext:
         return masked_attention(qkv, num_heads, self.key_keep)
 
 
+class KeyBiasContext:
+    """Adds ``bias[j]`` to every attention logit of key ``j`` (ToMe's proportional attention:
+    ``log size_j``) on any backend, by one extra channel per head: ``q' = [q sqrt(D'/D), 1, 0..]``,
+    ``k' = [k, bias sqrt(D'), 0..]``, ``v' = [v, 0..]`` with ``D' = D + 8`` (fused kernels want
+    multiples of 8), so ``<q', k'> / sqrt(D') = <q, k> / sqrt(D) + bias``. ``bias``: qkv's leading shape."""
+
+    def __init__(self, inner: "DenseContext | VarlenContext | KeyMaskedContext", bias: Tensor):
+        self.inner, self.bias = inner, bias
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        *lead, c3 = qkv.shape
+        c = c3 // 3
+        d = c // num_heads
+        dp = d + 8
+        q, k, v = qkv.view(*lead, 3, num_heads, d).unbind(-3)
+        zeros = qkv.new_zeros(*lead, num_heads, 8)
+        q_extra, k_extra = zeros.clone(), zeros.clone()
+        q_extra[..., 0] = 1.0
+        k_extra[..., 0] = (self.bias.to(qkv.dtype) * dp ** 0.5)[..., None]
+        widened = torch.stack([torch.cat([q * (dp / d) ** 0.5, q_extra], -1), torch.cat([k, k_extra], -1),
+                               torch.cat([v, zeros], -1)], -3)
+        out = self.inner(widened.reshape(*lead, 3 * num_heads * dp), num_heads)
+        return out.view(*lead, num_heads, dp)[..., :d].reshape(*lead, c)
+
+
 class RecordingContext:
     """Wraps another context and keeps the ``qkv`` it was given (``[..., 3C]``), so a pruning method
     can read the block's class-token attention row or value norms without a second attention."""

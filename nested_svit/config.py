@@ -29,6 +29,7 @@ class ViTConfig:
     fuse_token: bool = False  # evit: dropped tokens fused into one extra token per stage
     evit_preserve: str = "attention"  # evit: a dropped token keeps its post-attention value, or "input"
     evo_tradeoff: float = 0.5  # evovit: score <- (1 - t) score + t attention after the first selection
+    tome_r: int = 0  # tome: tokens merged per block
     readout: str = "cls"  # classifier head input: "cls" token, or "mean" of patch tokens then norm (evovit)
     remove_pruned: bool = False  # True: rows not active at the end are zero in the output map ("remove")
 

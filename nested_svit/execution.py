@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from .attention import DenseContext, KeyMaskedContext, RecordingContext, VarlenContext
+from .attention import DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext
 from .layers import Block
 from .tokens import Layout, Packed, gather, scatter
 
@@ -45,7 +45,8 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, co
         return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: _per_image(a, lambda seq: block.attention_residual(seq, ctx)),
                           lambda a: _per_image(a, block.mlp_residual),
-                          lambda layout: _PerImageRecording())
+                          lambda layout: _PerImageRecording(),
+                          per_image=True)
     out = x.values.clone()
     for start, length in zip(x.layout.starts, x.layout.lengths):
         rows = torch.arange(start, start + length, device=x.values.device)
@@ -67,14 +68,21 @@ def _per_image(a: Packed, fn: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 class _PerImageRecording:
-    """Dense attention per image that keeps every image's ``qkv``, concatenated like packed rows."""
+    """Dense attention per image that keeps every image's ``qkv``, concatenated like packed rows;
+    ``bias``: the packed rows' key bias (consumed image by image)."""
 
     def __init__(self) -> None:
         self.parts: list[Tensor] = []
+        self.bias: Tensor | None = None
+        self.used = 0
 
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
         self.parts.append(qkv.reshape(-1, qkv.shape[-1]))
-        return DenseContext()(qkv, num_heads)
+        if self.bias is None:
+            return DenseContext()(qkv, num_heads)
+        n = qkv.shape[-2]
+        bias, self.used = self.bias[self.used:self.used + n], self.used + n
+        return KeyBiasContext(DenseContext(), bias.view(qkv.shape[:-1]))(qkv, num_heads)
 
     @property
     def qkv(self) -> Tensor:
@@ -82,7 +90,8 @@ class _PerImageRecording:
 
 
 def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: "MethodRun", index: int,
-               attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object]) -> Packed:
+               attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object],
+               per_image: bool = False) -> Packed:
     """Attention half on the active rows, the method's record / selection, MLP half on the rows it
     keeps. Rows dropped between the halves keep their post-attention value in the map."""
     from .methods.base import AttentionRecord
@@ -90,7 +99,12 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | No
     active = gather(x, keep, counts)
     rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
     ctx = context(active.layout)
-    recorder = ctx if isinstance(ctx, _PerImageRecording) else RecordingContext(ctx)
+    bias = method.key_bias(index)
+    if per_image:
+        recorder = ctx
+        recorder.bias = None if bias is None else bias[rows]
+    else:
+        recorder = RecordingContext(ctx if bias is None else KeyBiasContext(ctx, bias[rows]))
     h = attention(active, recorder)
     record = AttentionRecord(rows, active.layout, recorder.qkv, block.attn.num_heads)
     y = x.values.clone()

@@ -27,6 +27,8 @@ _BASELINES = {
     "evovit": (("tiny", "small", "base"), dict(method="evovit", gate_blocks=(4, 8), keep_targets=(0.5, 0.5),
                                                readout="mean")),
     "ats": (("small",), dict(method="ats", gate_blocks=tuple(range(3, 12)), keep_targets=(1.0,) * 9)),
+    "tome": (("tiny", "small"), dict(method="tome", gate_blocks=tuple(range(12)), keep_targets=(1.0,) * 12,
+                                     tome_r=13)),
 }
 for _method, (_sizes, _fields) in _BASELINES.items():
     for _size in _sizes:

@@ -163,3 +163,40 @@ def run_ats(state, image, blocks=range(3, 12)):
         x = mlp(x, state, i)
         counts.append(x.shape[0])
     return head_cls(x, state), counts, kept
+
+
+def run_tome(state, image, r=13):
+    """ToMe's ToMeBlock per image: proportional attention (+ log size per key), then bipartite soft
+    matching on the head-averaged keys and a size-weighted merge, then the MLP."""
+    x = embed(state, image)
+    size = torch.ones(x.shape[0])
+    counts, kept = [], []
+    orig = torch.arange(-1, x.shape[0] - 1)  # -1: the class token; a merged token keeps its B partner's index
+    for i in range(12):
+        n, c = x.shape
+        h = c // HEAD_DIM
+        qkv = _lin(_ln(x, state, f"blocks.{i}.norm1"), state, f"blocks.{i}.attn.qkv")
+        q, k, v = qkv.view(n, 3, h, HEAD_DIM).permute(1, 2, 0, 3)
+        logits = q @ k.transpose(-1, -2) * HEAD_DIM ** -0.5 + size.log()[None, None, :]
+        out = (torch.softmax(logits, -1) @ v).transpose(0, 1).reshape(n, c)
+        x = x + _lin(out, state, f"blocks.{i}.attn.proj")
+        rr = min(r, (n - 1) // 2)
+        metric = k.mean(0)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[0::2], metric[1::2]
+        scores = a @ b.T
+        scores[0, :] = -math.inf
+        node_max, node_idx = scores.max(-1)
+        edge = node_max.argsort(descending=True)
+        unm, src = edge[rr:].sort().values, edge[:rr]
+        dst = node_idx[src]
+        xs, ss = x * size[:, None], size[:, None]
+        merged_x = xs[1::2].index_add(0, dst, xs[0::2][src])
+        merged_s = ss[1::2].index_add(0, dst, ss[0::2][src])
+        x = torch.cat([xs[0::2][unm], merged_x], 0) / torch.cat([ss[0::2][unm], merged_s], 0)
+        size = torch.cat([ss[0::2][unm], merged_s], 0)[:, 0]
+        orig = torch.cat([orig[0::2][unm], orig[1::2]], 0)
+        kept.append(sorted(o for o in orig.tolist() if o >= 0))
+        x = mlp(x, state, i)
+        counts.append(x.shape[0])
+    return head_cls(x, state), counts, kept

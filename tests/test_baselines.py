@@ -15,6 +15,7 @@ CASES = {
     "evit_nofuse_small": lambda s, img: ref.run_evit(s, img, fuse=False),
     "evovit_small": ref.run_evovit,
     "ats_small": ref.run_ats,
+    "tome_small": ref.run_tome,
 }
 
 
@@ -108,3 +109,40 @@ def test_evit_fused_tokens_equal_the_reference():
     torch.testing.assert_close(x.values[patch_rows], seq[1:][orig >= 0][order], atol=1e-4, rtol=1e-4)
     assert int(slots.sum()) == int((orig < 0).sum()) >= 1
     torch.testing.assert_close(x.values[rows[slots]].sum(0), seq[1:][orig < 0].sum(0), atol=1e-4, rtol=1e-4)
+
+
+def test_key_bias_context_equals_explicit_attention():
+    """ToMe's proportional attention by one extra q/k channel == softmax(q k^T / sqrt(d) + bias) v,
+    on the dense and the packed (varlen loop) paths."""
+    from nested_svit.attention import DenseContext, KeyBiasContext, VarlenContext
+    from nested_svit.tokens import Layout
+
+    gen = torch.Generator().manual_seed(0)
+    heads, d, n = 3, 16, 7
+    qkv = torch.randn(1, n, 3 * heads * d, generator=gen, dtype=torch.float64)
+    bias = torch.rand(1, n, generator=gen, dtype=torch.float64).log()
+    q, k, v = qkv.view(1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) / d ** 0.5 + bias[:, None, None, :]
+    expected = (torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(1, n, heads * d)
+    torch.testing.assert_close(KeyBiasContext(DenseContext(), bias)(qkv, heads), expected, atol=1e-10, rtol=1e-10)
+    packed = torch.cat([qkv[0], qkv[0, :4]])  # two images: 7 and 4 rows
+    layout = Layout.from_lengths([n, 4])
+    out = KeyBiasContext(VarlenContext(layout, "loop"), torch.cat([bias[0], bias[0, :4]]))(packed, heads)
+    torch.testing.assert_close(out[:n], expected[0], atol=1e-10, rtol=1e-10)
+
+
+def test_class_attention_row_equals_the_attention_matrix_row():
+    from nested_svit.methods import class_attention
+    from nested_svit.tokens import Layout
+
+    gen = torch.Generator().manual_seed(1)
+    heads, d = 2, 8
+    lengths = [5, 9, 1]
+    qkv = torch.randn(sum(lengths), 3 * heads * d, generator=gen)
+    probs = class_attention(qkv, heads, Layout.from_lengths(lengths))
+    start = 0
+    for n in lengths:
+        q, k, _ = qkv[start:start + n].view(n, 3, heads, d).permute(1, 2, 0, 3)
+        row = torch.softmax(q[:, :1] @ k.transpose(-1, -2) / d ** 0.5, -1)[:, 0]  # [H, n]
+        torch.testing.assert_close(probs[start:start + n].T, row, atol=1e-6, rtol=1e-6)
+        start += n

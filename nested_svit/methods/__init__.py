@@ -11,9 +11,10 @@ from .dynamicvit import DynamicViTRun
 from .evit import EViTRun
 from .evovit import EvoViTRun
 from .svit import SViTRun
+from .tome import ToMeRun
 
 RUNS: dict[str, type[MethodRun]] = {"svit": SViTRun, "dynamicvit": DynamicViTRun, "evit": EViTRun,
-                                    "evovit": EvoViTRun, "ats": ATSRun}
+                                    "evovit": EvoViTRun, "ats": ATSRun, "tome": ToMeRun}
 METHODS = tuple(RUNS)
 
 

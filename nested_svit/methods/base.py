@@ -108,6 +108,10 @@ class MethodRun:
     def has_mid_selection(self, i: int) -> bool:
         return False
 
+    def key_bias(self, i: int) -> Tensor | None:
+        """``[T]`` additive bias of each row as a key in block ``i``'s attention (ToMe: log size)."""
+        return None
+
     def after_block(self, i: int, record: AttentionRecord | None) -> None:
         return None
 

@@ -1,0 +1,86 @@
+"""ToMe, token merging (Bolya et al. 2023; facebookresearch/ToMe ``bipartite_soft_matching``,
+``merge_wavg``, proportional attention), inference, off-the-shelf or on ToMe-trained DeiT weights.
+
+In every merging block (``gate_blocks``: all), after ``x + attn(norm1(x))`` and before the MLP, the
+image's tokens in their current sequence order are split into A (even positions) and B (odd); keys
+averaged over heads, L2-normalised, score every A-B pair by cosine; the class token (A's first) is
+never merged. Each A token's best B partner is its edge; the ``r`` A tokens with the best edges
+(``r <= (N - 1) // 2``) are merged into their partners by a size-weighted mean, and the sequence
+becomes [unmerged A in order, B in order]. Sizes add up; attention adds ``log size`` to every key's
+logit (``attention.KeyBiasContext``). On the packed map a merged token's row drops out and its
+partner's row holds the mean; ``order`` tracks the sequence positions the split needs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..tokens import Layout, pad
+from .base import AttentionRecord
+from .selection import SubsetRun
+
+
+class ToMeRun(SubsetRun):
+    def __init__(self, block_pass) -> None:
+        super().__init__(block_pass)
+        layout = block_pass.layout
+        device = block_pass.protect.device
+        self.size = torch.ones(layout.total, dtype=torch.float32, device=device)
+        self.order = torch.arange(layout.total, device=device) - layout.offsets[layout.image_index]
+
+    def has_mid_selection(self, i: int) -> bool:
+        return i in self.stage_of_block
+
+    def key_bias(self, i: int) -> Tensor | None:
+        return self.size.log()
+
+    def after_attention(self, i: int, y: Tensor, record: AttentionRecord, before: Tensor) -> Tensor | None:
+        layout = record.layout
+        n = torch.tensor(layout.lengths, dtype=torch.int64, device=y.device)
+        r = torch.clamp((n - 1) // 2, max=self.config.tome_r)  # ToMe protects the class token
+        # rows in sequence order per image, then as padded [B, N] positions
+        image = layout.image_index
+        seq = record.rows[torch.argsort(image * (layout.max_len + 1) + self.order[record.rows])]
+        packed_seq = Layout.from_lengths(layout.lengths, y.device)
+        c = record.qkv.shape[-1] // 3
+        heads = record.num_heads
+        keys = record.qkv[:, c:2 * c].float().view(-1, heads, c // heads).mean(1)
+        row_of = torch.full((y.shape[0],), -1, dtype=torch.int64, device=y.device)
+        row_of[record.rows] = torch.arange(record.rows.numel(), device=y.device)
+        metric = keys[row_of[seq]]
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        m = pad(metric, packed_seq)  # [B, N, d]
+        rows = pad(seq[:, None], packed_seq, -1)[..., 0]  # [B, N] map rows (-1: padding)
+        a, b = m[:, 0::2], m[:, 1::2]
+        rows_a, rows_b = rows[:, 0::2], rows[:, 1::2]
+        scores = a @ b.transpose(1, 2)  # [B, nA, nB]
+        scores = scores.masked_fill((rows_b < 0)[:, None, :], float("-inf"))
+        scores[:, 0, :] = float("-inf")  # the class token
+        node_max, node_idx = scores.max(-1)
+        node_max = node_max.masked_fill(rows_a < 0, float("-inf"))
+        edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)  # [B, nA]
+        merged = torch.arange(edge.shape[1], device=y.device)[None, :] < r[:, None]  # first r edges
+        src_a = edge[merged]
+        img = torch.arange(edge.shape[0], device=y.device)[:, None].expand_as(edge)[merged]
+        src_rows = rows_a[img, src_a]
+        dst_rows = rows_b[img, node_idx[img, src_a]]
+        # size-weighted mean into the partner (merge_wavg): sum(size * x) / sum(size)
+        weighted = y * self.size[:, None].to(y.dtype)
+        total = weighted.index_add(0, dst_rows, weighted[src_rows])
+        size = self.size.index_add(0, dst_rows, self.size[src_rows])
+        y[dst_rows] = (total[dst_rows] / size[dst_rows, None].to(y.dtype))
+        self.size = size
+        keep = self.active.clone()
+        keep[src_rows] = False
+        # new sequence: unmerged A in A order, then all of B in B order
+        is_src = torch.zeros_like(rows_a, dtype=torch.bool)
+        is_src[img, src_a] = True
+        unm = (rows_a >= 0) & ~is_src
+        rank_a = torch.cumsum(unm.long(), 1) - 1
+        self.order[rows_a[unm]] = rank_a[unm]
+        n_unm = unm.sum(1, keepdim=True)
+        valid_b = rows_b >= 0
+        self.order[rows_b[valid_b]] = (n_unm + torch.arange(rows_b.shape[1], device=y.device)[None, :]).expand_as(
+            rows_b)[valid_b]
+        candidates = self.rows_mask(record.rows) & ~self.block_pass.protect
+        return self.chose(keep, candidates)
