@@ -8,6 +8,13 @@ Formats (detected from the keys):
   self_attn.out_proj.*, linear1.*, linear2.*, norm1.*, norm2.*}``, gates in
   ``selective_modules.{k}.{norm,mlp.fc1,mlp.fc2}``. Its blocks are ``nn.TransformerEncoderLayer``
   with LayerNorm eps 1e-5, carried into the model so converted numbers match the source.
+* ``dynamicvit``: DynamicViT's release (timm keys + ``score_predictor.{s}.*`` -> ``gates.{s}.*``).
+* ``evovit``: Evo-ViT's release: ``qks.{i}.qk`` + ``vs.{i}.v`` -> ``blocks.{i}.attn.qkv`` (rows q, k | v),
+  ``norms.{i}`` -> ``norm1``, ``projs.{i}`` -> ``attn.proj``; its distillation head ``head_cls`` /
+  ``norm_cls`` is not used at inference and is left out (noted).
+EViT, ToMe and ATS files are DeiT (timm) layouts; ATS's constant ``attn.out_zero_mask`` is left out.
+EViT and Evo-ViT files also hold their training ``args`` (an ``argparse.Namespace``, which
+``weights_only=True`` refuses): read by allowing that one class and nothing else.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ _SVIT_BLOCK_KEYS = {
     "norm2.weight": "norm2.weight",
     "norm2.bias": "norm2.bias",
 }
-_BLOCK_EPS = {"timm": 1e-6, "svit": 1e-5}
+_BLOCK_EPS = {"timm": 1e-6, "svit": 1e-5, "dynamicvit": 1e-6, "evovit": 1e-6}
+_DROPPED = (re.compile(r"blocks\.\d+\.attn\.out_zero_mask"), re.compile(r"(head_cls|norm_cls)\..+"))
 
 
 class CheckpointError(ValueError):
@@ -67,13 +75,38 @@ def _unwrap(obj: object) -> dict[str, Tensor]:
 def detect_format(state: dict[str, Tensor]) -> str:
     if any(".TransformerEncoderLayer." in k or k.startswith("selective_modules.") for k in state):
         return "svit"
+    if any(k.startswith("score_predictor.") for k in state):
+        return "dynamicvit"
+    if any(k.startswith("qks.") for k in state):
+        return "evovit"
     return "timm"
+
+
+def _convert_evovit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(qks|vs|norms|projs)\.(\d+)\.(?:qk\.|v\.)?(weight|bias)", key)
+        if not m:
+            out[key] = value
+            continue
+        kind, i, what = m.groups()
+        if kind == "norms":
+            out[f"blocks.{i}.norm1.{what}"] = value
+        elif kind == "projs":
+            out[f"blocks.{i}.attn.proj.{what}"] = value
+        elif kind == "qks":
+            out[f"blocks.{i}.attn.qkv.{what}"] = torch.cat([value, state[f"vs.{i}.v.{what}"]], 0)
+    return out
 
 
 def convert(state: dict[str, Tensor], fmt: str) -> dict[str, Tensor]:
     """Rename keys of ``fmt`` to this library's (timm) names."""
     if fmt == "timm":
         return dict(state)
+    if fmt == "dynamicvit":
+        return {re.sub(r"^score_predictor\.", "gates.", k): v for k, v in state.items()}
+    if fmt == "evovit":
+        return _convert_evovit(state)
     out = {}
     for key, value in state.items():
         m = re.fullmatch(r"blocks\.(\d+)\.TransformerEncoderLayer\.(.+)", key)
@@ -106,12 +139,27 @@ def read_checkpoint_file(source: str | os.PathLike) -> tuple[object, str, str]:
     if what:
         raise CheckpointError(f"{path} is {what}, not a PyTorch checkpoint (.pth)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_allowing_namespace(path)
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint or one with "
                               f"objects other than tensors and plain data ({first})") from e
     return obj, str(path), sha256_of(path)
+
+
+def _load_allowing_namespace(path: Path) -> object:
+    """``torch.load(weights_only=True)``; a file refused only for an ``argparse.Namespace`` (the
+    training ``args`` EViT / Evo-ViT / DeiT-style files carry) is read again with that one class
+    allowed: still no arbitrary code."""
+    import argparse
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        if "argparse.Namespace" not in str(e):
+            raise
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _not_a_checkpoint(head: bytes) -> str | None:
@@ -181,6 +229,11 @@ def load_checkpoint(model: SparseViT, source: str | os.PathLike | dict, strict: 
     fmt = detect_format(raw)
     state = convert(raw, fmt)
     report = LoadReport(fmt, desc, digest)
+    dropped = sorted(k for k in state if k not in model.state_dict() and any(p.fullmatch(k) for p in _DROPPED))
+    if dropped:
+        for k in dropped:
+            del state[k]
+        report.notes.append(f"left out {len(dropped)} keys not used at inference ({dropped[0]}, ...)")
     own = model.state_dict()
 
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:

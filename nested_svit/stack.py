@@ -228,12 +228,13 @@ class BlockPass:
 
     def readout(self, x: Packed) -> Packed:
         """The map a head or neck reads: with ``remove_pruned`` the rows not active at the end are zero
-        (the paper's "remove"); otherwise they keep their last value ("preserve"). Virtual rows are
-        dropped by the caller (``real_rows``)."""
+        (the paper's "remove"); otherwise they keep their last value ("preserve"). The class token
+        is read as it is either way (SViT's last gate may prune it). Virtual rows are dropped by the
+        caller (``slot_mask``)."""
         mask = self.method.readout_mask()
         if not self.stack.config.remove_pruned or mask is None:
             return x
-        return x.with_values(x.values * mask.to(x.values.dtype)[:, None])
+        return x.with_values(x.values * (mask | self.protect).to(x.values.dtype)[:, None])
 
     def usage(self) -> TokenUsage:
         empty = torch.zeros(len(self.lengths), 0, dtype=torch.int64)

@@ -146,3 +146,108 @@ def test_class_attention_row_equals_the_attention_matrix_row():
         row = torch.softmax(q[:, :1] @ k.transpose(-1, -2) / d ** 0.5, -1)[:, 0]  # [H, n]
         torch.testing.assert_close(probs[start:start + n].T, row, atol=1e-6, rtol=1e-6)
         start += n
+
+
+class _Arbitrary:  # an object no checkpoint reader may unpickle
+    pass
+
+
+def _authors_layout(name: str, state: dict) -> dict:
+    """Our state dict -> the authors' release layout (spec section 10), written independently."""
+    import argparse
+
+    out: dict = {}
+    if name.startswith("dynamicvit"):
+        out = {k.replace("gates.", "score_predictor.", 1): v for k, v in state.items()}
+    elif name.startswith("evovit"):
+        for k, v in state.items():
+            parts = k.split(".")
+            if k.startswith("blocks.") and parts[2] == "attn" and parts[3] == "qkv":
+                i, what, c = parts[1], parts[4], v.shape[0] // 3
+                out[f"qks.{i}.qk.{what}"], out[f"vs.{i}.v.{what}"] = v[:2 * c].clone(), v[2 * c:].clone()
+            elif k.startswith("blocks.") and parts[2] == "norm1":
+                out[f"norms.{parts[1]}.{parts[3]}"] = v
+            elif k.startswith("blocks.") and parts[2] == "attn" and parts[3] == "proj":
+                out[f"projs.{parts[1]}.{parts[4]}"] = v
+            else:
+                out[k] = v
+        out["head_cls.weight"], out["head_cls.bias"] = state["head.weight"] * 2, state["head.bias"]
+        out["norm_cls.weight"], out["norm_cls.bias"] = state["norm.weight"], state["norm.bias"]
+    else:
+        out = dict(state)
+        if name.startswith("ats"):
+            for i in range(3, 12):
+                out[f"blocks.{i}.attn.out_zero_mask"] = torch.zeros(1, state["cls_token"].shape[-1])
+    wrapper = {"model": out}
+    if name.startswith(("evit", "evovit")):
+        wrapper.update(args=argparse.Namespace(model=name, lr=2e-5, drop_loc=(3, 6, 9), output_dir="out"),
+                       epoch=29, optimizer={"state": {}, "param_groups": []})
+    return wrapper
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_checkpoint_round_trip_in_the_authors_layout(tmp_path, name):
+    from nested_svit import load_checkpoint
+
+    source = _model(name)
+    path = tmp_path / "release.pth"
+    torch.save(_authors_layout(name, source.state_dict()), path)
+    target = create_model(name, **SMALL).eval()
+    report = load_checkpoint(target, path)
+    assert report.format == {"dynamicvit": "dynamicvit", "evovit": "evovit"}.get(name.split("_")[0], "timm")
+    if name.startswith(("evovit", "ats")):
+        assert any("left out" in n for n in report.notes)
+    assert all(b.norm1.eps == 1e-6 for b in target.blocks)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(target(images), source(images), atol=0, rtol=0)
+
+
+def test_args_namespace_is_read_but_nothing_else(tmp_path):
+    import argparse
+
+    from nested_svit import load_checkpoint
+    from nested_svit.checkpoint import CheckpointError
+
+    state = create_model("evit_small", **SMALL).state_dict()
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": state, "args": argparse.Namespace(lr=1.0), "other": _Arbitrary()}, bad)
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        load_checkpoint(create_model("evit_small", **SMALL), bad)
+
+
+def test_wrong_method_file_lists_the_keys(tmp_path):
+    """A DynamicViT file into an SViT model: one error naming the predictor and gate keys."""
+    from nested_svit import load_checkpoint
+    from nested_svit.checkpoint import CheckpointError
+
+    path = tmp_path / "dyvit.pth"
+    torch.save(_authors_layout("dynamicvit_small", _model("dynamicvit_small").state_dict()), path)
+    with pytest.raises(CheckpointError, match=r"unexpected .*gates\.0\.in_conv"):
+        load_checkpoint(create_model("svit_small", **SMALL), path)
+
+
+@pytest.mark.parametrize("name", ["svit_small", "dynamicvit_small", "ats_small", "evit_small"])
+def test_remove_zeroes_the_rows_not_active_at_readout(name):
+    """``remove_pruned``: the output map is the preserved map with every row that was not active at
+    the end set to zero (class token and kept rows unchanged)."""
+    torch.manual_seed(0)
+    preserve = create_model(name, **SMALL).eval()
+    remove = create_model(name, **SMALL, remove_pruned=True).eval()
+    remove.load_state_dict(preserve.state_dict())
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        x = preserve.embed(images)
+        block_pass = preserve.begin(x)
+        out = block_pass.run(x, 0, 12)
+        active = block_pass.method.readout_mask() | block_pass.protect  # the class token is always read
+        kept_map, _ = preserve.forward_tokens(preserve.embed(images))
+        removed_map, _ = remove.forward_tokens(remove.embed(images))
+    real = ~block_pass.slot_mask
+    active = active[real]
+    assert 0 < int(active.sum()) < active.numel()
+    torch.testing.assert_close(kept_map.values, out.values[real])
+    torch.testing.assert_close(removed_map.values[active], kept_map.values[active])
+    assert removed_map.values[~active].abs().max() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(remove(images), preserve(images))  # the class token reads out either way
