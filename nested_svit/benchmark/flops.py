@@ -1,26 +1,47 @@
 """FLOP model of a (pruned) ViT forward, counted from the tokens each block actually processed.
 
-Per block with ``n`` active tokens: linears ``24 n C^2`` (qkv 6, proj 2, mlp 16; 2 FLOPs per MAC,
-mlp_ratio 4) and attention ``4 n^2 C`` (QK^T and AV). Per gate over all ``N`` tokens of the map:
-``2 N (C * C/4 + C/4 * 2)``. Patch embedding ``2 (N-1) (3 p^2) C``, head ``2 C K``.
-LayerNorm, GELU, softmax and gather/scatter are not counted (as usual for ViT FLOP tables).
+Per block with ``n`` tokens into attention, ``q`` of them needing an attention output and ``m`` into
+the MLP: qkv ``6 n C^2``, attention ``4 q n C`` (QK^T and AV rows), proj ``2 q C^2``, MLP ``16 m C^2``
+(2 FLOPs per MAC, mlp_ratio 4). ``q = n`` except for ATS, whose selection needs only the kept
+queries' rows (``q = m``; the engine computes all rows, so its measured efficiency shows that).
+Selectors: SViT gate over all ``N`` tokens ``2 N (C C/4 + C/4 2)``; DynamicViT predictor over the
+active patch tokens ``2 n (C^2 + C C/2 + C/2 C/4 + C/4 2)``; class-attention row (EViT, Evo-ViT, ATS)
+``2 n C`` per block that reads it; ToMe matching ``2 (n/2)^2 d`` per block (``d`` the head dim).
+Patch embedding ``2 P (3 p^2) C``, head ``2 C K``. LayerNorm, GELU, softmax, sorting and
+gather/scatter are not counted (as usual for ViT FLOP tables).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..config import ViTConfig
 
 
-def flops_per_image(config: ViTConfig, kept: Tensor, total: Tensor) -> Tensor:
-    """``kept [B, depth]`` tokens per block, ``total [B]`` tokens per image -> ``[B]`` float64 FLOPs."""
+def flops_per_image(config: ViTConfig, kept: Tensor, total: Tensor, kept_mlp: Tensor | None = None) -> Tensor:
+    """``kept [B, depth]`` tokens into each block's attention, ``kept_mlp`` into its MLP (default:
+    ``kept``), ``total [B]`` tokens per image -> ``[B]`` float64 FLOPs."""
     c = config.embed_dim
     n = kept.double()
+    m = n if kept_mlp is None else kept_mlp.double()
+    q = m if config.method == "ats" else n
     hidden = config.mlp_ratio * c
-    linears = (2 * n * (3 * c * c + c * c) + 2 * n * (2 * c * hidden)).sum(1)
-    attention = (4 * n * n * c).sum(1)
+    linears = (2 * n * 3 * c * c + 2 * q * c * c + 2 * m * (2 * c * hidden)).sum(1)
+    attention = (4 * q * n * c).sum(1)
     total = total.double()
-    gates = len(config.gate_blocks) * 2 * total * (c * (c // 4) + (c // 4) * 2)
+    gated = list(config.gate_blocks)
+    if config.method == "svit":
+        selectors = len(gated) * 2 * total * (c * (c // 4) + (c // 4) * 2)
+    elif config.method == "dynamicvit":
+        per_token = 2 * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2)
+        selectors = ((n[:, gated] - 1) * per_token).sum(1)
+    elif config.method == "evovit":
+        selectors = (2 * n * c).sum(1)
+    elif config.method in ("evit", "ats"):
+        selectors = (2 * n[:, gated] * c).sum(1)
+    else:  # tome
+        d = c // config.num_heads
+        selectors = (2 * (n[:, gated] / 2) ** 2 * d).sum(1)
     embed = 2 * (total - 1) * (config.in_chans * config.patch_size ** 2) * c
     head = 2 * c * config.num_classes
-    return linears + attention + gates + embed + head
+    return linears + attention + selectors + embed + head + torch.zeros_like(total)

@@ -99,11 +99,11 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
                                    name[len(TIMM_PREFIX):], []))
             continue
         model = create_model(name).eval()
-        if model.num_gates == 0:
+        if not model.prunes:
             runners.append(_Runner(name, "dense", model.to(device, dtype), name, []))
             continue
         calibrated: list[int] = []
-        if cfg.calibrate:
+        if cfg.calibrate and model.config.method == "svit":
             from ..stack import keep_targets_from_cli
 
             targets = keep_targets_from_cli(cfg.keep_targets, model.config.keep_targets) if cfg.keep_targets else None
@@ -138,12 +138,13 @@ def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, f
     total = torch.full((images.shape[0],), n, dtype=torch.int64)
     dense = float(flops_per_image(dense_cfg, total[:, None].expand(-1, dense_cfg.depth), total).mean()) / 1e9
     model = runner.module
-    if not isinstance(model, SparseViT) or model.num_gates == 0:
+    if not isinstance(model, SparseViT) or not model.prunes:
         return float(n), dense, dense
     _, usage = model.forward_features(images)
     gated = list(model.config.gate_blocks)
-    gflops = float(flops_per_image(model.config, usage.kept, usage.total).mean()) / 1e9
-    return float(usage.kept[:, gated].double().mean()), gflops, dense
+    gflops = float(flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean()) / 1e9
+    kept = usage.kept if usage.kept_mlp is None else usage.kept_mlp  # tokens after each gated block's selection
+    return float(kept[:, gated].double().mean()), gflops, dense
 
 
 def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> pd.DataFrame:
@@ -179,7 +180,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                 for r in runners:
                     r.times.append(_time_once(r, images, device))
             dense_time = {r.model_name: statistics.median(r.times) for r in runners
-                          if isinstance(r.module, SparseViT) and r.module.num_gates == 0}
+                          if isinstance(r.module, SparseViT) and not r.module.prunes}
             usage: dict[int, tuple[float, float, float]] = {}  # backends of one model share its usage
             for r in runners:
                 step = statistics.median(r.times)
