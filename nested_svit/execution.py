@@ -107,9 +107,11 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | No
         recorder = RecordingContext(ctx if bias is None else KeyBiasContext(ctx, bias[rows]))
     h = attention(active, recorder)
     record = AttentionRecord(rows, active.layout, recorder.qkv, block.attn.num_heads)
-    y = x.values.clone()
+    mid = method.has_mid_selection(index)
+    before = active.values if active.index is not None or not mid else active.values.clone()
+    y = x.values.clone() if torch.is_grad_enabled() else x.values  # inference: update the map in place
     y[rows] = h
-    mlp_keep = method.after_attention(index, y, record, x.values) if method.has_mid_selection(index) else None
+    mlp_keep = method.after_attention(index, y, record, before) if mid else None
     if mlp_keep is None:
         y[rows] = mlp(Packed(h, active.layout))
     else:

@@ -251,3 +251,27 @@ def test_remove_zeroes_the_rows_not_active_at_readout(name):
     assert removed_map.values[~active].abs().max() == 0
     with torch.no_grad():
         torch.testing.assert_close(remove(images), preserve(images))  # the class token reads out either way
+
+
+@pytest.mark.parametrize("mode", ["attention", "input"])
+def test_evit_dropped_tokens_keep_the_chosen_value(mode):
+    """A token EViT drops in block 3 keeps its value from before the block (``input``) or after the
+    block's attention half (``attention``): checked against the block's own attention half."""
+    from nested_svit.attention import DenseContext
+
+    torch.manual_seed(0)
+    model = create_model("evit_small", **SMALL, evit_preserve=mode).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        x = model.embed(images)
+        block_pass = model.begin(x)
+        x = block_pass.run(x, 0, 3)
+        before = x.values.clone()
+        active_before = block_pass.method.active.clone()
+        after_attn = model.blocks[3].attention_residual(before[active_before].view(2, -1, SMALL["embed_dim"]),
+                                                        DenseContext())
+        x = block_pass.run(x, 3, 4)
+    dropped = active_before & ~block_pass.method.active
+    assert int(dropped.sum()) == 2 * (196 - 138)
+    expected = before[dropped] if mode == "input" else after_attn.reshape(-1, SMALL["embed_dim"])[dropped[active_before]]
+    torch.testing.assert_close(x.values[dropped], expected, atol=1e-5, rtol=1e-5)

@@ -126,7 +126,7 @@ def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None
                 images = batch["images"].to(job.device, dtype, non_blocking=True)
                 feats, usage = model.forward_features(images)
                 logits = model.forward_head(feats).cpu()
-                kept = usage.kept.cpu()
+                kept = (usage.kept if usage.kept_mlp is None else usage.kept_mlp).cpu()  # after each block's selection
                 if job.on_batch is not None:
                     job.on_batch(batch, images, usage)
                 labels = batch["label"]

@@ -102,7 +102,8 @@ class MethodRun:
 
     def after_attention(self, i: int, y: Tensor, record: AttentionRecord, before: Tensor) -> Tensor | None:
         """``y [T, C]``: the map with the processed rows after the attention half (writable);
-        ``before``: the map before block ``i``. -> ``[T]`` bool rows the MLP half processes."""
+        ``before [Ta, C]``: those rows' values before block ``i``. -> ``[T]`` bool rows the MLP
+        half processes."""
         return None
 
     def has_mid_selection(self, i: int) -> bool:

@@ -44,5 +44,6 @@ class EViTRun(SubsetRun):
             y[slot] = fused
             keep[slot] = True
         if self.config.evit_preserve == "input":
-            y[dropped] = before[dropped]
+            lost = ~keep[record.rows]
+            y[record.rows[lost]] = before[lost]
         return self.chose(keep, self.rows_mask(rows))
