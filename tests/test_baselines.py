@@ -275,3 +275,22 @@ def test_evit_dropped_tokens_keep_the_chosen_value(mode):
     assert int(dropped.sum()) == 2 * (196 - 138)
     expected = before[dropped] if mode == "input" else after_attn.reshape(-1, SMALL["embed_dim"])[dropped[active_before]]
     torch.testing.assert_close(x.values[dropped], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ats_benchmark_sharpening_reaches_the_flop_target():
+    """The harness's ATS stand-in for trained attention: FLOPs on the calibration images equal the
+    target share of dense (by the FLOP model's own count), with per-image counts still varying."""
+    from nested_svit.benchmark.flops import flops_per_image
+    from nested_svit.methods.ats import sharpen_for_benchmark
+
+    model = _model("ats_small")
+    images = torch.randn(6, 3, 224, 224)
+    with torch.no_grad():
+        factor = sharpen_for_benchmark(model, images, target_ratio=0.7)
+        usage = model.forward_features(images)[1]
+    dense_cfg = create_model("deit_small_patch16_224", **SMALL).config
+    full = usage.total[:, None].expand(-1, 12)
+    ratio = flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean() / \
+        flops_per_image(dense_cfg, full, usage.total).mean()
+    assert factor > 1 and abs(float(ratio) - 0.7) < 0.02
+    assert len(set(usage.kept_mlp[:, -1].tolist())) > 1

@@ -3,7 +3,9 @@
 Method: one image pool per run; per batch size every runner (model x backend) is warmed up, then
 timed in interleaved rounds (A B C A B C ...) so machine drift hits all alike; medians of the
 rounds are reported. Random-weight gates are calibrated to their keep targets on the pool
-(``SparseViT.calibrate_keep``) so pruned models prune as a trained one would on average.
+(``SparseViT.calibrate_keep``) so pruned models prune as a trained one would on average; ATS, whose
+count follows the class attention, gets its random queries sharpened until its FLOPs are the
+paper's (``methods.ats.sharpen_for_benchmark``). The other baselines keep fixed counts.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class _Runner:
     backend: str  # label in the output
     module: nn.Module
     base_name: str  # our registry name (timm models: the matching dense config)
-    calibrated: list[int]
+    calibrated: list  # gate indices calibrated, or what was calibrated (ATS)
     attention: str | None = None  # backend to set on a shared SparseViT before each call
     times: list[float] = field(default_factory=list)
 
@@ -102,13 +104,18 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
         if not model.prunes:
             runners.append(_Runner(name, "dense", model.to(device, dtype), name, []))
             continue
-        calibrated: list[int] = []
+        calibrated: list = []
         if cfg.calibrate and model.config.method == "svit":
             from ..stack import keep_targets_from_cli
 
             targets = keep_targets_from_cli(cfg.keep_targets, model.config.keep_targets) if cfg.keep_targets else None
             model.calibrate_keep(calib_images, targets)
             calibrated = list(range(model.num_gates))
+        elif cfg.calibrate and model.config.method == "ats":
+            from ..methods.ats import sharpen_for_benchmark
+
+            factor = sharpen_for_benchmark(model, calib_images[:16])
+            calibrated = [f"queries x{factor:.2f}"]
         model.to(device, dtype).set_execution("packed")
         for backend in dict.fromkeys(cfg.backends):
             resolved = resolve_backend(backend, device, dtype)  # also rejects backends not available here
