@@ -32,28 +32,35 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def dense_attention(qkv: Tensor, num_heads: int) -> Tensor:
-    """``qkv [B, N, 3C]`` -> ``[B, N, C]``; all tokens of an image attend to each other."""
+def dense_attention(qkv: Tensor, num_heads: int, key_bias: Tensor | None = None) -> Tensor:
+    """``qkv [B, N, 3C]`` -> ``[B, N, C]``; all tokens of an image attend to each other.
+    ``key_bias [B, N]``: added to every logit of that key."""
     b, n, c3 = qkv.shape
     q, k, v = qkv.view(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
+    mask = None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, N, D]
     return out.transpose(1, 2).reshape(b, n, c3 // 3)
 
 
 # ---------------------------------------------------------------- variable-length backends
-def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Tensor | None = None) -> Tensor:
     """Per-image SDPA on slices of the packed tensors. Few copies, one kernel per image."""
     qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))  # [H, T, D] strided views
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D] contiguous: reshapes to [T, C] free
     for s, n in zip(layout.starts, layout.lengths):
-        out[s:s + n] = F.scaled_dot_product_attention(qh[:, s:s + n], kh[:, s:s + n], vh[:, s:s + n]).transpose(0, 1)
+        mask = None if key_bias is None else key_bias[s:s + n].to(q.dtype)[None, None, :]
+        out[s:s + n] = F.scaled_dot_product_attention(qh[:, s:s + n], kh[:, s:s + n], vh[:, s:s + n],
+                                                      attn_mask=mask).transpose(0, 1)
     return out
 
 
-def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Tensor | None = None) -> Tensor:
     """Pad to ``[B, H, max_len, D]`` and mask padded keys."""
     qp, kp, vp = (pad(t, layout).transpose(1, 2) for t in (q, k, v))
     key_mask = padding_mask(layout)[:, None, None, :]
+    if key_bias is not None:
+        bias = pad(key_bias.to(q.dtype)[:, None], layout, float("-inf"))[..., 0]
+        key_mask = bias[:, None, None, :]
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)  # padded query rows are dropped
     return unpad(out.transpose(1, 2), layout)
 
@@ -135,11 +142,17 @@ def pick_cpu_backend(layout: Layout, num_heads: int, head_dim: int) -> str:
     return "padded" if small and layout.batch_size >= PADDED_MIN_BATCH else "loop"
 
 
-def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str = "loop") -> Tensor:
-    """Packed ``qkv [T, 3C]`` -> ``[T, C]``; image ``b`` attends within its own rows only."""
+KEY_BIAS_BACKENDS = ("loop", "padded", "cpu-auto")  # the others get a key bias through KeyBiasContext's widening
+
+
+def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str = "loop",
+                     key_bias: Tensor | None = None) -> Tensor:
+    """Packed ``qkv [T, 3C]`` -> ``[T, C]``; image ``b`` attends within its own rows only.
+    ``key_bias [T]`` (uniform layouts or ``KEY_BIAS_BACKENDS``): added to every logit of that key."""
     t, c3 = qkv.shape
     if layout.is_uniform and layout.batch_size > 0:
-        return dense_attention(qkv.view(layout.batch_size, -1, c3), num_heads).view(t, c3 // 3)
+        bias = None if key_bias is None else key_bias.view(layout.batch_size, -1)
+        return dense_attention(qkv.view(layout.batch_size, -1, c3), num_heads, bias).view(t, c3 // 3)
     if 0 in layout.lengths:  # images with no active token own no rows: drop them from the layout
         layout = Layout.from_lengths([n for n in layout.lengths if n > 0], qkv.device)
     if t == 0:
@@ -147,6 +160,10 @@ def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str =
     q, k, v = _split_heads(qkv, num_heads)
     if backend == "cpu-auto":
         backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
+    if key_bias is not None:
+        if backend not in KEY_BIAS_BACKENDS:
+            raise ValueError(f"the {backend} backend takes no key bias (use KeyBiasContext)")
+        return _IMPLS[backend](q, k, v, layout, key_bias).reshape(t, c3 // 3)
     return _IMPLS[backend](q, k, v, layout).reshape(t, c3 // 3)
 
 
@@ -195,7 +212,8 @@ class KeyMaskedContext:
 
 class KeyBiasContext:
     """Adds ``bias[j]`` to every attention logit of key ``j`` (ToMe's proportional attention:
-    ``log size_j``) on any backend, by one extra channel per head: ``q' = [q sqrt(D'/D), 1, 0..]``,
+    ``log size_j``) on any backend: as SDPA's float mask where the backend passes one (dense, loop,
+    padded), else by one extra channel per head: ``q' = [q sqrt(D'/D), 1, 0..]``,
     ``k' = [k, bias sqrt(D'), 0..]``, ``v' = [v, 0..]`` with ``D' = D + 8`` (fused kernels want
     multiples of 8), so ``<q', k'> / sqrt(D') = <q, k> / sqrt(D) + bias``. ``bias``: qkv's leading shape."""
 
@@ -203,6 +221,14 @@ class KeyBiasContext:
         self.inner, self.bias = inner, bias
 
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        inner = self.inner
+        if isinstance(inner, DenseContext):  # SDPA takes the bias as a float mask (nearly free on CPU)
+            return dense_attention(qkv, num_heads, self.bias)
+        if isinstance(inner, VarlenContext) and (inner.layout.is_uniform or inner.backend in KEY_BIAS_BACKENDS):
+            return varlen_attention(qkv, num_heads, inner.layout, inner.backend, self.bias)
+        return self._widened(qkv, num_heads)
+
+    def _widened(self, qkv: Tensor, num_heads: int) -> Tensor:
         *lead, c3 = qkv.shape
         c = c3 // 3
         d = c // num_heads

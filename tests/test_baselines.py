@@ -127,8 +127,16 @@ def test_key_bias_context_equals_explicit_attention():
     torch.testing.assert_close(KeyBiasContext(DenseContext(), bias)(qkv, heads), expected, atol=1e-10, rtol=1e-10)
     packed = torch.cat([qkv[0], qkv[0, :4]])  # two images: 7 and 4 rows
     layout = Layout.from_lengths([n, 4])
-    out = KeyBiasContext(VarlenContext(layout, "loop"), torch.cat([bias[0], bias[0, :4]]))(packed, heads)
-    torch.testing.assert_close(out[:n], expected[0], atol=1e-10, rtol=1e-10)
+    q4, k4, v4 = (t[:, :, :4] for t in (q, k, v))
+    second = (torch.softmax(q4 @ k4.transpose(-1, -2) / d ** 0.5 + bias[:, None, None, :4], -1) @ v4)
+    second = second.transpose(1, 2).reshape(4, heads * d)
+    for backend in ("loop", "padded", "nested"):  # float mask (loop, padded); widened channels (nested)
+        ctx = KeyBiasContext(VarlenContext(layout, backend), torch.cat([bias[0], bias[0, :4]]))
+        out = ctx(packed.float(), heads).double()
+        torch.testing.assert_close(out[:n], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[n:], second, atol=1e-5, rtol=1e-5)
+    widened = KeyBiasContext(DenseContext(), bias)._widened(qkv, heads)  # the extra-channel path in float64
+    torch.testing.assert_close(widened, expected, atol=1e-10, rtol=1e-10)
 
 
 def test_class_attention_row_equals_the_attention_matrix_row():
