@@ -108,12 +108,20 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | No
     h = attention(active, recorder)
     record = AttentionRecord(rows, active.layout, recorder.qkv, block.attn.num_heads)
     mid = method.has_mid_selection(index)
-    before = active.values if active.index is not None or not mid else active.values.clone()
-    y = x.values.clone() if torch.is_grad_enabled() else x.values  # inference: update the map in place
-    y[rows] = h
+    before = active.values  # a gathered copy, or the map itself, which is then not written (y is h)
+    grad = torch.is_grad_enabled()
+    if active.index is None:  # every row was processed: the attention half's output is the map
+        y = h.clone() if grad else h
+    else:
+        y = x.values.clone() if grad else x.values  # inference: update the map in place
+        y[rows] = h
     mlp_keep = method.after_attention(index, y, record, before) if mid else None
     if mlp_keep is None:
-        y[rows] = mlp(Packed(h, active.layout))
+        out = mlp(Packed(h, active.layout))  # may update h in place (CPU inference)
+        if y is h:
+            y = out
+        else:
+            y[rows] = out
     else:
         sub = gather(Packed(y, x.layout), mlp_keep)
         if sub.values.shape[0]:
