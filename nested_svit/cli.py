@@ -383,7 +383,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _token_pictures(folder: Path, model):
-    """Callback writing one PNG per predicted image: the crop the model saw and the tokens each gate kept."""
+    """Callback writing one PNG per predicted image: the crop the model saw and the tokens each gate (each
+    selection stage of a baseline) kept."""
     import torch
 
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -397,7 +398,8 @@ def _token_pictures(folder: Path, model):
         b, _, h, w = images.shape
         gh, gw = h // model.config.patch_size, w // model.config.patch_size
         prefix = 1 if model.cls_token is not None else 0
-        masks = [m.bool().view(b, -1)[:, prefix:].reshape(b, gh, gw).cpu() for m in usage.masks]
+        # per stage the patch rows kept (virtual rows, e.g. EViT's fused tokens, come after the patches)
+        masks = [m.bool().view(b, -1)[:, prefix:prefix + gh * gw].reshape(b, gh, gw).cpu() for m in usage.masks]
         for j, name in enumerate(batch["id"]):
             rgb = ((images[j].float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             keep = torch.stack([m[j] for m in masks]) if masks else torch.zeros(0, gh, gw, dtype=torch.bool)
