@@ -199,8 +199,8 @@ class ViTAdapter(TokenStack):
     ``[G, C, h/4..h/32, ...]``; token usage per image)."""
 
     def __init__(self, vit: ViTConfig, adapter: AdapterConfig = AdapterConfig()):
-        if vit.class_token:
-            raise ValueError("the ViT-Adapter backbone has no class token (ViTConfig.class_token=False)")
+        if vit.class_token and vit.method == "svit":
+            raise ValueError("the (S)ViT-Adapter backbone has no class token (ViTConfig.class_token=False)")
         super().__init__(vit)
         c = vit.embed_dim
         self.adapter_config = adapter
@@ -234,6 +234,8 @@ class ViTAdapter(TokenStack):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
+        if self.cls_token is not None:  # the baselines' artificial class token (random, as the SViT authors did)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def set_drop_path(self, rate: float) -> "ViTAdapter":
         """ViT blocks as ``TokenStack.set_drop_path``; every extractor's ConvFFN branch at ``rate``
@@ -262,34 +264,61 @@ class ViTAdapter(TokenStack):
               for _, c2, c3, c4 in levels]
         with record_function("backbone.patch_embed"):
             xs = [self.embed_batch(batch) for batch in batches]
-        lengths = [g.grid[0] * g.grid[1] for g in groups for _ in range(g.count)]
+        extra = xs[0].shape[1] - groups[0].grid[0] * groups[0].grid[1]  # class token and virtual rows (baselines)
+        lengths = [g.grid[0] * g.grid[1] + extra for g in groups for _ in range(g.count)]
         x = Packed(torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), Layout.from_lengths(lengths, xs[0].device))
+        grid = self._grid_rows(x, groups) if extra else None
         block_pass = self.begin(x, calibrate)
         for inter, (first, last) in zip(self.interactions, self.adapter_config.interaction_indexes):
             with record_function("backbone.injector"):
-                x = x.with_values(torch.cat([inter.injector(xg, cg, g).reshape(-1, xg.shape[-1])
-                                             for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]))
+                injected = [inter.injector(xg, cg, g).reshape(-1, xg.shape[-1])
+                            for g, xg, cg in zip(groups, self._group_views(x, groups, grid), cs)]
+                x = self._write_grid(x, torch.cat(injected), grid)
             with record_function("backbone.vit_blocks"):
                 x = block_pass.run(x, first, last + 1)
             with record_function("backbone.extractor"):
-                cs = [inter.extract(cg, xg, g) for g, xg, cg in zip(groups, self._group_views(x, groups), cs)]
+                read = block_pass.readout(x)  # "remove": tokens not active now read as zero
+                cs = [inter.extract(cg, xg, g) for g, xg, cg in zip(groups, self._group_views(read, groups, grid), cs)]
         with record_function("backbone.output"):
+            read = block_pass.readout(x)
             maps = [self._output_maps(g, xg, cg, c1)
-                    for g, xg, cg, c1 in zip(groups, self._group_views(x, groups), cs, spm)]
+                    for g, xg, cg, c1 in zip(groups, self._group_views(read, groups, grid), cs, spm)]
             normed = [apply_layer(norm, [m[level] for m in maps], self.sync_bn)
                       for level, norm in enumerate((self.norm1, self.norm2, self.norm3, self.norm4))]
             feats = [list(per_group) for per_group in zip(*normed)]
         return feats, block_pass.usage()
 
+    def _grid_rows(self, x: Packed, groups: list[SizeGroup]) -> list[Tensor]:
+        """Per group ``[G * N]`` rows of the patch-grid tokens, when images also own a class token
+        (first) or virtual rows (last), which the adapter's spatial layers never see."""
+        front = 1 if self.cls_token is not None else 0
+        out = []
+        for g in groups:
+            n = g.grid[0] * g.grid[1]
+            starts = x.layout.offsets[g.start:g.start + g.count]
+            out.append((starts[:, None] + front + torch.arange(n, device=starts.device)[None, :]).reshape(-1))
+        return out
+
     @staticmethod
-    def _group_views(x: Packed, groups: list[SizeGroup]) -> list[Tensor]:
-        """Per group ``[G, N, C]`` views of the packed ViT tokens (groups are consecutive images)."""
+    def _group_views(x: Packed, groups: list[SizeGroup], grid: list[Tensor] | None = None) -> list[Tensor]:
+        """Per group ``[G, N, C]`` patch-grid tokens: views when images own nothing else (groups are
+        consecutive images), else gathered through ``grid`` (``_grid_rows``)."""
+        c = x.values.shape[-1]
+        if grid is not None:
+            return [x.values[rows].view(g.count, -1, c) for g, rows in zip(groups, grid)]
         out, row = [], 0
         for g in groups:
             n = g.grid[0] * g.grid[1] * g.count
-            out.append(x.values[row:row + n].view(g.count, -1, x.values.shape[-1]))
+            out.append(x.values[row:row + n].view(g.count, -1, c))
             row += n
         return out
+
+    @staticmethod
+    def _write_grid(x: Packed, values: Tensor, grid: list[Tensor] | None) -> Packed:
+        """The map with its patch-grid rows replaced by ``values`` (groups in order)."""
+        if grid is None:
+            return x.with_values(values)
+        return x.with_values(x.values.index_copy(0, torch.cat(grid), values))
 
     def _output_maps(self, g: SizeGroup, x: Tensor, c: Tensor, c1: Tensor) -> list[Tensor]:
         dim = x.shape[-1]

@@ -119,10 +119,15 @@ def load_detector_checkpoint(model: MaskRCNNDetector, source: str | os.PathLike 
     else:
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        gates_only = [k for k in missing if k.startswith("backbone.gates.")]
+        gates_only = [k for k in missing if k.startswith("backbone.gates.") or k == "backbone.cls_token"]
         if fmt in ("mmdet-dense", "nested_svit") and gates_only and len(gates_only) == len(missing):
             missing = []
-            report.notes.append(f"dense detector checkpoint: {model.backbone.num_gates} gates keep their initialisation")
+            if model.backbone.num_gates:
+                report.notes.append(f"dense detector checkpoint: {model.backbone.num_gates} gates keep their "
+                                    "initialisation")
+            if "backbone.cls_token" in gates_only:
+                report.notes.append("dense detector checkpoint: the class token the baseline selects with is "
+                                    "randomly initialised (as the SViT authors did)")
         mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                             for k in set(own) & set(state) if state[k].shape != own[k].shape)
         if strict and (missing or unexpected or mis_shaped):

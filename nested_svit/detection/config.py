@@ -27,8 +27,9 @@ class DetectorConfig:
             raise ValueError(f"img_scale must be two sizes >= 32, got {self.img_scale}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if self.vit.class_token:
-            raise ValueError("detector backbones have no class token")
+        if self.vit.class_token and self.vit.method == "svit":
+            raise ValueError("(S)ViT-Adapter backbones have no class token (only the attention-based baselines' "
+                             "artificial one)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,6 +3,15 @@
 ``vit_adapter_{tiny,small}_maskrcnn``: dense ViT-Adapter Mask R-CNN (DeiT blocks, LayerNorm eps 1e-6).
 ``svit_adapter_{tiny,small}_maskrcnn``: the same with 9 SViT gates before blocks 3-11 (official
 ``SelectiveViTAdapter``; its blocks are ``nn.TransformerEncoderLayer``, eps 1e-5).
+``{dynamicvit,evit,evovit,ats}_adapter_{tiny,small}_maskrcnn``: the paper's baselines as backbones
+(Tables 2 and 5), DeiT blocks (eps 1e-6). Choices the paper leaves open, made here and switchable by
+overrides: the total pruning rate of SViT's targets (blocks 3-5 keep 0.7, 6-8 0.49, 9-11 0.343 of the
+tokens): DynamicViT and EViT prune at 3/6/9 with rate 0.7, Evo-ViT re-selects before every block 3-11
+with SViT's per-block targets (the per-layer variant of the authors' detection code), ATS samples in
+blocks 3-11 (its count is data-dependent); EViT fuses (``fuse_token``) and its dropped tokens keep
+their post-attention value (``evit_preserve``); tokens are preserved (``remove_pruned=True``: the
+extractors and the output read dropped tokens as zero, the injectors still update every token).
+EViT, Evo-ViT and ATS get a randomly initialised class token that the adapter never sees.
 """
 from __future__ import annotations
 
@@ -22,8 +31,19 @@ for _size, (_dim, _heads) in _WIDTHS.items():
         **_vit, block_norm_eps=1e-5, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=SVIT_KEEP_TARGETS,
         prune_cls_last=False))
 
+_BASELINES = {
+    "dynamicvit": dict(method="dynamicvit", gate_blocks=(3, 6, 9), keep_targets=(0.7, 0.7 ** 2, 0.7 ** 3)),
+    "evit": dict(method="evit", class_token=True, gate_blocks=(3, 6, 9), keep_targets=(0.7,) * 3, fuse_token=True),
+    "evovit": dict(method="evovit", class_token=True, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=SVIT_KEEP_TARGETS),
+    "ats": dict(method="ats", class_token=True, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=(1.0,) * 9),
+}
+for _size, (_dim, _heads) in _WIDTHS.items():
+    for _method, _fields in _BASELINES.items():
+        _vit = dict(embed_dim=_dim, num_heads=_heads, class_token=False, num_classes=0, block_norm_eps=1e-6)
+        _DETECTORS[f"{_method}_adapter_{_size}_maskrcnn"] = DetectorConfig(vit=ViTConfig(**{**_vit, **_fields}))
+
 _VIT_OVERRIDES = {"depth", "gate_blocks", "keep_targets", "reactivation", "block_norm_eps", "gate_tau", "embed_dim",
-                  "num_heads"}
+                  "num_heads", "fuse_token", "evit_preserve", "remove_pruned", "evo_tradeoff"}
 
 
 def list_detectors() -> list[str]:
@@ -35,10 +55,10 @@ def is_detector(name: str) -> bool:
 
 
 def dense_detector(name: str) -> str:
-    """``svit_adapter_small_maskrcnn`` -> ``vit_adapter_small_maskrcnn``."""
+    """``svit_adapter_small_maskrcnn`` (or a baseline's) -> ``vit_adapter_small_maskrcnn``."""
     if name not in _DETECTORS:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(list_detectors())}")
-    return name[1:] if name.startswith("svit_") else name
+    return "vit_adapter_" + name.split("_adapter_", 1)[1]
 
 
 def get_detector_config(name: str, **overrides) -> DetectorConfig:
