@@ -306,7 +306,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
         overrides["img_scale"] = scale
     torch.manual_seed(args.seed)
     model = create_detector(args.model, **overrides)
-    gated = model.backbone.num_gates > 0
+    gated = model.backbone.prunes  # SViT or a baseline: fine-tuned from a dense detector with the sparse recipe
     if args.init:
         for note in load_checkpoint(model, args.init, strict=True).notes:
             train_note(note)

@@ -31,7 +31,7 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, count
     if _splits(method, index):
         return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: block.attention_residual(a.values, ctx),
-                          lambda a: block.mlp_residual(a.values),
+                          lambda a: block.mlp_residual(a.values, a.layout),
                           lambda layout: VarlenContext(layout, backend))
     active = gather(x, keep, counts)
     out = block(active.values, VarlenContext(active.layout, backend))

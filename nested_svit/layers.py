@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionContext
+from .tokens import Layout
 
 
 class PatchEmbed(nn.Module):
@@ -71,15 +72,29 @@ class Attention(nn.Module):
 MLP_CHUNK_BYTES = 8 * 2**20
 
 
-def drop_path(branch: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth: in training, zero a residual ``branch [B, ...]`` per sample with probability
-    ``rate`` and scale the rest by ``1 / (1 - rate)`` (timm's DropPath); identity otherwise."""
+def drop_path(branch: Tensor, rate: float, training: bool, layout: "Layout | None" = None) -> Tensor:
+    """Stochastic depth: in training, zero a residual ``branch`` per image with probability ``rate``
+    and scale the rest by ``1 / (1 - rate)`` (timm's DropPath); identity otherwise. ``branch``:
+    dense ``[B, N, C]``, or packed rows ``[T, C]`` of ``layout``'s images."""
     if not training or rate <= 0.0:
         return branch
     if branch.dim() < 3:
-        raise ValueError("drop path needs a dense [B, N, C] batch (the masked execution), not packed rows")
+        if layout is None:
+            raise ValueError("drop path on packed rows needs their layout")
+        keep = branch.new_empty(layout.batch_size).bernoulli_(1.0 - rate)
+        return branch * (keep[layout.image_index] / (1.0 - rate))[:, None]
     keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(1.0 - rate)
     return branch * keep / (1.0 - rate)
+
+
+def _layout_of(context: object) -> "Layout | None":
+    """The packed layout an attention context (or the context it wraps) works on."""
+    while context is not None:
+        layout = getattr(context, "layout", None)
+        if layout is not None:
+            return layout
+        context = getattr(context, "inner", None)
+    return None
 
 
 class Block(nn.Module):
@@ -98,19 +113,19 @@ class Block(nn.Module):
         self.norm1.eps = self.norm2.eps = eps
 
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
-        return self.mlp_residual(self.attention_residual(x, context))
+        return self.mlp_residual(self.attention_residual(x, context), _layout_of(context))
 
     def attention_residual(self, x: Tensor, context: AttentionContext) -> Tensor:
         """``x + attn(norm1(x))``: the first half, after which a pruning method may select tokens."""
-        return x + drop_path(self.attn(self.norm1(x), context), self.drop_path, self.training)
+        return x + drop_path(self.attn(self.norm1(x), context), self.drop_path, self.training, _layout_of(context))
 
-    def mlp_residual(self, x: Tensor) -> Tensor:
+    def mlp_residual(self, x: Tensor, layout: "Layout | None" = None) -> Tensor:
         """``x + mlp(norm2(x))``. Inference on CPU runs it over row chunks whose hidden activations
         stay cache-sized (<= MLP_CHUNK_BYTES), with GELU in place and the result added into ``x``:
         large hidden tensors otherwise cost page faults, memory traffic and peak memory on every
         call (see bench/README.md)."""
         if torch.is_grad_enabled() or (self.training and self.drop_path > 0) or x.device.type != "cpu":
-            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, layout)
         rows = x.numel() // x.shape[-1]
         chunk = max(256, MLP_CHUNK_BYTES // (self.mlp.fc1.out_features * x.element_size()))
         flat = x.view(rows, x.shape[-1])  # x is this block's own fresh tensor: safe to update

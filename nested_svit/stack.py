@@ -102,6 +102,19 @@ class TokenStack(nn.Module):
             block.drop_path = rate * i / max(depth - 1, 1)
         return self
 
+    def training_execution(self) -> str:
+        """The execution training runs in: SViT's gates learn in the masked execution (straight-through
+        Gumbel masks, Eq. 1); the parameter-free baselines (EViT, Evo-ViT, ATS, ToMe) train through their
+        own hard selection in the packed execution, as their authors' code does (gradients flow through
+        the kept, fused or merged tokens)."""
+        method = self.config.method
+        if method == "svit":
+            return "masked"
+        if method == "dynamicvit":
+            raise ValueError("training DynamicViT is not implemented (its predictors learn through Gumbel masks and "
+                             "its own distillation losses); its released weights run for inference")
+        return "packed"
+
     def set_execution(self, mode: str, backend: str | None = None) -> "TokenStack":
         """``packed`` (inference), ``masked`` (training, Eq. 1) or ``reference`` (per-image loop);
         ``backend``: variable-length attention backend for ``packed`` (``auto`` or one of

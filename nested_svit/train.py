@@ -143,6 +143,7 @@ class Trainer:
 
     def __init__(self, model: SparseViT, data: Dataset, cfg: TrainConfig,
                  augment: Callable[[Tensor], Tensor] | None = None, checkpoint_path: str | Path | None = None):
+        model.training_execution()  # a method that cannot train says so before any work
         self.model, self.cfg = model.to(cfg.device), cfg
         self.data = SeededAugment(data, augment, cfg.seed)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -207,17 +208,18 @@ class Trainer:
             feats, usage = model.forward_features(images)
             logits = model.forward_head(feats)
             task = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            ratio = keep_ratio_loss(usage, model.config.keep_targets, cfg.ratio_loss) if model.num_gates else \
+            ratio = keep_ratio_loss(usage, model.config.keep_targets, cfg.ratio_loss) if model.config.method == "svit" \
+                and model.num_gates else \
                 torch.zeros((), device=logits.device)
             loss = task + cfg.ratio_weight * ratio
         skipped = optimizer_step(self, loss, skipped)
-        keep = usage.gate_keep_fraction().tolist() if model.num_gates else []
+        keep = usage.gate_keep_fraction().tolist() if usage.masks else []
         return StepLog(self.epoch, self.global_step, loss.item(), task.item(), ratio.item(), keep,
                        self.opt.param_groups[0]["lr"], skipped)
 
     def fit(self, max_steps: int | None = None, log: Callable[[StepLog], None] | None = None) -> list[StepLog]:
         """Train until ``cfg.epochs`` (or ``max_steps`` more steps); returns the step logs."""
-        self.model.train().set_execution("masked")
+        self.model.train().set_execution(self.model.training_execution())
         return fit_epochs(self, collate_skipping_bad, self.train_step, max_steps, log)
 
 

@@ -104,3 +104,41 @@ def test_dense_detector_checkpoint_loads_with_a_random_class_token(tmp_path):
     assert any("class token" in n for n in report.notes)
     for k, v in dense.state_dict().items():
         assert torch.equal(evit.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("name", ["evit_adapter_tiny_maskrcnn", "ats_adapter_tiny_maskrcnn"])
+def test_parameter_free_baselines_train_in_the_packed_execution(name):
+    """EViT / ATS backbones fine-tune through their own hard selection (the authors' training path):
+    losses finite and falling on a fixed batch, gradients reach the blocks after the first selection
+    and the artificial class token; with drop path on packed rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_detection_training import _batch
+
+    from nested_svit.detection.training import detector_losses
+
+    det = _detector(name).train()
+    det.backbone.set_execution(det.backbone.training_execution()).set_drop_path(0.1)
+    assert det.backbone.execution == "packed"
+    inputs, targets = _batch()
+    opt = torch.optim.AdamW(det.parameters(), lr=2e-4)
+    history = []
+    for _ in range(5):
+        torch.manual_seed(1)
+        losses, usage = detector_losses(det, inputs, targets)
+        assert "loss_ratio" not in losses and all(torch.isfinite(v) for v in losses.values())
+        opt.zero_grad()
+        losses["loss"].backward()
+        grads = {"cls": det.backbone.cls_token.grad, "late": det.backbone.blocks[10].mlp.fc1.weight.grad}
+        assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+        opt.step()
+        history.append(float(losses["loss"]))
+    assert history[-1] < history[0]
+    assert usage.kept_mlp[0, -1] < usage.kept_mlp[0, 0]  # it still prunes while training
+
+
+def test_dynamicvit_training_is_refused_clearly():
+    with pytest.raises(ValueError, match="training DynamicViT is not implemented"):
+        _detector("dynamicvit_adapter_tiny_maskrcnn").backbone.training_execution()

@@ -54,3 +54,15 @@ def test_rates_follow_the_official_rules():
     assert rates[0] == 0.0 and abs(rates[-1] - 0.2) < 1e-12 and abs(rates[6] - 0.2 * 6 / 11) < 1e-12
     extractors = [m for m in backbone.modules() if isinstance(m, Extractor)]
     assert len(extractors) == 6 and all(m.drop_path == 0.2 for m in extractors)
+
+
+def test_drop_path_on_packed_rows_drops_whole_images():
+    from nested_svit.tokens import Layout
+
+    torch.manual_seed(0)
+    layout = Layout.from_lengths([3, 5, 2] * 100)
+    out = drop_path(torch.ones(layout.total, 4), 0.5, training=True, layout=layout)
+    for seq in torch.split(out, list(layout.lengths)):
+        assert torch.all(seq == 0) or torch.all(seq == 2.0)
+    dropped = sum(bool((seq == 0).all()) for seq in torch.split(out, list(layout.lengths)))
+    assert 120 < dropped < 180

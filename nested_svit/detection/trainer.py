@@ -60,6 +60,7 @@ class DetectorTrainer:
     def __init__(self, model: MaskRCNNDetector, data, cfg: DetTrainConfig, checkpoint_path: str | Path | None = None):
         if cfg.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', not {cfg.schedule!r}")
+        model.backbone.training_execution()  # a method that cannot train says so before any work
         self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.steps_per_epoch = len(epoch_batches(len(data), cfg.batch_size, cfg.seed, 0))
@@ -138,7 +139,7 @@ class DetectorTrainer:
         with autocast:
             losses, usage = detector_losses(model, inputs, targets, cfg.ratio_loss, cfg.ratio_weight)
         skipped = optimizer_step(self, losses["loss"], skipped, cfg.clip_grad)
-        keep = usage.gate_keep_fraction().tolist() if model.backbone.num_gates else []
+        keep = usage.gate_keep_fraction().tolist() if usage.masks else []
         return DetStepLog(self.epoch, self.global_step, {k: float(v.detach()) for k, v in losses.items()}, keep,
                           self.opt.param_groups[0]["lr"], skipped)
 
@@ -146,7 +147,7 @@ class DetectorTrainer:
         from ..data.coco import collate_train
 
         cfg, model = self.cfg, self.model
-        model.train().set_execution("masked")
+        model.train().set_execution(model.backbone.training_execution())
         logs = fit_epochs(self, collate_train, self.train_step, max_steps, log)
         if self.epoch < cfg.epochs:  # stopped by max_steps: still training
             return logs

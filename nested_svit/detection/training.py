@@ -49,7 +49,7 @@ def detector_losses(det: MaskRCNNDetector, inputs: Sequence[Tensor], targets: Se
         x = det._roi_features(pyramids, groups, [s.boxes[:s.num_pos] for s in samples], 14)
         mask_logits = det.roi_head.mask_head(x) if x.shape[0] else x.new_zeros(0, det.config.num_classes, 28, 28)
         losses["loss_mask"] = mask_loss(mask_logits, samples, [t["masks"] for t in targets])
-    if det.backbone.num_gates and usage.masks:
+    if det.config.vit.method == "svit" and det.backbone.num_gates and usage.masks:
         losses["loss_ratio"] = ratio_weight * keep_ratio_loss(usage, det.config.vit.keep_targets, ratio_loss)
     losses["loss"] = sum(losses.values())
     return losses, usage
