@@ -67,9 +67,32 @@ def _build(name: str, cfg: DetBenchConfig, pool: list[np.ndarray], device: torch
     torch.manual_seed(cfg.seed)
     model = create_detector(name, img_scale=cfg.img_scale).eval()
     model.config = replace(model.config, rcnn=replace(model.config.rcnn, score_thr=0.0))
-    if cfg.calibrate and model.backbone.num_gates:
+    method = model.config.vit.method
+    if cfg.calibrate and method == "svit" and model.backbone.num_gates:
         model.calibrate_keep(pool)
+    elif cfg.calibrate and method == "ats":  # random class attention is near uniform: sharpen to SViT's pruning rate
+        from ..methods.ats import sharpen_for_benchmark
+
+        inputs, _ = model.preprocess(pool)
+        sharpen_for_benchmark(model.backbone, inputs, _svit_block_flop_ratio(model))
     return model.to(device)
+
+
+def _svit_block_flop_ratio(model: MaskRCNNDetector) -> float:
+    """FLOPs of the ViT blocks at SViT's keep targets over dense, at 1333x800's token count."""
+    from ..benchmark.flops import flops_per_image
+    from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
+
+    vit = model.config.vit
+    n = (800 // vit.patch_size) * (1333 // vit.patch_size)
+    keep = [1.0] * vit.depth
+    for b, t in zip(SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS):
+        keep[b] = t
+    dense = torch.full((1, vit.depth), n, dtype=torch.int64)
+    sparse = (dense * torch.tensor(keep)).round().long()
+    cfg = replace(vit, method="svit", gate_blocks=(), keep_targets=())
+    total = torch.tensor([n])
+    return float(flops_per_image(cfg, sparse, total) / flops_per_image(cfg, dense, total))
 
 
 def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None] | None = None) -> pd.DataFrame:
@@ -98,7 +121,7 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None]
             backbone = count_flops(lambda: call(m, "backbone", len(inputs)))
             dets = call(m, "whole", len(inputs))
             keep = float(np.mean([(d.kept[list(m.config.vit.gate_blocks)].float() / d.total).mean() for d in dets])) \
-                if m.backbone.num_gates else 1.0
+                if m.backbone.prunes else 1.0
             stats[n] = {"whole": whole / len(inputs) / 1e9, "backbone": backbone / len(inputs) / 1e9, "keep": keep,
                         "dets": float(np.mean([len(d.scores) for d in dets]))}
         rows = []

@@ -209,7 +209,7 @@ class MaskRCNNDetector(nn.Module):
 
     def _empty(self, usage: TokenUsage, j: int, meta: ImageMeta) -> Detections:
         z = torch.zeros(0)
-        return Detections(z.view(0, 4), z, z.long(), [], None, usage.kept[j].clone(), int(usage.total[j]), meta)
+        return Detections(z.view(0, 4), z, z.long(), [], None, _kept(usage)[j].clone(), int(usage.total[j]), meta)
 
     def _result(self, det, usage: TokenUsage, j: int, meta: ImageMeta, masks: str | None) -> Detections:
         boxes, scores, labels, bool_masks = (t.cpu() if t is not None else None for t in det)
@@ -219,7 +219,7 @@ class MaskRCNNDetector(nn.Module):
             from .rle import encode_masks
 
             mask_out = encode_masks(bool_masks)
-        return Detections(boxes.float(), scores.float(), labels, names, mask_out, usage.kept[j].clone(),
+        return Detections(boxes.float(), scores.float(), labels, names, mask_out, _kept(usage)[j].clone(),
                           int(usage.total[j]), meta)
 
 
@@ -230,3 +230,8 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _kept(usage) -> "torch.Tensor":
+    """Tokens each block kept per image (after a baseline's selection inside the block)."""
+    return usage.kept if usage.kept_mlp is None else usage.kept_mlp
