@@ -50,8 +50,18 @@ def detector(name: str):
 
 
 def test_registry():
-    assert list_detectors() == ["svit_adapter_small_maskrcnn", "svit_adapter_tiny_maskrcnn",
-                                "vit_adapter_small_maskrcnn", "vit_adapter_tiny_maskrcnn"]
+    assert list_detectors() == sorted(f"{m}_adapter_{s}_maskrcnn" for s in ("tiny", "small")
+                                      for m in ("vit", "svit", "dynamicvit", "evit", "evovit", "ats"))
+    from nested_svit.detection.registry import dense_detector
+
+    assert dense_detector("evit_adapter_small_maskrcnn") == dense_detector("svit_adapter_small_maskrcnn") == \
+        "vit_adapter_small_maskrcnn"
+    # the baselines add only their artificial class token (EViT, Evo-ViT, ATS) or DynamicViT's 3 predictors
+    dense_t = sum(p.numel() for p in create_detector("vit_adapter_tiny_maskrcnn").parameters())
+    assert sum(p.numel() for p in create_detector("evit_adapter_tiny_maskrcnn").parameters()) == dense_t + 192
+    predictor = 2 * 192 + 192 * 192 + 192 + 192 * 96 + 96 + 96 * 48 + 48 + 48 * 2 + 2
+    assert sum(p.numel() for p in create_detector("dynamicvit_adapter_tiny_maskrcnn").parameters()) == \
+        dense_t + 3 * predictor
     # parameter counts of the official models (spec, counted by building them)
     assert sum(p.numel() for p in create_detector("svit_adapter_tiny_maskrcnn").parameters()) == 28_151_618
     assert sum(p.numel() for p in create_detector("vit_adapter_small_maskrcnn").parameters()) == 47_793_152
