@@ -181,8 +181,9 @@ def _calibrate(args: argparse.Namespace, model, transform, device: str) -> dict 
         return None
     if args.calibrate < 1:
         raise ValueError(f"--calibrate must be >= 1 images, got {args.calibrate}")
-    if model.num_gates == 0:
-        raise ValueError(f"{args.model} has no gates to calibrate")
+    if model.num_gates == 0 or model.config.method != "svit":
+        raise ValueError(f"{args.model} has no SViT gates to calibrate (--calibrate shifts SViT gate thresholds; "
+                         f"the {model.config.method} method keeps its own counts)")
     targets = keep_targets_from_cli(args.keep_targets, model.config.keep_targets) if args.keep_targets \
         else list(model.config.keep_targets)
     source = args.calibrate_data or args.data
@@ -492,7 +493,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                               ("--multiscale-crop", args.multiscale_crop),
                                               ("--no-sync-bn", args.no_sync_bn)) if value]
     if detector_only:
-        raise ValueError(f"{', '.join(detector_only)} only apply to detectors; {args.model} is a classifier")
+        verb = "apply" if len(detector_only) > 1 else "applies"
+        raise ValueError(f"{', '.join(detector_only)} only {verb} to detectors; {args.model} is a classifier")
     if not args.data:
         raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
     for key, value in (("epochs", 30), ("batch_size", 64), ("lr", 1e-5), ("gate_lr", 1e-3), ("weight_decay", 0.05),
