@@ -43,11 +43,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 10_007 + rank) % (2 ** 63)
 
 
-def all_ranks(flag: bool, info: DistInfo) -> bool:
-    """True when ``flag`` holds on every rank (every rank must call this)."""
+def all_ranks(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` holds on every rank (every rank must call this; ``device``: where the
+    process group's backend reduces, CUDA for NCCL)."""
     if info.world_size <= 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 

@@ -199,7 +199,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         self.opt.zero_grad(set_to_none=True)
         if images is None:
-            optimizer_step(self, None, skipped)
+            skipped = optimizer_step(self, None, skipped)
             nan = float("nan")
             return StepLog(self.epoch, self.global_step, nan, nan, nan, [], self.opt.param_groups[0]["lr"], skipped)
         images, labels = images.to(cfg.device), labels.to(cfg.device)

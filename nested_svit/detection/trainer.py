@@ -128,7 +128,7 @@ class DetectorTrainer:
         cfg, model = self.cfg, self.model
         self.opt.zero_grad(set_to_none=True)
         # SyncBN all-reduces inside the forward: only when every rank has images this step
-        model.backbone.sync_bn = cfg.sync_bn and all_ranks(bool(inputs), self.dist)
+        model.backbone.sync_bn = cfg.sync_bn and all_ranks(bool(inputs), self.dist, cfg.device)
         if not inputs:
             skipped = optimizer_step(self, None, skipped, cfg.clip_grad)
             return DetStepLog(self.epoch, self.global_step, {}, [], self.opt.param_groups[0]["lr"], skipped)
