@@ -302,3 +302,18 @@ def test_ats_benchmark_sharpening_reaches_the_flop_target():
         flops_per_image(dense_cfg, full, usage.total).mean()
     assert factor > 1 and abs(float(ratio) - 0.7) < 0.02
     assert len(set(usage.kept_mlp[:, -1].tolist())) > 1
+
+
+@pytest.mark.parametrize("backend", ["padded", "nested"])
+def test_every_method_agrees_across_attention_backends(backend):
+    """Mixed-resolution batches: each CPU backend (and the key bias ToMe adds) gives the loop backend's logits."""
+    images = [torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(5)),
+              torch.randn(3, 160, 192, generator=torch.Generator().manual_seed(6))]
+    for name in sorted(CASES):
+        model = _model(name)
+        with torch.inference_mode():
+            model.set_execution("packed", backend="loop")
+            expected = model.forward_head(model.forward_features(images)[0])
+            model.set_execution("packed", backend=backend)
+            got = model.forward_head(model.forward_features(images)[0])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
