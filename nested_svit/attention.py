@@ -167,6 +167,38 @@ def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str =
     return _IMPLS[backend](q, k, v, layout).reshape(t, c3 // 3)
 
 
+def query_subset_attention(qkv: Tensor, num_heads: int, layout: Layout, query_keep: Tensor,
+                           backend: str = "loop") -> Tensor:
+    """Packed ``qkv [T, 3C]`` of ``layout``, ``query_keep [T]`` bool -> ``[T_q, C]``: the attention
+    output of the kept rows only, each against every row (key, value) of its image (ATS's query
+    subset: the other rows' outputs are never computed)."""
+    from .tokens import keep_counts
+
+    t, c3 = qkv.shape
+    q, k, v = _split_heads(qkv, num_heads)
+    counts = keep_counts(query_keep, layout)
+    q_layout = Layout.from_lengths(counts.tolist(), qkv.device)
+    qs = q[query_keep]
+    if backend == "cpu-auto":
+        backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
+    if backend == "padded":
+        qp, kp, vp = pad(qs, q_layout).transpose(1, 2), pad(k, layout).transpose(1, 2), pad(v, layout).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=padding_mask(layout)[:, None, None, :])
+        return unpad(out.transpose(1, 2), q_layout).reshape(-1, c3 // 3)
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(qs, k, v, q_layout.offsets.to(torch.int32), layout.offsets.to(torch.int32),
+                           q_layout.max_len, layout.max_len).reshape(-1, c3 // 3)
+    out = qs.new_empty(qs.shape)  # loop (and nested, whose jagged SDPA would need two layouts): per image
+    qh, kh, vh = qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    for sq, nq, s, n in zip(q_layout.starts, q_layout.lengths, layout.starts, layout.lengths):
+        if nq:
+            out[sq:sq + nq] = F.scaled_dot_product_attention(qh[:, sq:sq + nq], kh[:, s:s + n],
+                                                             vh[:, s:s + n]).transpose(0, 1)
+    return out.reshape(-1, c3 // 3)
+
+
 def masked_attention(qkv: Tensor, num_heads: int, key_keep: Tensor) -> Tensor:
     """``qkv [B, N, 3C]``, ``key_keep [B, N]`` float in [0, 1] -> ``[B, N, C]``.
 
@@ -192,6 +224,11 @@ class DenseContext:
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
         return dense_attention(qkv, num_heads)
 
+    def queries(self, qkv: Tensor, num_heads: int, query_keep: Tensor) -> Tensor:
+        """One image ``qkv [1, N, 3C]``, ``query_keep [N]`` -> ``[1, N_q, C]``."""
+        layout = Layout.uniform(1, qkv.shape[1], qkv.device)
+        return query_subset_attention(qkv[0], num_heads, layout, query_keep)[None]
+
 
 @dataclass(frozen=True)
 class VarlenContext:
@@ -200,6 +237,10 @@ class VarlenContext:
 
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
         return varlen_attention(qkv, num_heads, self.layout, self.backend)
+
+    def queries(self, qkv: Tensor, num_heads: int, query_keep: Tensor) -> Tensor:
+        """Packed ``qkv [T, 3C]``, ``query_keep [T]`` -> ``[T_q, C]`` (``query_subset_attention``)."""
+        return query_subset_attention(qkv, num_heads, self.layout, query_keep, self.backend)
 
 
 @dataclass(frozen=True)

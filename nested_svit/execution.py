@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .attention import DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext
 from .layers import Block
-from .tokens import Layout, Packed, gather, scatter
+from .tokens import Layout, Packed, gather, keep_counts, scatter
 
 if TYPE_CHECKING:
     from .methods.base import MethodRun
@@ -28,6 +28,8 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, count
     variable-length attention, scatter back. No compute on pruned tokens. With a pruning ``method``
     that reads block ``index``'s attention or selects between attention and MLP, the block runs in
     two halves around it (``_run_split``)."""
+    if method is not None and method.selects_queries(index):
+        return _run_query_subset(block, x, keep, counts, method, index, backend)
     if _splits(method, index):
         return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: block.attention_residual(a.values, ctx),
@@ -41,6 +43,8 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, count
 def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
                   method: "MethodRun | None" = None, index: int = -1) -> Packed:
     """Per-image loop: each image's kept tokens through the plain block as a batch of one."""
+    if method is not None and method.selects_queries(index):
+        return _run_query_subset(block, x, keep, counts, method, index, None)
     if _splits(method, index):
         return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: _per_image(a, lambda seq: block.attention_residual(seq, ctx)),
@@ -58,7 +62,43 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, co
 
 
 def _splits(method: "MethodRun | None", index: int) -> bool:
-    return method is not None and (method.records(index) or method.has_mid_selection(index))
+    return method is not None and (method.records(index) or method.has_mid_selection(index)
+                                   or method.selects_queries(index))
+
+
+def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: "MethodRun",
+                      index: int, backend: str | None) -> Packed:
+    """ATS's block: ``qkv`` of the active rows, the method picks the query rows from it, attention and
+    the MLP run for those rows only (keys and values: every active row). Packed (``backend``) or,
+    with ``backend=None``, one image at a time (the reference). Other rows keep their values."""
+    from .methods.base import AttentionRecord
+
+    active = gather(x, keep, counts)
+    rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
+    if backend is None:
+        per_image = [block.qkv_of(seq.unsqueeze(0))[0] for seq in active.unbind()]
+        qkv = torch.cat(per_image, 0) if per_image else active.values.new_zeros(0, 3 * x.values.shape[-1])
+    else:
+        qkv = block.qkv_of(active.values)
+    record = AttentionRecord(rows, active.layout, qkv, block.attn.num_heads)
+    chosen = method.select_queries(index, record)  # [T] bool over the map's rows
+    query_keep = chosen[rows]
+    if backend is None:
+        outs = []
+        for seq, part, q_keep in zip(active.unbind(), torch.split(qkv, list(active.layout.lengths)),
+                                     torch.split(query_keep, list(active.layout.lengths))):
+            if q_keep.any():
+                h = block.attend(seq.unsqueeze(0), part.unsqueeze(0), DenseContext(), q_keep)
+                outs.append(block.mlp_residual(h)[0])
+        out = torch.cat(outs, 0) if outs else x.values[:0]
+    else:
+        h = block.attend(active.values, qkv, VarlenContext(active.layout, backend), query_keep)
+        q_layout = Layout.from_lengths(keep_counts(query_keep, active.layout).tolist(), x.values.device)
+        out = block.mlp_residual(h, q_layout)
+    y = x.values.clone() if torch.is_grad_enabled() else x.values
+    y[rows[query_keep]] = out
+    method.after_block(index, record)
+    return Packed(y, x.layout)
 
 
 def _per_image(a: Packed, fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -117,7 +117,27 @@ class Block(nn.Module):
 
     def attention_residual(self, x: Tensor, context: AttentionContext) -> Tensor:
         """``x + attn(norm1(x))``: the first half, after which a pruning method may select tokens."""
-        return x + drop_path(self.attn(self.norm1(x), context), self.drop_path, self.training, _layout_of(context))
+        return self.attend(x, self.qkv_of(x), context)
+
+    def qkv_of(self, x: Tensor) -> Tensor:
+        """``qkv(norm1(x))``: ``[..., 3C]``, what a method may read before the attention runs."""
+        return self.attn.qkv(self.norm1(x))
+
+    def attend(self, x: Tensor, qkv: Tensor, context: AttentionContext, query_keep: Tensor | None = None) -> Tensor:
+        """``x + proj(attention)`` for every row of ``x``, or with ``query_keep`` (bool over the rows,
+        ``[..., N]``) for those rows only: each kept row's query against every row's key and value
+        (ATS); -> the kept rows ``[..., N_q, C]``."""
+        heads = self.attn.num_heads
+        if query_keep is None:
+            out = self.attn.proj(context(qkv, heads))
+            return x + drop_path(out, self.drop_path, self.training, _layout_of(context))
+        out = self.attn.proj(context.queries(qkv, heads, query_keep))
+        layout = _layout_of(context)
+        if layout is not None and self.training and self.drop_path > 0:
+            from .tokens import keep_counts
+
+            layout = Layout.from_lengths(keep_counts(query_keep, layout).tolist(), x.device)
+        return x[..., query_keep, :] + drop_path(out, self.drop_path, self.training, layout)
 
     def mlp_residual(self, x: Tensor, layout: "Layout | None" = None) -> Tensor:
         """``x + mlp(norm2(x))``. Inference on CPU runs it over row chunks whose hidden activations

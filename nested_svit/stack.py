@@ -234,7 +234,8 @@ class BlockPass:
             counts = None if keep is None else keep_counts(keep, self.layout)
             self.kept_cols.append(self.lengths if counts is None else counts.cpu())
             x = self.runner(self.stack.blocks[i], x, keep, self.backend, counts, self.method, i)
-            mlp_rows = getattr(self.method, "active", None) if self.method.has_mid_selection(i) else None
+            selects = self.method.has_mid_selection(i) or self.method.selects_queries(i)
+            mlp_rows = getattr(self.method, "active", None) if selects else None
             self.mlp_cols.append(self.kept_cols[-1] if mlp_rows is None else keep_counts(mlp_rows, self.layout).cpu())
         self.next_block = stop
         return x

@@ -317,3 +317,18 @@ def test_every_method_agrees_across_attention_backends(backend):
             model.set_execution("packed", backend=backend)
             got = model.forward_head(model.forward_features(images)[0])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "nested"])
+def test_query_subset_attention_equals_rows_of_full_attention(backend):
+    """ATS's query subset: the kept rows' outputs equal those rows of the full attention."""
+    from nested_svit.attention import query_subset_attention, varlen_attention
+    from nested_svit.tokens import Layout
+
+    gen = torch.Generator().manual_seed(2)
+    layout = Layout.from_lengths([6, 1, 9])
+    qkv = torch.randn(layout.total, 3 * 2 * 8, generator=gen)
+    keep = torch.rand(layout.total, generator=gen) > 0.4
+    keep[6] = False  # an image with no kept query
+    full = varlen_attention(qkv, 2, layout, "loop")
+    torch.testing.assert_close(query_subset_attention(qkv, 2, layout, keep, backend), full[keep], atol=1e-6, rtol=1e-6)

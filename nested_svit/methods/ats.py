@@ -8,9 +8,10 @@ inverted at ``K = N0`` (the image's initial patch count) evenly spaced points fr
 positive value to 1: each point keeps the token whose rescaled cumulative score is nearest (the
 first on ties). Distinct picks plus the class token stay; the rest are dropped. So each image keeps
 its own number of tokens. The nearest-point search is ``searchsorted`` over the sorted values
-(O(N log N)), not the release's ``[K, N]`` distance matrix; only the selected tokens' MLP runs.
-Selecting rows after the attention residual equals ATS's query subset: a row's attention output
-depends only on its own query.
+(O(N log N)), not the release's ``[K, N]`` distance matrix. The selection reads only the block's
+``qkv`` (class-token attention row and value norms), so attention, projection and MLP then run for
+the selected rows only, against every active key (``MethodRun.select_queries``); dropped tokens keep
+their value from before the block.
 """
 from __future__ import annotations
 
@@ -48,10 +49,10 @@ def inverse_transform_picks(sorted_cdf: Tensor, valid: Tensor, samples: Tensor) 
 
 
 class ATSRun(SubsetRun):
-    def has_mid_selection(self, i: int) -> bool:
+    def selects_queries(self, i: int) -> bool:
         return i in self.stage_of_block
 
-    def after_attention(self, i: int, y: Tensor, record: AttentionRecord, before: Tensor) -> Tensor | None:
+    def select_queries(self, i: int, record: AttentionRecord) -> Tensor:
         bp, layout = self.block_pass, record.layout
         first = torch.zeros(layout.total, dtype=torch.bool, device=record.rows.device)
         first[layout.first_rows] = True

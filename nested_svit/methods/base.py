@@ -109,6 +109,15 @@ class MethodRun:
     def has_mid_selection(self, i: int) -> bool:
         return False
 
+    def selects_queries(self, i: int) -> bool:
+        """Whether block ``i`` computes attention (and the MLP) only for the rows ``select_queries``
+        picks from its ``qkv`` (ATS); the other rows are dropped without being computed."""
+        return False
+
+    def select_queries(self, i: int, record: AttentionRecord) -> Tensor:
+        """``[T]`` bool over the map's rows: the rows whose attention output and MLP block ``i`` computes."""
+        raise NotImplementedError
+
     def key_bias(self, i: int) -> Tensor | None:
         """``[T]`` additive bias of each row as a key in block ``i``'s attention (ToMe: log size)."""
         return None
