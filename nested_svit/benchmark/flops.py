@@ -2,8 +2,8 @@
 
 Per block with ``n`` tokens into attention, ``q`` of them needing an attention output and ``m`` into
 the MLP: qkv ``6 n C^2``, attention ``4 q n C`` (QK^T and AV rows), proj ``2 q C^2``, MLP ``16 m C^2``
-(2 FLOPs per MAC, mlp_ratio 4). ``q = n`` except for ATS, whose selection needs only the kept
-queries' rows (``q = m``; the engine computes all rows, so its measured efficiency shows that).
+(2 FLOPs per MAC, mlp_ratio 4). ``q = n`` except for ATS, whose selection precedes the attention, so
+only the kept queries' rows are computed (``q = m``).
 Selectors: SViT gate over all ``N`` tokens ``2 N (C C/4 + C/4 2)``; DynamicViT predictor over the
 active patch tokens ``2 n (C^2 + C C/2 + C/2 C/4 + C/4 2)``; class-attention row (EViT, Evo-ViT, ATS)
 ``2 n C`` per block that reads it; ToMe matching ``2 (n/2)^2 d`` per block (``d`` the head dim).
