@@ -27,7 +27,8 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, count
     """Gather the active tokens of all images, run the block once on ``[T_active, C]`` with
     variable-length attention, scatter back. No compute on pruned tokens. With a pruning ``method``
     that reads block ``index``'s attention or selects between attention and MLP, the block runs in
-    two halves around it (``_run_split``)."""
+    two halves around it (``_run_split``); one that picks the block's queries from its ``qkv`` gets
+    attention and MLP for those rows only (``_run_query_subset``)."""
     if method is not None and method.selects_queries(index):
         return _run_query_subset(block, x, keep, counts, method, index, backend)
     if _splits(method, index):
