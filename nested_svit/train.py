@@ -138,7 +138,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Trainer:
+class TrainingCheckpoints:
+    """``save`` / ``resume`` of a trainer's full state (``state_dict``: model, optimizer, scheduler, RNG,
+    position), shared by the classifier and detector trainers. Files load with ``weights_only=True``."""
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.checkpoint_path)
+        state = self.state_dict()
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.cfg.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot resume from {path} (not a training checkpoint of this nested_svit version: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --restart") from e
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError(f"{path} is not a training checkpoint (no optimizer state); use --init to start from "
+                             "its weights, or another --out")
+        if state.get("model_name") not in (None, self.model.name):
+            raise ValueError(f"{path} is a training checkpoint of model {state['model_name']!r}, not {self.model.name!r}; "
+                             "use another --out or pass --restart")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.skipped = state.get("skipped", 0)
+        _set_rng_state(state["rng"])
+
+
+class Trainer(TrainingCheckpoints):
     """Fine-tunes ``model`` on ``data`` (a data set of ``(image [3,H,W], label)``)."""
 
     def __init__(self, model: SparseViT, data: Dataset, cfg: TrainConfig,
@@ -167,31 +197,6 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "skipped": self.skipped,
                 "train_config": asdict(self.cfg), "model_name": self.model.name,
                 "model_config": asdict(self.model.config), "class_names": getattr(self.model, "class_names", None)}
-
-    def save(self, path: str | Path | None = None) -> Path:
-        path = Path(path or self.checkpoint_path)
-        state = self.state_dict()
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        return path
-
-    def resume(self, path: str | Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.cfg.device, weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot resume from {path} (not a training checkpoint of this nested_svit version: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --restart") from e
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise ValueError(f"{path} is not a training checkpoint (no optimizer state); use --init to start from "
-                             "its weights, or another --out")
-        if state.get("model_name") not in (None, self.model.name):
-            raise ValueError(f"{path} is a training checkpoint of model {state['model_name']!r}, not {self.model.name!r}; "
-                             "use another --out or pass --restart")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.skipped = state.get("skipped", 0)
-        _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ loop
     def train_step(self, images: Tensor | None, labels: Tensor | None, skipped: int = 0) -> StepLog:

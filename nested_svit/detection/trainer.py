@@ -12,9 +12,8 @@ from typing import Callable
 
 import torch
 
-from ..io import atomic_write
 from ..parallel import all_ranks, broadcast_state, current
-from ..train import _rng_state, _set_rng_state, epoch_batches, fit_epochs, optimizer_step
+from ..train import TrainingCheckpoints, _rng_state, epoch_batches, fit_epochs, optimizer_step
 from .detector import MaskRCNNDetector
 from .training import detector_losses
 
@@ -56,7 +55,7 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(("pos_embed", "level_embed"))
 
 
-class DetectorTrainer:
+class DetectorTrainer(TrainingCheckpoints):
     def __init__(self, model: MaskRCNNDetector, data, cfg: DetTrainConfig, checkpoint_path: str | Path | None = None):
         if cfg.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', not {cfg.schedule!r}")
@@ -98,29 +97,6 @@ class DetectorTrainer:
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": _rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "skipped": self.skipped, "train_config": asdict(self.cfg)}
-
-    def save(self, path: str | Path | None = None) -> Path:
-        path = Path(path or self.checkpoint_path)
-        state = self.state_dict()
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        return path
-
-    def resume(self, path: str | Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.cfg.device, weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot resume from {path}: {str(e).splitlines()[0] if str(e) else e!r}; pass --restart") from e
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise ValueError(f"{path} is not a training checkpoint; use --init to start from its weights")
-        if state.get("model_name") != self.model.name:
-            raise ValueError(f"{path} trains {state.get('model_name')!r}, not {self.model.name!r}; use another --out "
-                             "or --restart")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.skipped = state.get("skipped", 0)
-        _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ loop
     def train_step(self, inputs: list, targets: list, skipped: int = 0) -> DetStepLog:
