@@ -156,7 +156,7 @@ def main() -> None:
         from nested_svit import load_checkpoint as _load
         from nested_svit.detection import create_detector as _create
         from nested_svit.detection.checkpoint import save_detector_checkpoint
-        from nested_svit.detection.preprocess import read_image as _read
+        from nested_svit.detection import read_image as _read
 
         t0 = time.perf_counter()
         m = _create("svit_adapter_tiny_maskrcnn", img_scale=(256, 192), num_classes=10,
@@ -186,7 +186,7 @@ def main() -> None:
         m = create_detector(model_name, img_scale=(256, 192), num_classes=10)
         load_checkpoint(m, ckpt)
         models[name] = m.eval()
-    from nested_svit.detection.preprocess import read_image
+    from nested_svit.detection import read_image
 
     pool = [read_image(work / "val" / f"val_{i:05d}.png") for i in range(4)]  # the four canvas shapes
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from torchvision.transforms import functional as TF
 from nested_svit import SparseViT, create_model, load_checkpoint
 from nested_svit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from nested_svit.registry import SVIT_KEEP_TARGETS
-from nested_svit.train import TrainConfig, Trainer
+from nested_svit.training import TrainConfig, Trainer
 
 
 def load_digits() -> tuple[TensorDataset, TensorDataset]:

@@ -1,11 +1,21 @@
 """nested_svit: token-pruned Vision Transformers (SViT) on ragged token batches."""
 from .checkpoint import load_checkpoint
-from .config import ViTConfig
+from .config import Pruning, ViTConfig
 from .model import SparseViT, TokenUsage
 from .registry import create_model, list_models
 from .tokens import Layout, Packed
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "SparseViT", "TokenUsage", "ViTConfig",
-           "Layout", "Packed", "__version__"]
+__all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "SparseViT",
+           "TokenUsage", "ViTConfig", "Pruning", "Layout", "Packed", "__version__"]
+
+
+def __getattr__(name: str):
+    """``create_detector`` / ``list_detectors`` import the detection package (OpenCV, torchvision ops)
+    only when asked for."""
+    if name in ("create_detector", "list_detectors"):
+        from . import detection
+
+        return getattr(detection, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,56 +1,139 @@
-"""Model configuration: architecture, where gates sit, and their keep-ratio targets (data, not code)."""
+"""Model configuration as data: the ViT's architecture (``ViTConfig``) and the pruning method acting on
+it (``Pruning``). Nothing here knows a method: a method checks its own options when a model is built
+(``methods/``).
+
+Configs written before the pruning object existed were flat (``method``, ``gate_blocks``,
+``keep_targets``, ``remove_pruned`` and nine per-method options as ``ViTConfig`` fields). They still
+construct a ``ViTConfig`` (``ViTConfig(**old_dict)``, ``replace(config, gate_blocks=...)``): the flat
+names are folded into ``pruning``; an option at its old default is simply left out.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# flat names of the pruning object's fields in configs before it existed
+LEGACY_PRUNING_FIELDS = {"method": "method", "gate_blocks": "blocks", "keep_targets": "keep_targets",
+                         "remove_pruned": "remove_pruned"}
+# flat per-method options of those configs, with the defaults they had (each method's options dataclass
+# has the same default, so leaving a default out loses nothing)
+LEGACY_OPTION_DEFAULTS: dict[str, Any] = {
+    "prune_cls_last": True, "reactivation": True, "gate_norm_eps": 1e-5, "gate_tau": 1.0,  # svit (and dynamicvit eps)
+    "fuse_token": False, "evit_preserve": "attention", "evo_tradeoff": 0.5, "tome_r": 0, "readout": "cls",
+}
 
 
 @dataclass(frozen=True)
-class ViTConfig:
-    embed_dim: int
-    num_heads: int
-    depth: int = 12
-    patch_size: int = 16
-    img_size: int = 224
-    in_chans: int = 3
-    class_token: bool = True  # False: no class token, nothing protected (detection backbones)
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    gate_blocks: tuple[int, ...] = ()  # 0-based block indices preceded by a gate
-    keep_targets: tuple[float, ...] = ()  # one target keep ratio per gate
-    prune_cls_last: bool = True  # the last gate may prune the class token (official release)
-    reactivation: bool = True  # False: keep_l <- keep_l & keep_{l-1} (paper's ablation)
-    block_norm_eps: float = 1e-6  # timm; the official SViT blocks (nn.TransformerEncoderLayer) use 1e-5
-    norm_eps: float = 1e-6
-    gate_norm_eps: float = 1e-5
-    gate_tau: float = 1.0
-    # the pruning method (nested_svit/methods): "svit" (gates; dense without gate_blocks), "dynamicvit",
-    # "evit", "evovit", "ats"; gate_blocks are where it acts, keep_targets its per-stage keep rates
+class Pruning:
+    """Which method prunes (``methods.METHODS``), the blocks it acts at (0-based), one keep target per
+    such block, remove (``True``: rows not active at the end read as zero) vs preserve, and the method's
+    own options: its options dataclass, or a dict of its fields (``None``: its defaults)."""
+
     method: str = "svit"
-    fuse_token: bool = False  # evit: dropped tokens fused into one extra token per stage
-    evit_preserve: str = "attention"  # evit: a dropped token keeps its post-attention value, or "input"
-    evo_tradeoff: float = 0.5  # evovit: score <- (1 - t) score + t attention after the first selection
-    tome_r: int = 0  # tome: tokens merged per block
-    readout: str = "cls"  # classifier head input: "cls" token, or "mean" of patch tokens then norm (evovit)
-    remove_pruned: bool = False  # True: rows not active at the end are zero in the output map ("remove")
+    blocks: tuple[int, ...] = ()
+    keep_targets: tuple[float, ...] = ()
+    remove_pruned: bool = False
+    options: Mapping[str, Any] | Any = None
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; choose from {METHODS}")
-        if self.readout not in ("cls", "mean"):
-            raise ValueError(f"readout must be 'cls' or 'mean', not {self.readout!r}")
-        if self.evit_preserve not in ("attention", "input"):
-            raise ValueError(f"evit_preserve must be 'attention' or 'input', not {self.evit_preserve!r}")
-        if self.method != "svit" and not self.class_token and self.method != "dynamicvit":
-            raise ValueError(f"{self.method} selects with the class token's attention: it needs class_token=True")
-        if len(self.gate_blocks) != len(self.keep_targets):
-            raise ValueError(f"{len(self.gate_blocks)} gates but {len(self.keep_targets)} keep targets")
-        if any(not 0 <= b < self.depth for b in self.gate_blocks) or list(self.gate_blocks) != sorted(set(self.gate_blocks)):
-            raise ValueError(f"gate_blocks {self.gate_blocks} must be increasing block indices in [0, {self.depth})")
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        object.__setattr__(self, "keep_targets", tuple(float(t) for t in self.keep_targets))
+        options = self.options
+        if dataclasses.is_dataclass(options) and not isinstance(options, type):
+            options = dataclasses.asdict(options)
+        object.__setattr__(self, "options", dict(options or {}))
+        if len(self.blocks) != len(self.keep_targets):
+            raise ValueError(f"{len(self.blocks)} pruning blocks but {len(self.keep_targets)} keep targets")
+        if list(self.blocks) != sorted(set(self.blocks)):
+            raise ValueError(f"pruning blocks {self.blocks} must be increasing block indices")
         if any(not 0.0 <= t <= 1.0 for t in self.keep_targets):
             raise ValueError(f"keep targets {self.keep_targets} must lie in [0, 1]")
 
+    def with_options(self, **changes: Any) -> "Pruning":
+        """A copy with options changed; an option set to its old flat default is dropped."""
+        options = dict(self.options)
+        for key, value in changes.items():
+            if key in LEGACY_OPTION_DEFAULTS and value == LEGACY_OPTION_DEFAULTS[key]:
+                options.pop(key, None)
+            else:
+                options[key] = value
+        return dataclasses.replace(self, options=options)
+
+
+_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "depth": 12, "patch_size": 16, "img_size": 224, "in_chans": 3,
+    "class_token": True,  # False: no class token (detection backbones)
+    "mlp_ratio": 4.0, "num_classes": 1000,
+    "block_norm_eps": 1e-6,  # timm; the official SViT blocks (nn.TransformerEncoderLayer) use 1e-5
+    "norm_eps": 1e-6,
+}
+
+
+@dataclass(frozen=True, init=False)
+class ViTConfig:
+    """The ViT's architecture and the ``pruning`` acting on it. ``gate_blocks``, ``keep_targets``,
+    ``method`` and ``remove_pruned`` read the pruning object; the constructor also takes the flat names
+    of older configs (see the module docstring)."""
+
+    embed_dim: int
+    num_heads: int
+    depth: int
+    patch_size: int
+    img_size: int
+    in_chans: int
+    class_token: bool
+    mlp_ratio: float
+    num_classes: int
+    block_norm_eps: float
+    norm_eps: float
+    pruning: Pruning = field(default_factory=Pruning)
+
+    def __init__(self, embed_dim: int, num_heads: int, pruning: Pruning | Mapping | None = None, **kwargs: Any):
+        flat = {k: kwargs.pop(k) for k in list(kwargs) if k in LEGACY_PRUNING_FIELDS or k in LEGACY_OPTION_DEFAULTS}
+        unknown = sorted(set(kwargs) - set(_ARCHITECTURE_DEFAULTS))
+        if unknown:
+            raise TypeError(f"ViTConfig got unknown field(s) {unknown}")
+        values = {**_ARCHITECTURE_DEFAULTS, **kwargs, "embed_dim": embed_dim, "num_heads": num_heads}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        if isinstance(pruning, Mapping):
+            pruning = Pruning(**pruning)
+        pruning = pruning or Pruning()
+        renamed = {LEGACY_PRUNING_FIELDS[k]: v for k, v in flat.items() if k in LEGACY_PRUNING_FIELDS}
+        if renamed:
+            pruning = dataclasses.replace(pruning, **renamed)
+        options = {k: v for k, v in flat.items() if k in LEGACY_OPTION_DEFAULTS}
+        if options:
+            pruning = pruning.with_options(**options)
+        object.__setattr__(self, "pruning", pruning)
+        if any(not 0 <= b < self.depth for b in pruning.blocks):
+            raise ValueError(f"pruning blocks {pruning.blocks} must be block indices in [0, {self.depth})")
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "ViTConfig":
+        """A config as ``dataclasses.asdict`` wrote it, or the flat dict of an older file."""
+        return ViTConfig(**dict(d))
+
+    # ------------------------------------------------------------------ the pruning object, read flat
+    @property
+    def method(self) -> str:
+        return self.pruning.method
+
+    @property
+    def gate_blocks(self) -> tuple[int, ...]:
+        """Blocks the method acts at (SViT: each preceded by a gate)."""
+        return self.pruning.blocks
+
+    @property
+    def keep_targets(self) -> tuple[float, ...]:
+        return self.pruning.keep_targets
+
+    @property
+    def remove_pruned(self) -> bool:
+        return self.pruning.remove_pruned
+
+    # ------------------------------------------------------------------ geometry
     @property
     def grid(self) -> tuple[int, int]:
         return self.img_size // self.patch_size, self.img_size // self.patch_size

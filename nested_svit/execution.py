@@ -7,23 +7,21 @@ Tokens not kept keep their previous values (preserve), so any later gate may pic
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .attention import DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext
 from .layers import Block
+from .methods.base import AttentionRecord, MethodRun
 from .tokens import Layout, Packed, gather, keep_counts, scatter
-
-if TYPE_CHECKING:
-    from .methods.base import MethodRun
 
 EXECUTIONS = ("packed", "masked", "reference")
 
 
 def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
-               method: "MethodRun | None" = None, index: int = -1) -> Packed:
+               method: MethodRun | None = None, index: int = -1) -> Packed:
     """Gather the active tokens of all images, run the block once on ``[T_active, C]`` with
     variable-length attention, scatter back. No compute on pruned tokens. With a pruning ``method``
     that reads block ``index``'s attention or selects between attention and MLP, the block runs in
@@ -42,7 +40,7 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, count
 
 
 def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
-                  method: "MethodRun | None" = None, index: int = -1) -> Packed:
+                  method: MethodRun | None = None, index: int = -1) -> Packed:
     """Per-image loop: each image's kept tokens through the plain block as a batch of one."""
     if method is not None and method.selects_queries(index):
         return _run_query_subset(block, x, keep, counts, method, index, None)
@@ -62,18 +60,16 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, co
     return Packed(out, x.layout)
 
 
-def _splits(method: "MethodRun | None", index: int) -> bool:
+def _splits(method: MethodRun | None, index: int) -> bool:
     return method is not None and (method.records(index) or method.has_mid_selection(index)
                                    or method.selects_queries(index))
 
 
-def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: "MethodRun",
+def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: MethodRun,
                       index: int, backend: str | None) -> Packed:
     """ATS's block: ``qkv`` of the active rows, the method picks the query rows from it, attention and
     the MLP run for those rows only (keys and values: every active row). Packed (``backend``) or,
     with ``backend=None``, one image at a time (the reference). Other rows keep their values."""
-    from .methods.base import AttentionRecord
-
     active = gather(x, keep, counts)
     rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
     if backend is None:
@@ -130,13 +126,11 @@ class _PerImageRecording:
         return torch.cat(self.parts, 0)
 
 
-def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: "MethodRun", index: int,
+def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: MethodRun, index: int,
                attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object],
                per_image: bool = False) -> Packed:
     """Attention half on the active rows, the method's record / selection, MLP half on the rows it
     keeps. Rows dropped between the halves keep their post-attention value in the map."""
-    from .methods.base import AttentionRecord
-
     active = gather(x, keep, counts)
     rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
     ctx = context(active.layout)
@@ -172,7 +166,7 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | No
 
 
 def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
-               method: "MethodRun | None" = None, index: int = -1) -> Packed:
+               method: MethodRun | None = None, index: int = -1) -> Packed:
     """Training path (Eq. 1): dense ``[B, N, C]``; pruned keys masked out of every softmax;
     output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``). Images of different token
     counts (mixed resolutions) run as one dense batch per image."""

@@ -6,13 +6,11 @@ and executions are the shared ``TokenStack`` (``stack.py``).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from .config import ViTConfig
-from .stack import Images, TokenStack, TokenUsage, keep_threshold_shift  # noqa: F401 (re-exported)
+from .stack import Images, RunFactory, TokenStack, TokenUsage  # noqa: F401 (TokenUsage re-exported)
 from .tokens import Layout, Packed
 
 
@@ -33,10 +31,15 @@ class SparseViT(TokenStack):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def readout(self) -> str:
+        """What the head reads: ``cls`` (the class token) or ``mean`` (of the patch tokens; Evo-ViT)."""
+        return self.method.readout(self.options)
+
     # ------------------------------------------------------------------ forward
-    def forward_tokens(self, x: Packed, calibrate: Sequence[float] | None = None) -> tuple[Packed, TokenUsage]:
+    def forward_tokens(self, x: Packed, run: RunFactory | None = None) -> tuple[Packed, TokenUsage]:
         """Run every block on the packed feature map; returns the map (before ``norm``) and usage."""
-        block_pass = self.begin(x, calibrate)
+        block_pass = self.begin(x, run)
         x = block_pass.readout(block_pass.run(x, 0, self.config.depth))
         if self.slots:  # virtual rows (EViT's fused tokens) are not part of the output map
             real = ~block_pass.slot_mask
@@ -53,7 +56,7 @@ class SparseViT(TokenStack):
                                self.config.gate_blocks)
             return images.new_zeros(0, n, self.config.embed_dim), usage
         x, usage = self.forward_tokens(self.embed(images))
-        if self.config.readout == "cls":
+        if self.readout == "cls":
             x = x.with_values(self.norm(x.values))
         return (x.to_dense() if isinstance(images, Tensor) else x), usage
 
@@ -61,7 +64,7 @@ class SparseViT(TokenStack):
         """Class token (or the mean token without one) -> logits ``[B, num_classes]``. With
         ``readout="mean"`` (Evo-ViT) ``feats`` are the un-normed tokens: ``head(norm(mean of the
         patch tokens))``."""
-        if self.config.readout == "mean":
+        if self.readout == "mean":
             skip = 1 if self.cls_token is not None else 0
             pooled = feats[:, skip:].mean(1) if isinstance(feats, Tensor) else \
                 torch.stack([v[skip:].mean(0) for v in feats.unbind()])

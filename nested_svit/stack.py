@@ -9,7 +9,7 @@ back loop as the classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +18,11 @@ from .attention import resolve_backend
 from .config import ViTConfig
 from .execution import EXECUTIONS, RUNNERS
 from .layers import Block, PatchEmbed, resize_pos_embed
-from .methods import RUNS, make_gates, virtual_slots
+from .methods import MethodRun, get_method
 from .tokens import Packed, keep_counts
 
 Images = Tensor | Sequence[Tensor]
+RunFactory = Callable[["BlockPass"], MethodRun]
 
 
 @dataclass
@@ -60,10 +61,13 @@ class TokenUsage:
 
 
 class TokenStack(nn.Module):
-    """Patch embedding + blocks + selectors of ``config``; subclasses add what reads the tokens."""
+    """Patch embedding + blocks + selectors of ``config``; subclasses add what reads the tokens.
+    ``method``: the pruning method's descriptor (``methods.Method``), ``options`` its checked options."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
+        self.method = get_method(config.pruning.method)
+        self.options = self.method.resolve_options(config)
         self.config = config
         self.name = "custom"
         c = config.embed_dim
@@ -73,8 +77,8 @@ class TokenStack(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, c))
         self.blocks = nn.ModuleList(Block(c, config.num_heads, config.mlp_ratio, config.block_norm_eps)
                                     for _ in range(config.depth))
-        self.gates = nn.ModuleList(make_gates(config))
-        self.slots = virtual_slots(config)  # extra rows per image a method writes (EViT's fused tokens)
+        self.gates = nn.ModuleList(self.method.make_selectors(config, self.options))
+        self.slots = self.method.virtual_rows(config, self.options)  # extra rows per image (EViT's fused tokens)
         self.execution = "packed"
         self.backend = "auto"
         self.gates_open = False  # True: every gate keeps every token (dense behaviour, gate cost still paid)
@@ -103,17 +107,12 @@ class TokenStack(nn.Module):
         return self
 
     def training_execution(self) -> str:
-        """The execution training runs in: SViT's gates learn in the masked execution (straight-through
-        Gumbel masks, Eq. 1); the parameter-free baselines (EViT, Evo-ViT, ATS, ToMe) train through their
-        own hard selection in the packed execution, as their authors' code does (gradients flow through
-        the kept, fused or merged tokens)."""
-        method = self.config.method
-        if method == "svit":
-            return "masked"
-        if method == "dynamicvit":
-            raise ValueError("training DynamicViT is not implemented (its predictors learn through Gumbel masks and "
-                             "its own distillation losses); its released weights run for inference")
-        return "packed"
+        """The execution training runs in, as the method says (SViT's gates: masked, straight-through
+        Gumbel masks, Eq. 1; the parameter-free baselines: packed, through their own hard selection, as
+        their authors' code does); a method that cannot train raises its reason."""
+        if self.method.train_execution is None:
+            raise ValueError(self.method.train_refusal or f"{self.method.title} cannot be trained here")
+        return self.method.train_execution
 
     def set_execution(self, mode: str, backend: str | None = None) -> "TokenStack":
         """``packed`` (inference), ``masked`` (training, Eq. 1) or ``reference`` (per-image loop);
@@ -159,36 +158,27 @@ class TokenStack(nn.Module):
                 seqs[i] = seq
         return Packed.from_list(seqs)
 
-    def begin(self, x: Packed, calibrate: Sequence[float] | None = None) -> "BlockPass":
-        """Start a forward through the blocks on feature map ``x`` (its layout fixes the images)."""
-        return BlockPass(self, x, calibrate)
+    def begin(self, x: Packed, run: RunFactory | None = None) -> "BlockPass":
+        """Start a forward through the blocks on feature map ``x`` (its layout fixes the images);
+        ``run``: the method's per-forward state to use (default: ``method.run``)."""
+        return BlockPass(self, x, run)
 
     # ------------------------------------------------------------------ calibration
-    def forward_usage(self, images: Images, calibrate: Sequence[float] | None = None) -> TokenUsage:
-        """Run far enough to know every gate's decisions; subclasses with other layers override."""
+    def forward_usage(self, images: Images, run: RunFactory | None = None) -> TokenUsage:
+        """Run far enough to know every selection; subclasses with other layers override."""
         x = self.embed(images)
-        block_pass = self.begin(x, calibrate)
+        block_pass = self.begin(x, run)
         block_pass.run(x, 0, self.config.depth)
         return block_pass.usage()
 
-    @torch.no_grad()
     def calibrate_keep(self, images: Images, targets: Sequence[float] | None = None) -> list[float]:
-        """Shift each gate's keep/prune logit bias so that, on ``images``, the batch-average keep
-        fraction of gate ``l`` (over the tokens it decides on) equals ``targets[l]`` (default: the
-        config's keep targets). Gates are calibrated in order, each on the feature map produced by
-        the already calibrated earlier gates. Per-image counts still vary. Returns the fractions
-        reached."""
-        if self.config.method != "svit":
-            raise ValueError(f"calibration shifts SViT gate thresholds; {self.config.method} keeps fixed or "
-                             "sampled counts (set keep_targets in the config instead)")
-        targets = validate_keep_targets(self.config.keep_targets if targets is None else targets, self.num_gates)
-        saved = (self.execution, self.gates_open)
-        self.execution, self.gates_open = "packed", False
-        try:
-            usage = self.forward_usage(images, calibrate=targets)
-        finally:
-            self.execution, self.gates_open = saved
-        return usage.gate_keep_fraction().tolist()
+        """Shift the method's thresholds so that the batch-average keep fractions on ``images`` equal
+        ``targets`` (default: the config's keep targets), without retraining (SViT:
+        ``methods.svit.calibrate_gates``). -> the fractions reached."""
+        if self.method.calibrate is None:
+            raise ValueError(f"{self.method.title} keeps its own token counts: it has no thresholds to calibrate "
+                             "(set its keep targets in the config instead)")
+        return self.method.calibrate(self, images, targets)
 
 
 class BlockPass:
@@ -201,9 +191,8 @@ class BlockPass:
     ``slot_mask`` / ``slot_rows [B, S]`` (virtual rows, EViT's fused tokens), ``patches [B]`` (each
     image's patch-token count, the base of the baselines' keep counts)."""
 
-    def __init__(self, stack: TokenStack, x: Packed, calibrate: Sequence[float] | None = None):
+    def __init__(self, stack: TokenStack, x: Packed, run: RunFactory | None = None):
         self.stack = stack
-        self.calibrate = calibrate
         self.runner = RUNNERS[stack.execution]
         self.backend = resolve_backend(stack.backend, x.values.device, x.values.dtype)
         self.layout = x.layout
@@ -220,7 +209,7 @@ class BlockPass:
         self.patches = (self.lengths - int(stack.cls_token is not None)).to(device)
         self.kept_cols: list[Tensor] = []
         self.mlp_cols: list[Tensor] = []
-        self.method = RUNS[stack.config.method](self)
+        self.method: MethodRun = (run or stack.method.run)(self)  # the method's state for this forward
         self.next_block = 0
 
     def run(self, x: Packed, start: int, stop: int) -> Packed:
@@ -229,13 +218,11 @@ class BlockPass:
             raise ValueError(f"blocks must run in order: expected block {self.next_block}, got {start}")
         for i in range(start, stop):
             keep = self.method.before_block(i, x)
-            if keep is not None and self.stack.slots == 0 and self.stack.config.method != "svit" and bool(keep.all()):
-                keep = None  # every row: the plain path
             counts = None if keep is None else keep_counts(keep, self.layout)
             self.kept_cols.append(self.lengths if counts is None else counts.cpu())
             x = self.runner(self.stack.blocks[i], x, keep, self.backend, counts, self.method, i)
             selects = self.method.has_mid_selection(i) or self.method.selects_queries(i)
-            mlp_rows = getattr(self.method, "active", None) if selects else None
+            mlp_rows = self.method.active if selects else None
             self.mlp_cols.append(self.kept_cols[-1] if mlp_rows is None else keep_counts(mlp_rows, self.layout).cpu())
         self.next_block = stop
         return x
@@ -254,51 +241,5 @@ class BlockPass:
         empty = torch.zeros(len(self.lengths), 0, dtype=torch.int64)
         kept = torch.stack(self.kept_cols, 1) if self.kept_cols else empty
         kept_mlp = torch.stack(self.mlp_cols, 1) if self.mlp_cols else empty
-        return TokenUsage(kept, self.lengths, self.stack.config.gate_blocks, getattr(self.method, "masks", []),
-                          getattr(self.method, "decided", []), kept_mlp)
-
-
-def validate_keep_targets(targets: object, num_gates: int) -> list[float]:
-    """A sequence of ``num_gates`` numbers in [0, 1] -> list of floats; anything else is a ValueError."""
-    import math
-
-    if hasattr(targets, "tolist") and not isinstance(targets, Tensor):  # numpy arrays
-        targets = targets.tolist()
-    if isinstance(targets, (str, bytes, Tensor)) or not isinstance(targets, Sequence):
-        raise ValueError(f"keep targets must be a list of {num_gates} numbers in [0, 1], got {type(targets).__name__}")
-    out = []
-    for t in targets:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 <= t <= 1.0:
-            raise ValueError(f"keep targets must be numbers in [0, 1], got {t!r}")
-        out.append(float(t))
-    if len(out) != num_gates:
-        raise ValueError(f"{len(out)} keep targets for {num_gates} gates")
-    return out
-
-
-def keep_targets_from_cli(value: str, defaults: Sequence[float]) -> list[float]:
-    """``--keep-targets``: one value per gate ("0.7,0.7,...") or one scale factor for the model's
-    schedule ("0.8": every target times 0.8, clipped to [0, 1])."""
-    try:
-        values = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas") from None
-    if len(values) == 1 and len(defaults) != 1:
-        if not values[0] >= 0:
-            raise ValueError(f"--keep-targets scale factor must be >= 0, got {value}")
-        return [min(1.0, t * values[0]) for t in defaults]
-    return validate_keep_targets(values, len(defaults))
-
-
-def keep_threshold_shift(margin: Tensor, target: float) -> float:
-    """Shift ``s`` such that ``(margin + s > 0).mean()`` is as close as possible to ``target``."""
-    n = margin.numel()
-    if n == 0:
-        return 0.0
-    d = margin.float().sort(descending=True).values
-    k = min(max(round(target * n), 0), n)
-    if k == 0:
-        return float(-d[0] - 1.0)
-    if k == n:
-        return float(-d[-1] + 1.0)
-    return float(-(d[k - 1] + d[k]) / 2)
+        return TokenUsage(kept, self.lengths, self.stack.config.gate_blocks, self.method.masks, self.method.decided,
+                          kept_mlp)

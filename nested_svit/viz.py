@@ -1,13 +1,14 @@
-"""Plots: throughput vs batch size."""
+"""Plots: throughput vs batch size (classifier and detector sweeps), and token-usage pictures."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pandas as pd
 
 
-def plot_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None = None) -> None:
-    """Images/s vs batch size (log-2 x axis), one line per model/backend."""
+def _lines(df: pd.DataFrame, path: str | os.PathLike, keys: list[str], label, y: str, title: str) -> None:
+    """One line per ``keys`` group of ``y`` against batch size (log-2 x axis), written as a PNG."""
     import matplotlib
     import matplotlib.ticker
 
@@ -15,26 +16,38 @@ def plot_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (model, backend), group in df.groupby(["model", "backend"], sort=False):
+    for key, group in df.groupby(keys, sort=False):
         group = group.sort_values("batch_size")
-        ax.plot(group["batch_size"], group["infer_samples_per_sec"], marker="o",
-                label=model if backend == "dense" else f"{model} [{backend}]")
+        ax.plot(group["batch_size"], group[y], marker="o", label=label(*key))
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(df["batch_size"].unique()))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("batch size")
     ax.set_ylabel("images / s")
-    first = df.iloc[0]
-    ax.set_title(title or f"{first['device']} {first['precision']}, {first['threads']} threads, "
-                          f"{first['img_size']}px, median of >= {df['rounds'].min()} interleaved rounds")
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None = None) -> None:
+    """Classifier sweep (``benchmark.harness``): images/s vs batch size, one line per model/backend."""
+    first = df.iloc[0]
+    _lines(df, path, ["model", "backend"], lambda m, b: m if b == "dense" else f"{m} [{b}]", "infer_samples_per_sec",
+           title or f"{first['device']} {first['precision']}, {first['threads']} threads, "
+                    f"{first['img_size']}px, median of >= {df['rounds'].min()} interleaved rounds")
+
+
+def plot_detection_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None = None) -> None:
+    """Detector sweep (``benchmark.detection``): FPS^w (whole network) and FPS^b (backbone) vs batch
+    size, one line per model and part, dense and pruned side by side."""
+    first = df.iloc[0]
+    _lines(df, path, ["model", "part"], lambda m, p: f"{m} ({'FPS^w' if p == 'whole' else 'FPS^b'})", "images_per_sec",
+           title or f"{first['img_scale']} mixed-size pool, {first['threads']} threads, "
+                    f"median of {df['rounds'].min()} interleaved rounds")
 
 
 def token_usage_picture(image, keep, scale: int = 4):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nested_svit.detection.batchnorm import ragged_batch_norm
-from nested_svit.parallel import init_from_env, shutdown
+from nested_svit.distributed import init_from_env, shutdown
 
 
 def rank_inputs(rank: int) -> list[torch.Tensor]:

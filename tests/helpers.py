@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nested_svit.selectors import TokenSelector
+from nested_svit.methods.svit import TokenSelector
 
 
 class FixedMaskSelector(TokenSelector):

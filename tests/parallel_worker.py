@@ -8,8 +8,8 @@ import torch
 
 from nested_svit.data.coco import CocoTrainData
 from nested_svit.detection import create_detector
-from nested_svit.detection.trainer import DetectorTrainer, DetTrainConfig
-from nested_svit.parallel import init_from_env, shutdown
+from nested_svit.training import DetectorTrainer, DetTrainConfig
+from nested_svit.distributed import init_from_env, shutdown
 
 # BatchNorm per rank: the reference below averages independent shard losses (SyncBN: tests/test_batchnorm.py)
 CONFIG = DetTrainConfig(epochs=1, batch_size=2, lr=1e-4, warmup_steps=1, workers=0, sync_bn=False)

@@ -289,7 +289,7 @@ def test_ats_benchmark_sharpening_reaches_the_flop_target():
     """The harness's ATS stand-in for trained attention: FLOPs on the calibration images equal the
     target share of dense (by the FLOP model's own count), with per-image counts still varying."""
     from nested_svit.benchmark.flops import flops_per_image
-    from nested_svit.methods.ats import sharpen_for_benchmark
+    from nested_svit.benchmark.stand_ins import sharpen_queries as sharpen_for_benchmark
 
     model = _model("ats_small")
     images = torch.randn(6, 3, 224, 224)

@@ -124,7 +124,7 @@ def test_losses_with_an_image_left_without_instances(empty):
     """A crop may leave an image with no instance (allow_negative_crop): the losses stay finite and
     backpropagate; that image contributes negatives only."""
     from nested_svit.detection import create_detector
-    from nested_svit.detection.training import detector_losses
+    from nested_svit.detection import detector_losses
 
     torch.manual_seed(0)
     det = create_detector("svit_adapter_tiny_maskrcnn", num_classes=3).train().set_execution("masked")

@@ -117,7 +117,7 @@ def test_parameter_free_baselines_train_in_the_packed_execution(name):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_detection_training import _batch
 
-    from nested_svit.detection.training import detector_losses
+    from nested_svit.detection import detector_losses
 
     det = _detector(name).train()
     det.backbone.set_execution(det.backbone.training_execution()).set_drop_path(0.1)

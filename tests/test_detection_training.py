@@ -8,7 +8,7 @@ import torch
 from nested_svit.detection import create_detector
 from nested_svit.detection.boxes import decode
 from nested_svit.detection.losses import RCNN_ASSIGN, RPN_ASSIGN, assign, encode, mask_targets, sample_rois
-from nested_svit.detection.training import detector_losses
+from nested_svit.detection import detector_losses
 
 
 def test_assign_hand_values():

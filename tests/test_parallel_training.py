@@ -42,10 +42,10 @@ def _reference_and_compare(got: dict, ann: Path, images: Path) -> None:
     from parallel_worker import CONFIG, build
 
     from nested_svit.data.coco import collate_train
-    from nested_svit.detection.trainer import DetectorTrainer
-    from nested_svit.detection.training import detector_losses
-    from nested_svit.parallel import step_seed
-    from nested_svit.train import epoch_batches
+    from nested_svit.training import DetectorTrainer
+    from nested_svit.detection import detector_losses
+    from nested_svit.seeding import step_seed
+    from nested_svit.training import epoch_batches
 
     model, data = build(str(ann), str(images))
     trainer = DetectorTrainer(model, data, CONFIG)  # its optimizer and schedule; the loop is written here

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from nested_svit import SparseViT, ViTConfig
-from nested_svit.losses import keep_ratio_loss
-from nested_svit.train import TrainConfig, Trainer
+from nested_svit.methods.svit import keep_ratio_loss
+from nested_svit.training import TrainConfig, Trainer
 
 TARGETS = (0.8, 0.5, 0.2)
 

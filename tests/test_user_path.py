@@ -217,7 +217,7 @@ def test_resume_refuses_a_changed_file_list(tmp_path, capsys):
     from nested_svit.cli import build_parser
 
     # write the manifest of the current file list, as an interrupted run would have
-    from nested_svit.cli import _prepare_job
+    from nested_svit.cli.jobs import prepare_classifier_job as _prepare_job
 
     parsed = build_parser().parse_args(args)
     parsed.data = parsed.input

@@ -19,10 +19,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import Pruning
+from ..data.decode import decode_rgb_array
+from ..data.records import resolve_records
 from ..detection.detector import MaskRCNNDetector
 from ..detection.registry import create_detector, dense_detector
+from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
 from .flop_count import count_flops
+from .flops import flops_per_image
 from .memory import peak_memory_mb
+from .stand_ins import stand_in_selectors
 
 # resized COCO-like shapes (h, w) at img_scale 1333x800: landscape, portrait, 4:3, wide
 COCO_LIKE_SHAPES = [(800, 1333), (1199, 800), (800, 1066), (750, 1333)]
@@ -48,11 +54,8 @@ class DetBenchConfig:
 
 def _pool(cfg: DetBenchConfig) -> list[np.ndarray]:
     if cfg.input != "synthetic":
-        from ..data.coco import image_list_data
-        from ..detection.preprocess import read_image
-
-        files = image_list_data(cfg.input, cfg.img_scale).files[:len(cfg.shapes)]
-        return [read_image(f) for f in files]
+        records = resolve_records(cfg.input)
+        return [decode_rgb_array(src, exif=True) for src in records.sources[:len(cfg.shapes)]]
     rng = np.random.default_rng(cfg.seed)
     pool = []
     for h, w in cfg.shapes:  # smooth random structure (blobs), not white noise
@@ -67,22 +70,14 @@ def _build(name: str, cfg: DetBenchConfig, pool: list[np.ndarray], device: torch
     torch.manual_seed(cfg.seed)
     model = create_detector(name, img_scale=cfg.img_scale).eval()
     model.config = replace(model.config, rcnn=replace(model.config.rcnn, score_thr=0.0))
-    method = model.config.vit.method
-    if cfg.calibrate and method == "svit" and model.backbone.num_gates:
-        model.calibrate_keep(pool)
-    elif cfg.calibrate and method == "ats":  # random class attention is near uniform: sharpen to SViT's pruning rate
-        from ..methods.ats import sharpen_for_benchmark
-
+    if cfg.calibrate:  # random class attention is near uniform: ATS is sharpened to SViT's pruning rate
         inputs, _ = model.preprocess(pool)
-        sharpen_for_benchmark(model.backbone, inputs, _svit_block_flop_ratio(model))
+        stand_in_selectors(model.backbone, inputs, _svit_block_flop_ratio(model))
     return model.to(device)
 
 
 def _svit_block_flop_ratio(model: MaskRCNNDetector) -> float:
     """FLOPs of the ViT blocks at SViT's keep targets over dense, at 1333x800's token count."""
-    from ..benchmark.flops import flops_per_image
-    from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
-
     vit = model.config.vit
     n = (800 // vit.patch_size) * (1333 // vit.patch_size)
     keep = [1.0] * vit.depth
@@ -90,7 +85,7 @@ def _svit_block_flop_ratio(model: MaskRCNNDetector) -> float:
         keep[b] = t
     dense = torch.full((1, vit.depth), n, dtype=torch.int64)
     sparse = (dense * torch.tensor(keep)).round().long()
-    cfg = replace(vit, method="svit", gate_blocks=(), keep_targets=())
+    cfg = replace(vit, pruning=Pruning())
     total = torch.tensor([n])
     return float(flops_per_image(cfg, sparse, total) / flops_per_image(cfg, dense, total))
 

@@ -6,7 +6,8 @@ the MLP: qkv ``6 n C^2``, attention ``4 q n C`` (QK^T and AV rows), proj ``2 q C
 only the kept queries' rows are computed (``q = m``).
 Selectors: SViT gate over all ``N`` tokens ``2 N (C C/4 + C/4 2)``; DynamicViT predictor over the
 active patch tokens ``2 n (C^2 + C C/2 + C/2 C/4 + C/4 2)``; class-attention row (EViT, Evo-ViT, ATS)
-``2 n C`` per block that reads it; ToMe matching ``2 (n/2)^2 d`` per block (``d`` the head dim).
+``2 n C`` per block that reads it; ToMe matching ``2 (n/2)^2 d`` per block (``d`` the head dim); each
+in its method's file.
 Patch embedding ``2 P (3 p^2) C``, head ``2 C K``. LayerNorm, GELU, softmax, sorting and
 gather/scatter are not counted (as usual for ViT FLOP tables).
 """
@@ -16,32 +17,24 @@ import torch
 from torch import Tensor
 
 from ..config import ViTConfig
+from ..methods import get_method
 
 
 def flops_per_image(config: ViTConfig, kept: Tensor, total: Tensor, kept_mlp: Tensor | None = None) -> Tensor:
     """``kept [B, depth]`` tokens into each block's attention, ``kept_mlp`` into its MLP (default:
-    ``kept``), ``total [B]`` tokens per image -> ``[B]`` float64 FLOPs."""
+    ``kept``), ``total [B]`` tokens per image -> ``[B]`` float64 FLOPs. The selectors' cost is the
+    method's own (``Method.selector_flops``)."""
+    method = get_method(config.method)
+    options = method.resolve_options(config)
     c = config.embed_dim
     n = kept.double()
     m = n if kept_mlp is None else kept_mlp.double()
-    q = m if config.method == "ats" else n
+    q = m if method.query_subset else n
     hidden = config.mlp_ratio * c
     linears = (2 * n * 3 * c * c + 2 * q * c * c + 2 * m * (2 * c * hidden)).sum(1)
     attention = (4 * q * n * c).sum(1)
     total = total.double()
-    gated = list(config.gate_blocks)
-    if config.method == "svit":
-        selectors = len(gated) * 2 * total * (c * (c // 4) + (c // 4) * 2)
-    elif config.method == "dynamicvit":
-        per_token = 2 * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2)
-        selectors = ((n[:, gated] - 1) * per_token).sum(1)
-    elif config.method == "evovit":
-        selectors = (2 * n * c).sum(1)
-    elif config.method in ("evit", "ats"):
-        selectors = (2 * n[:, gated] * c).sum(1)
-    else:  # tome
-        d = c // config.num_heads
-        selectors = (2 * (n[:, gated] / 2) ** 2 * d).sum(1)
+    selectors = method.selector_flops(config, options, kept, total)
     embed = 2 * (total - 1) * (config.in_chans * config.patch_size ** 2) * c
     head = 2 * c * config.num_classes
     return linears + attention + selectors + embed + head + torch.zeros_like(total)

@@ -2,10 +2,9 @@
 
 Method: one image pool per run; per batch size every runner (model x backend) is warmed up, then
 timed in interleaved rounds (A B C A B C ...) so machine drift hits all alike; medians of the
-rounds are reported. Random-weight gates are calibrated to their keep targets on the pool
-(``SparseViT.calibrate_keep``) so pruned models prune as a trained one would on average; ATS, whose
-count follows the class attention, gets its random queries sharpened until its FLOPs are the
-paper's (``methods.ats.sharpen_for_benchmark``). The other baselines keep fixed counts.
+rounds are reported. Random-weight selectors get their stand-ins (``stand_ins.py``): gates are
+calibrated to their keep targets on the pool, a method whose count follows the class attention (ATS)
+gets its random queries sharpened until its FLOPs are the paper's; the others keep fixed counts.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from ..model import SparseViT
 from ..registry import create_model, dense_counterpart, get_config
 from .flops import flops_per_image
 from .memory import peak_memory_mb
+from .stand_ins import stand_in_selectors
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMM_PREFIX = "timm/"
@@ -48,7 +48,8 @@ class BenchConfig:
     min_time: float = 2.0  # ... and enough that each runner is timed for >= min_time seconds (small batches)
     warmup: int = 2
     calibrate: bool = True
-    keep_targets: str | None = None  # "--keep-targets": 9 fractions or one factor on the model's schedule
+    keep_targets: tuple[float, ...] | None = None  # calibrate gates to these (default: the model's own) ...
+    keep_scale: float | None = None  # ... or to the model's own times this factor (clipped to [0, 1])
     seed: int = 0
 
 
@@ -80,7 +81,7 @@ def _image_pool(cfg: BenchConfig, count: int) -> torch.Tensor:
     if cfg.input == "synthetic":
         gen = torch.Generator().manual_seed(cfg.seed)
         return torch.randn(count, 3, cfg.img_size, cfg.img_size, generator=gen)
-    from ..data.folder import load_images_from_dir
+    from ..data.dataset import load_images_from_dir
 
     return load_images_from_dir(cfg.input, count, cfg.img_size)
 
@@ -105,17 +106,12 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
             runners.append(_Runner(name, "dense", model.to(device, dtype), name, []))
             continue
         calibrated: list = []
-        if cfg.calibrate and model.config.method == "svit":
-            from ..stack import keep_targets_from_cli
-
-            targets = keep_targets_from_cli(cfg.keep_targets, model.config.keep_targets) if cfg.keep_targets else None
-            model.calibrate_keep(calib_images, targets)
-            calibrated = list(range(model.num_gates))
-        elif cfg.calibrate and model.config.method == "ats":
-            from ..methods.ats import sharpen_for_benchmark
-
-            factor = sharpen_for_benchmark(model, calib_images[:16])
-            calibrated = [f"queries x{factor:.2f}"]
+        if cfg.calibrate:
+            images = calib_images if model.method.calibrate is not None else calib_images[:16]
+            targets = cfg.keep_targets
+            if targets is None and cfg.keep_scale is not None:
+                targets = tuple(min(1.0, t * cfg.keep_scale) for t in model.config.keep_targets)
+            calibrated = stand_in_selectors(model, images, keep_targets=targets)
         model.to(device, dtype).set_execution("packed")
         for backend in dict.fromkeys(cfg.backends):
             resolved = resolve_backend(backend, device, dtype)  # also rejects backends not available here

@@ -1,9 +1,10 @@
-"""COCO-format detection data on local disk, and plain image lists, preprocessed as mmdet's test
-pipeline (in DataLoader workers).
+"""COCO-format detection data on local disk, and any other input as detector items, preprocessed as
+mmdet's test pipeline (in DataLoader workers).
 
 ``CocoDetectionData(ann_file, image_dir)``: images of the annotation file in ascending id order;
-label ``i`` is the ``i``-th category by ascending id (mmdet's ``cat2label``). A missing or corrupt
-image file is an item with ``error`` set; it is reported, never silently dropped.
+label ``i`` is the ``i``-th category by ascending id (mmdet's ``cat2label``). ``DetectionImages(records,
+img_scale)``: any input of ``records.resolve_records``. A missing or corrupt image file is an item with
+``error`` set; it is reported, never silently dropped.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..detection.preprocess import preprocess, read_image
+from ..seeding import item_generator
+from .dataset import ImageRecordDataset
+from .det_transforms import DetectorTransform, normalize_pad, read_image
+from .records import Records
 
 COCO_SPLITS = ("val2017", "train2017", "test2017", "val2014", "train2014")
 
@@ -50,60 +54,61 @@ def resolve_coco_paths(data: str | None, split: str, ann: str | None, images: st
     return ann_file, image_dir
 
 
-class DetectionImages(Dataset):
-    """Item ``i`` -> dict(index, id, image_id, input ``[3, H, W]`` or None, meta, error)."""
+def coco_records(coco, image_dir: Path, max_images: int | None = None) -> Records:
+    """The images of a loaded annotation file, by ascending id (the first ``max_images``)."""
+    image_ids = sorted(coco.getImgIds())
+    if max_images is not None:
+        image_ids = image_ids[:max_images]
+    infos = coco.loadImgs(image_ids)
+    names = [info["file_name"] for info in infos]
+    return Records([str(image_dir / n) for n in names], [-1] * len(names), names, None, "coco", "none",
+                   image_ids=list(image_ids))
 
-    def __init__(self, files: list[Path], ids: list[str], image_ids: list[int], img_scale: tuple[int, int]):
-        self.files, self.ids, self.image_ids, self.img_scale = files, ids, image_ids, img_scale
 
-    def __len__(self) -> int:
-        return len(self.files)
+class DetectionImages(ImageRecordDataset):
+    """Item ``i`` -> dict(index, id, image_id, input ``[3, H, W]`` or None, meta, error): record ``i``
+    decoded (EXIF orientation applied, as mmdet) and run through the detectors' test pipeline."""
+
+    def __init__(self, records: Records, img_scale: tuple[int, int], exif: bool = True, max_pixels: int | None = None):
+        super().__init__(records, DetectorTransform(tuple(img_scale)), exif, max_pixels)
+        self.img_scale = tuple(img_scale)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.records.ids
+
+    @property
+    def image_ids(self) -> list[int]:
+        return self.records.image_ids or [-1] * len(self.records)
+
+    def decoded(self, index: int):
+        """Image ``index`` as the detector reads it: RGB uint8 ``[H, W, 3]`` (raises ``BadImage``)."""
+        import numpy as np
+
+        return np.ascontiguousarray(np.asarray(self.image(index)))
 
     def __getitem__(self, index: int) -> dict:
-        item = {"index": index, "id": self.ids[index], "image_id": self.image_ids[index], "input": None,
-                "meta": None, "error": None}
-        try:
-            item["input"], item["meta"] = preprocess(read_image(self.files[index]), self.img_scale)
-        except ValueError as e:
-            item["error"] = str(e)
+        item = super().__getitem__(index)
+        pair = item.pop("image")
+        item["input"], item["meta"] = pair if pair is not None else (None, None)
+        item["image_id"] = self.image_ids[index]
         return item
 
 
 class CocoDetectionData(DetectionImages):
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, img_scale: tuple[int, int],
-                 max_images: int | None = None):
+                 max_images: int | None = None, max_pixels: int | None = None):
         self.coco = load_coco(ann_file)
         self.ann_file = Path(ann_file)
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"image folder {image_dir} not found")
-        image_ids = sorted(self.coco.getImgIds())
-        if max_images is not None:
-            image_ids = image_ids[:max_images]
-        if not image_ids:
+        records = coco_records(self.coco, image_dir, max_images)
+        if not records.ids:
             raise ValueError(f"{ann_file} lists no images")
-        infos = self.coco.loadImgs(image_ids)
         self.cat_ids = sorted(self.coco.getCatIds())
         self.category_names = [self.coco.loadCats(c)[0]["name"] for c in self.cat_ids]
-        super().__init__([image_dir / info["file_name"] for info in infos], [info["file_name"] for info in infos],
-                         image_ids, img_scale)
-
-
-def image_list_data(path: str | os.PathLike, img_scale: tuple[int, int]) -> DetectionImages:
-    """A directory (recursively) or a single image file -> unlabelled detection items."""
-    from .folder import IMAGE_SUFFIXES
-
-    root = Path(path)
-    if root.is_file():
-        files, base = [root], root.parent
-    elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        base = root
-    else:
-        raise FileNotFoundError(f"input not found: {root}")
-    if not files:
-        raise FileNotFoundError(f"no images found under {root}")
-    return DetectionImages(files, [str(f.relative_to(base)) for f in files], [-1] * len(files), img_scale)
+        super().__init__(records, img_scale, max_pixels=max_pixels)
 
 
 def collate_detection(items: list[dict]) -> dict:
@@ -113,10 +118,6 @@ def collate_detection(items: list[dict]) -> dict:
             "image_id": [it["image_id"] for it in ok],
             "failed": [(it["index"], it["id"], it["image_id"], it["error"]) for it in items if it["input"] is None],
             "all_index": [it["index"] for it in items]}
-
-
-__all__ = ["CocoDetectionData", "DetectionImages", "image_list_data", "collate_detection", "load_coco",
-           "resolve_coco_paths", "COCO_SPLITS"]
 
 
 class CocoTrainData(Dataset):
@@ -188,14 +189,13 @@ class CocoTrainData(Dataset):
         import numpy as np
         import torch
 
-        from ..detection.preprocess import normalize_pad
         from .det_augment import hflip, multiscale_crop, resize
 
         try:
             x = self.instances(index)
         except ValueError as e:
             return None, str(e)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+        gen = item_generator(self.seed, self.epoch, index)
         flip = bool(torch.rand((), generator=gen) < self.flip)
         if flip:
             x = hflip(x)
@@ -214,3 +214,7 @@ def collate_train(items: list) -> tuple[list, list, int]:
     """-> (inputs, targets, number of unreadable images left out of the batch)."""
     ok = [(x, t) for x, t in items if x is not None]
     return [x for x, _ in ok], [t for _, t in ok], len(items) - len(ok)
+
+
+__all__ = ["CocoDetectionData", "DetectionImages", "coco_records", "collate_detection", "load_coco",
+           "resolve_coco_paths", "COCO_SPLITS", "CocoTrainData", "collate_train"]

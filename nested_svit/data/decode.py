@@ -1,4 +1,6 @@
-"""Robust image decoding: every image becomes RGB, or a reason why it could not."""
+"""Robust image decoding, for classifiers and detectors alike: every image becomes RGB, or a reason why
+it could not (``BadImage``). Pillow decodes JPEGs to the same pixels as OpenCV's ``imdecode`` (both
+libjpeg-turbo), which mmdet's ``LoadImageFromFile`` uses."""
 from __future__ import annotations
 
 import io
@@ -13,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_IMAGE_PIXELS = 1_000_000_000
 
 
-class BadImage(Exception):
+class BadImage(ValueError):
     """An image that cannot be decoded; ``str()`` is the reason recorded in outputs."""
 
 
@@ -53,3 +55,8 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray((arr / 256).clip(0, 255).astype(np.uint8), "L")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_rgb_array(source: str | bytes, max_pixels: int | None = None, exif: bool = False) -> np.ndarray:
+    """``decode_image`` as an RGB uint8 ``[H, W, 3]`` array (the detectors' input)."""
+    return np.ascontiguousarray(np.asarray(decode_image(source, max_pixels, exif)))

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..detection.preprocess import rescale_size
+from .det_transforms import rescale_size
 
 # the official multi-scale policy: short side one of 480, 512, ..., 800, long side at most 1333
 MULTI_SCALES: tuple[tuple[int, int], ...] = tuple((1333, s) for s in range(480, 801, 32))

@@ -23,7 +23,7 @@ from torch.autograd.profiler import record_function
 
 from ..config import ViTConfig
 from ..layers import drop_path
-from ..stack import TokenStack, TokenUsage
+from ..stack import RunFactory, TokenStack, TokenUsage
 from ..tokens import Layout, Packed
 from .batchnorm import apply_layer
 from .msda import MSDeformAttn, Shapes, reference_points
@@ -199,9 +199,10 @@ class ViTAdapter(TokenStack):
     ``[G, C, h/4..h/32, ...]``; token usage per image)."""
 
     def __init__(self, vit: ViTConfig, adapter: AdapterConfig = AdapterConfig()):
-        if vit.class_token and vit.method == "svit":
-            raise ValueError("the (S)ViT-Adapter backbone has no class token (ViTConfig.class_token=False)")
         super().__init__(vit)
+        if vit.class_token and not self.method.needs_class_token:
+            raise ValueError(f"the {self.method.title}-Adapter backbone has no class token (ViTConfig.class_token=False; "
+                             "only the attention-based baselines get an artificial one)")
         c = vit.embed_dim
         self.adapter_config = adapter
         self.level_embed = nn.Parameter(torch.zeros(3, c))
@@ -246,10 +247,10 @@ class ViTAdapter(TokenStack):
                 m.drop_path = rate
         return self
 
-    def forward_usage(self, images: Sequence[Tensor], calibrate: Sequence[float] | None = None) -> TokenUsage:
-        return self.forward_features(images, calibrate)[1]
+    def forward_usage(self, images: Sequence[Tensor], run: RunFactory | None = None) -> TokenUsage:
+        return self.forward_features(images, run)[1]
 
-    def forward_features(self, images: Sequence[Tensor], calibrate: Sequence[float] | None = None,
+    def forward_features(self, images: Sequence[Tensor], run: RunFactory | None = None,
                          ) -> tuple[list[list[Tensor]], TokenUsage]:
         if isinstance(images, Tensor):
             images = list(images)
@@ -268,7 +269,7 @@ class ViTAdapter(TokenStack):
         lengths = [g.grid[0] * g.grid[1] + extra for g in groups for _ in range(g.count)]
         x = Packed(torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), Layout.from_lengths(lengths, xs[0].device))
         grid = self._grid_rows(x, groups) if extra else None
-        block_pass = self.begin(x, calibrate)
+        block_pass = self.begin(x, run)
         for inter, (first, last) in zip(self.interactions, self.adapter_config.interaction_indexes):
             with record_function("backbone.injector"):
                 injected = [inter.injector(xg, cg, g).reshape(-1, xg.shape[-1])

@@ -10,6 +10,7 @@ from torchvision.ops import nms
 
 MAX_RATIO = abs(math.log(16 / 1000))  # mmdet wh_ratio_clip = 16/1000
 MMCV_NMS_SPLIT = 10000  # mmcv batched_nms: offset trick below this many boxes, per-class loop above
+BBOX_STDS = (0.1, 0.1, 0.2, 0.2)  # the RoI box coder's target stds (the RPN's are 1)
 
 
 def base_anchors(stride: int, scales: tuple[float, ...] = (8.0,), ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> Tensor:

@@ -27,22 +27,18 @@ class DetectorConfig:
             raise ValueError(f"img_scale must be two sizes >= 32, got {self.img_scale}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if self.vit.class_token and self.vit.method == "svit":
-            raise ValueError("(S)ViT-Adapter backbones have no class token (only the attention-based baselines' "
-                             "artificial one)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "DetectorConfig":
-        vit = dict(d["vit"])
-        for key in ("gate_blocks", "keep_targets"):
-            vit[key] = tuple(vit[key])
+        """A config as ``to_dict`` wrote it (older files: a flat ViT config, see ``config.py``)."""
+        vit = ViTConfig.from_dict(d["vit"])
         adapter = dict(d.get("adapter", {}))
         if "interaction_indexes" in adapter:
             adapter["interaction_indexes"] = tuple(tuple(p) for p in adapter["interaction_indexes"])
-        return DetectorConfig(vit=ViTConfig(**vit), adapter=AdapterConfig(**adapter),
+        return DetectorConfig(vit=vit, adapter=AdapterConfig(**adapter),
                               num_classes=d["num_classes"], img_scale=tuple(d["img_scale"]),
                               fpn_channels=d.get("fpn_channels", 256), rpn=RPNTestConfig(**d.get("rpn", {})),
                               rcnn=RCNNTestConfig(**d.get("rcnn", {})), class_names=tuple(d.get("class_names", ())))

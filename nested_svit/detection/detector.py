@@ -17,14 +17,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
+from ..data.det_transforms import ImageMeta, preprocess, read_image
 from ..stack import TokenUsage
 from .adapter import SizeGroup, ViTAdapter, size_groups
 from .classes import COCO_CLASSES
 from .config import DetectorConfig
+from .losses import sample_rois
 from .neck import FPN
-from .preprocess import ImageMeta, preprocess, read_image
 from .roi_heads import BBoxHead, MaskHead, paste_masks, roi_features
-from .rpn import RPNHead
+from .rpn import RPN_TRAIN, RPNHead
 
 ImageInput = np.ndarray | Tensor | str | os.PathLike
 
@@ -153,6 +154,48 @@ class MaskRCNNDetector(nn.Module):
                 paste_boxes = mb / m.scale_tensor(mb.device)
                 out.append((b, s, lab, paste_masks(probs, paste_boxes, m.ori_shape[0], m.ori_shape[1], cfg.mask_thr)))
         return out
+
+    # ------------------------------------------------------------------ training
+    def losses(self, inputs: Sequence[Tensor], targets: Sequence[dict], ratio_loss: str = "dynamic",
+               ratio_weight: float = 4.0) -> tuple[dict[str, Tensor], TokenUsage]:
+        """mmdet's Mask R-CNN training losses, each from its head, plus the pruning method's keep-ratio
+        loss (SViT: gates in masked execution, Gumbel masks). ``inputs``: normalised padded
+        ``[3, H_i, W_i]``; ``targets[i]``: ``boxes [m, 4]`` (padded-input pixels), ``labels [m]``
+        (0..K-1), optional ``masks`` bool ``[m, H_i, W_i]``, optional ``img_shape`` (h, w) of the unpadded
+        image (proposals are clipped to it; default: the padded size). -> (named losses, their sum under
+        ``"loss"``; token usage). Images of different sizes run together, each at its own padded size."""
+        feats, usage, groups = self.forward_backbone(list(inputs))
+        pyramids = self.forward_neck(feats)
+        scores, deltas, anchors, raw = [], [], [], []
+        for pyramid, g in zip(pyramids, groups):
+            lvl_scores, lvl_deltas = self.rpn_head(pyramid)
+            lvl_anchors = self.rpn_head.anchors([tuple(p.shape[-2:]) for p in pyramid], pyramid[0].device)
+            for j in range(g.count):
+                scores.append(torch.cat([s[j].permute(1, 2, 0).reshape(-1) for s in lvl_scores]))
+                deltas.append(torch.cat([d[j].permute(1, 2, 0).reshape(-1, 4) for d in lvl_deltas]))
+                anchors.append(torch.cat(lvl_anchors))
+                raw.append(([s[j].detach() for s in lvl_scores], [d[j].detach() for d in lvl_deltas], lvl_anchors))
+        gt_boxes = [t["boxes"].float() for t in targets]  # fp32 under autocast too: bf16 would round them
+        losses = self.rpn_head.loss(scores, deltas, anchors, gt_boxes)
+        samples = []
+        with torch.no_grad():
+            for (s, d, a), t, inp in zip(raw, targets, inputs):
+                img_shape = tuple(t.get("img_shape", inp.shape[-2:]))
+                proposals = self.rpn_head.proposals(s, d, a, img_shape, RPN_TRAIN)
+                samples.append(sample_rois(proposals.float(), t["boxes"].float(), t["labels"],
+                                           self.config.num_classes))
+        x = self._roi_features(pyramids, groups, [s.boxes for s in samples], 7)
+        logits, box_deltas = self.roi_head.bbox_head(x)
+        losses.update(self.roi_head.bbox_head.loss(logits, box_deltas, samples, gt_boxes))
+        if all(t.get("masks") is not None for t in targets):
+            x = self._roi_features(pyramids, groups, [s.boxes[:s.num_pos] for s in samples], 14)
+            mask_logits = self.roi_head.mask_head(x) if x.shape[0] else x.new_zeros(0, self.config.num_classes, 28, 28)
+            losses["loss_mask"] = self.roi_head.mask_head.loss(mask_logits, samples, [t["masks"] for t in targets])
+        method = self.backbone.method
+        if method.ratio_loss is not None and self.backbone.num_gates and usage.masks:
+            losses["loss_ratio"] = ratio_weight * method.ratio_loss(usage, self.config.vit.keep_targets, ratio_loss)
+        losses["loss"] = sum(losses.values())
+        return losses, usage
 
     # ------------------------------------------------------------------ library call
     @torch.inference_mode()

@@ -1,10 +1,8 @@
-"""Training losses of mmdet 2.28's Mask R-CNN (``mask_rcnn_r50_fpn`` defaults), on the same heads the
-test path uses: max-IoU assignment (RPN 0.7 / 0.3 with low-quality matches >= 0.3; RoI 0.5), random
-sampling (RPN 256 at 0.5 positive; RoI 512 at 0.25, ground truth added as proposals; torchvision's
-``BalancedPositiveNegativeSampler``, the same rule), DeltaXYWH targets, BCE + L1 (RPN), CE + L1 (RoI,
-class-specific boxes, background last), per-pixel BCE on 28x28 mask targets cut from the ground-truth
-masks with ``roi_align`` and binarised at 0.5. Averages as mmdet: RPN and RoI box losses over the
-number of sampled anchors / RoIs of the whole batch, the mask loss over positive RoIs' pixels.
+"""Training targets of mmdet 2.28's Mask R-CNN (``mask_rcnn_r50_fpn`` defaults), shared by the heads'
+losses (``RPNHead.loss``, ``BBoxHead.loss``, ``MaskHead.loss``): max-IoU assignment (RPN 0.7 / 0.3 with
+low-quality matches >= 0.3; RoI 0.5), random sampling (RPN 256 at 0.5 positive; RoI 512 at 0.25, ground
+truth added as proposals; torchvision's ``BalancedPositiveNegativeSampler``, the same rule), DeltaXYWH
+targets, and 28x28 mask targets cut from the ground-truth masks with ``roi_align`` and binarised at 0.5.
 
 Targets per image (in the coordinates of the padded network input): ``boxes [m, 4]`` xyxy,
 ``labels [m]`` 0..K-1, ``masks`` bool ``[m, H_pad, W_pad]`` (or None: no mask loss).
@@ -14,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.ops import box_iou, roi_align
 
-BBOX_STDS = (0.1, 0.1, 0.2, 0.2)
+from .boxes import BBOX_STDS  # noqa: F401 (the RoI targets' stds)
+
 
 
 @dataclass(frozen=True)
@@ -72,25 +70,6 @@ def sample(assigned: Tensor, num: int, pos_fraction: float) -> tuple[Tensor, Ten
     return pos_mask[0].nonzero().view(-1), neg_mask[0].nonzero().view(-1)
 
 
-def rpn_losses(scores: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], gt_boxes: list[Tensor]
-               ) -> dict[str, Tensor]:
-    """Per image: ``scores[i]`` ``[N_anchors]`` logits and ``deltas[i]`` ``[N_anchors, 4]`` (all levels,
-    (y, x, anchor) order), ``anchors[i]`` ``[N_anchors, 4]``; -> ``loss_rpn_cls``, ``loss_rpn_bbox``."""
-    cls_terms, box_terms, samples = [], [], 0
-    for s, d, a, gt in zip(scores, deltas, anchors, gt_boxes):
-        assigned = assign(a, gt, RPN_ASSIGN)
-        pos, neg = sample(assigned, 256, 0.5)
-        idx = torch.cat([pos, neg])
-        target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(s.dtype)
-        cls_terms.append(F.binary_cross_entropy_with_logits(s[idx], target, reduction="sum"))
-        if pos.numel():
-            box_terms.append((d[pos] - encode(a[pos], gt[assigned[pos] - 1])).abs().sum())
-        samples += idx.numel()
-    norm = max(samples, 1)
-    zero = scores[0].sum() * 0
-    return {"loss_rpn_cls": sum(cls_terms, zero) / norm, "loss_rpn_bbox": sum(box_terms, zero) / norm}
-
-
 @dataclass
 class RoISamples:
     """Sampled RoIs of one image: boxes ``[r, 4]``, class labels (K = background), matched gt index."""
@@ -112,21 +91,6 @@ def sample_rois(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_clas
     return RoISamples(boxes[idx], labels, gt_index, pos.numel())
 
 
-def rcnn_losses(logits: Tensor, deltas: Tensor, samples: list[RoISamples], gt_boxes: list[Tensor]) -> dict[str, Tensor]:
-    """``logits [R, K+1]``, ``deltas [R, 4K]`` for the RoIs of ``samples`` (image-major) -> CE + L1."""
-    labels = torch.cat([s.labels for s in samples])
-    loss_cls = F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
-    start, box_terms = 0, []
-    for s, gt in zip(samples, gt_boxes):
-        if s.num_pos:
-            rows = torch.arange(start, start + s.num_pos, device=logits.device)
-            pred = deltas[rows].view(s.num_pos, -1, 4)[torch.arange(s.num_pos, device=logits.device), s.labels[:s.num_pos]]
-            target = encode(s.boxes[:s.num_pos], gt[s.gt_index[:s.num_pos]], BBOX_STDS)
-            box_terms.append((pred - target).abs().sum())
-        start += s.boxes.shape[0]
-    return {"loss_cls": loss_cls, "loss_bbox": sum(box_terms, logits.sum() * 0) / max(labels.numel(), 1)}
-
-
 def mask_targets(samples: list[RoISamples], gt_masks: list[Tensor], size: int = 28) -> Tensor:
     """Positive RoIs' ``[P, size, size]`` {0, 1} targets: the matched ground-truth mask cut by the RoI
     with ``roi_align`` (aligned, adaptive sampling), binarised at 0.5 (mmdet ``BitmapMasks.crop_and_resize``)."""
@@ -139,13 +103,3 @@ def mask_targets(samples: list[RoISamples], gt_masks: list[Tensor], size: int = 
                           s.boxes[:s.num_pos].to(src.dtype)], 1)
         out.append((roi_align(src, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0] >= 0.5).float())
     return torch.cat(out) if out else gt_masks[0].new_zeros(0, size, size, dtype=torch.float32)
-
-
-def mask_loss(mask_logits: Tensor, samples: list[RoISamples], gt_masks: list[Tensor]) -> Tensor:
-    """``mask_logits [P, K, 28, 28]`` of the positive RoIs (image-major) -> mean per-pixel BCE on each
-    RoI's class channel."""
-    labels = torch.cat([s.labels[:s.num_pos] for s in samples])
-    if labels.numel() == 0:
-        return mask_logits.sum() * 0
-    pred = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(pred, mask_targets(samples, gt_masks, pred.shape[-1]))

@@ -17,40 +17,43 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from ..config import ViTConfig
-from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
+from ..config import Pruning, ViTConfig
+from ..methods import get_method
+from ..registry import PRUNING_OVERRIDES, SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
 from .config import DetectorConfig
 from .detector import MaskRCNNDetector
 
 _WIDTHS = {"tiny": (192, 3), "small": (384, 6)}
+_BASELINES = {
+    "dynamicvit": Pruning("dynamicvit", (3, 6, 9), (0.7, 0.7 ** 2, 0.7 ** 3)),
+    "evit": Pruning("evit", (3, 6, 9), (0.7,) * 3, options={"fuse_token": True}),
+    "evovit": Pruning("evovit", SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS),
+    "ats": Pruning("ats", SVIT_GATE_BLOCKS, (1.0,) * 9),
+}
 _DETECTORS: dict[str, DetectorConfig] = {}
+_DENSE: dict[str, str] = {}  # detector -> the dense ViT-Adapter of the same width
 for _size, (_dim, _heads) in _WIDTHS.items():
     _vit = dict(embed_dim=_dim, num_heads=_heads, class_token=False, num_classes=0)
-    _DETECTORS[f"vit_adapter_{_size}_maskrcnn"] = DetectorConfig(vit=ViTConfig(**_vit, block_norm_eps=1e-6))
+    _dense = f"vit_adapter_{_size}_maskrcnn"
+    _DETECTORS[_dense] = DetectorConfig(vit=ViTConfig(**_vit, block_norm_eps=1e-6))
     _DETECTORS[f"svit_adapter_{_size}_maskrcnn"] = DetectorConfig(vit=ViTConfig(
-        **_vit, block_norm_eps=1e-5, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=SVIT_KEEP_TARGETS,
-        prune_cls_last=False))
+        **_vit, block_norm_eps=1e-5, pruning=Pruning("svit", SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS,
+                                                     options={"prune_cls_last": False})))
+    _DENSE[_dense] = _DENSE[f"svit_adapter_{_size}_maskrcnn"] = _dense
+    for _prefix, _pruning in _BASELINES.items():
+        _token = get_method(_pruning.method).needs_class_token  # an artificial class token to select with
+        _DETECTORS[f"{_prefix}_adapter_{_size}_maskrcnn"] = DetectorConfig(vit=ViTConfig(
+            **{**_vit, "class_token": _token}, block_norm_eps=1e-6, pruning=_pruning))
+        _DENSE[f"{_prefix}_adapter_{_size}_maskrcnn"] = _dense
 
-_BASELINES = {
-    "dynamicvit": dict(method="dynamicvit", gate_blocks=(3, 6, 9), keep_targets=(0.7, 0.7 ** 2, 0.7 ** 3)),
-    "evit": dict(method="evit", class_token=True, gate_blocks=(3, 6, 9), keep_targets=(0.7,) * 3, fuse_token=True),
-    "evovit": dict(method="evovit", class_token=True, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=SVIT_KEEP_TARGETS),
-    "ats": dict(method="ats", class_token=True, gate_blocks=SVIT_GATE_BLOCKS, keep_targets=(1.0,) * 9),
-}
-for _size, (_dim, _heads) in _WIDTHS.items():
-    for _method, _fields in _BASELINES.items():
-        _vit = dict(embed_dim=_dim, num_heads=_heads, class_token=False, num_classes=0, block_norm_eps=1e-6)
-        _DETECTORS[f"{_method}_adapter_{_size}_maskrcnn"] = DetectorConfig(vit=ViTConfig(**{**_vit, **_fields}))
-
-_VIT_OVERRIDES = {"depth", "gate_blocks", "keep_targets", "reactivation", "block_norm_eps", "gate_tau", "embed_dim",
-                  "num_heads", "fuse_token", "evit_preserve", "remove_pruned", "evo_tradeoff"}
+_VIT_OVERRIDES = {"depth", "block_norm_eps", "embed_dim", "num_heads", "pruning"} | set(PRUNING_OVERRIDES)
 
 
 def list_detectors() -> list[str]:
     return sorted(_DETECTORS)
 
 
-def is_detector(name: str) -> bool:
+def is_detector(name: str | None) -> bool:
     return name in _DETECTORS
 
 
@@ -58,12 +61,12 @@ def dense_detector(name: str) -> str:
     """``svit_adapter_small_maskrcnn`` (or a baseline's) -> ``vit_adapter_small_maskrcnn``."""
     if name not in _DETECTORS:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(list_detectors())}")
-    return "vit_adapter_" + name.split("_adapter_", 1)[1]
+    return _DENSE[name]
 
 
 def get_detector_config(name: str, **overrides) -> DetectorConfig:
     """Overrides: any ``DetectorConfig`` field (``num_classes``, ``img_scale``, ``class_names``, ...) and
-    the ViT fields in ``_VIT_OVERRIDES`` (small test models, keep targets, ...)."""
+    the ViT fields in ``_VIT_OVERRIDES`` (small test models, keep targets, method options, ...)."""
     if name not in _DETECTORS:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(list_detectors())}")
     cfg = _DETECTORS[name]
@@ -72,9 +75,6 @@ def get_detector_config(name: str, **overrides) -> DetectorConfig:
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown detector option(s) {bad}; known: {sorted(known | _VIT_OVERRIDES)}")
-    for key in ("gate_blocks", "keep_targets"):
-        if key in vit_over:
-            vit_over[key] = tuple(vit_over[key])
     if "img_scale" in overrides:
         overrides["img_scale"] = tuple(int(v) for v in overrides["img_scale"])
     if "class_names" in overrides:

@@ -1,9 +1,9 @@
-"""RoI heads of mmdet 2.28's Mask R-CNN at test time: mmdet's level mapping, ``roi_align`` (aligned,
-adaptive sampling), Shared2FC box head (background = last class), class-wise NMS after rescaling to
-original pixels, FCN mask head and grid-sample mask pasting. Parameter names as mmdet
-(``bbox_head.shared_fcs.{i}``, ``fc_cls``, ``fc_reg``, ``mask_head.convs.{i}.conv``, ``upsample``,
-``conv_logits``). Forward passes return raw outputs, post-processing is separate, so training
-losses are an addition on the same modules."""
+"""RoI heads of mmdet 2.28's Mask R-CNN: mmdet's level mapping, ``roi_align`` (aligned, adaptive
+sampling), Shared2FC box head (background = last class), class-wise NMS after rescaling to original
+pixels, FCN mask head and grid-sample mask pasting; each head's training loss beside its predictions
+(box: CE + L1 on class-specific deltas over the batch's sampled RoIs; mask: per-pixel BCE on the positive
+RoIs' class channel). Parameter names as mmdet (``bbox_head.shared_fcs.{i}``, ``fc_cls``, ``fc_reg``,
+``mask_head.convs.{i}.conv``, ``upsample``, ``conv_logits``)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from .boxes import batched_nms, decode
+from .boxes import BBOX_STDS, batched_nms, decode
+from .losses import RoISamples, encode, mask_targets
 from .neck import _ConvModule
 
 ROI_STRIDES = (4, 8, 16, 32)
 FINEST_SCALE = 56
-BBOX_STDS = (0.1, 0.1, 0.2, 0.2)
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,22 @@ class BBoxHead(nn.Module):
         keep = batched_nms(cand_boxes, cand_scores, labels, cfg.iou)[:cfg.max_per_img]
         return cand_boxes[keep], cand_scores[keep], labels[keep]
 
+    @staticmethod
+    def loss(logits: Tensor, deltas: Tensor, samples: list[RoISamples], gt_boxes: list[Tensor]) -> dict[str, Tensor]:
+        """``logits [R, K+1]``, ``deltas [R, 4K]`` for the RoIs of ``samples`` (image-major) -> CE + L1."""
+        labels = torch.cat([s.labels for s in samples])
+        loss_cls = F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
+        start, box_terms = 0, []
+        for s, gt in zip(samples, gt_boxes):
+            if s.num_pos:
+                rows = torch.arange(start, start + s.num_pos, device=logits.device)
+                pred = deltas[rows].view(s.num_pos, -1, 4)[torch.arange(s.num_pos, device=logits.device),
+                                                           s.labels[:s.num_pos]]
+                target = encode(s.boxes[:s.num_pos], gt[s.gt_index[:s.num_pos]], BBOX_STDS)
+                box_terms.append((pred - target).abs().sum())
+            start += s.boxes.shape[0]
+        return {"loss_cls": loss_cls, "loss_bbox": sum(box_terms, logits.sum() * 0) / max(labels.numel(), 1)}
+
 
 MASK_CHUNK = 32
 
@@ -134,6 +150,16 @@ class MaskHead(nn.Module):
         for conv in self.convs:
             x = conv(x)
         return self.conv_logits(F.relu(self.upsample(x), inplace=True))
+
+    @staticmethod
+    def loss(mask_logits: Tensor, samples: list[RoISamples], gt_masks: list[Tensor]) -> Tensor:
+        """``mask_logits [P, K, 28, 28]`` of the positive RoIs (image-major) -> mean per-pixel BCE on each
+        RoI's class channel."""
+        labels = torch.cat([s.labels[:s.num_pos] for s in samples])
+        if labels.numel() == 0:
+            return mask_logits.sum() * 0
+        pred = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]
+        return F.binary_cross_entropy_with_logits(pred, mask_targets(samples, gt_masks, pred.shape[-1]))
 
 
 def paste_masks(probs: Tensor, boxes: Tensor, height: int, width: int, threshold: float) -> Tensor:

@@ -1,5 +1,6 @@
-"""RPN head and its test-time proposals (mmdet 2.28 ``RPNHead``: 1 sigmoid logit per anchor,
-3 anchors per location, per-level top-1000, level-batched NMS at IoU 0.7, 1000 proposals)."""
+"""RPN head, its proposals (mmdet 2.28 ``RPNHead``: 1 sigmoid logit per anchor, 3 anchors per location,
+per-level top-1000 at test time, level-batched NMS at IoU 0.7, 1000 proposals) and its training loss
+(BCE + L1 over 256 sampled anchors per image, averaged over the batch's sampled anchors)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .boxes import base_anchors, batched_nms, decode, grid_anchors
+from .losses import RPN_ASSIGN, assign, encode, sample
 
 STRIDES = (4, 8, 16, 32, 64)
 
@@ -19,6 +21,9 @@ class RPNTestConfig:
     max_per_img: int = 1000
     iou: float = 0.7
     min_bbox_size: float = 0.0
+
+
+RPN_TRAIN = RPNTestConfig(nms_pre=2000, max_per_img=1000, iou=0.7, min_bbox_size=0.0)  # mmdet train_cfg.rpn_proposal
 
 
 class RPNHead(nn.Module):
@@ -71,3 +76,22 @@ class RPNHead(nn.Module):
             return boxes.new_zeros(0, 5)
         keep = batched_nms(boxes, s, ids, cfg.iou)[:cfg.max_per_img]
         return torch.cat([boxes[keep], s[keep, None]], 1)
+
+    @staticmethod
+    def loss(scores: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], gt_boxes: list[Tensor]
+             ) -> dict[str, Tensor]:
+        """Per image: ``scores[i]`` ``[N_anchors]`` logits and ``deltas[i]`` ``[N_anchors, 4]`` (all levels,
+        (y, x, anchor) order), ``anchors[i]`` ``[N_anchors, 4]``; -> ``loss_rpn_cls``, ``loss_rpn_bbox``."""
+        cls_terms, box_terms, samples = [], [], 0
+        for s, d, a, gt in zip(scores, deltas, anchors, gt_boxes):
+            assigned = assign(a, gt, RPN_ASSIGN)
+            pos, neg = sample(assigned, 256, 0.5)
+            idx = torch.cat([pos, neg])
+            target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(s.dtype)
+            cls_terms.append(F.binary_cross_entropy_with_logits(s[idx], target, reduction="sum"))
+            if pos.numel():
+                box_terms.append((d[pos] - encode(a[pos], gt[assigned[pos] - 1])).abs().sum())
+            samples += idx.numel()
+        norm = max(samples, 1)
+        zero = scores[0].sum() * 0
+        return {"loss_rpn_cls": sum(cls_terms, zero) / norm, "loss_rpn_bbox": sum(box_terms, zero) / norm}

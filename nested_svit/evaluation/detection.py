@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import DetectionImages, collate_detection
 from ..detection.detector import Detections, MaskRCNNDetector
-from .distributed import DistInfo
+from ..distributed import DistInfo
 from .runner import _check_manifest, pending_batches, write_part
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -37,7 +37,8 @@ class DetectionJob:
 
 @dataclass
 class DetectionProgress:
-    images: int = 0
+    images: int = 0  # detected by this process in this run
+    seen: int = 0  # detected or skipped
     detections: int = 0
     elapsed: float = 0.0
     model_seconds: float = 0.0  # whole network (FPS^w), this process, this run
@@ -95,6 +96,7 @@ def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], Non
             on_batch(batch, dets)
         frame = detection_rows(job, batch, dets)
         write_part(job, batch, frame)
+        state.seen += len(batch["all_index"])
         state.elapsed = time.perf_counter() - start
         if progress:
             progress(state)

@@ -20,10 +20,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.folder import ImageRecordDataset, collate_records
+from ..data.dataset import ImageRecordDataset, collate_records
 from ..io import atomic_write, atomic_write_text
 from ..model import SparseViT
-from .distributed import DistInfo
+from ..distributed import DistInfo
 
 
 @dataclass

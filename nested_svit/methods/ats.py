@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ..tokens import Layout, pad, padding_mask
-from .base import AttentionRecord
-from .selection import SubsetRun
+from .base import AttentionRecord, Method
+from .selection import SubsetRun, class_row_flops
 
 
 def inverse_transform_picks(sorted_cdf: Tensor, valid: Tensor, samples: Tensor) -> Tensor:
@@ -79,38 +79,7 @@ class ATSRun(SubsetRun):
         return self.chose(keep, self.rows_mask(record.rows[~first]))
 
 
-ATS_PAPER_FLOP_RATIO = 3.0 / 4.6  # DeiT-S: 3.0 GFLOPs (SViT Table 7) of dense 4.6
-
-
-@torch.no_grad()
-def sharpen_for_benchmark(model, images: Tensor, target_ratio: float = ATS_PAPER_FLOP_RATIO) -> float:
-    """Benchmarks on random weights only: ATS keeps ~92% of the tokens of a random DeiT (its class
-    attention is nearly uniform), far more than on trained weights. Scale the queries of the sampling
-    blocks by one factor, found by bisection, until the FLOPs of ``images`` are ``target_ratio`` of
-    dense (the paper's 3.0 of 4.6 GFLOPs), as the harness calibrates SViT gates. -> the factor."""
-    from ..benchmark.flops import flops_per_image
-    from ..registry import get_config
-
-    c = model.config.embed_dim
-    blocks = [model.blocks[i] for i in model.config.gate_blocks]
-    original = [(b.attn.qkv.weight[:c].clone(), b.attn.qkv.bias[:c].clone()) for b in blocks]
-    dense = get_config("deit_small_patch16_224", embed_dim=c, num_heads=model.config.num_heads,
-                       num_classes=model.config.num_classes)
-
-    def ratio(factor: float) -> float:
-        for b, (w, bias) in zip(blocks, original):
-            b.attn.qkv.weight[:c] = w * factor
-            b.attn.qkv.bias[:c] = bias * factor
-        usage = model.forward_features(images)[1]
-        n = usage.total[:, None].expand(-1, model.config.depth)
-        return float(flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean()
-                     / flops_per_image(dense, n, usage.total).mean())
-
-    lo, hi = 1.0, 1.0
-    while ratio(hi) > target_ratio and hi < 1024:
-        lo, hi = hi, hi * 2
-    for _ in range(12):
-        mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if ratio(mid) > target_ratio else (lo, mid)
-    ratio(hi)
-    return hi
+METHOD = Method(
+    name="ats", title="ATS", run=ATSRun, selector_flops=class_row_flops, query_subset=True,
+    count_follows_attention=True,
+)

@@ -16,14 +16,21 @@ The executions (execution.py) own gather -> block -> scatter; a method only retu
 packed map's rows, so every method runs in the same packed and reference executions. Rows a method
 drops keep their last value in the map (preserve); ``readout_mask`` says which rows were active at
 the end, for the "remove" readout that zeroes the others.
+
+Everything else the library needs to know about a method is its ``Method`` descriptor (one per
+``methods/<name>.py``, listed in ``methods/__init__.py``): the engine, trainers, benchmarks, the CLI and
+the detector ask it, and never compare a method's name.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..config import LEGACY_OPTION_DEFAULTS, ViTConfig
 from ..tokens import Layout, Packed
 
 
@@ -89,10 +96,16 @@ def segment_rank(scores: Tensor, image: Tensor, descending: bool = True) -> Tens
 
 
 class MethodRun:
-    """Per-forward state of a pruning method; the defaults are the dense model's."""
+    """Per-forward state of a pruning method; the defaults are the dense model's. ``masks`` /
+    ``decided``: per selection, the ``[T]`` rows kept and the rows it chose from (``TokenUsage``);
+    ``active``: the rows a method with a running active set keeps (None: not such a method)."""
+
+    active: Tensor | None = None
 
     def __init__(self, block_pass: "object") -> None:
         self.block_pass = block_pass
+        self.masks: list[Tensor] = []
+        self.decided: list[Tensor] = []
 
     def before_block(self, i: int, x: Packed) -> Tensor | None:
         return None
@@ -128,3 +141,76 @@ class MethodRun:
     def readout_mask(self) -> Tensor | None:
         """``[T]`` bool rows active at the end (None: all)."""
         return None
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options of its own."""
+
+
+def no_selectors(config: ViTConfig, options: Any) -> list[nn.Module]:
+    return []
+
+
+def no_selector_flops(config: ViTConfig, options: Any, kept: Tensor, total: Tensor) -> Tensor:
+    return torch.zeros_like(total, dtype=torch.float64)
+
+
+def no_virtual_rows(config: ViTConfig, options: Any) -> int:
+    return 0
+
+
+def cls_readout(options: Any) -> str:
+    return "cls"
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the library asks of a pruning method. ``run``: its per-forward ``MethodRun`` class;
+    ``options``: its options dataclass (the ``Pruning.options`` it accepts); ``make_selectors(config,
+    options)``: its modules with parameters (``gates.{k}``); ``needs_class_token``: it selects with the
+    class token (detector backbones then get an artificial one); ``train_execution``: the execution it
+    trains in (None: training is refused with ``train_refusal``); ``calibrate(stack, images, targets)``:
+    shifts its thresholds to keep targets (None: it keeps its own counts); ``ratio_loss(usage, targets,
+    kind)``: its keep-ratio loss term (None: none); ``count_follows_attention``: its keep count follows
+    trained attention (random weights keep nearly everything); ``query_subset``: it computes attention
+    and MLP only for the query rows it keeps (FLOPs); ``selector_flops(config, options, kept [B, depth],
+    total [B])``: FLOPs of its selection; ``virtual_rows(config, options)``: extra rows per image it
+    writes; ``readout(options)``: what the classifier head reads (``cls`` or ``mean``); ``validate(config,
+    options)``: its own checks; ``legacy_names``: old flat option names of its fields."""
+
+    name: str
+    title: str
+    run: type[MethodRun]
+    options: type = NoOptions
+    make_selectors: Callable[[ViTConfig, Any], list[nn.Module]] = no_selectors
+    needs_class_token: bool = True
+    train_execution: str | None = "packed"
+    train_refusal: str = ""
+    calibrate: Callable | None = None
+    ratio_loss: Callable | None = None
+    count_follows_attention: bool = False
+    query_subset: bool = False
+    selector_flops: Callable[[ViTConfig, Any, Tensor, Tensor], Tensor] = no_selector_flops
+    virtual_rows: Callable[[ViTConfig, Any], int] = no_virtual_rows
+    readout: Callable[[Any], str] = cls_readout
+    validate: Callable[[ViTConfig, Any], None] | None = None
+    legacy_names: dict[str, str] = field(default_factory=dict)  # old flat option name -> options field
+
+    def resolve_options(self, config: ViTConfig) -> Any:
+        """``config.pruning.options`` as this method's options dataclass: its own fields taken, an old
+        flat option of another method accepted only at its old default; then the method's checks."""
+        given = {self.legacy_names.get(k, k): v for k, v in config.pruning.options.items()}
+        own = {f.name for f in dataclasses.fields(self.options)}
+        foreign = {k: v for k, v in given.items() if k not in own}
+        bad = sorted(k for k, v in foreign.items()
+                     if k not in LEGACY_OPTION_DEFAULTS or v != LEGACY_OPTION_DEFAULTS[k])
+        if bad:
+            known = ", ".join(sorted(own)) or "none"
+            raise ValueError(f"{', '.join(bad)}: not an option of {self.title} (its options: {known})")
+        options = self.options(**{k: v for k, v in given.items() if k in own})
+        if self.needs_class_token and not config.class_token:
+            raise ValueError(f"{self.title} selects with the class token's attention: it needs class_token=True")
+        if self.validate is not None:
+            self.validate(config, options)
+        return options

@@ -10,12 +10,20 @@ Linear(C/2, C/4) -> GELU -> Linear(C/4, 2) -> LogSoftmax``; channel 0 is "keep".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from ..config import ViTConfig
 from ..tokens import Packed
+from .base import Method
 from .selection import SubsetRun, keep_count
+
+
+@dataclass(frozen=True)
+class DynamicViTOptions:
+    gate_norm_eps: float = 1e-5  # the predictors' LayerNorm
 
 
 class PredictorLG(nn.Module):
@@ -35,15 +43,15 @@ class PredictorLG(nn.Module):
         return self.out_conv(torch.cat([h[:, :half], mean[image]], -1))[:, 0]
 
 
-def make_gates(config: ViTConfig) -> list[nn.Module]:
-    return [PredictorLG(config.embed_dim, config.gate_norm_eps) for _ in config.gate_blocks]
+def make_gates(config: ViTConfig, options: DynamicViTOptions) -> list[nn.Module]:
+    return [PredictorLG(config.embed_dim, options.gate_norm_eps) for _ in config.gate_blocks]
 
 
 class DynamicViTRun(SubsetRun):
     def before_block(self, i: int, x: Packed) -> Tensor | None:
         s = self.stage_of_block.get(i)
         if s is None:
-            return self.active
+            return super().before_block(i, x)
         bp = self.block_pass
         candidates = self.active & ~bp.protect
         rows = candidates.nonzero().squeeze(1)
@@ -51,3 +59,20 @@ class DynamicViTRun(SubsetRun):
         scores = bp.stack.gates[s].keep_log_prob(x.values[rows], image, bp.layout.batch_size)
         k = keep_count(bp.patches, self.config.keep_targets[s], "floor")
         return self.chose(self.top_k(scores.float(), rows, image, k) | (self.active & bp.protect), candidates)
+
+
+def predictor_flops(config: ViTConfig, options: DynamicViTOptions, kept: Tensor, total: Tensor) -> Tensor:
+    """The predictor over the active patch tokens of each pruning block:
+    ``2 n (C^2 + C C/2 + C/2 C/4 + C/4 2)``."""
+    c = config.embed_dim
+    per_token = 2 * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2)
+    return ((kept.double()[:, list(config.gate_blocks)] - 1) * per_token).sum(1)
+
+
+METHOD = Method(
+    name="dynamicvit", title="DynamicViT", run=DynamicViTRun, options=DynamicViTOptions, make_selectors=make_gates,
+    needs_class_token=False, train_execution=None,
+    train_refusal="training DynamicViT is not implemented (its predictors learn through Gumbel masks and its own "
+                  "distillation losses); its released weights run for inference",
+    selector_flops=predictor_flops,
+)

@@ -6,16 +6,25 @@ tokens; the top ``ceil(keep_rate * (N - 1))`` stay (``N``: active tokens incl. t
 earlier fused tokens), the rest are dropped. With ``fuse_token`` their attention-weighted sum
 (weights not renormalised) becomes one new token, held in a virtual row of the image (one per
 stage), which later stages may keep or drop like any other. Only the MLP runs on the kept tokens.
-Dropped tokens keep their post-attention value in the map (``evit_preserve="attention"``) or their
+Dropped tokens keep their post-attention value in the map (``preserve="attention"``) or their
 value before the block (``"input"``); the release's weights are DeiT's.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from .base import AttentionRecord
-from .selection import SubsetRun, keep_count
+from ..config import ViTConfig
+from .base import AttentionRecord, Method
+from .selection import SubsetRun, class_row_flops, keep_count
+
+
+@dataclass(frozen=True)
+class EViTOptions:
+    fuse_token: bool = False  # dropped tokens fused into one extra token per stage
+    preserve: str = "attention"  # a dropped token keeps its post-attention value, or its "input" to the block
 
 
 class EViTRun(SubsetRun):
@@ -36,14 +45,30 @@ class EViTRun(SubsetRun):
         keep = self.top_k(score, rows, cimage, k)
         keep[record.rows[first]] = True
         dropped = rows[~keep[rows]]
-        if self.config.fuse_token:
+        if self.options.fuse_token:
             weights = score[~keep[rows]].to(y.dtype)
             fused = y.new_zeros(layout.batch_size, y.shape[-1]).index_add_(
                 0, cimage[~keep[rows]], weights[:, None] * y[dropped])
             slot = bp.slot_rows[:, s]
             y[slot] = fused
             keep[slot] = True
-        if self.config.evit_preserve == "input":
+        if self.options.preserve == "input":
             lost = ~keep[record.rows]
             y[record.rows[lost]] = before[lost]
         return self.chose(keep, self.rows_mask(rows))
+
+
+def _validate(config: ViTConfig, options: EViTOptions) -> None:
+    if options.preserve not in ("attention", "input"):
+        raise ValueError(f"EViT's preserve must be 'attention' or 'input', not {options.preserve!r}")
+
+
+def fused_rows(config: ViTConfig, options: EViTOptions) -> int:
+    """One virtual row per stage for the fused token."""
+    return len(config.gate_blocks) if options.fuse_token else 0
+
+
+METHOD = Method(
+    name="evit", title="EViT", run=EViTRun, options=EViTOptions, selector_flops=class_row_flops,
+    virtual_rows=fused_rows, validate=_validate, legacy_names={"evit_preserve": "preserve"},
+)

@@ -4,30 +4,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import ViTConfig
 from .base import MethodRun, segment_rank
 
 
 class SubsetRun(MethodRun):
-    """A method whose active set only shrinks (DynamicViT, EViT, ATS) or is re-chosen (Evo-ViT):
-    ``self.active [T]`` bool, starting with every real row (virtual slots off)."""
+    """A method whose active set only shrinks (DynamicViT, EViT, ATS, ToMe) or is re-chosen (Evo-ViT):
+    ``self.active [T]`` bool, starting with every real row (virtual slots off). ``self.options``: the
+    method's options (``stack.options``)."""
 
     def __init__(self, block_pass) -> None:
         super().__init__(block_pass)
         self.config = block_pass.stack.config
+        self.options = block_pass.stack.options
         self.stage_of_block = {b: k for k, b in enumerate(self.config.gate_blocks)}
         self.active: Tensor = ~block_pass.slot_mask
-        self.masks: list[Tensor] = []  # per stage: rows kept, and the rows it chose from (usage.masks / decided)
-        self.decided: list[Tensor] = []
+        self.everything = block_pass.stack.slots == 0  # no selection yet and no virtual rows: all rows active
 
     def chose(self, keep: Tensor, candidates: Tensor) -> Tensor:
         """Record a stage's selection (``[T]`` bool kept, ``[T]`` bool candidates); -> ``keep``."""
         self.masks.append(keep)
         self.decided.append(candidates)
         self.active = keep
+        self.everything = False
         return keep
 
     def before_block(self, i: int, x) -> Tensor | None:
-        return self.active
+        return None if self.everything else self.active
 
     def rows_mask(self, rows: Tensor) -> Tensor:
         mask = torch.zeros_like(self.active)
@@ -51,3 +54,8 @@ def keep_count(base: Tensor, rate: float, mode: str) -> Tensor:
     ``ceil(base * rate)`` (EViT), computed in float64 as the authors' Python does."""
     value = base.double() * rate
     return (torch.floor(value) if mode == "floor" else torch.ceil(value)).to(torch.int64)
+
+
+def class_row_flops(config: ViTConfig, options: object, kept: Tensor, total: Tensor) -> Tensor:
+    """The class token's attention row in each selection block: ``2 n C`` (EViT, ATS)."""
+    return (2 * kept.double()[:, list(config.gate_blocks)] * config.embed_dim).sum(1)

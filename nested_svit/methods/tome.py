@@ -12,12 +12,20 @@ partner's row holds the mean; ``order`` tracks the sequence positions the split 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from ..config import ViTConfig
 from ..tokens import Layout, pad
-from .base import AttentionRecord
+from .base import AttentionRecord, Method
 from .selection import SubsetRun
+
+
+@dataclass(frozen=True)
+class ToMeOptions:
+    r: int = 0  # tokens merged per block
 
 
 class ToMeRun(SubsetRun):
@@ -37,7 +45,7 @@ class ToMeRun(SubsetRun):
     def after_attention(self, i: int, y: Tensor, record: AttentionRecord, before: Tensor) -> Tensor | None:
         layout = record.layout
         n = torch.tensor(layout.lengths, dtype=torch.int64, device=y.device)
-        r = torch.clamp((n - 1) // 2, max=self.config.tome_r)  # ToMe protects the class token
+        r = torch.clamp((n - 1) // 2, max=self.options.r)  # ToMe protects the class token
         # rows in sequence order per image, then as padded [B, N] positions
         image = layout.image_index
         seq = record.rows[torch.argsort(image * (layout.max_len + 1) + self.order[record.rows])]
@@ -84,3 +92,20 @@ class ToMeRun(SubsetRun):
             rows_b)[valid_b]
         candidates = self.rows_mask(record.rows) & ~self.block_pass.protect
         return self.chose(keep, candidates)
+
+
+def matching_flops(config: ViTConfig, options, kept: Tensor, total: Tensor) -> Tensor:
+    """Bipartite matching in every merging block: ``2 (n/2)^2 d`` (``d`` the head dim)."""
+    d = config.embed_dim // config.num_heads
+    return (2 * (kept.double()[:, list(config.gate_blocks)] / 2) ** 2 * d).sum(1)
+
+
+def _validate(config: ViTConfig, options: ToMeOptions) -> None:
+    if options.r < 0:
+        raise ValueError(f"ToMe's r (tokens merged per block) must be >= 0, got {options.r}")
+
+
+METHOD = Method(
+    name="tome", title="ToMe", run=ToMeRun, options=ToMeOptions, selector_flops=matching_flops, validate=_validate,
+    legacy_names={"tome_r": "r"},
+)

@@ -1,7 +1,8 @@
-"""mmdet 2.28's test pipeline for one image: keep-ratio resize of the uint8 image with OpenCV's
-INTER_LINEAR to fit ``img_scale`` (sizes ``int(x * s + 0.5)``), normalisation with ImageNet mean/std
-in RGB (float32, as mmcv's ``imnormalize``), zero padding (after normalisation) of the bottom/right
-to a multiple of 32. Every image keeps its own padded size."""
+"""The detectors' input transform, mmdet 2.28's test pipeline for one image: keep-ratio resize of the
+uint8 image with OpenCV's INTER_LINEAR to fit ``img_scale`` (sizes ``int(x * s + 0.5)``; OpenCV, not
+Pillow, for mmdet-exact pixels), normalisation with ImageNet mean/std in RGB (float32, as mmcv's
+``imnormalize``), zero padding (after normalisation) of the bottom/right to a multiple of 32. Every
+image keeps its own padded size."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
+
+from .decode import BadImage, decode_rgb_array
 
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float64)
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float64)
@@ -38,22 +41,15 @@ def rescale_size(width: int, height: int, img_scale: tuple[int, int]) -> tuple[i
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """File -> RGB uint8 ``[H, W, 3]`` (OpenCV decode as mmdet's ``LoadImageFromFile``, EXIF orientation
-    applied; Pillow for formats OpenCV cannot read). Raises ``ValueError`` naming the file."""
+    """File -> RGB uint8 ``[H, W, 3]``, EXIF orientation applied (as mmdet's ``LoadImageFromFile``
+    with OpenCV). Raises ``BadImage`` (a ``ValueError``) naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"image not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if bgr is not None:
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        raise BadImage(f"image not found: {path}")
     try:
-        from PIL import Image, ImageOps
-
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+        return decode_rgb_array(str(path), exif=True)
+    except BadImage as e:
+        raise BadImage(f"cannot decode image {path}: {e}") from e
 
 
 def as_rgb_uint8(image: np.ndarray | Tensor) -> np.ndarray:
@@ -96,3 +92,16 @@ def preprocess(image: np.ndarray | Tensor, img_scale: tuple[int, int] = (1333, 8
     meta = ImageMeta((h, w, 3), (new_h, new_w, 3), (padded.shape[1], padded.shape[2], 3),
                      tuple(float(v) for v in scale))
     return padded, meta
+
+
+@dataclass(frozen=True)
+class DetectorTransform:
+    """Decoded RGB image (PIL or uint8 array) -> ``(input [3, H_pad, W_pad], ImageMeta)`` at ``img_scale``."""
+
+    img_scale: tuple[int, int] = (1333, 800)
+
+    def __call__(self, image) -> tuple[Tensor, ImageMeta]:
+        return preprocess(np.asarray(image), self.img_scale)
+
+    def describe(self) -> dict:
+        return {"img_scale": list(self.img_scale), "resize": "cv2 INTER_LINEAR keep-ratio", "pad": 32}

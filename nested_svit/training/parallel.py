@@ -4,62 +4,26 @@ Each global batch of ``batch_size`` images (the same batches a single process wo
 ``world_size`` equal shards, ``batch[rank::world_size]``. Every rank computes its loss on its shard;
 gradients are averaged over the ranks that had readable images, with one ``all_reduce`` of a flat buffer
 per step, so a rank whose shard was all unreadable still takes part (and nobody waits forever). Random
-draws (Gumbel noise, drop-path) are seeded per (seed, step, rank), which also makes a resumed run exact
-at any world size. Buffers (BatchNorm running statistics) follow rank 0 each step, as DDP's
-``broadcast_buffers`` does.
+draws (Gumbel noise, drop-path) are seeded per (seed, step, rank) (``seeding.step_seed``), which also
+makes a resumed run exact at any world size. Buffers (BatchNorm running statistics) follow rank 0 each
+step, as DDP's ``broadcast_buffers`` does (``distributed.broadcast_state``).
 
 Why not ``DistributedDataParallel``: the trainers call model methods other than ``forward``
-(``forward_features``, the detector's backbone/neck/heads), which DDP does not hook; one flat
-all-reduce after backward is simple and exact (it does not overlap communication with backward).
+(``forward_features``, the detector's ``losses``), which DDP does not hook; one flat all-reduce after
+backward is simple and exact (it does not overlap communication with backward).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from .evaluation.distributed import DistInfo, barrier, init_from_env, shutdown
-
-__all__ = ["DistInfo", "init_from_env", "barrier", "shutdown", "current", "all_ranks", "shard", "step_seed", "average_gradients",
-           "broadcast_state"]
-
-
-def current() -> DistInfo:
-    """The process group this process has joined (``init_from_env``), else a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistInfo()
-    import os
-
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+from ..distributed import DistInfo
 
 
 def shard(batch: list[int], info: DistInfo) -> list[int]:
     """This rank's share of a global batch of indices."""
     return batch[info.rank::info.world_size]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed of optimisation step ``step`` on ``rank``."""
-    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2 ** 63)
-
-
-def all_ranks(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
-    """True when ``flag`` holds on every rank (every rank must call this; ``device``: where the
-    process group's backend reduces, CUDA for NCCL)."""
-    if info.world_size <= 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def broadcast_state(module: nn.Module, info: DistInfo, parameters: bool = True) -> None:
-    """Copy rank 0's buffers (and parameters) to every rank."""
-    if info.world_size <= 1:
-        return
-    tensors = list(module.buffers()) + (list(module.parameters()) if parameters else [])
-    for t in tensors:
-        dist.broadcast(t.data, 0)
 
 
 def average_gradients(params: list[Tensor], info: DistInfo, has_data: bool, extras: tuple[float, ...] = ()

@@ -1,10 +1,17 @@
-"""Data sets of image records (index, source, label) on local disk, decoded robustly.
+"""The one input resolver, for classifiers and detectors alike: a path, glob or list -> ``Records``
+(index, source, label, id), with the files that get no row listed with the reason.
 
-Layouts (all offline):
+Inputs (all offline):
 * ImageFolder: ``DIR/<class>/<image>`` (e.g. ImageNet ``val/<wnid>/*.JPEG``); labels are sorted class
-  directory names. A flat directory of images has no labels (label -1).
-* Hugging Face parquet shards (``*.parquet`` with ``image``/``label`` columns) or a ``save_to_disk``
-  Arrow folder; class names from the ``label`` feature when it is a ``ClassLabel``.
+  directory names (ImageNet wnids get ImageNet's indices). A flat directory of images has no labels
+  (label -1); so has a file at the top of a class tree.
+* Hugging Face parquet shards (``*.parquet`` with ``image``/``label`` columns), one ``.parquet`` file,
+  or a ``save_to_disk`` Arrow folder; class names from the ``label`` feature when it is a ``ClassLabel``.
+* One image file, a ``.txt`` / ``.lst`` list of paths (one per line, relative to the list's folder;
+  ``#`` comments), or a quoted glob (``'photos/*.jpg'``).
+Rules everywhere: hidden and tool folders (``.git``, ``__MACOSX``) are never data; our own outputs
+(``exclude``, ``*.parts``) are never read back; every other file gets a row (undecodable ones are
+skipped with the reason) or is listed in ``ignored`` with the reason (known non-image suffixes).
 """
 from __future__ import annotations
 
@@ -12,22 +19,22 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from typing import Iterable
 
 from .classes import imagenet_classes, imagenet_index
-from .decode import BadImage, decode_image
-from .transforms import EvalTransform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".tga", ".dib", ".pcx"}
 # files that are certainly not images: listed as ignored (with the reason), never decoded
 NON_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow", ".md", ".py", ".pth", ".pt", ".npy",
                       ".npz", ".xml", ".yaml", ".yml", ".log", ".zip", ".tar", ".gz", ".pdf", ".html", ".lock"}
+
+
 @dataclass
 class Records:
+    """Image ``i``: ``sources[i]`` (a path, or row ``i`` of a ``datasets.Dataset`` of undecoded images),
+    ``labels[i]`` (-1: none), ``ids[i]``; ``image_ids[i]`` for COCO-format sets."""
+
     sources: list  # paths (str) or a datasets.Dataset with undecoded images
     labels: list[int]
     ids: list[str]  # stable per-image identifier: relative path, or "<split>/<row>"
@@ -35,6 +42,10 @@ class Records:
     kind: str
     label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | dataset_label | none
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that get no row
+    image_ids: list[int] | None = None  # COCO image ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
     def digest(self) -> str:
         """Pins the exact input: paths, sizes and modification times of every file (or the data set's
@@ -148,106 +159,56 @@ def _is_hf(root: Path, exclude: set[Path] = frozenset()) -> bool:
         or (root / "dataset_dict.json").exists() or (root / "state.json").exists()
 
 
-class ImageRecordDataset(Dataset):
-    """Item ``i`` -> dict(index, id, label, image ``[3, S, S]`` or None, error str or None)."""
+def _glob_records(pattern: str, exclude: set[Path]) -> Records:
+    """A quoted glob: matches under the same rules as a folder walk (hidden and tool folders, our
+    outputs and known non-image files are not rows; the latter two are listed as ignored)."""
+    import glob
 
-    def __init__(self, records: Records, transform: EvalTransform, exif: bool = False, max_pixels: int | None = None):
-        self.records = records
-        self.transform = transform
-        self.exif = exif  # apply EXIF orientation (predict); the ImageNet protocol does not
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.records.labels)
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.records.class_names
-
-    def _raw(self, index: int) -> str | bytes:
-        src = self.records.sources
-        if isinstance(src, list):
-            return src[index]
-        cell = src[index]["image"]
-        return cell["bytes"] if cell.get("bytes") else cell["path"]
-
-    def image(self, index: int) -> Image.Image:
-        """Decoded RGB image ``index`` (no transform); raises ``BadImage`` with the reason."""
-        raw = self._raw(index)
-        if isinstance(raw, str) and os.path.islink(raw) and not os.path.exists(raw):
-            raise BadImage(f"broken symbolic link to {os.readlink(raw)}")
-        return decode_image(raw, self.max_pixels, self.exif)
-
-    def __getitem__(self, index: int) -> dict:
-        item = {"index": index, "id": self.records.ids[index], "label": self.records.labels[index],
-                "image": None, "error": None}
-        try:
-            item["image"] = self.transform(self.image(index))
-        except BadImage as e:
-            item["error"] = str(e)
-        return item
+    files, ignored = [], []
+    for p in sorted(Path(m) for m in glob.glob(pattern, recursive=True)):
+        if p.is_dir() or any(_hidden(part) for part in p.parts if part not in (".", "..")):
+            continue
+        if p.resolve() in exclude or any(part.endswith(".parts") for part in p.parts):
+            ignored.append((str(p), "output of this run"))
+        elif p.suffix.lower() in NON_IMAGE_SUFFIXES:
+            ignored.append((str(p), f"not an image ({p.suffix.lower()} file)"))
+        else:
+            files.append(p)
+    if not files:
+        raise FileNotFoundError(f"no images match {pattern}" + (f" ({len(ignored)} other files ignored)" if ignored else ""))
+    records = _file_list_records(files, None, "glob")
+    records.ignored = ignored
+    return records
 
 
-def open_dataset(path: str | os.PathLike, transform: EvalTransform | None = None, split: str | None = None,
-                 exclude: list[str | os.PathLike] = (), exif: bool = False, max_pixels: int | None = None,
-                 ) -> ImageRecordDataset:
-    """Open an input: an ImageFolder tree or a directory of images, parquet shards or a ``save_to_disk``
-    folder, a single image file, a single ``.parquet`` file, a text file listing image paths (one per
-    line, relative to the list's folder), or a glob pattern (``'photos/*.jpg'``). ``exclude``: our own
-    output files, never read back as input."""
-    transform = transform or EvalTransform()
+def _list_records(listing: Path) -> Records:
+    """A ``.txt`` / ``.lst`` file of image paths, one per line (relative to its folder; ``#`` comments).
+    Every listed path gets a row: one that is missing or no image is skipped with the reason."""
+    lines = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not lines:
+        raise FileNotFoundError(f"{listing} lists no image paths")
+    files = [(listing.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+    return _file_list_records(files, listing.parent, "list")
+
+
+def resolve_records(path: str | os.PathLike, split: str | None = None, exclude: Iterable[str | os.PathLike] = ()
+                    ) -> Records:
+    """Any input of the module docstring -> ``Records``. ``exclude``: our own output files, never
+    read back as input; ``split``: of a ``save_to_disk`` ``DatasetDict`` (default validation, else the first)."""
     excluded = {Path(p).resolve() for p in exclude}
     text = str(path)
     if any(ch in text for ch in "*?[") and not Path(text).exists():
-        import glob
-
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).is_dir())
-        if not files:
-            raise FileNotFoundError(f"no files match {text}")
-        return ImageRecordDataset(_file_list_records(files, None, "glob"), transform, exif, max_pixels)
+        return _glob_records(text, excluded)
     root = Path(path)
     if not root.exists() and not root.is_symlink():
         raise FileNotFoundError(f"data path not found: {root}")
-    if root.is_file():
+    if root.is_file() or root.is_symlink() and not root.exists():
         suffix = root.suffix.lower()
         if suffix == ".parquet":
-            records = _hf_records(root, split)
-        elif suffix in (".txt", ".lst"):
-            lines = [ln.strip() for ln in root.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-            files = [(root.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
-            records = _file_list_records(files, root.parent, "list")
-        else:
-            records = _file_list_records([root], root.parent, "image")
-    elif _is_hf(root, excluded):
-        records = _hf_records(root, split, excluded)
-    else:
-        records = _folder_records(root, excluded)
-    return ImageRecordDataset(records, transform, exif, max_pixels)
-
-
-def collate_records(items: list[dict]) -> dict:
-    """Batch of items -> dict with ``images [b, 3, S, S]`` of the decodable ones and lists."""
-    ok = [it for it in items if it["image"] is not None]
-    return {
-        "images": torch.stack([it["image"] for it in ok]) if ok else None,
-        "index": torch.tensor([it["index"] for it in ok], dtype=torch.int64),
-        "label": torch.tensor([it["label"] for it in ok], dtype=torch.int64),
-        "id": [it["id"] for it in ok],
-        "failed": [(it["index"], it["id"], it["label"], it["error"]) for it in items if it["image"] is None],
-        "all_index": [it["index"] for it in items],
-    }
-
-
-def load_images_from_dir(path: str | os.PathLike, count: int, img_size: int = 224) -> torch.Tensor:
-    """First ``count`` decodable images under ``path`` (cycled if fewer) -> ``[count, 3, S, S]``."""
-    ds = open_dataset(path, EvalTransform(img_size=img_size))
-    images = []
-    for i in range(len(ds)):
-        item = ds[i]
-        if item["image"] is not None:
-            images.append(item["image"])
-        if len(images) >= count:
-            break
-    if not images:
-        raise FileNotFoundError(f"no decodable images under {path}")
-    return torch.stack([images[i % len(images)] for i in range(count)])
+            return _hf_records(root, split)
+        if suffix in (".txt", ".lst"):
+            return _list_records(root)
+        return _file_list_records([root], root.parent, "image")
+    if _is_hf(root, excluded):
+        return _hf_records(root, split, excluded)
+    return _folder_records(root, excluded)

@@ -1,0 +1,106 @@
+"""Checkpoint layouts -> this library's (timm) parameter names, one converter per source (as timm's
+``_convert_*``). Detected from the keys:
+
+* ``timm``: timm ``VisionTransformer`` names (``blocks.{i}.attn.qkv.weight``, ...), as DeiT, EViT, ToMe and
+  ATS release them (ATS's constant ``attn.out_zero_mask`` is left out). Block LayerNorm eps 1e-6.
+* ``svit``: the official SViT release: ``blocks.{i}.TransformerEncoderLayer.{self_attn.in_proj_*,
+  self_attn.out_proj.*, linear1.*, linear2.*, norm1.*, norm2.*}``, gates in
+  ``selective_modules.{k}.{norm,mlp.fc1,mlp.fc2}``. Its blocks are ``nn.TransformerEncoderLayer``
+  with LayerNorm eps 1e-5, carried into the model so converted numbers match the source.
+* ``dynamicvit``: DynamicViT's release (timm keys + ``score_predictor.{s}.*`` -> ``gates.{s}.*``).
+* ``evovit``: Evo-ViT's release: ``qks.{i}.qk`` + ``vs.{i}.v`` -> ``blocks.{i}.attn.qkv`` (rows q, k | v),
+  ``norms.{i}`` -> ``norm1``, ``projs.{i}`` -> ``attn.proj``; its distillation head ``head_cls`` /
+  ``norm_cls`` is not used at inference and is left out.
+* ``mmdet-svit`` / ``mmdet-dense``: official SViT / ViT-Adapter mmcv runner files (``backbone.*``,
+  ``neck.*``, ``rpn_head.*``, ``roi_head.*``): the backbone's keys as the classification layouts above;
+  the heads keep mmdet's names, which ours follow.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+_SVIT_BLOCK_KEYS = {
+    "self_attn.in_proj_weight": "attn.qkv.weight",
+    "self_attn.in_proj_bias": "attn.qkv.bias",
+    "self_attn.out_proj.weight": "attn.proj.weight",
+    "self_attn.out_proj.bias": "attn.proj.bias",
+    "linear1.weight": "mlp.fc1.weight",
+    "linear1.bias": "mlp.fc1.bias",
+    "linear2.weight": "mlp.fc2.weight",
+    "linear2.bias": "mlp.fc2.bias",
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+}
+BLOCK_EPS = {"timm": 1e-6, "svit": 1e-5, "dynamicvit": 1e-6, "evovit": 1e-6, "mmdet-svit": 1e-5, "mmdet-dense": 1e-6}
+# keys of release files that nothing uses at inference (ATS's constant mask, Evo-ViT's distillation head)
+NOT_USED = (re.compile(r"blocks\.\d+\.attn\.out_zero_mask"), re.compile(r"(head_cls|norm_cls)\..+"))
+
+
+def detect_format(state: dict[str, Tensor]) -> str:
+    """A classification layout (``timm``, ``svit``, ``dynamicvit``, ``evovit``) or a detector file's
+    (``mmdet-svit``, ``mmdet-dense``)."""
+    if any(k.startswith("backbone.") for k in state):
+        inner = {k[len("backbone."):]: None for k in state if k.startswith("backbone.")}
+        return "mmdet-svit" if detect_format(inner) == "svit" else "mmdet-dense"
+    if any(".TransformerEncoderLayer." in k or k.startswith("selective_modules.") for k in state):
+        return "svit"
+    if any(k.startswith("score_predictor.") for k in state):
+        return "dynamicvit"
+    if any(k.startswith("qks.") for k in state):
+        return "evovit"
+    return "timm"
+
+
+def _convert_svit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.TransformerEncoderLayer\.(.+)", key)
+        if m and m.group(2) in _SVIT_BLOCK_KEYS:
+            out[f"blocks.{m.group(1)}.{_SVIT_BLOCK_KEYS[m.group(2)]}"] = value
+            continue
+        m = re.fullmatch(r"selective_modules\.(\d+)\.(.+)", key)
+        out[f"gates.{m.group(1)}.{m.group(2)}" if m else key] = value
+    return out
+
+
+def _convert_dynamicvit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {re.sub(r"^score_predictor\.", "gates.", k): v for k, v in state.items()}
+
+
+def _convert_evovit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(qks|vs|norms|projs)\.(\d+)\.(?:qk\.|v\.)?(weight|bias)", key)
+        if not m:
+            out[key] = value
+            continue
+        kind, i, what = m.groups()
+        if kind == "norms":
+            out[f"blocks.{i}.norm1.{what}"] = value
+        elif kind == "projs":
+            out[f"blocks.{i}.attn.proj.{what}"] = value
+        elif kind == "qks":
+            out[f"blocks.{i}.attn.qkv.{what}"] = torch.cat([value, state[f"vs.{i}.v.{what}"]], 0)
+    return out
+
+
+def _convert_mmdet(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``backbone.*`` official names -> ours (the classification converter of the backbone's layout)."""
+    inner = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    out = {f"backbone.{k}": v for k, v in convert(inner, detect_format(inner)).items()}
+    out.update({k: v for k, v in state.items() if not k.startswith("backbone.")})
+    return out
+
+
+_CONVERTERS = {"timm": dict, "svit": _convert_svit, "dynamicvit": _convert_dynamicvit, "evovit": _convert_evovit,
+               "mmdet-svit": _convert_mmdet, "mmdet-dense": _convert_mmdet}
+
+
+def convert(state: dict[str, Tensor], fmt: str) -> dict[str, Tensor]:
+    """Rename keys of ``fmt`` to this library's (timm) names."""
+    return _CONVERTERS[fmt](state)

@@ -1,0 +1,70 @@
+"""``load_checkpoint(model, source)``: one entry point, dispatched on the model's type. Classifiers
+(``SparseViT``) are registered here; the detector registers its own loader
+(``detection/checkpoint.py``), as detectron2's ``DetectionCheckpointer`` sits above a generic one."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from functools import singledispatch
+
+from torch import nn
+
+from ..config import ViTConfig
+from ..model import SparseViT
+from .convert import BLOCK_EPS, convert, detect_format
+from .keys import check_keys, drop_unused, fit_pos_embed
+from .reader import CheckpointError, LoadReport, read
+from .writer import file_info
+
+
+@singledispatch
+def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
+    """Load ``source`` (path or state dict) into ``model`` in place; -> what was read and noted."""
+    raise TypeError(f"cannot load a checkpoint into {type(model).__name__}")
+
+
+@load_checkpoint.register
+def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
+    """Classifier weights from any layout of ``convert.py``. Selector parameters missing from a dense
+    (timm/DeiT) checkpoint keep their initialisation (fine-tuning starts there) and are noted; every
+    other missing, unexpected or mis-shaped key is an error listing all of them. A ``pos_embed`` of
+    another grid size is interpolated (bicubic) and noted. Block LayerNorm eps follows the layout."""
+    ckpt = read(source)
+    fmt = detect_format(ckpt.state)
+    if fmt.startswith("mmdet"):
+        raise CheckpointError(f"{ckpt.desc} is a detector checkpoint; load it into a detector "
+                              f"(nested_svit.create_detector), not the classifier {model.name!r}")
+    state = convert(ckpt.state, fmt)
+    report = LoadReport(fmt, ckpt.desc, ckpt.sha256)
+    own = model.state_dict()
+    drop_unused(state, own, report)
+    fit_pos_embed(state, own, "pos_embed", report)
+    selectors = {k for k in own if k.startswith("gates.")}
+    ignore: set[str] = set()
+    if fmt == "timm" and selectors and not selectors & set(state):
+        ignore = selectors
+        report.notes.append(f"dense checkpoint: {model.num_gates} gates keep their initialisation "
+                            f"({model.method.title} selectors)")
+    if strict:
+        check_keys(f"checkpoint {ckpt.desc} ({fmt} format) does not fit model {model.name!r}", own, state, ignore)
+    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+    eps = float(ckpt.top.get("block_norm_eps", BLOCK_EPS[fmt]))
+    for block in model.blocks:
+        block.set_eps(eps)
+    if eps != model.config.block_norm_eps:
+        report.notes.append(f"block LayerNorm eps set to {eps} ({fmt} format)")
+    return report
+
+
+def classifier_from_file(source: str | os.PathLike | None, **overrides) -> SparseViT | None:
+    """The classifier a file written by this library carries (``model_config`` with ``overrides``,
+    e.g. ``img_size``), named as in the file and with its class names when they fit, random weights
+    (load them with ``load_checkpoint``); None for any other file."""
+    info = file_info(source)
+    if info.kind != "classifier":
+        return None
+    model = SparseViT(dataclasses.replace(ViTConfig.from_dict(info.model_config), **overrides))
+    model.name = info.model_name or "custom"
+    if info.class_names and len(info.class_names) == model.config.num_classes:
+        model.class_names = list(info.class_names)
+    return model

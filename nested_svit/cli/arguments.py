@@ -1,0 +1,78 @@
+"""The options of the inference commands (``predict``, ``eval imagenet``, ``eval coco``), as argument
+groups per model family (``options.py``): classifier and detector parsers get only what applies."""
+from __future__ import annotations
+
+import argparse
+
+from . import options
+
+CLS, DET = "classifier", "detector"
+
+
+def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
+    g = p.add_argument_group("model")
+    model_help = {(CLS, DET): "model name (nested-svit list); default: the model the checkpoint carries, else "
+                              "svit_small (classifiers)",
+                  (CLS,): "model name (nested-svit list); default: the model a train checkpoint carries, else svit_small",
+                  (DET,): "detector name (nested-svit list); default: the detector the checkpoint carries, else "
+                          "svit_adapter_small_maskrcnn"}[families]
+    g.add_argument("--model", default=None, help=model_help)
+    g.add_argument("--checkpoint", default=None,
+                   help={(CLS, DET): "timm/DeiT, official SViT/ViT-Adapter, a baseline's release or a nested-svit .pth",
+                         (CLS,): "timm/DeiT, official SViT, a baseline's release or 'nested-svit train' .pth",
+                         (DET,): "official SViT/ViT-Adapter mmdet .pth, or a nested-svit detector file"}[families])
+    g.add_argument("--random-weights", action="store_true", help="allow running without a checkpoint")
+    g.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-weights")
+    options.add(p, g, "--num-classes", type=int, defaults={CLS: None}, families=families,
+                help="model outputs (default: the checkpoint's / model's)")
+    options.add(p, g, "--class-names", defaults={CLS: None}, families=families,
+                help="text file, one class name per line")
+
+
+def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
+    g = p.add_argument_group("running")
+    options.add(p, g, "--batch-size", type=int, defaults={CLS: 128, DET: 2}, families=families,
+                help="images per batch (detectors: images of any sizes run together)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32"}, families=families,
+                help="compute precision")
+    g.add_argument("--backend", default="auto",
+                   help="variable-length attention backend (auto, loop, padded, nested, varlen)")
+
+
+def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], split: str | None = None,
+                      split_help: str = "split of a save_to_disk DatasetDict (default: validation, else the first)") -> None:
+    g = p.add_argument_group("input")
+    options.add(p, g, "--img-size", type=int, defaults={CLS: None}, families=families,
+                help="input size (default: the model's, 224 for DeiT/SViT)")
+    options.add(p, g, "--crop-pct", type=float, defaults={CLS: None}, families=families,
+                help="resize to img_size / crop_pct, then center-crop (default: the model's, DeiT 0.875)")
+    options.add(p, g, "--interpolation", choices=["bicubic", "bilinear", "nearest"], defaults={CLS: "bicubic"},
+                families=families, help="resize interpolation of the eval transform")
+    options.add(p, g, "--img-scale", defaults={DET: None}, families=families,
+                help="W,H test scale (default: the model's, 1333,800)")
+    g.add_argument("--split", default=split, help=split_help)
+    g.add_argument("--max-image-pixels", type=int, default=None,
+                   help="larger images are skipped with the reason (default 1e9; Pillow's own 89 Mpx warning is off)")
+
+
+def add_keep_budget_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
+    g = p.add_argument_group("keep budget (SViT gates, no retraining)")
+    options.add(p, g, "--keep-targets", defaults={CLS: None}, families=families,
+                help="gate keep budget: 9 fractions, or one factor scaling the model's (needs --calibrate)")
+    options.add(p, g, "--calibrate", type=int, defaults={CLS: 0}, families=families,
+                help="calibrate gate thresholds on this many input images")
+    options.add(p, g, "--calibrate-data", defaults={CLS: None}, families=families,
+                help="calibrate on these images instead of the input")
+    options.add(p, g, "--save-calibrated", defaults={CLS: None}, families=families,
+                help="write the calibrated model (loads with --checkpoint)")
+
+
+def add_inference_options(p: argparse.ArgumentParser, families: tuple[str, ...], **input_kwargs) -> None:
+    """Everything ``predict`` / ``eval`` share, for a parser of ``families``."""
+    add_model_options(p, families)
+    add_run_options(p, families)
+    add_input_options(p, families, **input_kwargs)
+    add_keep_budget_options(p, families)

@@ -1,0 +1,137 @@
+"""``nested-svit bench``: throughput against batch size, dense vs pruned, against the FLOP ideal; classifier
+sweeps (``benchmark/harness.py``) or detector FPS^w / FPS^b sweeps (``benchmark/detection.py``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import options
+from .arguments import CLS, DET
+from .common import check_suffix, check_writable, csv_list, int_list, parse_img_scale, write_table
+
+
+def add_parser(sub, formatter) -> None:
+    b = sub.add_parser("bench", help="throughput vs batch size, dense vs pruned, vs the FLOP ideal", formatter_class=formatter)
+    b.add_argument("--models", default="deit_small_patch16_224,svit_small",
+                   help="comma list of classifiers ('timm/<name>' for a timm model, needs timm) or of detectors")
+    options.add(b, b, "--batch-sizes", defaults={CLS: "1,8,32", DET: "1,2,4"}, help="comma list")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    options.add(b, b, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32"}, help="compute precision")
+    options.add(b, b, "--backend", defaults={CLS: "auto"},
+                help="comma list of attention backends: auto,loop,padded,nested,varlen")
+    b.add_argument("--input", default="synthetic", help="'synthetic' or a directory of images")
+    options.add(b, b, "--img-size", type=int, defaults={CLS: None}, help="input size (default: the model's)")
+    options.add(b, b, "--img-scale", defaults={DET: "1333,800"}, help="W,H test scale")
+    options.add(b, b, "--rounds", type=int, defaults={CLS: 10, DET: 3}, help="timed interleaved rounds per batch size")
+    options.add(b, b, "--min-time", type=float, defaults={CLS: 2.0},
+                help="more rounds at small batches: each runner is timed for at least this many seconds")
+    options.add(b, b, "--warmup", type=int, defaults={CLS: 2, DET: 1}, help="untimed calls per runner first")
+    b.add_argument("--no-calibrate", action="store_true", help="leave selectors as loaded (trained checkpoints)")
+    options.add(b, b, "--keep-targets", defaults={CLS: None},
+                help="calibrate SViT gates to these 9 fractions, or scale the model's by one factor")
+    b.add_argument("--seed", type=int, default=0, help="random seed")
+    b.add_argument("--out", default="bench-results.csv", help=".csv or .json")
+    b.add_argument("--plot", default="bench-throughput.png", help="PNG path ('' for none)")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..detection.registry import is_detector
+
+    models = csv_list(args.models)
+    if not models:
+        raise ValueError("--models: give at least one model")
+    detectors = [m for m in models if is_detector(m)]
+    if detectors and len(detectors) != len(models):
+        raise ValueError("bench either classifiers or detectors in one run, not both")
+    options.resolve(args, DET if detectors else CLS, models[0])
+    out = Path(args.out)
+    check_suffix(out, (".csv", ".json"), "bench")
+    check_writable(out)
+    if args.plot:
+        check_writable(Path(args.plot))
+    batch_sizes = int_list(args.batch_sizes)
+    df, cols = (_bench_detectors if detectors else _bench_classifiers)(args, models, batch_sizes)
+    write_table(df, out)
+    if args.plot:
+        from ..viz import plot_detection_throughput, plot_throughput
+
+        (plot_detection_throughput if detectors else plot_throughput)(df, args.plot)
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _keep_budget(value: str | None, models: list[str]) -> dict:
+    """``--keep-targets``: 9 fractions (``keep_targets``) or one factor (``keep_scale``), for models whose
+    gates calibrate; refused for a pruned model that keeps its own counts."""
+    from ..methods import get_method
+    from ..methods.svit import validate_keep_targets
+    from ..registry import get_config
+
+    if value is None:
+        return {}
+    for name in models:
+        cfg = get_config(name)
+        method = get_method(cfg.method)
+        if cfg.gate_blocks and method.calibrate is None:
+            raise ValueError(f"--keep-targets calibrates SViT gates; {name} ({method.title}) keeps its own token counts")
+    try:
+        values = [float(v) for v in csv_list(value)]
+    except ValueError:
+        raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas") from None
+    if len(values) == 1:
+        if not values[0] >= 0:
+            raise ValueError(f"--keep-targets scale factor must be >= 0, got {value}")
+        return {"keep_scale": values[0]}
+    return {"keep_targets": tuple(validate_keep_targets(values, len(values)))}
+
+
+def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
+    from ..benchmark import BenchConfig, run_benchmark
+    from ..benchmark.harness import TIMM_PREFIX
+    from ..registry import get_config
+    from .common import progress_bar
+
+    ours = [m for m in models if not m.startswith(TIMM_PREFIX)]
+    for m in ours:
+        get_config(m)  # unknown names fail now, with the list of models
+    cfg = BenchConfig(models=models, batch_sizes=batch_sizes, device=args.device,
+                      threads=args.threads, precision=args.precision, backends=csv_list(args.backend),
+                      input=args.input, img_size=args.img_size, rounds=args.rounds, min_time=args.min_time,
+                      warmup=args.warmup, calibrate=not args.no_calibrate, seed=args.seed,
+                      **_keep_budget(args.keep_targets, ours))
+    bar = progress_bar(len(batch_sizes), "bench", "batch size")
+
+    def progress(msg: str) -> None:  # "batch {bs}: round i/n"
+        bs = int(msg.split(":")[0].split()[1])
+        bar.n = batch_sizes.index(bs)
+        bar.set_postfix_str(msg)
+
+    df = run_benchmark(cfg, progress)
+    bar.n = len(batch_sizes)
+    bar.close()
+    return df, ["model", "backend", "batch_size", "infer_samples_per_sec", "infer_step_time", "mean_kept_tokens",
+                "gflops_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb"]
+
+
+def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
+    from ..benchmark.detection import DetBenchConfig, run_detection_benchmark
+    from ..detection.registry import dense_detector
+    from .common import progress_bar
+
+    cfg = DetBenchConfig(models=models, batch_sizes=batch_sizes, img_scale=parse_img_scale(args.img_scale),
+                         device=args.device, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
+                         calibrate=not args.no_calibrate, seed=args.seed, input=args.input)
+    total = len(cfg.batch_sizes) * cfg.rounds * 2 * len(set(models) | {dense_detector(m) for m in models})
+    bar = progress_bar(total, "bench", "call")
+
+    def progress(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    df = run_detection_benchmark(cfg, progress)
+    bar.close()
+    return df, ["model", "part", "batch_size", "images_per_sec", "time_per_image_ms", "gflops_per_image",
+                "ideal_speedup", "speedup", "efficiency", "mean_keep_ratio", "peak_mem_mb"]

@@ -1,0 +1,129 @@
+"""What every command shares: parsing lists and sizes, checking that outputs can be written, writing
+tables and rows by file extension (atomically), choosing the device, progress bars, notes."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PREDICT_FORMATS = (".parquet", ".csv", ".json", ".jsonl")
+
+
+def csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def int_list(value: str, flag: str = "--batch-sizes") -> list[int]:
+    try:
+        return [int(v) for v in csv_list(value)]
+    except ValueError:
+        raise ValueError(f"{flag} {value!r}: give whole numbers separated by commas") from None
+
+
+def parse_img_scale(value: str | None) -> tuple[int, int] | None:
+    """``--img-scale W,H`` (or ``WxH``) -> (W, H); None stays None."""
+    if value is None:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"--img-scale must be W,H (e.g. 1333,800), got {value!r}") from None
+    if min(w, h) < 32:
+        raise ValueError(f"--img-scale {value}: both sizes must be >= 32")
+    return w, h
+
+
+def keep_targets_from_cli(value: str, defaults: Sequence[float]) -> list[float]:
+    """``--keep-targets``: one value per gate ("0.7,0.7,...") or one scale factor for the model's
+    schedule ("0.8": every target times 0.8, clipped to [0, 1])."""
+    from ..methods.svit import validate_keep_targets
+
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas") from None
+    if len(values) == 1 and len(defaults) != 1:
+        if not values[0] >= 0:
+            raise ValueError(f"--keep-targets scale factor must be >= 0, got {value}")
+        return [min(1.0, t * values[0]) for t in defaults]
+    return validate_keep_targets(values, len(defaults))
+
+
+def check_writable(out: Path) -> None:
+    """Fail early when ``out`` cannot be written (read-only folder, a file where a folder must be)."""
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"cannot write {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: no write permission in {probe}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+
+
+def check_suffix(out: Path, allowed: Sequence[str], what: str) -> str:
+    """The lower-case suffix of ``out`` if it is one of ``allowed``, else a one-line error."""
+    fmt = out.suffix.lower()
+    if fmt not in allowed:
+        raise ValueError(f"--out {out}: {what} writes {', '.join(allowed)}")
+    return fmt
+
+
+def write_table(df, path: Path) -> None:
+    """A summary table as ``.json`` (records) or ``.csv``."""
+    from ..io import atomic_write_text
+
+    if path.suffix.lower() == ".json":
+        atomic_write_text(path, df.to_json(orient="records", indent=1))
+    else:
+        atomic_write_text(path, df.to_csv(index=False))
+
+
+def write_rows(rows, out: Path) -> None:
+    """Per-image rows as ``.parquet``, ``.csv``, ``.json`` (records) or ``.jsonl``, by ``out``'s suffix."""
+    from ..io import atomic_write
+
+    fmt = out.suffix.lower()
+    if fmt == ".csv":
+        atomic_write(out, lambda tmp: rows.to_csv(tmp, index=False))
+    elif fmt in (".json", ".jsonl"):
+        atomic_write(out, lambda tmp: rows.to_json(tmp, orient="records", lines=fmt == ".jsonl",
+                                                  indent=None if fmt == ".jsonl" else 1))
+    else:
+        atomic_write(out, lambda tmp: rows.to_parquet(tmp, index=False))
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def note(message: str) -> None:
+    """A ``note:`` line on stderr, once per run (rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def close_bars() -> None:
+    """Close open progress bars, so a message starts on its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def progress_bar(total: int, label: str, unit: str = "img", enabled: bool = True, initial: int = 0):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=label, unit=unit, file=sys.stderr, disable=not enabled)

@@ -1,0 +1,44 @@
+"""The ``nested-svit`` parser and entry point: one module per job below (bench, eval, predict, train,
+list), each adding its own sub-parser."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import bench, evaluate, listing, predict, train
+from .common import close_bars
+
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="nested-svit", formatter_class=FORMATTER, description=(
+        "Token-pruned Vision Transformers (SViT) on ragged batches: benchmark, evaluate, predict, train."))
+    parser.add_argument("--version", action="version", version=f"nested-svit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for job in (bench, evaluate, predict, train, listing):
+        job.add_parser(sub, FORMATTER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        close_bars()
+        print("interrupted: finished batches are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError) as e:
+        close_bars()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

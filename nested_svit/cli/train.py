@@ -1,0 +1,260 @@
+"""``nested-svit train``: SViT gate fine-tuning, the baselines that train (EViT, Evo-ViT, ATS, ToMe), and
+detectors (dense ViT-Adapter, SViT-Adapter, the baselines as backbones); resumable, torchrun data parallel."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import options
+from .arguments import CLS, DET
+from .common import check_writable, note, parse_img_scale, progress_bar, resolve_device
+from .models import load_init
+
+
+def add_parser(sub, formatter) -> None:
+    from ..training import DetTrainConfig, TrainConfig
+
+    t = sub.add_parser("train", formatter_class=formatter,
+                       help="train: SViT gates (masked execution, Gumbel masks, keep-ratio loss), the baselines "
+                            "that train, and detectors")
+    t.add_argument("--model", default="svit_small", help="model or detector name (nested-svit list)")
+    t.add_argument("--init", default=None, help="checkpoint to start from: dense (timm/DeiT), SViT, a baseline's, "
+                                                "or a detector file (detectors)")
+    t.add_argument("--data", default=None, help="labelled ImageFolder tree, parquet or Arrow data set; detectors: COCO root")
+    t.add_argument("--out", default="svit-finetuned.pth", help="training checkpoint (resumed if it exists)")
+    t.add_argument("--resume", default=None, help="training checkpoint to resume from (default: --out if it exists)")
+    t.add_argument("--restart", action="store_true", help="ignore an existing --out checkpoint")
+    s = t.add_argument_group("schedule")
+    options.add(t, s, "--epochs", type=int, defaults={CLS: TrainConfig.epochs, DET: DetTrainConfig.epochs},
+                help="training epochs")
+    options.add(t, s, "--batch-size", type=int, defaults={CLS: TrainConfig.batch_size, DET: DetTrainConfig.batch_size},
+                help="images per step (under torchrun: over all processes)")
+    options.add(t, s, "--lr", type=float, defaults={CLS: TrainConfig.lr, DET: None},
+                help="learning rate (detectors: 1e-4, or 1e-5 fine-tuning a pruned detector from --init)")
+    options.add(t, s, "--gate-lr", type=float, defaults={CLS: TrainConfig.gate_lr, DET: None},
+                help="learning rate of the selectors (detectors: --lr)")
+    options.add(t, s, "--weight-decay", type=float, defaults={CLS: TrainConfig.weight_decay, DET: None},
+                help="AdamW weight decay (detectors: 0.05; 1e-6 fine-tuning a pruned detector)")
+    options.add(t, s, "--warmup-steps", type=int, defaults={CLS: TrainConfig.warmup_steps, DET: DetTrainConfig.warmup_steps},
+                help="linear warm-up steps")
+    options.add(t, s, "--schedule", choices=["step", "cosine"], defaults={DET: DetTrainConfig.schedule}, help="lr decay")
+    options.add(t, s, "--steps", defaults={DET: ",".join(map(str, DetTrainConfig.steps))},
+                help="epochs at which a step schedule multiplies lr by 0.1")
+    options.add(t, s, "--clip-grad", type=float, defaults={DET: None}, help="max gradient norm")
+    options.add(t, s, "--freeze-backbone", action="store_true", defaults={CLS: False}, help="train the selectors only")
+    loss = t.add_argument_group("pruning and losses")
+    loss.add_argument("--ratio-weight", type=float, default=4.0, help="lambda of the keep-ratio loss")
+    loss.add_argument("--ratio-loss", default="dynamic", choices=["dynamic", "fixed"],
+                      help="keep-ratio loss: dynamic (Eq. 2, batch average) or fixed (Eq. 3, per image)")
+    loss.add_argument("--no-reactivation", action="store_true", help="SViT: M_l <- M_l * M_(l-1)")
+    loss.add_argument("--tau", type=float, default=1.0, help="SViT: Gumbel-softmax temperature")
+    loss.add_argument("--drop-path", type=float, default=None,
+                      help="stochastic depth rate, linear over the blocks (default: detectors 0.1 tiny / 0.2 small "
+                           "as the official configs; classifiers 0)")
+    data = t.add_argument_group("data")
+    options.add(t, data, "--img-size", type=int, defaults={CLS: None},
+                help="input size (default: the model's, 224 DeiT/SViT, 32 digits)")
+    options.add(t, data, "--split", defaults={DET: "train2017"}, help="COCO split under --data")
+    options.add(t, data, "--ann", defaults={DET: None}, help="COCO-format annotation json (with --images)")
+    options.add(t, data, "--images", defaults={DET: None}, help="image folder of --ann")
+    options.add(t, data, "--img-scale", defaults={DET: None}, help="W,H training scale (default: the model's 1333,800)")
+    options.add(t, data, "--flip", type=float, defaults={DET: 0.5}, help="horizontal flip probability")
+    options.add(t, data, "--multiscale-crop", action="store_true", defaults={DET: False},
+                help="the official multi-scale + random-crop augmentation (short side 480..800, crops of 384..600 px) "
+                     "instead of one --img-scale")
+    t.add_argument("--num-classes", type=int, default=None, help="model outputs (default: the data's / checkpoint's)")
+    run = t.add_argument_group("running")
+    run.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader processes")
+    run.add_argument("--seed", type=int, default=0, help="random seed")
+    run.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: end of each epoch)")
+    run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    options.add(t, run, "--no-sync-bn", action="store_true", defaults={DET: False},
+                help="under torchrun: BatchNorm statistics per process (default: over all, as SyncBN)")
+    t.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..detection.registry import is_detector
+
+    family = DET if is_detector(args.model) else CLS
+    options.resolve(args, family, args.model)
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_writable(Path(args.out))
+    return train_detector(args) if family == DET else train_classifier(args)
+
+
+def _device(args: argparse.Namespace) -> str:
+    """Join the torchrun group (the trainers read it to shard batches and average gradients); -> this
+    process's device."""
+    from ..distributed import init_from_env, rank_device
+
+    device = resolve_device(args.device)
+    return rank_device(device, init_from_env(device))
+
+
+class _PilRecords:
+    """(decoded RGB PIL image, label) view of an image record data set, for training transforms."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        from ..data.decode import BadImage
+
+        try:
+            return self.dataset.image(index), self.dataset.records.labels[index]
+        except BadImage:
+            return None, self.dataset.records.labels[index]  # skipped and counted by the trainer
+
+
+def train_classifier(args: argparse.Namespace) -> int:
+    import torch
+    from torchvision import transforms as T
+
+    from ..checkpoint import file_info
+    from ..data import open_dataset
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..registry import create_model
+    from ..training import TrainConfig, Trainer
+
+    if not args.data:
+        raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
+    records = open_dataset(args.data)
+    labels = records.records.labels
+    if not labels or max(labels) < 0:
+        raise ValueError(f"{args.data}: training needs labelled images (ImageFolder tree or a data set with 'label')")
+    if min(labels) < 0 and isinstance(records.records.sources, list):  # files outside class folders: no label
+        r = records.records
+        keep = [i for i, lab in enumerate(r.labels) if lab >= 0]
+        note(f"{len(r.labels) - len(keep)} files outside class folders have no label and are not trained on")
+        r.sources, r.labels, r.ids = [r.sources[i] for i in keep], [r.labels[i] for i in keep], [r.ids[i] for i in keep]
+    data_classes = max(records.records.labels) + 1
+    if args.num_classes is not None and args.num_classes < data_classes:
+        raise ValueError(f"--num-classes {args.num_classes}, but the data has labels up to {data_classes - 1} "
+                         f"({data_classes} classes)")
+    init_cfg = file_info(args.init).model_config if args.init else None
+    num_classes = args.num_classes or (init_cfg or {}).get("num_classes") or data_classes
+    torch.manual_seed(args.seed)  # the initialisation (head, gates without --init) depends on --seed only
+    model = create_model(args.model, reactivation=not args.no_reactivation, gate_tau=args.tau, num_classes=num_classes,
+                         **({"img_size": args.img_size} if args.img_size else {}))
+    args.img_size = model.config.img_size
+    if records.records.class_names and len(records.records.class_names) == num_classes:
+        model.class_names = list(records.records.class_names)
+    if args.img_size % model.config.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of the patch size {model.config.patch_size}")
+    if args.init:
+        for text in load_init(model, args.init):
+            note(text)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    augment = T.Compose([T.RandomResizedCrop(args.img_size, interpolation=T.InterpolationMode.BICUBIC),
+                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    device = _device(args)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
+                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, ratio_weight=args.ratio_weight,
+                      ratio_loss=args.ratio_loss, freeze_backbone=args.freeze_backbone, amp=args.amp, seed=args.seed,
+                      workers=args.workers, checkpoint_every=args.checkpoint_every,
+                      drop_path=args.drop_path or 0.0, device=device)
+    trainer = Trainer(model, _PilRecords(records), cfg, augment=augment, checkpoint_path=args.out)
+    return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
+
+
+def train_detector(args: argparse.Namespace) -> int:
+    """A detector on COCO-format data (``--data ROOT --split S`` or ``--ann --images``)."""
+    import torch
+
+    from ..checkpoint import load_checkpoint
+    from ..data.coco import CocoTrainData, load_coco, resolve_coco_paths
+    from ..detection import create_detector
+    from ..training import DetectorTrainer, DetTrainConfig
+
+    if not 0 <= args.flip <= 1:
+        raise ValueError(f"--flip must be a probability, got {args.flip}")
+    ann_file, image_dir = resolve_coco_paths(args.data, args.split, args.ann, args.images)
+    coco = load_coco(ann_file)
+    names = [coco.loadCats(c)[0]["name"] for c in sorted(coco.getCatIds())]
+    if args.num_classes is not None and args.num_classes != len(names):
+        raise ValueError(f"--num-classes {args.num_classes}, but {ann_file} has {len(names)} categories")
+    overrides: dict = {"num_classes": len(names), "class_names": tuple(names),
+                       "reactivation": not args.no_reactivation, "gate_tau": args.tau}
+    scale = parse_img_scale(args.img_scale)
+    if scale:
+        overrides["img_scale"] = scale
+    torch.manual_seed(args.seed)
+    model = create_detector(args.model, **overrides)
+    if args.init:
+        for text in load_checkpoint(model, args.init, strict=True).notes:
+            note(text)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fine_tune = model.backbone.prunes and args.init is not None  # the sparse recipe, from a dense detector
+    defaults = DetTrainConfig()
+    device = _device(args)
+    cfg = DetTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else (1e-5 if fine_tune else defaults.lr), gate_lr=args.gate_lr,
+        weight_decay=args.weight_decay if args.weight_decay is not None else (1e-6 if fine_tune else defaults.weight_decay),
+        warmup_steps=args.warmup_steps, schedule=args.schedule,
+        steps=tuple(int(v) for v in args.steps.split(",")) if args.steps else defaults.steps,
+        clip_grad=args.clip_grad, ratio_weight=args.ratio_weight, ratio_loss=args.ratio_loss, amp=args.amp,
+        seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every, sync_bn=not args.no_sync_bn,
+        drop_path=args.drop_path if args.drop_path is not None else (0.1 if model.config.vit.embed_dim <= 192 else 0.2),
+        device=device)
+    data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed,
+                         multiscale=args.multiscale_crop)
+    if data.left_out:
+        note(f"{data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)")
+    trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out)
+    return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})
+
+
+def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
+    """Resume from ``--out``/``--resume`` unless ``--restart``, trim the ``<out>.log.jsonl`` lines of steps
+    that will be redone, train with a progress bar, log every ``--log-every`` steps (classifiers and
+    detectors). Under torchrun rank 0 alone shows the bar and writes the log and the checkpoint."""
+    from ..distributed import shutdown
+
+    main_rank = trainer.dist.is_main
+    try:
+        if args.resume or (args.out and Path(args.out).exists() and not args.restart):
+            path = args.resume or args.out
+            trainer.resume(path)
+            if main_rank:
+                print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
+        log_path = Path(args.out).with_suffix(".log.jsonl")
+        if main_rank:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if log_path.exists():  # drop log lines of steps after the checkpoint we resumed from (they are redone)
+                kept = [ln for ln in log_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
+                log_path.write_text("".join(ln + "\n" for ln in kept))
+        bar = progress_bar(trainer.cfg.epochs * trainer.steps_per_epoch, "train", "step", main_rank, trainer.global_step)
+
+        def log(entry) -> None:
+            bar.update(1)
+            post = postfix(entry)
+            if post:
+                bar.set_postfix(**post, skipped=trainer.skipped)
+            if main_rank and entry.step % args.log_every == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry.__dict__) + "\n")
+
+        trainer.fit(log=log)
+        bar.close()
+        if main_rank:
+            world = f" on {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else ""
+            print(f"trained {trainer.global_step} steps{world} ({trainer.skipped} unreadable images skipped) -> {args.out}")
+    finally:
+        shutdown(trainer.dist)
+    return 0

@@ -1,0 +1,73 @@
+"""Saving and resuming a trainer's full state, in the one file schema (``checkpoint/writer.py``): the
+model's weights, name and config (so ``predict`` / ``eval`` read the file with no other flag) and, as
+extra, optimizer, scheduler, RNG states, position (epoch, step) and the train config. Files load with
+``weights_only=True``."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import save_payload
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain lists, so the checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``'s states (read on the CPU: ``torch.set_rng_state`` takes a CPU tensor)."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class TrainingCheckpoints:
+    """``save`` / ``resume`` of a trainer (``state_dict()``: the payload), shared by both trainers."""
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.checkpoint_path)
+        save_payload(path, self.state_dict())
+        return path
+
+    def training_state(self) -> dict:
+        """The extra entries every trainer's file holds."""
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "skipped": self.skipped}
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, RNG and position from a file ``save`` wrote (this
+        version's or an older one's). Everything is read on the CPU and copied to the model's device."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot resume from {path} (not a training checkpoint of this nested_svit version: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --restart") from e
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError(f"{path} is not a training checkpoint (no optimizer state); use --init to start from "
+                             "its weights, or another --out")
+        if state.get("model_name") not in (None, self.model.name):
+            raise ValueError(f"{path} is a training checkpoint of model {state['model_name']!r}, not {self.model.name!r}; "
+                             "use another --out or pass --restart")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])  # optimizer state moves to its parameters' device
+        self.sched.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.skipped = state.get("skipped", 0)
+        set_rng_state(state["rng"])

@@ -1,0 +1,152 @@
+"""Classifier training (paper Sec. 3.3 for SViT): the method's training execution (SViT: masked, with
+straight-through Gumbel-softmax masks), loss = task + lambda * the method's keep-ratio loss, AdamW with a
+cosine schedule, separate learning rates for the backbone and the selectors. Checkpoints resume exactly:
+model, optimizer, scheduler, RNG, epoch and step, with a data order and augmentation that depend only on
+(seed, epoch, index)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..checkpoint import checkpoint_payload
+from ..distributed import broadcast_state, current
+from ..model import SparseViT
+from ..seeding import item_seed
+from .checkpoints import TrainingCheckpoints
+from .loop import epoch_batches, fit_epochs, optimizer_step
+from .optim import adamw, warmup_cosine
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-5  # backbone (paper: batchsize/512 * 1e-5)
+    gate_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    ratio_weight: float = 4.0  # lambda
+    ratio_loss: str = "dynamic"  # or "fixed"
+    freeze_backbone: bool = False
+    label_smoothing: float = 0.0
+    amp: bool = False  # CUDA autocast (bf16)
+    seed: int = 0
+    workers: int = 0
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    drop_path: float = 0.0  # stochastic depth rate (linear over the blocks)
+    device: str = "cpu"
+
+
+@dataclass
+class StepLog:
+    epoch: int
+    step: int
+    loss: float
+    task_loss: float
+    ratio_loss: float
+    keep: list[float] = field(default_factory=list)
+    lr: float = 0.0
+    skipped: int = 0  # undecodable images left out of this step's batch
+
+
+def _is_selector(name: str) -> bool:
+    return name.startswith("gates.")
+
+
+class SeededAugment(Dataset):
+    """Wraps ``(image, label)`` data; ``transform`` runs under an RNG seeded by (seed, epoch, index), so
+    an augmentation never depends on worker layout, batch order or where a run was resumed."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Tensor], Tensor] | None, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        if image is not None and self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, self.epoch, index))
+                image = self.transform(image)
+        return image, label
+
+
+def collate_skipping_bad(items: list) -> tuple[Tensor | None, Tensor | None, int]:
+    """``(image, label)`` items, ``image`` None for an undecodable file -> (images, labels, skipped)."""
+    ok = [(img, lab) for img, lab in items if img is not None]
+    if not ok:
+        return None, None, len(items)
+    return torch.stack([img for img, _ in ok]), torch.tensor([lab for _, lab in ok]), len(items) - len(ok)
+
+
+def autocast(enabled: bool, device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``enabled`` (``--amp``), else nothing."""
+    if enabled and device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer(TrainingCheckpoints):
+    """Fine-tunes ``model`` on ``data`` (a data set of ``(image [3,H,W], label)``)."""
+
+    def __init__(self, model: SparseViT, data: Dataset, cfg: TrainConfig,
+                 augment: Callable[[Tensor], Tensor] | None = None, checkpoint_path: str | Path | None = None):
+        model.training_execution()  # a method that cannot train says so before any work
+        self.model, self.cfg = model.to(cfg.device), cfg
+        self.data = SeededAugment(data, augment, cfg.seed)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        for name, p in model.named_parameters():
+            p.requires_grad_(_is_selector(name) or not cfg.freeze_backbone)
+        self.steps_per_epoch = len(epoch_batches(len(self.data), cfg.batch_size, cfg.seed, 0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data set of {len(self.data)} images is smaller than one batch of {cfg.batch_size}")
+        self.opt = adamw(model, cfg.lr, cfg.gate_lr, cfg.weight_decay, "gates.", ("pos_embed", "cls_token"))
+        total = cfg.epochs * self.steps_per_epoch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, total, cfg.warmup_steps))
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.skipped = 0  # undecodable images met so far (counted again when an epoch repeats them)
+        self.dist = current()
+        broadcast_state(model, self.dist)
+        model.set_drop_path(cfg.drop_path)
+
+    def state_dict(self) -> dict:
+        m = self.model
+        return checkpoint_payload("classifier", m.name, asdict(m.config), m.state_dict(),
+                                  class_names=getattr(m, "class_names", None),
+                                  block_norm_eps=float(m.blocks[0].norm1.eps), train_config=asdict(self.cfg),
+                                  **self.training_state())
+
+    def train_step(self, images: Tensor | None, labels: Tensor | None, skipped: int = 0) -> StepLog:
+        """One optimisation step on this rank's ``images [B, 3, H, W]`` (None: all unreadable)."""
+        cfg, model = self.cfg, self.model
+        self.opt.zero_grad(set_to_none=True)
+        if images is None:
+            skipped = optimizer_step(self, None, skipped)
+            nan = float("nan")
+            return StepLog(self.epoch, self.global_step, nan, nan, nan, [], self.opt.param_groups[0]["lr"], skipped)
+        images, labels = images.to(cfg.device), labels.to(cfg.device)
+        with autocast(cfg.amp, cfg.device):
+            feats, usage = model.forward_features(images)
+            logits = model.forward_head(feats)
+            task = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            ratio_loss = model.method.ratio_loss
+            ratio = ratio_loss(usage, model.config.keep_targets, cfg.ratio_loss) \
+                if ratio_loss is not None and model.num_gates else torch.zeros((), device=logits.device)
+            loss = task + cfg.ratio_weight * ratio
+        skipped = optimizer_step(self, loss, skipped)
+        keep = usage.gate_keep_fraction().tolist() if usage.masks else []
+        return StepLog(self.epoch, self.global_step, loss.item(), task.item(), ratio.item(), keep,
+                       self.opt.param_groups[0]["lr"], skipped)
+
+    def fit(self, max_steps: int | None = None, log: Callable[[StepLog], None] | None = None) -> list[StepLog]:
+        """Train until ``cfg.epochs`` (or ``max_steps`` more steps); returns the step logs."""
+        self.model.train().set_execution(self.model.training_execution())
+        return fit_epochs(self, collate_skipping_bad, self.train_step, max_steps, log)
