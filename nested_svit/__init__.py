@@ -4,8 +4,7 @@ from .config import Pruning, ViTConfig
 from .model import SparseViT, TokenUsage
 from .registry import create_model, list_models
 from .tokens import Layout, Packed
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "SparseViT",
            "TokenUsage", "ViTConfig", "Pruning", "Layout", "Packed", "__version__"]

@@ -7,17 +7,64 @@ Tokens not kept keep their previous values (preserve), so any later gate may pic
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from .attention import DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext
+from .attention import (DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext,
+                        class_attention)
 from .layers import Block
-from .methods.base import AttentionRecord, MethodRun
 from .tokens import Layout, Packed, gather, keep_counts, scatter
 
 EXECUTIONS = ("packed", "masked", "reference")
+
+
+class MethodRun(Protocol):
+    """What an execution asks a pruning method's per-forward state (``methods.base.MethodRun``
+    implements it; see there for the meaning of each hook)."""
+
+    def records(self, i: int) -> bool: ...
+
+    def has_mid_selection(self, i: int) -> bool: ...
+
+    def selects_queries(self, i: int) -> bool: ...
+
+    def select_queries(self, i: int, record: "AttentionRecord") -> Tensor: ...
+
+    def key_bias(self, i: int) -> Tensor | None: ...
+
+    def after_attention(self, i: int, y: Tensor, record: "AttentionRecord", before: Tensor) -> Tensor | None: ...
+
+    def after_block(self, i: int, record: "AttentionRecord | None") -> None: ...
+
+
+@dataclass
+class AttentionRecord:
+    """Block ``i``'s attention input over the rows it processed.
+
+    rows: ``[Ta]`` int64 rows of the full map (each image's rows in map order, so the class token is
+    each image's first row when the model has one); layout: per-image ``Ta`` ranges; qkv: ``[Ta, 3C]``.
+    """
+
+    rows: Tensor
+    layout: Layout
+    qkv: Tensor
+    num_heads: int
+    _probs: Tensor | None = field(default=None, repr=False)
+
+    def class_probs(self) -> Tensor:
+        """``[Ta, H]`` float32: softmax over each image's rows of its first row's (class token's)
+        attention logits, i.e. row 0 of every head's attention matrix, per image."""
+        if self._probs is None:
+            self._probs = class_attention(self.qkv, self.num_heads, self.layout)
+        return self._probs
+
+    def value_norms(self) -> Tensor:
+        """``[Ta]`` float32 L2 norm of each row's value vector (all heads together)."""
+        c = self.qkv.shape[-1] // 3
+        return self.qkv[:, 2 * c:].float().norm(dim=-1)
 
 
 def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,

@@ -36,6 +36,7 @@ _SVIT_BLOCK_KEYS = {
     "norm2.weight": "norm2.weight",
     "norm2.bias": "norm2.bias",
 }
+_MMDET_FORMATS = {"svit": "mmdet-svit"}  # a detector file's format by its backbone's layout (others: dense)
 BLOCK_EPS = {"timm": 1e-6, "svit": 1e-5, "dynamicvit": 1e-6, "evovit": 1e-6, "mmdet-svit": 1e-5, "mmdet-dense": 1e-6}
 # keys of release files that nothing uses at inference (ATS's constant mask, Evo-ViT's distillation head)
 NOT_USED = (re.compile(r"blocks\.\d+\.attn\.out_zero_mask"), re.compile(r"(head_cls|norm_cls)\..+"))
@@ -46,7 +47,7 @@ def detect_format(state: dict[str, Tensor]) -> str:
     (``mmdet-svit``, ``mmdet-dense``)."""
     if any(k.startswith("backbone.") for k in state):
         inner = {k[len("backbone."):]: None for k in state if k.startswith("backbone.")}
-        return "mmdet-svit" if detect_format(inner) == "svit" else "mmdet-dense"
+        return _MMDET_FORMATS.get(detect_format(inner), "mmdet-dense")
     if any(".TransformerEncoderLayer." in k or k.startswith("selective_modules.") for k in state):
         return "svit"
     if any(k.startswith("score_predictor.") for k in state):

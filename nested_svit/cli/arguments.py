@@ -30,12 +30,16 @@ def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> 
 
 
 def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
+    from ..evaluation.detection import DetectionJob
+    from ..evaluation.runner import InferenceJob
+
     g = p.add_argument_group("running")
-    options.add(p, g, "--batch-size", type=int, defaults={CLS: 128, DET: 2}, families=families,
+    options.add(p, g, "--batch-size", type=int, defaults={CLS: InferenceJob.batch_size, DET: DetectionJob.batch_size},
+                families=families,
                 help="images per batch (detectors: images of any sizes run together)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32"}, families=families,
                 help="compute precision")
     g.add_argument("--backend", default="auto",

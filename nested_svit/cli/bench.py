@@ -11,22 +11,28 @@ from .common import check_suffix, check_writable, csv_list, int_list, parse_img_
 
 
 def add_parser(sub, formatter) -> None:
+    from ..benchmark.detection import DetBenchConfig
+    from ..benchmark.harness import BenchConfig
+
+    cls, det = BenchConfig(), DetBenchConfig()
     b = sub.add_parser("bench", help="throughput vs batch size, dense vs pruned, vs the FLOP ideal", formatter_class=formatter)
     b.add_argument("--models", default="deit_small_patch16_224,svit_small",
                    help="comma list of classifiers ('timm/<name>' for a timm model, needs timm) or of detectors")
-    options.add(b, b, "--batch-sizes", defaults={CLS: "1,8,32", DET: "1,2,4"}, help="comma list")
+    options.add(b, b, "--batch-sizes", defaults={CLS: ",".join(map(str, cls.batch_sizes)),
+                                                 DET: ",".join(map(str, det.batch_sizes))}, help="comma list")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    options.add(b, b, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32"}, help="compute precision")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    options.add(b, b, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: cls.precision}, help="compute precision")
     options.add(b, b, "--backend", defaults={CLS: "auto"},
                 help="comma list of attention backends: auto,loop,padded,nested,varlen")
     b.add_argument("--input", default="synthetic", help="'synthetic' or a directory of images")
     options.add(b, b, "--img-size", type=int, defaults={CLS: None}, help="input size (default: the model's)")
-    options.add(b, b, "--img-scale", defaults={DET: "1333,800"}, help="W,H test scale")
-    options.add(b, b, "--rounds", type=int, defaults={CLS: 10, DET: 3}, help="timed interleaved rounds per batch size")
-    options.add(b, b, "--min-time", type=float, defaults={CLS: 2.0},
+    options.add(b, b, "--img-scale", defaults={DET: ",".join(map(str, det.img_scale))}, help="W,H test scale")
+    options.add(b, b, "--rounds", type=int, defaults={CLS: cls.rounds, DET: det.rounds},
+                help="timed interleaved rounds per batch size")
+    options.add(b, b, "--min-time", type=float, defaults={CLS: cls.min_time},
                 help="more rounds at small batches: each runner is timed for at least this many seconds")
-    options.add(b, b, "--warmup", type=int, defaults={CLS: 2, DET: 1}, help="untimed calls per runner first")
+    options.add(b, b, "--warmup", type=int, defaults={CLS: cls.warmup, DET: det.warmup}, help="untimed calls per runner first")
     b.add_argument("--no-calibrate", action="store_true", help="leave selectors as loaded (trained checkpoints)")
     options.add(b, b, "--keep-targets", defaults={CLS: None},
                 help="calibrate SViT gates to these 9 fractions, or scale the model's by one factor")

@@ -12,7 +12,7 @@ FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="nested-svit", formatter_class=FORMATTER, description=(
         "Token-pruned Vision Transformers (SViT) on ragged batches: benchmark, evaluate, predict, train."))

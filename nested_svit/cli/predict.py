@@ -39,7 +39,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.demo and (args.model or args.checkpoint):
         raise ValueError("--demo runs the bundled digits model; drop --model/--checkpoint (or drop --demo)")
     family = "classifier" if args.demo else family_of(args.model, args.checkpoint)
-    options.resolve(args, family, args.model)
+    options.resolve(args, family, args.model or (Path(args.checkpoint).name if args.checkpoint else None))
     if family == "detector":
         return predict_detector(args)
     return predict_classifier(args)

@@ -68,7 +68,7 @@ def add_parser(sub, formatter) -> None:
     run = t.add_argument_group("running")
     run.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     run.add_argument("--workers", type=int, default=2, help="DataLoader processes")
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: end of each epoch)")

@@ -5,8 +5,10 @@ The table below is the only list of methods: a new method is a ``methods/<name>.
 """
 from __future__ import annotations
 
+from ..attention import class_attention
+from ..execution import AttentionRecord
 from . import ats, dynamicvit, evit, evovit, svit, tome
-from .base import AttentionRecord, Method, MethodRun, class_attention
+from .base import Method, MethodRun
 
 METHODS: dict[str, Method] = {m.name: m for m in (svit.METHOD, dynamicvit.METHOD, evit.METHOD, evovit.METHOD,
                                                   ats.METHOD, tome.METHOD)}

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..tokens import Layout, pad, padding_mask
-from .base import AttentionRecord, Method
+from ..execution import AttentionRecord
+from .base import Method
 from .selection import SubsetRun, class_row_flops
 
 

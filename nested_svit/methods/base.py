@@ -5,8 +5,8 @@
 
 1. ``before_block(i, x)``: the rows block ``i`` processes, ``[T]`` mask over the whole map or None
    for all (SViT gates, DynamicViT predictors, Evo-ViT's stage selection);
-2. ``records(i)``: whether the method reads block ``i``'s attention (``AttentionRecord``: the
-   class-token attention row, value norms), computed from the block's own ``qkv``, never from a
+2. ``records(i)``: whether the method reads block ``i``'s attention (``execution.AttentionRecord``:
+   the class-token attention row, value norms), computed from the block's own ``qkv``, never from a
    materialised attention matrix;
 3. ``after_attention(i, y, record, before)``: after ``x + attn(norm1(x))`` and before the MLP, the rows the
    MLP processes (EViT's top-k and fused token, ATS's sampling); may write virtual rows of ``y``;
@@ -31,53 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LEGACY_OPTION_DEFAULTS, ViTConfig
-from ..tokens import Layout, Packed
-
-
-@dataclass
-class AttentionRecord:
-    """Block ``i``'s attention input over the rows it processed.
-
-    rows: ``[Ta]`` int64 rows of the full map (each image's rows in map order, so the class token is
-    each image's first row when the model has one); layout: per-image ``Ta`` ranges; qkv: ``[Ta, 3C]``.
-    """
-
-    rows: Tensor
-    layout: Layout
-    qkv: Tensor
-    num_heads: int
-    _probs: Tensor | None = field(default=None, repr=False)
-
-    def class_probs(self) -> Tensor:
-        """``[Ta, H]`` float32: softmax over each image's rows of its first row's (class token's)
-        attention logits, i.e. row 0 of every head's attention matrix, per image."""
-        if self._probs is None:
-            self._probs = class_attention(self.qkv, self.num_heads, self.layout)
-        return self._probs
-
-    def value_norms(self) -> Tensor:
-        """``[Ta]`` float32 L2 norm of each row's value vector (all heads together)."""
-        c = self.qkv.shape[-1] // 3
-        return self.qkv[:, 2 * c:].float().norm(dim=-1)
-
-
-def class_attention(qkv: Tensor, num_heads: int, layout: Layout) -> Tensor:
-    """Packed ``qkv [T, 3C]`` -> ``[T, H]`` float32 attention of each image's first row (query) to
-    every row of that image (keys), softmax per image and head. Costs ``T*C`` MACs: one dot product
-    per row, a segment max and a segment sum; no ``[N, N]`` matrix."""
-    t, c3 = qkv.shape
-    c = c3 // 3
-    d = c // num_heads
-    q = qkv[:, :c].float().view(t, num_heads, d)
-    k = qkv[:, c:2 * c].float().view(t, num_heads, d)
-    image = layout.image_index
-    q_first = q[layout.first_rows][image]  # [T, H, d]: each row sees its image's first query
-    logits = (q_first * k).sum(-1) * d ** -0.5  # [T, H]
-    seg_max = torch.full((layout.batch_size, num_heads), float("-inf"), device=qkv.device)
-    seg_max = seg_max.scatter_reduce(0, image[:, None].expand(-1, num_heads), logits, "amax")
-    e = torch.exp(logits - seg_max[image])
-    seg_sum = torch.zeros(layout.batch_size, num_heads, device=qkv.device).index_add_(0, image, e)
-    return e / seg_sum[image]
+from ..execution import AttentionRecord
+from ..tokens import Packed
 
 
 def segment_rank(scores: Tensor, image: Tensor, descending: bool = True) -> Tensor:

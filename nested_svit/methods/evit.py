@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..config import ViTConfig
-from .base import AttentionRecord, Method
+from ..execution import AttentionRecord
+from .base import Method
 from .selection import SubsetRun, class_row_flops, keep_count
 
 

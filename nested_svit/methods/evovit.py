@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..config import ViTConfig
 from ..tokens import Packed
-from .base import AttentionRecord, Method
+from ..execution import AttentionRecord
+from .base import Method
 from .selection import SubsetRun, keep_count
 
 

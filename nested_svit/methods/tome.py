@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..config import ViTConfig
 from ..tokens import Layout, pad
-from .base import AttentionRecord, Method
+from ..execution import AttentionRecord
+from .base import Method
 from .selection import SubsetRun
 
 

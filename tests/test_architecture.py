@@ -1,0 +1,162 @@
+"""The package's structure, read from its own source with ``ast`` (DESIGN.md, "Layers"): imports only
+run down the layers (function-local imports included), there are no import cycles, nothing outside
+``methods/`` compares a method's name with a string, and no module grows past 400 lines."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "nested_svit"
+
+# bottom to top; a module may import from its own package or from a lower layer, never from a peer or above
+LAYERS = [
+    {"io", "tokens", "config", "seeding", "distributed", "viz", "assets", "version"},
+    {"data"},
+    {"attention"},
+    {"layers"},
+    {"execution"},
+    {"methods"},
+    {"stack"},
+    {"model"},
+    {"registry"},
+    {"checkpoint"},
+    {"detection"},
+    {"evaluation", "benchmark", "training"},
+    {"cli"},
+    {"__init__"},  # the package's public surface
+]
+LAYER = {name: i for i, group in enumerate(LAYERS) for name in group}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def is_package(name: str) -> bool:
+    return (ROOT.parent / Path(*name.split(".")) / "__init__.py").exists()
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every nested_svit module ``path`` imports, at any depth of the file (function-local too)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "nested_svit"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "nested_svit":
+                continue
+            for alias in node.names:  # ``from pkg import submodule`` imports the submodule
+                sub = f"{target}.{alias.name}"
+                found.add(sub if is_package(target) and (is_package(sub) or (ROOT.parent / Path(*sub.split("."))).with_suffix(".py").exists()) else target)
+    found.discard(name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def component(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def violations(edges: dict[str, set[str]]) -> list[str]:
+    """Imports that run up or sideways through the layers, and import cycles."""
+    bad = []
+    for src, targets in edges.items():
+        for dst in targets:
+            a, b = component(src), component(dst)
+            if a == b:
+                continue
+            if b not in LAYER or a not in LAYER:
+                bad.append(f"{src} -> {dst}: {a if a not in LAYER else b} has no layer in DESIGN.md")
+            elif LAYER[b] >= LAYER[a]:
+                bad.append(f"{src} -> {dst}: {b} is {'a peer' if LAYER[b] == LAYER[a] else 'above'} {a}")
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                bad.append("cycle: " + " -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack
+                           else f"cycle: {node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [])
+    return bad
+
+
+def test_imports_run_down_the_layers_without_cycles():
+    edges = graph()
+    assert len(edges) > 50 and all(component(m) in LAYER for m in edges), sorted(m for m in edges if component(m) not in LAYER)
+    assert violations(edges) == []
+
+
+def test_the_check_sees_an_upward_import_and_a_cycle():
+    edges = graph()
+    edges["nested_svit.tokens"] = edges["nested_svit.tokens"] | {"nested_svit.cli.main"}  # bottom imports top
+    assert any("nested_svit.tokens -> nested_svit.cli.main" in v for v in violations(edges))
+    cyclic = {"nested_svit.methods.a": {"nested_svit.methods.b"}, "nested_svit.methods.b": {"nested_svit.methods.a"}}
+    assert any(v.startswith("cycle") for v in violations(cyclic))
+    assert "nested_svit.detection" in graph()["nested_svit"]  # function-local and relative imports count
+
+
+def _method_names() -> set[str]:
+    from nested_svit.methods import METHODS
+
+    return set(METHODS)
+
+
+def _string_constants(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [v for e in node.elts for v in _string_constants(e)]
+    return []
+
+
+def name_comparisons(source: str, names: set[str]) -> list[int]:
+    """Lines of ``source`` that compare anything with a string literal that is a method's name."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            if any(s in names for operand in [node.left, *node.comparators] for s in _string_constants(operand)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("startswith", "endswith"):
+            if any(s in names for a in node.args for s in _string_constants(a)):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_method_name_compared_outside_methods():
+    names = _method_names()
+    found = {str(p.relative_to(ROOT)): name_comparisons(p.read_text(), names)
+             for p in ROOT.rglob("*.py") if "methods" not in p.relative_to(ROOT).parts}
+    assert {k: v for k, v in found.items() if v} == {}
+    assert name_comparisons('if config.method == "svit":\n    pass\n', names) == [1]  # the check sees one
+    assert name_comparisons('x = cfg.method in ("evit", "ats")\n', names) == [1]
+
+
+@pytest.mark.parametrize("limit, folder", [(400, ""), (300, "cli")])
+def test_modules_stay_small(limit, folder):
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / folder).rglob("*.py")}
+    assert {k: n for k, n in sizes.items() if n > limit} == {}
