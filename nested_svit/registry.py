@@ -82,6 +82,23 @@ def dense_counterpart(name: str) -> str:
     return _DENSE[name]
 
 
+def model_for(pruning: Pruning, embed_dim: int) -> tuple[str | None, dict]:
+    """The named model of this width whose method (and options) ``pruning`` is, and the overrides that
+    give it ``pruning``'s blocks and keep targets: ``(name, {"keep_targets": ...})``; (None, {}) if none."""
+    names = [n for n, c in _MODELS.items() if c.pruning.method == pruning.method and c.embed_dim == embed_dim]
+    if not names:
+        return None, {}
+    exact = [n for n in names if _MODELS[n].pruning.options == pruning.options]
+    name = (exact or names)[0]
+    cfg = _MODELS[name].pruning
+    overrides: dict = {} if exact else {"pruning": pruning}
+    if not overrides and cfg.blocks != pruning.blocks:
+        overrides["gate_blocks"] = pruning.blocks
+    if not overrides and cfg.keep_targets != pruning.keep_targets:
+        overrides["keep_targets"] = tuple(round(t, 6) for t in pruning.keep_targets)
+    return name, overrides
+
+
 def create_model(name: str, **overrides) -> SparseViT:
     """Build a model with random weights; load weights with ``nested_svit.load_checkpoint``."""
     model = SparseViT(get_config(name, **overrides))

@@ -50,6 +50,23 @@ def plot_detection_throughput(df: pd.DataFrame, path: str | os.PathLike, title: 
                     f"median of {df['rounds'].min()} interleaved rounds")
 
 
+def colour_bar(draw, x: int, y: int, width: int, ticks: int, label: str) -> None:
+    """A viridis bar at (x, y) on a PIL ``ImageDraw`` with tick marks and values 0 .. ``ticks``, and its
+    label to the right."""
+    from matplotlib import colormaps
+
+    for i in range(width):
+        c = tuple(int(v * 255) for v in colormaps["viridis"](i / max(width - 1, 1))[:3])
+        draw.line([(x + i, y), (x + i, y + 8)], fill=c)
+    step = max(1, -(-ticks // 4))
+    marks = [t for t in range(0, ticks + 1, step) if ticks - t >= step / 2 or t == ticks] + [ticks]
+    for t in sorted(set(marks)):
+        tx = x + round(t / max(ticks, 1) * (width - 1))
+        draw.line([(tx, y + 8), (tx, y + 11)], fill=(0, 0, 0))
+        draw.text((tx - 3, y + 12), str(t), fill=(0, 0, 0))
+    draw.text((x + width + 8, y), label, fill=(0, 0, 0))
+
+
 def token_usage_picture(image, keep, scale: int = 4):
     """Which tokens each gate kept, for one image.
 
@@ -71,15 +88,17 @@ def token_usage_picture(image, keep, scale: int = 4):
     tinted = Image.fromarray((0.4 * image + 0.6 * heat).clip(0, 255).astype(np.uint8)).resize(big.size, Image.NEAREST)
     small_w = max(big.size[0] * 2 // max(g, 1), 24)
     small_h = small_w * h // w
-    pad, text_h = 6, 14
-    canvas = Image.new("RGB", (2 * big.size[0] + pad, big.size[1] + text_h + (small_h + text_h if g else 0) + 2 * pad),
-                       (255, 255, 255))
+    pad, text_h, bar_h = 6, 14, 28
+    canvas = Image.new("RGB", (max(2 * big.size[0] + pad, 300), big.size[1] + text_h + bar_h
+                               + (small_h + text_h if g else 0) + 2 * pad), (255, 255, 255))
     canvas.paste(big, (0, text_h))
     canvas.paste(tinted, (big.size[0] + pad, text_h))
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), "input", fill=(0, 0, 0))
-    draw.text((big.size[0] + pad + 2, 1), f"blocks processing each token (of {g} gated)", fill=(0, 0, 0))
-    y = text_h + big.size[1] + pad
+    draw.text((big.size[0] + pad + 2, 1), "tokens, tinted", fill=(0, 0, 0))
+    colour_bar(draw, 2, text_h + big.size[1] + 4, min(160, canvas.size[0] // 2), g,
+               f"gated blocks (of {g})\nprocessing the token")
+    y = text_h + big.size[1] + bar_h + pad
     for k in range(g):
         mask = np.kron(keep[k].numpy(), np.ones((h // gh, w // gw), dtype=bool))
         grey = image.mean(-1, keepdims=True).repeat(3, -1) * 0.35 + 160

@@ -11,9 +11,11 @@ from torch import nn
 
 from ..config import ViTConfig
 from ..model import SparseViT
+from ..registry import model_for
 from .convert import BLOCK_EPS, convert, detect_format
 from .keys import check_keys, drop_unused, fit_pos_embed
 from .reader import CheckpointError, LoadReport, read
+from .release import release_pruning, same_pruning
 from .writer import file_info
 
 
@@ -34,6 +36,7 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
     if fmt.startswith("mmdet"):
         raise CheckpointError(f"{ckpt.desc} is a detector checkpoint; load it into a detector "
                               f"(nested_svit.create_detector), not the classifier {model.name!r}")
+    check_release(model, ckpt.top, ckpt.desc)
     state = convert(ckpt.state, fmt)
     report = LoadReport(fmt, ckpt.desc, ckpt.sha256)
     own = model.state_dict()
@@ -54,6 +57,42 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
     if eps != model.config.block_norm_eps:
         report.notes.append(f"block LayerNorm eps set to {eps} ({fmt} format)")
     return report
+
+
+def check_release(model: SparseViT, top: dict, desc: str) -> None:
+    """A baseline's release file whose training ``args`` disagree with ``model``'s method settings (EViT
+    at another keep rate, without the fused token, ...) is refused, naming the model that fits."""
+    found = release_pruning(top)
+    if found is None:
+        return
+    pruning, what = found
+    if pruning.method != model.config.pruning.method or same_pruning(pruning, model.config.pruning, model.options):
+        return
+    name, overrides = model_for(pruning, model.config.embed_dim)
+    fix = ", ".join([repr(name)] + [f"{k}={v!r}" for k, v in overrides.items()]) if name else None
+    raise CheckpointError(f"{desc} is {what} (its training args), but model {model.name!r} is configured otherwise: "
+                          + (f"use create_model({fix})" if fix else "configure the model as the file says")
+                          + " (nested-svit: give --checkpoint without --model and it configures itself from the file)")
+
+
+def release_model(source: str | os.PathLike | None) -> tuple[str, dict, str] | None:
+    """For a baseline's release file that carries its training args: (the named model of its method and
+    width, the overrides that configure it as the file says, a description), else None."""
+    from .reader import peek, unwrap
+
+    top = peek(source)
+    found = release_pruning(top)
+    if found is None:
+        return None
+    try:
+        state = unwrap(top)
+    except CheckpointError:
+        return None
+    table = state.get("pos_embed", state.get("cls_token"))
+    if table is None:
+        return None
+    name, overrides = model_for(found[0], int(table.shape[-1]))
+    return (name, overrides, found[1]) if name else None
 
 
 def classifier_from_file(source: str | os.PathLike | None, **overrides) -> SparseViT | None:

@@ -40,8 +40,8 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
     g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
-    options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32"}, families=families,
-                help="compute precision")
+    options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32", DET: "fp32"},
+                families=families, help="compute precision (detectors: box arithmetic and NMS stay fp32)")
     g.add_argument("--backend", default="auto",
                    help="variable-length attention backend (auto, loop, padded, nested, varlen)")
 
@@ -64,14 +64,11 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
 
 def add_keep_budget_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
     g = p.add_argument_group("keep budget (SViT gates, no retraining)")
-    options.add(p, g, "--keep-targets", defaults={CLS: None}, families=families,
-                help="gate keep budget: 9 fractions, or one factor scaling the model's (needs --calibrate)")
-    options.add(p, g, "--calibrate", type=int, defaults={CLS: 0}, families=families,
-                help="calibrate gate thresholds on this many input images")
-    options.add(p, g, "--calibrate-data", defaults={CLS: None}, families=families,
-                help="calibrate on these images instead of the input")
-    options.add(p, g, "--save-calibrated", defaults={CLS: None}, families=families,
-                help="write the calibrated model (loads with --checkpoint)")
+    g.add_argument("--keep-targets", default=None,
+                   help="gate keep budget: 9 fractions, or one factor scaling the model's (needs --calibrate)")
+    g.add_argument("--calibrate", type=int, default=0, help="calibrate gate thresholds on this many input images")
+    g.add_argument("--calibrate-data", default=None, help="calibrate on these images instead of the input")
+    g.add_argument("--save-calibrated", default=None, help="write the calibrated model (loads with --checkpoint)")
 
 
 def add_inference_options(p: argparse.ArgumentParser, families: tuple[str, ...], **input_kwargs) -> None:

@@ -15,7 +15,9 @@ def add_parser(sub, formatter) -> None:
     from ..benchmark.harness import BenchConfig
 
     cls, det = BenchConfig(), DetBenchConfig()
-    b = sub.add_parser("bench", help="throughput vs batch size, dense vs pruned, vs the FLOP ideal", formatter_class=formatter)
+    about = ("throughput vs batch size, dense vs pruned, vs the FLOP ideal: classifier sweeps, or detector "
+             "FPS^w / FPS^b sweeps on mixed-size batches")
+    b = sub.add_parser("bench", help=about, description=about, formatter_class=formatter)
     b.add_argument("--models", default="deit_small_patch16_224,svit_small",
                    help="comma list of classifiers ('timm/<name>' for a timm model, needs timm) or of detectors")
     options.add(b, b, "--batch-sizes", defaults={CLS: ",".join(map(str, cls.batch_sizes)),

@@ -127,3 +127,23 @@ def progress_bar(total: int, label: str, unit: str = "img", enabled: bool = True
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=label, unit=unit, file=sys.stderr, disable=not enabled)
+
+
+def picture_names(ids: list[str]) -> dict[str, str]:
+    """One PNG file name per input id, never two the same: the id's path with ``/`` as ``__`` and its
+    suffix replaced by ``.png``; ids that would share a name (``a.jpg`` / ``a.png``, ``sub/x.jpg`` /
+    ``sub__x.jpg``) keep their suffix and, if still shared, get their position in the input."""
+    def base(i: str, keep_suffix: bool) -> str:
+        p = Path(str(i))
+        stem = p.as_posix() if keep_suffix else p.with_suffix("").as_posix()
+        return stem.replace("/", "__") + ".png"
+
+    names = {i: base(i, False) for i in ids}
+    counts: dict[str, int] = {}
+    for n in names.values():
+        counts[n] = counts.get(n, 0) + 1
+    names = {i: (base(i, True) if counts[n] > 1 else n) for i, n in names.items()}
+    seen: dict[str, int] = {}
+    for n in names.values():
+        seen[n] = seen.get(n, 0) + 1
+    return {i: (n if seen[n] == 1 else n[:-4] + f".{k}.png") for k, (i, n) in enumerate(names.items())}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options
-from .common import check_suffix, check_writable
+from .common import check_suffix
 from .jobs import prepare_classifier_job, prepare_detector_job, run_with_progress, validate_inference_args
 from .models import build_detector
 
@@ -17,7 +17,8 @@ def add_parser(sub, formatter) -> None:
     e = sub.add_parser("eval", help="evaluate on a data set (imagenet: classifiers; coco: detectors)",
                        formatter_class=formatter)
     esub = e.add_subparsers(dest="task", required=True)
-    ei = esub.add_parser("imagenet", help="ImageNet-style top-1/top-5, keep ratios, token usage", formatter_class=formatter)
+    about = "classifiers: ImageNet-style top-1/top-5, keep ratios per gated block, token usage (resumable, torchrun)"
+    ei = esub.add_parser("imagenet", help=about, description=about, formatter_class=formatter)
     add_inference_options(ei, (CLS,))
     g = ei.add_argument_group("data and output")
     g.add_argument("--data", "--input", dest="data", required=True,
@@ -26,14 +27,14 @@ def add_parser(sub, formatter) -> None:
     options.add(ei, g, "--topk", type=int, defaults={CLS: 5}, families=(CLS,), help="classes per image in the output")
     ei.set_defaults(func=cmd_eval_imagenet)
 
-    c = esub.add_parser("coco", help="COCO box/mask AP (pycocotools), token usage, FPS^w / FPS^b (detectors)",
-                        formatter_class=formatter)
-    add_inference_options(c, (DET,), split="val2017", split_help="COCO split under --data")
+    about = "detectors: COCO box and mask AP (pycocotools), token usage, FPS^w / FPS^b (resumable, torchrun)"
+    c = esub.add_parser("coco", help=about, description=about, formatter_class=formatter)
+    add_inference_options(c, (DET,), split=None, split_help="COCO split under --data (default: val2017)")
     g = c.add_argument_group("data and output")
     g.add_argument("--data", default=None, help="COCO root with annotations/instances_<split>.json and <split>/")
     g.add_argument("--ann", default=None, help="annotation json (with --images, instead of --data)")
     g.add_argument("--images", default=None, help="image folder of --ann")
-    g.add_argument("--max-images", type=int, default=None, help="first N images by id (default: all)")
+    g.add_argument("--max-images", type=int, default=None, help="evaluate the first N images by id (None: all)")
     g.add_argument("--out", default="coco-results.json", help=".json result; <name>.detections.json beside it")
     c.set_defaults(func=cmd_eval_coco)
 
@@ -76,7 +77,8 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
                       "ignored_files": [{"path": p, "reason": why} for p, why in job.dataset.records.ignored],
                       "transform": job.manifest["transform"], "batch_size": args.batch_size,
                       "world_size": job.dist.world_size, "device": str(job.device), "precision": args.precision,
-                      "backend": args.backend, "torch_version": torch.__version__}
+                      "backend": args.backend, "calibration": job.manifest["calibration"],
+                      "torch_version": torch.__version__}
             atomic_write_text(json_out, json.dumps(result, indent=1))
             flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
             atomic_write_text(csv_out, pd.DataFrame([flat]).to_csv(index=False))
@@ -90,35 +92,59 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coco_paths(args: argparse.Namespace):
+    """``--data ROOT [--split S]`` or ``--ann FILE --images DIR``, never a mix of the two."""
+    from ..data.coco import resolve_coco_paths
+
+    if (args.ann or args.images) and (args.data or args.split):
+        raise ValueError("give --data COCO_ROOT [--split S] or --ann FILE --images DIR, not both")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    args.split = args.split or "val2017"
+    return resolve_coco_paths(args.data, args.split, args.ann, args.images)
+
+
+def _size_mismatches(rows, coco) -> list[dict]:
+    """Images whose decoded size (EXIF orientation applied, as mmdet) differs from the json's."""
+    out = []
+    for r in rows[rows["status"] == "ok"].itertuples():
+        info = coco.imgs[int(r.image_id)]
+        if (info.get("height"), info.get("width")) != (int(r.height), int(r.width)):
+            out.append({"id": r.id, "decoded": [int(r.height), int(r.width)],
+                        "annotations": [info.get("height"), info.get("width")]})
+    return out
+
+
 def cmd_eval_coco(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.coco import CocoDetectionData, load_coco, resolve_coco_paths
+    from ..data.coco import CocoDetectionData, load_coco
     from ..detection.checkpoint import detector_from_file
     from ..detection.registry import is_detector, list_detectors
     from ..distributed import shutdown
-    from ..evaluation.detection import coco_metrics, coco_results, run_detection
+    from ..evaluation.detection import category_mapping, coco_metrics, coco_results, run_detection
     from ..evaluation.runner import merge_parts, remove_parts
     from ..evaluation.usage import usage_summary
     from ..io import atomic_write_text
+    from .common import note, warn
 
     options.resolve(args, DET, args.model)
-    args.model = args.model if args.model or detector_from_file(args.checkpoint) else "svit_adapter_small_maskrcnn"
     if args.model and not is_detector(args.model):
         raise ValueError(f"unknown detector {args.model!r}; available: {', '.join(list_detectors())}")
+    args.model = args.model or (None if detector_from_file(args.checkpoint) else "svit_adapter_small_maskrcnn")
     validate_inference_args(args)
     out = Path(args.out)
-    check_writable(out)
     check_suffix(out, (".json",), "eval coco (a result, and <name>.detections.json beside it)")
-    ann_file, image_dir = resolve_coco_paths(args.data, args.split, args.ann, args.images)
+    ann_file, image_dir = _coco_paths(args)
     coco = load_coco(ann_file)
     cat_ids = sorted(coco.getCatIds())
     names = [coco.loadCats(c)[0]["name"] for c in cat_ids]
-    model, report = build_detector(args, num_classes=len(cat_ids), class_names=names)
-    if model.config.num_classes != len(cat_ids):
-        raise ValueError(f"the model predicts {model.config.num_classes} classes, {ann_file} has {len(cat_ids)} categories")
+    model, report = build_detector(args, categories=names)
+    mapping, mapping_note = category_mapping(list(model.class_names), coco)
+    if mapping_note:
+        note(mapping_note)
     dataset = CocoDetectionData(ann_file, image_dir, model.config.img_scale, args.max_images, args.max_image_pixels)
-    args.data_files = [ann_file, image_dir]
+    args.data_files, args.data = [ann_file, image_dir], str(image_dir)
     parts = out.with_name(out.name + ".parts")
     job = prepare_detector_job(args, parts, "eval-coco", dataset, model, report)
     try:
@@ -129,11 +155,17 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
         if job.dist.is_main:
             rows = merge_parts(parts, len(dataset))
             ok = rows[rows["status"] == "ok"]
-            results = coco_results(ok, cat_ids)
+            results = coco_results(ok, mapping)
             det_path = out.with_name(out.stem + ".detections.json")
             atomic_write_text(det_path, json.dumps(results))
             metrics = coco_metrics(coco, results, dataset.image_ids)
             skipped = rows[rows["status"] != "ok"]
+            mismatched = _size_mismatches(rows, coco)
+            if mismatched:
+                warn(f"warning: {len(mismatched)} images decode (EXIF orientation applied, as mmdet does) to another "
+                     "size than the annotation file says, so their boxes and masks are compared in another frame: "
+                     + "; ".join(f"{m['id']} {m['decoded'][1]}x{m['decoded'][0]} vs {m['annotations'][1]}x"
+                                 f"{m['annotations'][0]}" for m in mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
             result = {
                 "model": model.name, "checkpoint": args.checkpoint, "checkpoint_sha256": report.sha256 if report else None,
                 "checkpoint_format": report.format if report else None, "checkpoint_notes": report.notes if report else [],
@@ -141,6 +173,8 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                 "num_evaluated": int(len(ok)), "num_skipped": int(len(skipped)),
                 "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
                 "bbox": metrics["bbox"], "segm": metrics["segm"], "num_detections": len(results),
+                "categories_note": mapping_note, "size_mismatches": mismatched,
+                "calibration": job.manifest["calibration"],
                 **usage_summary(ok, model.config.vit.gate_blocks, ok["total_tokens"].astype(float)),
                 "fps_whole": images / model_s if model_s > 0 else None,
                 "fps_backbone": images / backbone_s if backbone_s > 0 else None,
@@ -153,8 +187,12 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
             }
             atomic_write_text(out, json.dumps(result, indent=1))
             remove_parts(parts)
-            print(f"bbox AP {metrics['bbox']['AP']:.3f}  segm AP {metrics['segm']['AP']:.3f}  images {len(ok)}  "
-                  f"skipped {len(skipped)}  keep {result['mean_keep_ratio_all_gates']:.3f}  -> {out}")
+            if metrics["bbox"]["AP"] is None:
+                scores = "no ground truth: AP undefined"
+            else:
+                scores = f"bbox AP {metrics['bbox']['AP']:.3f}  segm AP {metrics['segm']['AP']:.3f}"
+            print(f"{scores}  images {len(ok)}  skipped {len(skipped)}  keep {result['mean_keep_ratio_all_gates']:.3f}"
+                  f"  -> {out}")
     finally:
         shutdown(job.dist)
     return 0

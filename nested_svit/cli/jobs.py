@@ -11,7 +11,7 @@ from typing import Callable
 
 from . import options
 from .common import check_writable, progress_bar, resolve_device
-from .models import build_classifier, calibrate, model_class_names
+from .models import build_classifier, calibrate, first_decodable, model_class_names, save_classifier
 
 
 def validate_inference_args(args: argparse.Namespace) -> None:
@@ -56,10 +56,16 @@ def prepare_classifier_job(args: argparse.Namespace, parts_dir: Path, kind: str)
     device, info = process_group(args)
     model.to(device, PRECISIONS[args.precision]).eval().set_execution("packed", args.backend)
     transform = EvalTransform(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    dataset = open_dataset(args.data, transform, split=args.split, exclude=[args.out, parts_dir],
-                           exif=kind == "predict", max_pixels=args.max_image_pixels)
+    outputs = [args.out, parts_dir] + ([args.save_vis] if getattr(args, "save_vis", None) else [])
+    dataset = open_dataset(args.data, transform, split=args.split, exclude=outputs, exif=kind == "predict",
+                           max_pixels=args.max_image_pixels)
     class_names = model_class_names(args, model)
-    calibration = calibrate(args, model, transform, device)
+
+    def images_of(source, n: int) -> list:
+        return first_decodable(open_dataset(source, transform, split=args.split, exclude=[args.out]), n)
+
+    calibration = calibrate(args, model, images_of, device,
+                            lambda path, result: save_classifier(model, path, calibration=result))
     if dataset.records.label_source == "sorted_class_dirs" and model.config.num_classes == 1000:
         print(f"WARNING: {args.data}: class folders are not (all) ImageNet wnids, so labels are the sorted folder "
               "order 0..K-1, not ImageNet's class ids: top-1/top-5 against a 1000-class model are meaningless. "
@@ -75,17 +81,32 @@ def prepare_classifier_job(args: argparse.Namespace, parts_dir: Path, kind: str)
 
 
 def prepare_detector_job(args: argparse.Namespace, parts_dir: Path, kind: str, dataset, model, report):
-    """The detection job of ``dataset`` with ``model`` on this process's device."""
+    """The detection job of ``dataset`` with ``model`` on this process's device, its keep budget
+    calibrated when asked (``--calibrate``); ``job.manifest["calibration"]`` records it."""
     import torch
 
+    from ..data.coco import DetectionImages
+    from ..data.records import resolve_records
+    from ..detection.checkpoint import save_detector_checkpoint
     from ..evaluation.detection import DetectionJob
 
+    from ..benchmark.harness import PRECISIONS
+
     device, info = process_group(args)
-    model.to(device).eval().set_execution("packed", args.backend)
+    model.to(device, PRECISIONS[args.precision]).eval().set_execution("packed", args.backend)
+
+    def images_of(source, n: int) -> list:
+        if source == args.data:
+            return first_decodable(dataset, n, "input")
+        return first_decodable(DetectionImages(resolve_records(source, args.split), model.config.img_scale), n, "input")
+
+    calibration = calibrate(args, model.backbone, images_of, device,
+                            lambda path, result: save_detector_checkpoint(model, path, calibration=result))
     manifest = {"kind": kind, "model": model.name, "checkpoint_sha256": report.sha256 if report else None,
                 "data": [str(Path(f).resolve()) for f in (args.data_files or [])], "num_records": len(dataset),
                 "batch_size": args.batch_size, "img_scale": list(model.config.img_scale),
-                "seed": args.seed if report is None else None}
+                "seed": args.seed if report is None else None, "calibration": calibration,
+                "files_digest": dataset.records.digest(), "precision": args.precision}
     return DetectionJob(model, dataset, parts_dir, manifest, args.batch_size, args.workers, torch.device(device), info)
 
 

@@ -5,7 +5,8 @@ import argparse
 
 
 def add_parser(sub, formatter) -> None:
-    p = sub.add_parser("list", help="the models, detectors and pruning methods, one line each", formatter_class=formatter)
+    about = "the models, detectors and pruning methods this version knows, one line each"
+    p = sub.add_parser("list", help=about, description=about, formatter_class=formatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "detectors", "methods"],
                    help="what to list")
     p.set_defaults(func=cmd_list)

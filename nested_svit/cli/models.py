@@ -39,19 +39,22 @@ def build_classifier(args: argparse.Namespace):
     to what is used. -> (model, load report or None)."""
     import torch
 
-    from ..checkpoint import classifier_from_file, file_info, load_checkpoint
+    from ..checkpoint import classifier_from_file, file_info, load_checkpoint, release_model
     from ..registry import create_model, eval_defaults, get_config
 
     info = file_info(args.checkpoint)
     carried = info.kind == "classifier"
     if carried and args.model and info.model_name and args.model != info.model_name:
         raise ValueError(f"--model {args.model} but {args.checkpoint} holds a trained {info.model_name}; drop --model")
-    name = (info.model_name if carried else None) or args.model or "svit_small"
+    release = release_model(args.checkpoint) if not carried and args.model is None else None
+    name = (info.model_name if carried else None) or args.model or (release[0] if release else "svit_small")
     try:
         defaults = eval_defaults(name)
     except ValueError:
         defaults = {"img_size": None, "crop_pct": 0.875}
-    overrides: dict = {}
+    overrides: dict = dict(release[1]) if release else {}
+    if release:
+        note(f"{args.checkpoint} is {release[2]} (its training args): running {name} configured so")
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     if args.num_classes is not None:
@@ -75,27 +78,38 @@ def build_classifier(args: argparse.Namespace):
     return model, report
 
 
-def build_detector(args: argparse.Namespace, num_classes: int | None = None, class_names: list[str] | None = None):
+def build_detector(args: argparse.Namespace, categories: list[str] | None = None):
     """The detector of ``args.model`` (or the config its checkpoint carries) with weights loaded, before
-    any image is read. -> (model, load report or None)."""
+    any image is read, for inference: a file without detector heads (a classification checkpoint) is
+    refused. ``categories``: an annotation file's class names (``eval coco``); the detector predicts them
+    unless its checkpoint predicts another number of classes (``eval coco`` then maps them by name or
+    COCO id). -> (model, load report or None)."""
     from dataclasses import replace
 
     import torch
 
     from ..checkpoint import load_checkpoint
     from ..detection import create_detector
-    from ..detection.checkpoint import detector_from_file
+    from ..detection.checkpoint import checkpoint_classes, checkpoint_kind, detector_from_file
     from ..detection.detector import MaskRCNNDetector
 
+    if args.checkpoint and checkpoint_kind(args.checkpoint) == "imagenet":
+        name = args.model or "the detector"
+        raise ValueError(f"{args.checkpoint} is a classification checkpoint: it holds a ViT backbone only, so "
+                         f"{name}'s adapter, FPN, RPN and RoI heads would be random. Give a detector checkpoint "
+                         "(official SViT / ViT-Adapter mmdet file, or one 'nested-svit train' wrote), or train one "
+                         f"from this file: nested-svit train --model {args.model or 'svit_adapter_small_maskrcnn'} "
+                         f"--init {args.checkpoint} ...")
     carried = detector_from_file(args.checkpoint)
+    classes = checkpoint_classes(args.checkpoint)
     overrides: dict = {}
     scale = parse_img_scale(args.img_scale)
     if scale:
         overrides["img_scale"] = scale
-    if num_classes is not None and (carried is None or carried[1].num_classes != num_classes):
-        overrides["num_classes"] = num_classes
-    if class_names:
-        overrides["class_names"] = tuple(class_names)
+    if categories is not None and classes in (None, len(categories)):
+        overrides["num_classes"], overrides["class_names"] = len(categories), tuple(categories)
+    elif classes is not None and carried is None:
+        overrides["num_classes"] = classes
     torch.manual_seed(args.seed)
     if carried is not None:
         name, cfg = carried
@@ -110,40 +124,43 @@ def build_detector(args: argparse.Namespace, num_classes: int | None = None, cla
     return model, report
 
 
-def calibrate(args: argparse.Namespace, model, transform, device: str) -> dict | None:
-    """``--calibrate N [--keep-targets T] [--calibrate-data DIR]``: shift the gate thresholds so the
-    keep fractions on N images hit the targets (no retraining); ``--save-calibrated`` keeps the result."""
-    import torch
+def first_decodable(dataset, count: int, key: str = "image") -> list:
+    """The first ``count`` decodable items' ``key`` of ``dataset`` (never raising for bad files)."""
+    found = []
+    for i in range(len(dataset)):
+        value = dataset[i][key]
+        if value is not None:
+            found.append(value)
+        if len(found) == count:
+            break
+    return found
 
-    from ..data import open_dataset
 
+def calibrate(args: argparse.Namespace, stack, images_of, device: str, save) -> dict | None:
+    """``--calibrate N [--keep-targets T] [--calibrate-data DIR]``: shift the gate thresholds of ``stack``
+    (the classifier, or the detector's backbone) so the keep fractions on N images hit the targets (no
+    retraining). ``images_of(source, n)``: the first n decodable model inputs of a data source;
+    ``save(path, calibration)`` writes ``--save-calibrated``. -> what was done, for the outputs."""
     if args.keep_targets and not args.calibrate:
         raise ValueError("--keep-targets needs --calibrate N (the number of images to calibrate the gates on)")
     if not args.calibrate:
         return None
     if args.calibrate < 1:
         raise ValueError(f"--calibrate must be >= 1 images, got {args.calibrate}")
-    if model.num_gates == 0 or model.method.calibrate is None:
+    if stack.num_gates == 0 or stack.method.calibrate is None:
         raise ValueError(f"{args.model} has no gates to calibrate (--calibrate shifts SViT gate thresholds; "
-                         f"{model.method.title} keeps its own counts)")
-    targets = keep_targets_from_cli(args.keep_targets, model.config.keep_targets) if args.keep_targets \
-        else list(model.config.keep_targets)
+                         f"{stack.method.title} keeps its own counts)")
+    targets = keep_targets_from_cli(args.keep_targets, stack.config.keep_targets) if args.keep_targets \
+        else list(stack.config.keep_targets)
     source = args.calibrate_data or args.data
-    data = open_dataset(source, transform, split=args.split, exclude=[args.out])
-    images = []
-    for i in range(len(data)):
-        item = data[i]
-        if item["image"] is not None:
-            images.append(item["image"])
-        if len(images) == args.calibrate:
-            break
+    images = images_of(source, args.calibrate)
     if not images:
         raise ValueError(f"no decodable images in {source} to calibrate on")
-    reached = model.calibrate_keep(torch.stack(images).to(device, model.dtype), targets)
+    reached = stack.calibrate_keep([t.to(device, stack.dtype) for t in images], targets)
     result = {"images": len(images), "data": str(source), "targets": targets, "reached": [round(r, 4) for r in reached]}
     warn(f"calibrated gates on {len(images)} images: keep fractions {', '.join(f'{r:.3f}' for r in reached)}")
     if args.save_calibrated:
-        save_classifier(model, args.save_calibrated, calibration=result)
+        save(args.save_calibrated, result)
     return result
 
 

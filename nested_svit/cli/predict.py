@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options
-from .common import PREDICT_FORMATS, check_suffix, check_writable, write_rows
+from .common import PREDICT_FORMATS, check_suffix, check_writable, picture_names, write_rows
 from .jobs import prepare_classifier_job, prepare_detector_job, run_with_progress, validate_inference_args
 from .models import build_detector, family_of
 
@@ -17,7 +17,9 @@ DETECTOR_FORMATS = (".parquet", ".json", ".jsonl")
 
 
 def add_parser(sub, formatter) -> None:
-    p = sub.add_parser("predict", help="offline batch prediction: one row per image (classifiers and detectors)",
+    about = ("offline batch prediction, one row per input file: top-k classes (classifiers) or boxes, masks and "
+             "labels (detectors); the family follows --model or what --checkpoint holds")
+    p = sub.add_parser("predict", help=about, description=about,
                        formatter_class=formatter)
     add_inference_options(p, (CLS, DET))
     g = p.add_argument_group("input and output")
@@ -30,8 +32,10 @@ def add_parser(sub, formatter) -> None:
                    help=".parquet, .csv, .json or .jsonl (detectors: .parquet, .json, .jsonl)")
     options.add(p, g, "--topk", type=int, defaults={CLS: 5}, help="classes per image in the output")
     g.add_argument("--save-vis", default=None,
-                   help="folder for PNGs: the kept tokens of each selection (classifiers); boxes, masks and kept "
-                        "tokens (detectors)")
+                   help="folder for PNGs, one per input (never read back as input): the kept tokens of each "
+                        "selection (classifiers); boxes, masks and kept tokens (detectors)")
+    options.add(p, g, "--vis-score-thr", type=float, defaults={DET: 0.3},
+                help="boxes and masks drawn in --save-vis pictures: scores at least this")
     p.set_defaults(func=cmd_predict)
 
 
@@ -63,7 +67,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
     args.data = args.input
     job, _ = prepare_classifier_job(args, parts, "predict")
     if args.save_vis:
-        job.on_batch = token_pictures(Path(args.save_vis), job.model)
+        job.on_batch = token_pictures(Path(args.save_vis), job.model, picture_names(job.dataset.records.ids))
     try:
         from ..evaluation import run_inference
 
@@ -74,16 +78,19 @@ def predict_classifier(args: argparse.Namespace) -> int:
             write_rows(rows, out)
             remove_parts(parts)
             print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}")
-            ignored = job.dataset.records.ignored
-            if ignored:
-                print(f"{len(ignored)} files ignored (no row): " + "; ".join(f"{p} ({why})" for p, why in ignored[:10])
-                      + (" ..." if len(ignored) > 10 else ""), file=sys.stderr)
+            report_ignored(job.dataset.records.ignored)
     finally:
         shutdown(job.dist)
     return 0
 
 
-def token_pictures(folder: Path, model):
+def report_ignored(ignored: list[tuple[str, str]]) -> None:
+    if ignored:
+        print(f"{len(ignored)} files ignored (no row): " + "; ".join(f"{p} ({why})" for p, why in ignored[:10])
+              + (" ..." if len(ignored) > 10 else ""), file=sys.stderr)
+
+
+def token_pictures(folder: Path, model, names: dict[str, str]):
     """Callback writing one PNG per predicted image: the crop the model saw and the tokens each gate (each
     selection stage of a baseline) kept."""
     import torch
@@ -105,8 +112,7 @@ def token_pictures(folder: Path, model):
             rgb = ((images[j].float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             keep = torch.stack([m[j] for m in masks]) if masks else torch.zeros(0, gh, gw, dtype=torch.bool)
             picture = token_usage_picture(rgb, keep, scale=max(1, 256 // max(h, w)))
-            target = folder / (Path(str(name)).with_suffix("").as_posix().replace("/", "__") + ".png")
-            atomic_write(target, lambda tmp: picture.save(tmp, format="PNG"))
+            atomic_write(folder / names[name], lambda tmp: picture.save(tmp, format="PNG"))
 
     return write
 
@@ -131,28 +137,28 @@ def predict_detector(args: argparse.Namespace) -> int:
     from ..evaluation.runner import merge_parts, remove_parts
 
     if not args.input:
-        raise ValueError("--input is required: an image file or a directory of images")
+        raise ValueError("--input is required: an image file, a folder of images, a .txt list, a parquet file or a glob")
     validate_inference_args(args)
     out = Path(args.out)
     check_writable(out)
     check_suffix(out, DETECTOR_FORMATS, "a detector")
     model, report = build_detector(args)
     parts = out.with_name(out.name + ".parts")
-    records = resolve_records(args.input, args.split, exclude=[out, parts])
-    dataset = DetectionImages(records, model.config.img_scale, max_pixels=args.max_image_pixels)
-    args.data_files = [args.input]
-    job = prepare_detector_job(args, parts, "predict-detection", dataset, model, report)
     vis_dir = Path(args.save_vis) if args.save_vis else None
+    records = resolve_records(args.input, args.split, exclude=[out, parts] + ([vis_dir] if vis_dir else []))
+    dataset = DetectionImages(records, model.config.img_scale, max_pixels=args.max_image_pixels)
+    args.data_files, args.data = [args.input], args.input
+    job = prepare_detector_job(args, parts, "predict-detection", dataset, model, report)
     on_batch = None
     if vis_dir is not None:
         from ..detection.vis import save_picture
 
         vis_dir.mkdir(parents=True, exist_ok=True)
+        names = picture_names(records.ids)
 
         def on_batch(batch, dets) -> None:
             for index, name, d in zip(batch["index"], batch["id"], dets):
-                save_picture(dataset.decoded(index), d,
-                             vis_dir / (Path(name).with_suffix("").as_posix().replace("/", "__") + ".png"))
+                save_picture(dataset.decoded(index), d, vis_dir / names[name], args.vis_score_thr)
     try:
         run_with_progress(job, "predict", lambda j, progress: run_detection(j, progress, on_batch),
                           lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
@@ -163,6 +169,7 @@ def predict_detector(args: argparse.Namespace) -> int:
             remove_parts(parts)
             print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}"
                   + (f"; pictures in {vis_dir}" if vis_dir else ""))
+            report_ignored(records.ignored)
     finally:
         shutdown(job.dist)
     return 0

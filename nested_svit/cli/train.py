@@ -16,9 +16,10 @@ from .models import load_init
 def add_parser(sub, formatter) -> None:
     from ..training import DetTrainConfig, TrainConfig
 
-    t = sub.add_parser("train", formatter_class=formatter,
-                       help="train: SViT gates (masked execution, Gumbel masks, keep-ratio loss), the baselines "
-                            "that train, and detectors")
+    about = ("train SViT gates (masked execution, Gumbel masks, keep-ratio loss), the baselines that train "
+             "(EViT, Evo-ViT, ATS, ToMe: through their own selection) and detectors (ViT-Adapter / SViT-Adapter Mask "
+             "R-CNN, the baselines as backbones); resumable, data parallel under torchrun")
+    t = sub.add_parser("train", formatter_class=formatter, help=about, description=about)
     t.add_argument("--model", default="svit_small", help="model or detector name (nested-svit list)")
     t.add_argument("--init", default=None, help="checkpoint to start from: dense (timm/DeiT), SViT, a baseline's, "
                                                 "or a detector file (detectors)")
@@ -87,6 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value, ok in (("--log-every", args.log_every, args.log_every >= 1),
+                            ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 0),
+                            ("--workers", args.workers, args.workers >= 0), ("--tau", args.tau, args.tau > 0),
+                            ("--ratio-weight", args.ratio_weight, args.ratio_weight >= 0),
+                            ("--drop-path", args.drop_path, args.drop_path is None or 0 <= args.drop_path < 1)):
+        if not ok:
+            raise ValueError(f"{flag} {value} is out of range")
     check_writable(Path(args.out))
     return train_detector(args) if family == DET else train_classifier(args)
 

@@ -24,17 +24,40 @@ COCO_SPLITS = ("val2017", "train2017", "test2017", "val2014", "train2014")
 
 
 def load_coco(ann_file: str | os.PathLike):
-    """``pycocotools.coco.COCO`` without its prints; clear errors for a missing or malformed file."""
+    """``pycocotools.coco.COCO`` without its prints; clear errors for a missing or malformed file, an
+    image id listed twice (pycocotools would merge the two images' ground truth) and no categories."""
+    import json
+
     from pycocotools.coco import COCO
 
     path = Path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a COCO annotation file: not JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path} is not a COCO annotation file: no 'images' list")
+    seen: dict = {}
+    for info in data["images"]:
+        if not isinstance(info, dict) or "id" not in info or "file_name" not in info:
+            raise ValueError(f"{path}: an image entry without 'id' and 'file_name': {str(info)[:80]}")
+        if info["id"] in seen:
+            raise ValueError(f"{path}: image id {info['id']} is listed twice ({seen[info['id']]} and {info['file_name']}); "
+                             "ids must be unique, or the two images' ground truth is merged")
+        seen[info["id"]] = info["file_name"]
+    if not data.get("categories"):
+        raise ValueError(f"{path} lists no categories: a detector needs at least one class")
+    data.setdefault("annotations", [])
+    coco = COCO()
+    try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
-    except Exception as e:  # noqa: BLE001 - json errors, missing keys
-        raise ValueError(f"{path} is not a COCO annotation file: {e}") from e
+            coco.dataset = data
+            coco.createIndex()
+    except Exception as e:  # noqa: BLE001 - missing keys in annotations or categories
+        raise ValueError(f"{path} is not a COCO annotation file: {type(e).__name__} {e}") from e
+    return coco
 
 
 def resolve_coco_paths(data: str | None, split: str, ann: str | None, images: str | None) -> tuple[Path, Path]:
@@ -58,6 +81,8 @@ def coco_records(coco, image_dir: Path, max_images: int | None = None) -> Record
     """The images of a loaded annotation file, by ascending id (the first ``max_images``)."""
     image_ids = sorted(coco.getImgIds())
     if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"--max-images must be >= 1, got {max_images}")
         image_ids = image_ids[:max_images]
     infos = coco.loadImgs(image_ids)
     names = [info["file_name"] for info in infos]
@@ -175,7 +200,12 @@ class CocoTrainData(Dataset):
         from .det_augment import Instances
 
         image_id = self.image_ids[index]
-        rgb = read_image(self.image_dir / self.coco.loadImgs(image_id)[0]["file_name"])
+        info = self.coco.loadImgs(image_id)[0]
+        rgb = read_image(self.image_dir / info["file_name"])
+        expected = (info.get("height", rgb.shape[0]), info.get("width", rgb.shape[1]))
+        if tuple(rgb.shape[:2]) != tuple(expected):  # e.g. an EXIF orientation: boxes would be in another frame
+            raise ValueError(f"{info['file_name']} decodes to {rgb.shape[1]}x{rgb.shape[0]} (EXIF orientation applied, "
+                             f"as mmdet) but the annotations are for {expected[1]}x{expected[0]}: left out of training")
         boxes, labels, anns = self._annotations(image_id)
         masks = np.zeros((len(anns), rgb.shape[0], rgb.shape[1]), dtype=bool)
         for k, a in enumerate(anns):

@@ -50,7 +50,7 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
     if img.mode == "F":  # float images: 0..1 (scientific / HDR exports) or 0..255
         arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
         scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
-        img = Image.fromarray((arr * scale).clip(0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.rint(arr * scale).clip(0, 255).astype(np.uint8), "L")
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray((arr / 256).clip(0, 255).astype(np.uint8), "L")

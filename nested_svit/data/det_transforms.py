@@ -53,20 +53,38 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def as_rgb_uint8(image: np.ndarray | Tensor) -> np.ndarray:
-    """RGB ``[H, W, 3]`` uint8 array or tensor (``[H, W, 3]`` or ``[3, H, W]``) -> contiguous numpy."""
+    """An image array or tensor -> contiguous RGB uint8 ``[H, W, 3]``, converted as image files are
+    (``decode.decode_image``): ``[H, W, 3]`` or ``[3, H, W]``; grayscale ``[H, W]``, ``[H, W, 1]`` or
+    ``[1, H, W]`` replicated; RGBA's alpha dropped; floats in 0..1 scaled by 255 (larger floats taken as
+    0..255), 16-bit divided by 256. Anything else is a ``ValueError`` saying what to pass."""
+    if image is None:
+        raise ValueError("image is None: pass a file path or an RGB uint8 array [H, W, 3]")
     if isinstance(image, Tensor):
         arr = image.detach().cpu()
-        if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
             arr = arr.permute(1, 2, 0)
-        image = arr.numpy()
+        image = arr.float().numpy() if arr.dtype in (torch.bfloat16, torch.float16) else arr.numpy()
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype == bool:
+        raise ValueError(f"expected an RGB image [H, W, 3] (or grayscale [H, W], RGBA [H, W, 4]), got shape "
+                         f"{image.shape} {image.dtype}")
     if min(image.shape[:2]) < 1:
         raise ValueError(f"empty image of shape {image.shape}")
-    return np.ascontiguousarray(image)
+    if np.issubdtype(image.dtype, np.floating):
+        arr = np.nan_to_num(image.astype(np.float32))
+        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
+        image = np.rint(arr * scale).clip(0, 255).astype(np.uint8)
+    elif image.dtype == np.uint16:
+        image = (image / 256).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        if image.min() < 0 or image.max() > 255:
+            raise ValueError(f"expected uint8 pixels (0..255), got {image.dtype} in {image.min()}..{image.max()}")
+        image = image.astype(np.uint8)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
 
 
 def normalize_pad(resized: np.ndarray) -> Tensor:

@@ -68,6 +68,12 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
+def _is_output(p: Path, exclude: set[Path]) -> bool:
+    """``p`` is one of our outputs (``exclude``: files, or folders such as ``--save-vis``) or inside one."""
+    resolved = p.resolve()
+    return resolved in exclude or any(parent in exclude for parent in resolved.parents)
+
+
 def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Candidate image files under ``root`` (sorted; dangling symlinks included, so they get a row)
     and ignored files with the reason. Hidden folders/files and our own outputs are skipped."""
@@ -78,7 +84,7 @@ def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, s
             continue
         if p.is_dir():
             continue
-        if p.resolve() in exclude or p.name.endswith(".parts"):
+        if _is_output(p, exclude) or p.name.endswith(".parts"):
             ignored.append((str(rel), "output of this run"))
             continue
         suffix = p.suffix.lower()
@@ -90,7 +96,8 @@ def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, s
 
 
 def _folder_records(root: Path, exclude: set[Path] = frozenset()) -> Records:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name) and not d.name.endswith(".parts"))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name) and not d.name.endswith(".parts")
+                     and not _is_output(d, exclude))
     files, ignored = _walk(root, set(exclude))
     if classes:
         # ImageNet wnid directories (all 1000 or a subset) get the standard ImageNet indices and names;
@@ -168,7 +175,7 @@ def _glob_records(pattern: str, exclude: set[Path]) -> Records:
     for p in sorted(Path(m) for m in glob.glob(pattern, recursive=True)):
         if p.is_dir() or any(_hidden(part) for part in p.parts if part not in (".", "..")):
             continue
-        if p.resolve() in exclude or any(part.endswith(".parts") for part in p.parts):
+        if _is_output(p, exclude) or any(part.endswith(".parts") for part in p.parts):
             ignored.append((str(p), "output of this run"))
         elif p.suffix.lower() in NON_IMAGE_SUFFIXES:
             ignored.append((str(p), f"not an image ({p.suffix.lower()} file)"))

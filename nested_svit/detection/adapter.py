@@ -147,7 +147,7 @@ class Injector(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, group: SizeGroup) -> Tensor:
         """x ``[G, N, C]``, c ``[G, 21N/4, C]`` -> ``[G, N, C]``."""
-        ref = reference_points([group.grid], x.device).to(x.dtype)
+        ref = reference_points([group.grid], x.device)  # fp32 (msda samples in fp32)
         return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), group.spm_shapes)
 
 
@@ -165,7 +165,7 @@ class Extractor(nn.Module):
 
     def forward(self, c: Tensor, x: Tensor, group: SizeGroup) -> Tensor:
         """c ``[G, 21N/4, C]``, x ``[G, N, C]`` -> ``[G, 21N/4, C]``."""
-        ref = reference_points(group.spm_shapes, c.device).to(c.dtype)
+        ref = reference_points(group.spm_shapes, c.device)
         c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x), [group.grid])
         return c + drop_path(self.ffn(self.ffn_norm(c), group.spm_shapes), self.drop_path, self.training)
 

@@ -29,10 +29,42 @@ _IMAGENET_IGNORED = ("cls_token", "dist_token", "norm.", "fc_norm.", "head.", "h
 
 
 def detector_format(top: dict, state: dict[str, Tensor]) -> str:
-    if top.get("format") == "nested_svit":
+    """``nested_svit`` (a detector file of ours), ``mmdet-svit`` / ``mmdet-dense``, or ``imagenet`` (any
+    classification file: backbone weights only)."""
+    if top.get("format") == "nested_svit" and top.get("kind", "detector") == "detector":
         return "nested_svit"
     fmt = detect_format(state)
     return fmt if fmt.startswith("mmdet") else "imagenet"
+
+
+def checkpoint_kind(source: str | os.PathLike) -> str | None:
+    """``detector_format`` of a file, from a memory-mapped peek (None: unreadable; the loader says why)."""
+    from ..checkpoint import peek, unwrap
+
+    top = peek(source)
+    try:
+        return detector_format(top, unwrap(top)) if top is not None else None
+    except CheckpointError:
+        return None
+
+
+def checkpoint_classes(source: str | os.PathLike | None) -> int | None:
+    """How many classes a detector checkpoint file predicts (its box head's logits less background, or
+    the config it carries); None for a file without a detector head."""
+    info = file_info(source)
+    if info.kind == "detector":
+        return int(info.model_config["num_classes"])
+    if info.kind is not None:
+        return None
+    from ..checkpoint import peek, unwrap
+
+    top = peek(source)
+    try:
+        state = unwrap(top) if top is not None else {}
+    except CheckpointError:
+        return None
+    weight = state.get("roi_head.bbox_head.fc_cls.weight")
+    return int(weight.shape[0]) - 1 if weight is not None else None
 
 
 @load_checkpoint.register

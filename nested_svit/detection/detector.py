@@ -84,12 +84,17 @@ class MaskRCNNDetector(nn.Module):
 
     # ------------------------------------------------------------------ steps
     def preprocess(self, images: Sequence[ImageInput]) -> tuple[list[Tensor], list[ImageMeta]]:
-        """RGB uint8 arrays/tensors or file paths -> normalised padded ``[3, H_i, W_i]`` and metas."""
+        """RGB uint8 arrays/tensors or file paths -> normalised padded ``[3, H_i, W_i]`` and metas.
+        Grayscale, RGBA, 16-bit and float (0..1) arrays are converted as image files are."""
+        _check_image_list(images)
         inputs, metas = [], []
-        for img in images:
+        for i, img in enumerate(images):
             if isinstance(img, (str, os.PathLike)):
                 img = read_image(img)
-            t, meta = preprocess(img, self.config.img_scale)
+            try:
+                t, meta = preprocess(img, self.config.img_scale)
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
             inputs.append(t)
             metas.append(meta)
         return inputs, metas
@@ -205,6 +210,7 @@ class MaskRCNNDetector(nn.Module):
         ``token_maps``: also return which tokens each gate kept (for pictures)."""
         if masks not in ("bool", "rle", None):
             raise ValueError(f"masks must be 'bool', 'rle' or None, not {masks!r}")
+        _check_image_list(images)
         if len(images) == 0:
             return []
         inputs, metas = self.preprocess(images)
@@ -264,6 +270,15 @@ class MaskRCNNDetector(nn.Module):
             mask_out = encode_masks(bool_masks)
         return Detections(boxes.float(), scores.float(), labels, names, mask_out, _kept(usage)[j].clone(),
                           int(usage.total[j]), meta)
+
+
+def _check_image_list(images) -> None:
+    """``predict`` / ``preprocess`` take a list: one image alone (a path string would be iterated
+    character by character) or None is refused with what to pass."""
+    if images is None:
+        raise ValueError("predict takes a list of images (file paths or RGB uint8 arrays [H, W, 3]), got None")
+    if isinstance(images, (str, os.PathLike, np.ndarray, Tensor)):
+        raise ValueError("predict takes a list of images: wrap one image in a list, predict([image])")
 
 
 def _now(device: torch.device) -> float:

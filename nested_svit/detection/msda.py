@@ -121,14 +121,16 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"feature rows {s} do not match level shapes {shapes}")
         m, lv, p = self.heads, self.levels, self.points
         value = self.value_proj(feat).view(b, s, m, -1)
-        offsets = self.sampling_offsets(query).view(b, q, m, lv, p, 2)
-        weights = self.attention_weights(query).view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = ref[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        # sampling positions and weights in fp32 whatever the module's dtype: a half-precision location
+        # is off by up to a pixel on a 200-cell map
+        offsets = self.sampling_offsets(query).float().view(b, q, m, lv, p, 2)
+        weights = self.attention_weights(query).float().view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
+        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+        locations = ref.float()[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         sampler = self.sampler
         if sampler == "auto":
             sampler = "bag" if query.device.type == "cpu" else "grid"
         fn = sample_bag if sampler == "bag" else sample_grid
         with record_function("msda.sample"):
-            sampled = fn(value, shapes, locations, weights)
+            sampled = fn(value.float(), shapes, locations, weights).to(value.dtype)
         return self.output_proj(sampled)

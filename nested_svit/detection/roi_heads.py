@@ -61,11 +61,12 @@ def roi_features(feats: list[Tensor], rois: Tensor, size: int) -> Tensor:
     out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], size, size)
     if rois.shape[0] == 0:
         return out
+    rois = rois.float()  # box coordinates stay fp32; half-precision maps are sampled in fp32
     lvls = map_roi_levels(rois, len(ROI_STRIDES))
     for i, (f, stride) in enumerate(zip(feats, ROI_STRIDES)):
         rows = (lvls == i).nonzero().view(-1)
         if rows.numel():
-            out[rows] = _roi_align(f, rois[rows], size, 1.0 / stride)
+            out[rows] = _roi_align(f.float(), rois[rows], size, 1.0 / stride).to(out.dtype)
     return out
 
 
@@ -95,9 +96,10 @@ class BBoxHead(nn.Module):
     def detections(self, boxes: Tensor, logits: Tensor, deltas: Tensor, img_shape: tuple[int, int],
                    scale_factor: Tensor, cfg: RCNNTestConfig) -> tuple[Tensor, Tensor, Tensor]:
         """One image's proposals ``[n, 4]`` (resized pixels) -> boxes in original pixels ``[m, 4]``,
-        scores ``[m]``, labels ``[m]`` (0..K-1), by descending score (mmdet ``get_bboxes`` with rescale)."""
-        scores = F.softmax(logits, dim=-1)
-        decoded = decode(boxes, deltas, BBOX_STDS, img_shape)
+        scores ``[m]``, labels ``[m]`` (0..K-1), by descending score (mmdet ``get_bboxes`` with rescale).
+        Box arithmetic and NMS in fp32 at any precision."""
+        scores = F.softmax(logits.float(), dim=-1)
+        decoded = decode(boxes.float(), deltas.float(), BBOX_STDS, img_shape)
         if decoded.shape[0]:
             decoded = (decoded.view(decoded.shape[0], -1, 4) / scale_factor.to(decoded)).view(decoded.shape[0], -1)
         k = scores.shape[1] - 1

@@ -54,9 +54,9 @@ class RPNHead(nn.Module):
                   img_shape: tuple[int, int], cfg: RPNTestConfig) -> Tensor:
         """One image: per-level ``[A, h, w]`` logits and ``[4A, h, w]`` deltas -> ``[n, 5]`` (box, score)."""
         lvl_scores, lvl_deltas, lvl_anchors, lvl_ids = [], [], [], []
-        for lvl, (s, d, a) in enumerate(zip(scores, deltas, anchors)):
-            s = s.permute(1, 2, 0).reshape(-1).sigmoid()
-            d = d.permute(1, 2, 0).reshape(-1, 4)
+        for lvl, (s, d, a) in enumerate(zip(scores, deltas, anchors)):  # box arithmetic in fp32 at any precision
+            s = s.permute(1, 2, 0).reshape(-1).float().sigmoid()
+            d = d.permute(1, 2, 0).reshape(-1, 4).float()
             if 0 < cfg.nms_pre < s.shape[0]:
                 s, order = s.sort(descending=True)
                 top = order[:cfg.nms_pre]

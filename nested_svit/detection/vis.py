@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..viz import colour_bar
 from .detector import Detections
 
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -30,12 +31,20 @@ def _usage_layer(det: Detections, height: int, width: int) -> np.ndarray | None:
     return counts[ys][:, xs]
 
 
+MIN_WIDTH = 360  # pictures of smaller images are upscaled (nearest) so captions and the legend fit
+
+
 def render(image: np.ndarray, det: Detections, score_thr: float = 0.3) -> Image.Image:
-    """RGB uint8 ``[H, W, 3]`` + detections -> PIL picture (one or two panels)."""
+    """RGB uint8 ``[H, W, 3]`` + detections -> PIL picture: the image with boxes and masks scoring at
+    least ``score_thr``, and (when the detections carry token maps) the image tinted by how many gated
+    blocks processed each token, with a colour bar; small images are upscaled (nearest) to fit the text."""
     from matplotlib import colormaps
 
-    h, w = image.shape[:2]
-    left = image.astype(np.float32).copy()
+    h0, w0 = image.shape[:2]
+    s = max(1, -(-MIN_WIDTH // w0))
+    big = np.repeat(np.repeat(image, s, 0), s, 1) if s > 1 else image
+    h, w = big.shape[:2]
+    left = big.astype(np.float32).copy()
     keep = (det.scores >= score_thr).nonzero().view(-1).tolist()
     masks = det.masks if isinstance(det.masks, torch.Tensor) else None
     if masks is None and isinstance(det.masks, list) and det.masks:
@@ -49,31 +58,30 @@ def render(image: np.ndarray, det: Detections, score_thr: float = 0.3) -> Image.
     for j, i in enumerate(keep):
         if masks is not None:
             m = masks[i].numpy()
+            if s > 1:
+                m = np.repeat(np.repeat(m, s, 0), s, 1)
             left[m] = 0.5 * left[m] + 0.5 * _PALETTE[j % len(_PALETTE)]
     panel = Image.fromarray(left.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(panel)
     for j, i in enumerate(keep):
         colour = tuple(int(c) for c in _PALETTE[j % len(_PALETTE)])
-        x1, y1, x2, y2 = det.boxes[i].tolist()
+        x1, y1, x2, y2 = (v * s for v in det.boxes[i].tolist())
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=max(1, round(min(h, w) / 300)))
         draw.text((x1 + 2, y1 + 1), f"{det.names[i]} {float(det.scores[i]):.2f}", fill=colour)
-    usage = _usage_layer(det, h, w)
-    if usage is None:
-        return panel
-    heat = colormaps["viridis"](usage)[..., :3] * 255
-    right = Image.fromarray((0.45 * image + 0.55 * heat).clip(0, 255).astype(np.uint8))
-    legend_h = 18
-    canvas = Image.new("RGB", (2 * w + 8, h + legend_h), (255, 255, 255))
+    usage = _usage_layer(det, h0, w0)
+    legend_h = 30
+    panels = 1 if usage is None else 2
+    canvas = Image.new("RGB", (panels * w + (panels - 1) * 8, h + legend_h), (255, 255, 255))
     canvas.paste(panel, (0, 0))
-    canvas.paste(right, (w + 8, 0))
     d = ImageDraw.Draw(canvas)
-    bar_w = min(w, 200)
-    for x in range(bar_w):
-        c = tuple(int(v * 255) for v in colormaps["viridis"](x / max(bar_w - 1, 1))[:3])
-        d.line([(w + 8 + x, h + 4), (w + 8 + x, h + legend_h - 4)], fill=c)
-    n = det.token_maps.shape[0]
-    d.text((w + 8 + bar_w + 6, h + 3), f"tokens processed by 0 .. {n} of {n} gated blocks", fill=(0, 0, 0))
-    d.text((2, h + 3), f"{len(keep)} detections >= {score_thr}", fill=(0, 0, 0))
+    d.text((2, h + 3), f"{len(keep)} of {len(det.scores)} detections scoring >= {score_thr:g}", fill=(0, 0, 0))
+    if usage is not None:
+        if s > 1:
+            usage = np.repeat(np.repeat(usage, s, 0), s, 1)
+        heat = colormaps["viridis"](usage)[..., :3] * 255
+        canvas.paste(Image.fromarray((0.45 * big + 0.55 * heat).clip(0, 255).astype(np.uint8)), (w + 8, 0))
+        n = det.token_maps.shape[0]
+        colour_bar(d, w + 8, h + 3, min(w // 2, 160), n, f"gated blocks (of {n})\nprocessing the token")
     return canvas
 
 
