@@ -55,8 +55,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def as_rgb_uint8(image: np.ndarray | Tensor) -> np.ndarray:
     """An image array or tensor -> contiguous RGB uint8 ``[H, W, 3]``, converted as image files are
     (``decode.decode_image``): ``[H, W, 3]`` or ``[3, H, W]``; grayscale ``[H, W]``, ``[H, W, 1]`` or
-    ``[1, H, W]`` replicated; RGBA's alpha dropped; floats in 0..1 scaled by 255 (larger floats taken as
-    0..255), 16-bit divided by 256. Anything else is a ``ValueError`` saying what to pass."""
+    ``[1, H, W]`` replicated; RGBA's alpha dropped; floats in 0..1 scaled by 255 (others refused: the
+    range is ambiguous), 16-bit divided by 256. Anything else is a ``ValueError`` saying what to pass."""
     if image is None:
         raise ValueError("image is None: pass a file path or an RGB uint8 array [H, W, 3]")
     if isinstance(image, Tensor):
@@ -74,8 +74,10 @@ def as_rgb_uint8(image: np.ndarray | Tensor) -> np.ndarray:
         raise ValueError(f"empty image of shape {image.shape}")
     if np.issubdtype(image.dtype, np.floating):
         arr = np.nan_to_num(image.astype(np.float32))
-        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
-        image = np.rint(arr * scale).clip(0, 255).astype(np.uint8)
+        if arr.size and (float(arr.max()) > 1.0 or float(arr.min()) < 0.0):
+            raise ValueError(f"float pixels outside 0..1 ({float(arr.min()):g}..{float(arr.max()):g}): pass uint8 "
+                             "0..255, or floats scaled to 0..1")
+        image = np.rint(arr * 255.0).astype(np.uint8)
     elif image.dtype == np.uint16:
         image = (image / 256).astype(np.uint8)
     elif image.dtype != np.uint8:
