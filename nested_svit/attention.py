@@ -12,6 +12,8 @@ same row layout, so ``layers.Attention`` never branches on how rows are grouped:
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .devices import is_cuda
 from .tokens import Layout, from_nested, pad, padding_mask, to_nested, unpad
 
 BACKENDS = ("loop", "padded", "nested", "varlen")
@@ -44,13 +47,14 @@ def dense_attention(qkv: Tensor, num_heads: int, key_bias: Tensor | None = None)
 
 # ---------------------------------------------------------------- variable-length backends
 def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Tensor | None = None) -> Tensor:
-    """Per-image SDPA on slices of the packed tensors. Few copies, one kernel per image."""
-    qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))  # [H, T, D] strided views
+    """Per-image SDPA on slices of the packed tensors. Few copies, one kernel per image; 4-D
+    ``[1, H, n, D]`` calls, which CUDA's fused kernels take (3-D ones fall back to the math kernel)."""
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D] strided views
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D] contiguous: reshapes to [T, C] free
     for s, n in zip(layout.starts, layout.lengths):
-        mask = None if key_bias is None else key_bias[s:s + n].to(q.dtype)[None, None, :]
-        out[s:s + n] = F.scaled_dot_product_attention(qh[:, s:s + n], kh[:, s:s + n], vh[:, s:s + n],
-                                                      attn_mask=mask).transpose(0, 1)
+        mask = None if key_bias is None else key_bias[s:s + n].to(q.dtype)[None, None, None, :]
+        out[s:s + n] = F.scaled_dot_product_attention(qh[:, :, s:s + n], kh[:, :, s:s + n], vh[:, :, s:s + n],
+                                                      attn_mask=mask)[0].transpose(0, 1)
     return out
 
 
@@ -66,10 +70,12 @@ def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: T
 
 
 def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
-    """Jagged nested tensors + SDPA. Jagged construction raises for inference tensors
-    ("Cannot set version_counter for inference tensor"), so under ``torch.inference_mode`` the
-    inputs are copied out of inference mode first."""
+    """Jagged nested tensors + SDPA. On CUDA the fused kernels read the strided ``[T, H, D]`` views of
+    the fused qkv as they are (no copy). Copies are made only where needed: NJT SDPA's CPU (math)
+    kernel wants each of q, k, v contiguous, and jagged construction raises for inference tensors
+    ("Cannot set version_counter for inference tensor"; run under ``torch.no_grad`` to avoid it)."""
     mode_guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    copy = q.is_inference() or not is_cuda(q.device)
     if q.is_inference():
         mode_guard = torch.inference_mode(False)
     # On CPU, NJT SDPA only has the math kernel; pinning it skips the fused-kernel probes, which in
@@ -78,19 +84,44 @@ def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     if q.device.type == "cpu":
         kernel_guard = sdpa_kernel(SDPBackend.MATH)
     with mode_guard, kernel_guard:
-        # NJT SDPA needs each of q, k, v contiguous as [T, H, D] (a copy out of the fused qkv);
-        # this copy also takes inference tensors out of inference mode.
-        q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+        if copy:
+            q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
         nts = [to_nested(t, layout).transpose(1, 2) for t in (q, k, v)]  # [B, H, j, D]
         return from_nested(F.scaled_dot_product_attention(*nts).transpose(1, 2))
 
 
-def _varlen_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
-    """CUDA flash-attention varlen kernel (fp16/bf16)."""
+VARLEN_KERNELS = ("auto", "flash")
+_varlen_kernel = os.environ.get("NESTED_SVIT_VARLEN_KERNEL", "auto")
+
+
+def set_varlen_kernel(name: str) -> None:
+    """``auto``: ``torch.nn.attention.varlen.varlen_attn``'s choice (cuDNN on Hopper/Blackwell when the
+    longest sequence exceeds 128 rows, flash otherwise); ``flash``: always flash (A/B tests, and a way
+    out of a cuDNN problem). Also ``NESTED_SVIT_VARLEN_KERNEL``."""
+    global _varlen_kernel
+    if name not in VARLEN_KERNELS:
+        raise ValueError(f"varlen kernel {name!r}; choose from {VARLEN_KERNELS}")
+    _varlen_kernel = name
+
+
+def varlen_kernel() -> str:
+    return _varlen_kernel
+
+
+def _varlen(q: Tensor, k: Tensor, v: Tensor, q_layout: Layout, k_layout: Layout) -> Tensor:
+    """The CUDA varlen kernel on ``[T, H, D]`` rows: int32 offsets on the device, host max lengths."""
+    cu_q, cu_k = q_layout.offsets.to(torch.int32), k_layout.offsets.to(torch.int32)
+    if _varlen_kernel == "flash":
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, q_layout.max_len, k_layout.max_len,
+                                                       0.0, False, False)[0]
     from torch.nn.attention.varlen import varlen_attn
 
-    cu = layout.offsets.to(torch.int32)
-    return varlen_attn(q, k, v, cu, cu, layout.max_len, layout.max_len)
+    return varlen_attn(q, k, v, cu_q, cu_k, q_layout.max_len, k_layout.max_len)
+
+
+def _varlen_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """CUDA varlen attention (flash or cuDNN; fp16/bf16)."""
+    return _varlen(q, k, v, layout, layout)
 
 
 _IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor, Layout], Tensor]] = {
@@ -106,7 +137,7 @@ def backend_available(name: str, device: torch.device | str, dtype: torch.dtype 
     if name == "cpu-auto":  # loop or padded, chosen per call from the shapes
         return device.type == "cpu"
     if name == "varlen":
-        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        if not is_cuda(device) or dtype not in (torch.float16, torch.bfloat16):
             return False
         try:
             from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -125,7 +156,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = 
         if not backend_available(name, device, dtype):
             raise ValueError(f"attention backend {name!r} is not available on {device} with {dtype}")
         return name
-    if torch.device(device).type == "cuda":
+    if is_cuda(device):
         return "varlen" if backend_available("varlen", device, dtype) else "nested"
     return "cpu-auto"
 
@@ -140,6 +171,20 @@ def pick_cpu_backend(layout: Layout, num_heads: int, head_dim: int) -> str:
     mean_len = layout.total / max(layout.batch_size, 1)
     small = num_heads * mean_len * mean_len * head_dim <= PADDED_MAX_WORK
     return "padded" if small and layout.batch_size >= PADDED_MIN_BATCH else "loop"
+
+
+_COUNTING = contextvars.ContextVar("nested_svit_counting_flops", default=False)
+
+
+@contextlib.contextmanager
+def countable():
+    """Run the kernels a FLOP counter can read: jagged and varlen attention as per-image SDPA (the same
+    arithmetic; ``torch.utils.flop_counter`` cannot count nested tensors or the varlen op)."""
+    token = _COUNTING.set(True)
+    try:
+        yield
+    finally:
+        _COUNTING.reset(token)
 
 
 KEY_BIAS_BACKENDS = ("loop", "padded", "cpu-auto")  # the others get a key bias through KeyBiasContext's widening
@@ -160,6 +205,8 @@ def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str =
     q, k, v = _split_heads(qkv, num_heads)
     if backend == "cpu-auto":
         backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
+    if _COUNTING.get() and backend in ("nested", "varlen"):
+        backend = "loop"
     if key_bias is not None:
         if backend not in KEY_BIAS_BACKENDS:
             raise ValueError(f"the {backend} backend takes no key bias (use KeyBiasContext)")
@@ -167,35 +214,34 @@ def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str =
     return _IMPLS[backend](q, k, v, layout).reshape(t, c3 // 3)
 
 
-def query_subset_attention(qkv: Tensor, num_heads: int, layout: Layout, query_keep: Tensor,
+def query_subset_attention(qkv: Tensor, num_heads: int, layout: Layout, query_keep: "Tensor | tuple[Tensor, Layout]",
                            backend: str = "loop") -> Tensor:
-    """Packed ``qkv [T, 3C]`` of ``layout``, ``query_keep [T]`` bool -> ``[T_q, C]``: the attention
-    output of the kept rows only, each against every row (key, value) of its image (ATS's query
-    subset: the other rows' outputs are never computed)."""
-    from .tokens import keep_counts
+    """Packed ``qkv [T, 3C]`` of ``layout`` and the kept query rows (``[T]`` bool, or their indices and
+    layout from ``tokens.kept_rows``, which a caller that knows the counts computes without a sync)
+    -> ``[T_q, C]``: the attention output of the kept rows only, each against every row (key, value) of
+    its image (ATS's query subset: the other rows' outputs are never computed)."""
+    from .tokens import kept_rows
 
     t, c3 = qkv.shape
     q, k, v = _split_heads(qkv, num_heads)
-    counts = keep_counts(query_keep, layout)
-    q_layout = Layout.from_lengths(counts.tolist(), qkv.device)
-    qs = q[query_keep]
+    q_index, q_layout = query_keep if isinstance(query_keep, tuple) else kept_rows(query_keep, layout)
+    qs = q.index_select(0, q_index)
     if backend == "cpu-auto":
         backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
+    if _COUNTING.get() and backend == "varlen":
+        backend = "loop"
     if backend == "padded":
         qp, kp, vp = pad(qs, q_layout).transpose(1, 2), pad(k, layout).transpose(1, 2), pad(v, layout).transpose(1, 2)
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=padding_mask(layout)[:, None, None, :])
         return unpad(out.transpose(1, 2), q_layout).reshape(-1, c3 // 3)
     if backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(qs, k, v, q_layout.offsets.to(torch.int32), layout.offsets.to(torch.int32),
-                           q_layout.max_len, layout.max_len).reshape(-1, c3 // 3)
+        return _varlen(qs, k, v, q_layout, layout).reshape(-1, c3 // 3)
     out = qs.new_empty(qs.shape)  # loop (and nested, whose jagged SDPA would need two layouts): per image
-    qh, kh, vh = qs.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (qs, k, v))  # 4-D [1, H, T, D], as CUDA's kernels take
     for sq, nq, s, n in zip(q_layout.starts, q_layout.lengths, layout.starts, layout.lengths):
         if nq:
-            out[sq:sq + nq] = F.scaled_dot_product_attention(qh[:, sq:sq + nq], kh[:, s:s + n],
-                                                             vh[:, s:s + n]).transpose(0, 1)
+            out[sq:sq + nq] = F.scaled_dot_product_attention(qh[:, :, sq:sq + nq], kh[:, :, s:s + n],
+                                                             vh[:, :, s:s + n])[0].transpose(0, 1)
     return out.reshape(-1, c3 // 3)
 
 
@@ -244,7 +290,7 @@ class DenseContext:
         return dense_attention(qkv, num_heads)
 
     def queries(self, qkv: Tensor, num_heads: int, query_keep: Tensor) -> Tensor:
-        """One image ``qkv [1, N, 3C]``, ``query_keep [N]`` -> ``[1, N_q, C]``."""
+        """One image ``qkv [1, N, 3C]``, ``query_keep [N]`` bool -> ``[1, N_q, C]``."""
         layout = Layout.uniform(1, qkv.shape[1], qkv.device)
         return query_subset_attention(qkv[0], num_heads, layout, query_keep)[None]
 
@@ -257,8 +303,8 @@ class VarlenContext:
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
         return varlen_attention(qkv, num_heads, self.layout, self.backend)
 
-    def queries(self, qkv: Tensor, num_heads: int, query_keep: Tensor) -> Tensor:
-        """Packed ``qkv [T, 3C]``, ``query_keep [T]`` -> ``[T_q, C]`` (``query_subset_attention``)."""
+    def queries(self, qkv: Tensor, num_heads: int, query_keep: "Tensor | tuple[Tensor, Layout]") -> Tensor:
+        """Packed ``qkv [T, 3C]`` and the kept query rows -> ``[T_q, C]`` (``query_subset_attention``)."""
         return query_subset_attention(qkv, num_heads, self.layout, query_keep, self.backend)
 
 

@@ -1,14 +1,14 @@
 """The three executions of one block on a feature map with a keep mask (DESIGN.md).
 
 Each takes the full feature map ``x`` (packed ``[T, C]``), the block, ``keep`` (``[T]``: bool, or
-float {0, 1} for ``masked``; ``None`` = every token) and ``counts`` (``[B]`` kept per image, or
-``None``) and returns the new feature map.
+float {0, 1} for ``masked``; ``None`` = every token) and ``lengths`` (the kept rows per image on the
+host, when the caller knows them: no device read then) and returns the new feature map.
 Tokens not kept keep their previous values (preserve), so any later gate may pick them again.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 from .attention import (DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext,
                         class_attention)
 from .layers import Block
-from .tokens import Layout, Packed, gather, keep_counts, scatter
+from .tokens import Layout, Packed, gather, kept_rows, scatter
 
 EXECUTIONS = ("packed", "masked", "reference")
 
@@ -32,6 +32,8 @@ class MethodRun(Protocol):
     def selects_queries(self, i: int) -> bool: ...
 
     def select_queries(self, i: int, record: "AttentionRecord") -> Tensor: ...
+
+    def host_counts(self, mask: Tensor) -> Sequence[int] | None: ...
 
     def key_bias(self, i: int) -> Tensor | None: ...
 
@@ -67,7 +69,7 @@ class AttentionRecord:
         return self.qkv[:, 2 * c:].float().norm(dim=-1)
 
 
-def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
+def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,
                method: MethodRun | None = None, index: int = -1) -> Packed:
     """Gather the active tokens of all images, run the block once on ``[T_active, C]`` with
     variable-length attention, scatter back. No compute on pruned tokens. With a pruning ``method``
@@ -75,24 +77,24 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, count
     two halves around it (``_run_split``); one that picks the block's queries from its ``qkv`` gets
     attention and MLP for those rows only (``_run_query_subset``)."""
     if method is not None and method.selects_queries(index):
-        return _run_query_subset(block, x, keep, counts, method, index, backend)
+        return _run_query_subset(block, x, keep, lengths, method, index, backend)
     if _splits(method, index):
-        return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
+        return _run_split(block, x, keep, lengths, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: block.attention_residual(a.values, ctx),
                           lambda a: block.mlp_residual(a.values, a.layout),
                           lambda layout: VarlenContext(layout, backend))
-    active = gather(x, keep, counts)
+    active = gather(x, keep, lengths)
     out = block(active.values, VarlenContext(active.layout, backend))
     return scatter(x, active.with_values(out), inplace=not torch.is_grad_enabled())
 
 
-def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
+def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,
                   method: MethodRun | None = None, index: int = -1) -> Packed:
     """Per-image loop: each image's kept tokens through the plain block as a batch of one."""
     if method is not None and method.selects_queries(index):
-        return _run_query_subset(block, x, keep, counts, method, index, None)
+        return _run_query_subset(block, x, keep, lengths, method, index, None)
     if _splits(method, index):
-        return _run_split(block, x, keep, counts, method, index,  # type: ignore[arg-type]
+        return _run_split(block, x, keep, lengths, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: _per_image(a, lambda seq: block.attention_residual(seq, ctx)),
                           lambda a: _per_image(a, block.mlp_residual),
                           lambda layout: _PerImageRecording(),
@@ -112,12 +114,12 @@ def _splits(method: MethodRun | None, index: int) -> bool:
                                    or method.selects_queries(index))
 
 
-def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: MethodRun,
-                      index: int, backend: str | None) -> Packed:
+def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[int] | None,
+                      method: MethodRun, index: int, backend: str | None) -> Packed:
     """ATS's block: ``qkv`` of the active rows, the method picks the query rows from it, attention and
     the MLP run for those rows only (keys and values: every active row). Packed (``backend``) or,
     with ``backend=None``, one image at a time (the reference). Other rows keep their values."""
-    active = gather(x, keep, counts)
+    active = gather(x, keep, lengths)
     rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
     if backend is None:
         per_image = [block.qkv_of(seq.unsqueeze(0))[0] for seq in active.unbind()]
@@ -135,12 +137,17 @@ def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, counts: Tens
                 h = block.attend(seq.unsqueeze(0), part.unsqueeze(0), DenseContext(), q_keep)
                 outs.append(block.mlp_residual(h)[0])
         out = torch.cat(outs, 0) if outs else x.values[:0]
-    else:
-        h = block.attend(active.values, qkv, VarlenContext(active.layout, backend), query_keep)
-        q_layout = Layout.from_lengths(keep_counts(query_keep, active.layout).tolist(), x.values.device)
+        y = x.values.clone() if torch.is_grad_enabled() else x.values
+        y[rows[query_keep]] = out
+    else:  # one read of the picked counts (ATS's are data-dependent) sizes everything after it
+        known = method.host_counts(chosen)
+        q_index, q_layout = kept_rows(query_keep, active.layout, known)
+        if known is None:
+            method.record_counts(chosen, list(q_layout.lengths))
+        h = block.attend(active.values, qkv, VarlenContext(active.layout, backend), (q_index, q_layout))
         out = block.mlp_residual(h, q_layout)
-    y = x.values.clone() if torch.is_grad_enabled() else x.values
-    y[rows[query_keep]] = out
+        y = x.values.clone() if torch.is_grad_enabled() else x.values
+        y[rows.index_select(0, q_index)] = out
     method.after_block(index, record)
     return Packed(y, x.layout)
 
@@ -173,12 +180,12 @@ class _PerImageRecording:
         return torch.cat(self.parts, 0)
 
 
-def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | None, method: MethodRun, index: int,
-               attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object],
+def _run_split(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[int] | None, method: MethodRun,
+               index: int, attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object],
                per_image: bool = False) -> Packed:
     """Attention half on the active rows, the method's record / selection, MLP half on the rows it
     keeps. Rows dropped between the halves keep their post-attention value in the map."""
-    active = gather(x, keep, counts)
+    active = gather(x, keep, lengths)
     rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
     ctx = context(active.layout)
     bias = method.key_bias(index)
@@ -205,14 +212,14 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, counts: Tensor | No
         else:
             y[rows] = out
     else:
-        sub = gather(Packed(y, x.layout), mlp_keep)
+        sub = gather(Packed(y, x.layout), mlp_keep, method.host_counts(mlp_keep))
         if sub.values.shape[0]:
             y[sub.index] = mlp(sub)
     method.after_block(index, record)
     return Packed(y, x.layout)
 
 
-def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, counts: Tensor | None = None,
+def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,
                method: MethodRun | None = None, index: int = -1) -> Packed:
     """Training path (Eq. 1): dense ``[B, N, C]``; pruned keys masked out of every softmax;
     output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``). Images of different token

@@ -123,21 +123,21 @@ class Block(nn.Module):
         """``qkv(norm1(x))``: ``[..., 3C]``, what a method may read before the attention runs."""
         return self.attn.qkv(self.norm1(x))
 
-    def attend(self, x: Tensor, qkv: Tensor, context: AttentionContext, query_keep: Tensor | None = None) -> Tensor:
-        """``x + proj(attention)`` for every row of ``x``, or with ``query_keep`` (bool over the rows,
-        ``[..., N]``) for those rows only: each kept row's query against every row's key and value
-        (ATS); -> the kept rows ``[..., N_q, C]``."""
+    def attend(self, x: Tensor, qkv: Tensor, context: AttentionContext,
+               queries: "Tensor | tuple[Tensor, Layout] | None" = None) -> Tensor:
+        """``x + proj(attention)`` for every row of ``x``, or with ``queries`` for those rows only: each
+        kept row's query against every row's key and value (ATS); -> the kept rows ``[..., N_q, C]``.
+        ``queries``: a bool mask over the rows (``[N]``, one dense image), or for packed rows the kept
+        row indices and their layout (``tokens.kept_rows``)."""
         heads = self.attn.num_heads
-        if query_keep is None:
+        if queries is None:
             out = self.attn.proj(context(qkv, heads))
             return x + drop_path(out, self.drop_path, self.training, _layout_of(context))
-        out = self.attn.proj(context.queries(qkv, heads, query_keep))
-        layout = _layout_of(context)
-        if layout is not None and self.training and self.drop_path > 0:
-            from .tokens import keep_counts
-
-            layout = Layout.from_lengths(keep_counts(query_keep, layout).tolist(), x.device)
-        return x[..., query_keep, :] + drop_path(out, self.drop_path, self.training, layout)
+        out = self.attn.proj(context.queries(qkv, heads, queries))
+        if isinstance(queries, tuple):
+            index, q_layout = queries
+            return x.index_select(0, index) + drop_path(out, self.drop_path, self.training, q_layout)
+        return x[..., queries, :] + drop_path(out, self.drop_path, self.training)
 
     def mlp_residual(self, x: Tensor, layout: "Layout | None" = None) -> Tensor:
         """``x + mlp(norm2(x))``. Inference on CPU runs it over row chunks whose hidden activations

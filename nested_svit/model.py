@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .config import ViTConfig
 from .stack import Images, RunFactory, TokenStack, TokenUsage  # noqa: F401 (TokenUsage re-exported)
-from .tokens import Layout, Packed
+from .tokens import Layout, Packed, true_rows
 
 
 class SparseViT(TokenStack):
@@ -42,8 +42,9 @@ class SparseViT(TokenStack):
         block_pass = self.begin(x, run)
         x = block_pass.readout(block_pass.run(x, 0, self.config.depth))
         if self.slots:  # virtual rows (EViT's fused tokens) are not part of the output map
-            real = ~block_pass.slot_mask
-            x = Packed(x.values[real], Layout.from_lengths(block_pass.lengths.tolist(), x.values.device))
+            real = true_rows(~block_pass.slot_mask, int(block_pass.lengths.sum()))
+            x = Packed(x.values[real], Layout.from_counts(x.layout.offsets.diff() - self.slots,
+                                                          block_pass.lengths.tolist()))
         return x, block_pass.usage()
 
     def forward_features(self, images: Images) -> tuple[Tensor | Packed, TokenUsage]:

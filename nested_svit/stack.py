@@ -205,8 +205,8 @@ class BlockPass:
         self.slot_mask = torch.zeros_like(self.protect)
         self.slot_mask[self.slot_rows.reshape(-1)] = True
         lengths = torch.tensor(self.layout.lengths, dtype=torch.int64)
-        self.lengths = lengths - stack.slots  # real tokens per image
-        self.patches = (self.lengths - int(stack.cls_token is not None)).to(device)
+        self.lengths = lengths - stack.slots  # real tokens per image (host)
+        self.patches = self.layout.offsets.diff() - stack.slots - int(stack.cls_token is not None)  # on the device
         self.kept_cols: list[Tensor] = []
         self.mlp_cols: list[Tensor] = []
         self.method: MethodRun = (run or stack.method.run)(self)  # the method's state for this forward
@@ -218,14 +218,24 @@ class BlockPass:
             raise ValueError(f"blocks must run in order: expected block {self.next_block}, got {start}")
         for i in range(start, stop):
             keep = self.method.before_block(i, x)
-            counts = None if keep is None else keep_counts(keep, self.layout)
-            self.kept_cols.append(self.lengths if counts is None else counts.cpu())
-            x = self.runner(self.stack.blocks[i], x, keep, self.backend, counts, self.method, i)
+            lengths = None if keep is None else self._host_counts(keep)
+            self.kept_cols.append(self.lengths if keep is None else torch.tensor(lengths, dtype=torch.int64))
+            x = self.runner(self.stack.blocks[i], x, keep, self.backend, lengths, self.method, i)
             selects = self.method.has_mid_selection(i) or self.method.selects_queries(i)
             mlp_rows = self.method.active if selects else None
-            self.mlp_cols.append(self.kept_cols[-1] if mlp_rows is None else keep_counts(mlp_rows, self.layout).cpu())
+            self.mlp_cols.append(self.kept_cols[-1] if mlp_rows is None else
+                                 torch.tensor(self._host_counts(mlp_rows), dtype=torch.int64))
         self.next_block = stop
         return x
+
+    def _host_counts(self, keep: Tensor) -> list[int]:
+        """Rows of each image ``keep`` selects, on the host: from the method when it knows them (fixed
+        counts), else read from the device (the selection's one sync), and then told to the method."""
+        lengths = self.method.host_counts(keep)
+        if lengths is None:
+            lengths = keep_counts(keep, self.layout).tolist()
+            self.method.record_counts(keep, lengths)
+        return list(lengths)
 
     def readout(self, x: Packed) -> Packed:
         """The map a head or neck reads: with ``remove_pruned`` the rows not active at the end are zero

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +35,16 @@ class Layout:
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         if lengths:
             offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-        return Layout(offsets.to(device), lengths)
+        # pageable host memory: the copy is staged at once and does not wait for the device
+        return Layout(offsets.to(device, non_blocking=True), lengths)
+
+    @staticmethod
+    def from_counts(counts: Tensor, lengths: Sequence[int]) -> "Layout":
+        """``counts [B]`` on the device and the same numbers on the host: offsets are computed on the
+        device (no host-to-device copy, no sync)."""
+        offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=counts.device)
+        offsets[1:] = counts.cumsum(0)
+        return Layout(offsets, tuple(int(n) for n in lengths))
 
     @staticmethod
     def uniform(batch: int, length: int, device: torch.device | str = "cpu") -> "Layout":
@@ -66,10 +76,9 @@ class Layout:
 
     @cached_property
     def image_index(self) -> Tensor:
-        """``[T]`` int64: which image each packed row belongs to."""
-        counts = torch.tensor(self.lengths, dtype=torch.int64, device=self.offsets.device)
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.offsets.device), counts,
-                                       output_size=self.total)
+        """``[T]`` int64: which image each packed row belongs to (from the device offsets: no copy, no sync)."""
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.offsets.device),
+                                       self.offsets.diff(), output_size=self.total)
 
     @cached_property
     def first_rows(self) -> Tensor:
@@ -125,20 +134,30 @@ def keep_counts(keep: Tensor, layout: Layout) -> Tensor:
     return counts.index_add_(0, layout.image_index, keep.to(torch.int64))
 
 
-def gather(x: Packed, keep: Tensor | None, counts: Tensor | None = None) -> Packed:
-    """Active tokens of every image: ``keep [T]`` bool over ``x``'s rows -> ``Packed`` with ``index``.
+def true_rows(mask: Tensor, count: int) -> Tensor:
+    """The indices of ``mask``'s True entries, in order, when their ``count`` is known on the host (a
+    fixed count): ``mask.nonzero()`` without its device sync."""
+    return torch.nonzero_static(mask.reshape(-1), size=count).squeeze(1)
 
-    Image order and token order within an image are preserved. ``counts``: the ``[B]`` kept counts
-    if the caller has them already (``keep_counts``). One host sync (the kept counts).
-    """
+
+def kept_rows(keep: Tensor, layout: Layout, lengths: Sequence[int] | None = None) -> tuple[Tensor, Layout]:
+    """``keep [T]`` bool over ``layout``'s rows -> (``[T_kept]`` row indices in order, the kept rows'
+    layout). ``lengths``: the kept count of every image when the caller knows it on the host (a method
+    with fixed counts); else they are read from the device: the one host sync of a selection."""
+    counts = keep_counts(keep, layout)
+    lengths = counts.tolist() if lengths is None else lengths
+    index = torch.nonzero_static(keep, size=sum(lengths)).squeeze(1)  # the size is known: no sync
+    return index, Layout.from_counts(counts, lengths)
+
+
+def gather(x: Packed, keep: Tensor | None, lengths: Sequence[int] | None = None) -> Packed:
+    """Active tokens of every image: ``keep [T]`` bool over ``x``'s rows -> ``Packed`` with ``index``.
+    Image order and token order within an image are preserved. ``lengths``: the kept count per image
+    on the host, when known (``kept_rows``); else one host sync reads them."""
     if keep is None:
         return Packed(x.values, x.layout, None)
-    counts = keep_counts(keep, x.layout) if counts is None else counts
-    lengths = counts.tolist()
-    index = keep.nonzero().squeeze(1)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=keep.device)
-    offsets[1:] = counts.cumsum(0)
-    return Packed(x.values.index_select(0, index), Layout(offsets, tuple(lengths)), index)
+    index, layout = kept_rows(keep, x.layout, lengths)
+    return Packed(x.values.index_select(0, index), layout, index)
 
 
 def scatter(x: Packed, active: Packed, inplace: bool = False) -> Packed:
@@ -163,12 +182,16 @@ def from_nested(nt: Tensor) -> Tensor:
     return nt.values()
 
 
+def positions(layout: Layout) -> Tensor:
+    """``[T]`` int64: each packed row's position within its image."""
+    return torch.arange(layout.total, device=layout.offsets.device) - layout.offsets[layout.image_index]
+
+
 def pad(values: Tensor, layout: Layout, fill: float = 0.0) -> Tensor:
     """Packed ``[T, ...]`` -> padded ``[B, max_len, ...]``."""
     b, m = layout.batch_size, layout.max_len
     out = values.new_full((b, m) + tuple(values.shape[1:]), fill)
-    rows = torch.arange(values.shape[0], device=values.device) - layout.offsets[layout.image_index]
-    out[layout.image_index, rows] = values
+    out[layout.image_index, positions(layout)] = values
     return out
 
 
@@ -179,5 +202,5 @@ def padding_mask(layout: Layout) -> Tensor:
 
 
 def unpad(padded: Tensor, layout: Layout) -> Tensor:
-    """Padded ``[B, max_len, ...]`` -> packed ``[T, ...]``."""
-    return padded[padding_mask(layout)]
+    """Padded ``[B, max_len, ...]`` -> packed ``[T, ...]`` (integer indexing: no device sync)."""
+    return padded[layout.image_index, positions(layout)]

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "nested_svit"
 
 # bottom to top; a module may import from its own package or from a lower layer, never from a peer or above
 LAYERS = [
-    {"io", "tokens", "config", "seeding", "distributed", "viz", "assets", "version"},
+    {"io", "tokens", "config", "seeding", "distributed", "devices", "viz", "assets", "version"},
     {"data"},
     {"attention"},
     {"layers"},

@@ -23,6 +23,7 @@ from ..config import Pruning
 from ..data.decode import decode_rgb_array
 from ..data.records import resolve_records
 from ..detection.detector import MaskRCNNDetector
+from ..devices import synchronize
 from ..detection.registry import create_detector, dense_detector
 from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
 from .flop_count import count_flops
@@ -110,7 +111,7 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None]
         return out
 
     stats = {}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
         for n, m in models.items():  # FLOPs, usage, detections: once per model (batch-invariant)
             whole = count_flops(lambda: call(m, "whole", len(inputs)))
             backbone = count_flops(lambda: call(m, "backbone", len(inputs)))
@@ -131,8 +132,7 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None]
                     report(f"batch {bs}: round {i + 1}/{cfg.rounds} {r[0]} {r[1]}")
                     t0 = time.perf_counter()
                     call(models[r[0]], r[1], bs)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    synchronize(device)
                     times[r].append((time.perf_counter() - t0) / len(inputs))
             for n, part in runners:
                 per_image = statistics.median(times[(n, part)])

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from ..attention import countable
+
 _REGISTERED = False
 
 
@@ -25,8 +27,9 @@ def _register() -> None:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs (2 per multiply-add) of ``fn()``."""
+    """FLOPs (2 per multiply-add) of ``fn()``, with any attention backend (jagged and varlen attention
+    are counted as the per-image SDPA they compute: ``attention.countable``)."""
     _register()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, countable():
         fn()
     return int(counter.get_total_flops())

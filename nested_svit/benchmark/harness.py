@@ -168,7 +168,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     pool = _image_pool(cfg, max(cfg.batch_sizes))
     runners = _build_runners(cfg, pool, device, dtype)
     rows = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
         for bs in cfg.batch_sizes:
             images = pool[:bs].to(device, dtype)
             fastest = float("inf")

@@ -31,7 +31,9 @@ class ImageMeta:
     scale_factor: tuple[float, float, float, float]
 
     def scale_tensor(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.tensor(self.scale_factor, dtype=torch.float32, device=device)
+        from ..devices import constant
+
+        return constant(self.scale_factor, torch.float32, device)
 
 
 def rescale_size(width: int, height: int, img_scale: tuple[int, int]) -> tuple[int, int]:

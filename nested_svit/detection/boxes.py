@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
+from ..devices import constant
+
 MAX_RATIO = abs(math.log(16 / 1000))  # mmdet wh_ratio_clip = 16/1000
 MMCV_NMS_SPLIT = 10000  # mmcv batched_nms: offset trick below this many boxes, per-class loop above
 BBOX_STDS = (0.1, 0.1, 0.2, 0.2)  # the RoI box coder's target stds (the RPN's are 1)
@@ -32,7 +34,7 @@ def grid_anchors(base: Tensor, feat_size: tuple[int, int], stride: int, device: 
     xx = shift_x.repeat(h)
     yy = shift_y.view(-1, 1).repeat(1, w).view(-1)
     shifts = torch.stack([xx, yy, xx, yy], -1)
-    return (base.to(device)[None] + shifts[:, None]).view(-1, 4)
+    return (constant(base.tolist(), torch.float32, device)[None] + shifts[:, None]).view(-1, 4)
 
 
 def decode(rois: Tensor, deltas: Tensor, stds: tuple[float, ...], max_shape: tuple[int, int]) -> Tensor:
@@ -41,7 +43,7 @@ def decode(rois: Tensor, deltas: Tensor, stds: tuple[float, ...], max_shape: tup
     if n == 0:
         return deltas
     k = deltas.shape[1] // 4
-    d = deltas.reshape(-1, 4) * deltas.new_tensor(stds).view(1, 4)
+    d = deltas.reshape(-1, 4) * constant(stds, deltas.dtype, deltas.device).view(1, 4)
     r = rois.repeat(1, k).reshape(-1, 4)
     pxy = (r[:, :2] + r[:, 2:]) * 0.5
     pwh = r[:, 2:] - r[:, :2]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from ..data.det_transforms import ImageMeta, preprocess, read_image
+from ..devices import synchronize
 from ..stack import TokenUsage
 from .adapter import SizeGroup, ViTAdapter, size_groups
 from .classes import COCO_CLASSES
@@ -203,7 +204,7 @@ class MaskRCNNDetector(nn.Module):
         return losses, usage
 
     # ------------------------------------------------------------------ library call
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], masks: str | None = "bool", token_maps: bool = False) -> list[Detections]:
         """Images (RGB uint8 ``[H, W, 3]`` arrays or tensors, or file paths) -> one ``Detections`` per
         image, in input order. ``masks``: ``"bool"`` (``[n, H, W]``), ``"rle"`` (COCO RLE dicts) or None.
@@ -216,7 +217,7 @@ class MaskRCNNDetector(nn.Module):
         inputs, metas = self.preprocess(images)
         return self.predict_preprocessed(inputs, metas, masks, token_maps=token_maps)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict_preprocessed(self, inputs: list[Tensor], metas: list[ImageMeta], masks: str | None = "bool",
                              backbone_only: bool = False, timer: dict | None = None,
                              token_maps: bool = False) -> list[Detections]:
@@ -285,8 +286,7 @@ def _now(device: torch.device) -> float:
     """Wall clock after the device has finished its queued work."""
     import time
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter()
 
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
+from ..devices import constant
+
 Shapes = list[tuple[int, int]]
 
 
@@ -125,7 +127,7 @@ class MSDeformAttn(nn.Module):
         # is off by up to a pixel on a 200-cell map
         offsets = self.sampling_offsets(query).float().view(b, q, m, lv, p, 2)
         weights = self.attention_weights(query).float().view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+        normalizer = constant([[w, h] for h, w in shapes], torch.float32, query.device)
         locations = ref.float()[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         sampler = self.sampler
         if sampler == "auto":

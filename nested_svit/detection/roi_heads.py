@@ -63,10 +63,15 @@ def roi_features(feats: list[Tensor], rois: Tensor, size: int) -> Tensor:
         return out
     rois = rois.float()  # box coordinates stay fp32; half-precision maps are sampled in fp32
     lvls = map_roi_levels(rois, len(ROI_STRIDES))
-    for i, (f, stride) in enumerate(zip(feats, ROI_STRIDES)):
-        rows = (lvls == i).nonzero().view(-1)
-        if rows.numel():
+    per_level = torch.zeros(len(ROI_STRIDES), dtype=torch.int64, device=rois.device).index_add_(
+        0, lvls, torch.ones_like(lvls)).tolist()  # one read sizes every level (no per-level nonzero)
+    order = torch.argsort(lvls, stable=True)
+    start = 0
+    for i, (f, stride, n) in enumerate(zip(feats, ROI_STRIDES, per_level)):
+        if n:
+            rows = order[start:start + n]
             out[rows] = _roi_align(f.float(), rois[rows], size, 1.0 / stride).to(out.dtype)
+            start += n
     return out
 
 
@@ -175,8 +180,9 @@ def paste_masks(probs: Tensor, boxes: Tensor, height: int, width: int, threshold
     n = probs.shape[0]
     out = torch.zeros(n, height, width, dtype=torch.bool, device=probs.device)
     cells = probs.shape[-1]
+    host_boxes = boxes.tolist()  # one read for every window (not one per detection)
     for i in range(n):
-        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        x0, y0, x1, y1 = host_boxes[i]
         mx, my = (x1 - x0) / (2 * cells) + 1, (y1 - y0) / (2 * cells) + 1
         xa, xb = max(int(x0 - mx), 0), min(int(x1 + mx) + 2, width)
         ya, yb = max(int(y0 - my), 0), min(int(y1 + my) + 2, height)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import ImageRecordDataset, collate_records
 from ..io import atomic_write, atomic_write_text
 from ..model import SparseViT
+from ..devices import is_real_cuda
 from ..distributed import DistInfo
 
 
@@ -114,12 +115,12 @@ def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None
     job.parts_dir.mkdir(parents=True, exist_ok=True)
     todo = pending_batches(job)
     loader = DataLoader(job.dataset, batch_sampler=todo, num_workers=job.workers, collate_fn=collate_records,
-                        persistent_workers=False, pin_memory=job.device.type == "cuda")
+                        persistent_workers=False, pin_memory=is_real_cuda(job.device))
     model = job.model.eval()
     dtype = model.dtype
     state = Progress(0, 0, 0, 0.0)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
         for batch in loader:
             logits = kept = None
             if batch["images"] is not None:

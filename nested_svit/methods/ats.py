@@ -18,20 +18,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..tokens import Layout, pad, padding_mask
+from ..tokens import Layout, pad, padding_mask, true_rows, unpad
 from ..execution import AttentionRecord
 from .base import Method
 from .selection import SubsetRun, class_row_flops
 
 
-def inverse_transform_picks(sorted_cdf: Tensor, valid: Tensor, samples: Tensor) -> Tensor:
+def inverse_transform_picks(sorted_cdf: Tensor, valid: Tensor, samples: Tensor, kmax: int | None = None) -> Tensor:
     """``sorted_cdf [B, N]`` rescaled cumulative scores (ascending; invalid pads at the end set above
-    1), ``valid [B, N]``, ``samples [B]`` number of points ``K`` -> ``[B, N]`` bool: positions picked
-    by the nearest (first on ties) of the ``K`` points ``y0 + k (1 - y0) / (K - 1)``."""
+    1), ``valid [B, N]``, ``samples [B]`` number of points ``K`` (``kmax``: their maximum, when the
+    caller knows it on the host) -> ``[B, N]`` bool: positions picked by the nearest (first on ties) of
+    the ``K`` points ``y0 + k (1 - y0) / (K - 1)``."""
     b, n = sorted_cdf.shape
     positive = torch.where(valid & (sorted_cdf > 0), sorted_cdf, torch.full_like(sorted_cdf, float("inf")))
     y0 = positive.min(1).values.clamp_max(1.0)  # [B]
-    kmax = int(samples.max()) if samples.numel() else 0
+    if kmax is None:
+        kmax = int(samples.max()) if samples.numel() else 0
     k = torch.arange(kmax, device=sorted_cdf.device, dtype=sorted_cdf.dtype)
     steps = (samples - 1).clamp_min(1).to(sorted_cdf.dtype)
     y = y0[:, None] + k[None, :] * ((1 - y0) / steps)[:, None]  # [B, K]
@@ -57,10 +59,11 @@ class ATSRun(SubsetRun):
         bp, layout = self.block_pass, record.layout
         first = torch.zeros(layout.total, dtype=torch.bool, device=record.rows.device)
         first[layout.first_rows] = True
+        cand = true_rows(~first, layout.total - layout.batch_size)  # the image's other active tokens
         score = record.class_probs().sum(-1) * record.value_norms()  # [Ta] float32
-        cand_layout = Layout.from_lengths([n - 1 for n in layout.lengths], score.device)
-        valid = padding_mask(cand_layout)  # [B, Nmax] candidates (the image's other active tokens)
-        s = pad(score[~first][:, None], cand_layout)[..., 0]
+        cand_layout = Layout.from_counts(layout.offsets.diff() - 1, [n - 1 for n in layout.lengths])
+        valid = padding_mask(cand_layout)  # [B, Nmax]
+        s = pad(score[cand][:, None], cand_layout)[..., 0]
         s = s / s.sum(1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
         s_sorted, order = torch.sort(torch.where(valid, s, torch.full_like(s, float("inf"))), dim=1, stable=True)
         valid_sorted = valid.gather(1, order)
@@ -71,13 +74,14 @@ class ATSRun(SubsetRun):
         degenerate = ~(span > 0)  # one candidate, or nothing to tell apart: keep every candidate
         norm_cdf = (cdf - lo) / torch.where(degenerate, torch.ones_like(span), span)
         norm_cdf = torch.where(valid_sorted, norm_cdf, torch.full_like(norm_cdf, 2.0))
-        picked_sorted = inverse_transform_picks(norm_cdf, valid_sorted, bp.patches.to(cdf.device))
+        picked_sorted = inverse_transform_picks(norm_cdf, valid_sorted, bp.patches.to(cdf.device),
+                                                max(self.base_patches(), default=0))
         picked_sorted |= degenerate & valid_sorted
         picked = torch.zeros_like(picked_sorted).scatter_(1, order, picked_sorted)
         keep = torch.zeros_like(self.active)
-        keep[record.rows[first]] = True
-        keep[record.rows[~first][picked[valid]]] = True
-        return self.chose(keep, self.rows_mask(record.rows[~first]))
+        keep[record.rows[layout.first_rows]] = True
+        keep[record.rows[cand]] = unpad(picked[..., None], cand_layout)[:, 0]  # integer rows: no device sync
+        return self.chose(keep, self.rows_mask(record.rows[cand]))
 
 
 METHOD = Method(

@@ -35,14 +35,14 @@ from ..execution import AttentionRecord
 from ..tokens import Packed
 
 
-def segment_rank(scores: Tensor, image: Tensor, descending: bool = True) -> Tensor:
-    """``[R]`` rank (0 = best) of each score within its image (``image [R]`` sorted ascending, as
-    packed rows are). Ties keep row order."""
+def segment_rank(scores: Tensor, image: Tensor, num_images: int, descending: bool = True) -> Tensor:
+    """``[R]`` rank (0 = best) of each score within its image (``image [R]`` in ``0..num_images-1``,
+    sorted ascending, as packed rows are). Ties keep row order. No device sync."""
     order = torch.sort(scores, descending=descending, stable=True).indices
     if order.numel() == 0:
         return order
     order = order[torch.sort(image[order], stable=True).indices]  # group by image, score order inside
-    counts = torch.bincount(image)
+    counts = torch.zeros(num_images, dtype=torch.int64, device=image.device).index_add_(0, image, torch.ones_like(image))
     offsets = torch.cumsum(counts, 0) - counts
     start = offsets[image[order]]
     rank = torch.empty_like(order)
@@ -96,6 +96,14 @@ class MethodRun:
     def readout_mask(self) -> Tensor | None:
         """``[T]`` bool rows active at the end (None: all)."""
         return None
+
+    def host_counts(self, mask: Tensor) -> list[int] | None:
+        """The rows of each image ``mask`` (one this run returned) selects, when the method knows them
+        on the host without reading the device (fixed counts); None: they are read once."""
+        return None
+
+    def record_counts(self, mask: Tensor, lengths: list[int]) -> None:
+        """Told the counts that were read for ``mask``, so they are not read again."""
 
 
 @dataclass(frozen=True)

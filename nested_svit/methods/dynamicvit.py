@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import ViTConfig
 from ..tokens import Packed
 from .base import Method
-from .selection import SubsetRun, keep_count
+from .selection import SubsetRun, host_keep_count, keep_count
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class PredictorLG(nn.Module):
         h = self.in_conv(values)
         half = h.shape[-1] // 2
         sums = h.new_zeros(num_images, half).index_add_(0, image, h[:, half:])
-        counts = torch.bincount(image, minlength=num_images).clamp_min(1).to(h.dtype)
+        counts = torch.zeros(num_images, device=h.device, dtype=h.dtype).index_add_(
+            0, image, torch.ones_like(image, dtype=h.dtype)).clamp_min(1)
         mean = sums / counts[:, None]
         return self.out_conv(torch.cat([h[:, :half], mean[image]], -1))[:, 0]
 
@@ -54,11 +55,16 @@ class DynamicViTRun(SubsetRun):
             return super().before_block(i, x)
         bp = self.block_pass
         candidates = self.active & ~bp.protect
-        rows = candidates.nonzero().squeeze(1)
+        known = None if self.active_lengths is None else sum(self.active_lengths) - self.cls * len(self.active_lengths)
+        rows = self.candidate_rows(candidates, known)
         image = bp.layout.image_index[rows]
         scores = bp.stack.gates[s].keep_log_prob(x.values[rows], image, bp.layout.batch_size)
         k = keep_count(bp.patches, self.config.keep_targets[s], "floor")
-        return self.chose(self.top_k(scores.float(), rows, image, k) | (self.active & bp.protect), candidates)
+        lengths = None
+        if self.active_lengths is not None:  # fixed counts: known on the host
+            k_host = host_keep_count(self.base_patches(), self.config.keep_targets[s], "floor")
+            lengths = [min(k, n - self.cls) + self.cls for k, n in zip(k_host, self.active_lengths)]
+        return self.chose(self.top_k(scores.float(), rows, image, k) | (self.active & bp.protect), candidates, lengths)
 
 
 def predictor_flops(config: ViTConfig, options: DynamicViTOptions, kept: Tensor, total: Tensor) -> Tensor:

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from ..config import ViTConfig
+from ..tokens import true_rows
 from ..execution import AttentionRecord
 from .base import Method
-from .selection import SubsetRun, class_row_flops, keep_count
+from .selection import SubsetRun, class_row_flops, host_keep_count, keep_count
 
 
 @dataclass(frozen=True)
@@ -39,24 +40,27 @@ class EViTRun(SubsetRun):
         image = layout.image_index
         first = torch.zeros_like(image, dtype=torch.bool)
         first[layout.first_rows] = True
-        cand = ~first
+        cand = true_rows(~first, layout.total - layout.batch_size)  # positions in the record (host count)
         rows, cimage, score = record.rows[cand], image[cand], attn[cand]
-        n = torch.tensor(layout.lengths, dtype=torch.int64, device=rows.device)
-        k = keep_count(n - 1, self.config.keep_targets[s], "ceil")
+        n = layout.offsets.diff()
+        rate = self.config.keep_targets[s]
+        k = keep_count(n - 1, rate, "ceil")
+        k_host = host_keep_count([m - 1 for m in layout.lengths], rate, "ceil")  # fixed counts: no device read
+        lengths = [min(kh, m - 1) + 1 + int(self.options.fuse_token) for kh, m in zip(k_host, layout.lengths)]
         keep = self.top_k(score, rows, cimage, k)
-        keep[record.rows[first]] = True
-        dropped = rows[~keep[rows]]
+        keep[record.rows[layout.first_rows]] = True
+        drop = true_rows(~keep[rows], sum(m - 1 - min(kh, m - 1) for kh, m in zip(k_host, layout.lengths)))
+        dropped = rows[drop]
         if self.options.fuse_token:
-            weights = score[~keep[rows]].to(y.dtype)
+            weights = score[drop].to(y.dtype)
             fused = y.new_zeros(layout.batch_size, y.shape[-1]).index_add_(
-                0, cimage[~keep[rows]], weights[:, None] * y[dropped])
+                0, cimage[drop], weights[:, None] * y[dropped])
             slot = bp.slot_rows[:, s]
             y[slot] = fused
             keep[slot] = True
-        if self.options.preserve == "input":
-            lost = ~keep[record.rows]
-            y[record.rows[lost]] = before[lost]
-        return self.chose(keep, self.rows_mask(rows))
+        if self.options.preserve == "input":  # the dropped rows get their value from before the block back
+            y[dropped] = before[cand[drop]]
+        return self.chose(keep, self.rows_mask(rows), lengths)
 
 
 def _validate(config: ViTConfig, options: EViTOptions) -> None:

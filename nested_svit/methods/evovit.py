@@ -19,7 +19,7 @@ from ..config import ViTConfig
 from ..tokens import Packed
 from ..execution import AttentionRecord
 from .base import Method
-from .selection import SubsetRun, keep_count
+from .selection import SubsetRun, host_keep_count, keep_count
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,9 @@ class EvoViTRun(SubsetRun):
     def after_block(self, i: int, record: AttentionRecord | None) -> None:
         attn = record.class_probs().sum(-1)
         patch = ~self.block_pass.protect[record.rows]
-        rows, a = record.rows[patch], attn[patch]
         t = 1.0 if i < self.first_selection else self.options.tradeoff
-        self.scores[rows] = (1 - t) * self.scores[rows] + t * a
+        old = self.scores[record.rows]
+        self.scores[record.rows] = torch.where(patch, (1 - t) * old + t * attn, old)  # patch tokens only
 
     def before_block(self, i: int, x: Packed) -> Tensor | None:
         s = self.stage_of_block.get(i)
@@ -50,10 +50,12 @@ class EvoViTRun(SubsetRun):
             return super().before_block(i, x)
         bp = self.block_pass
         candidates = ~bp.protect & ~bp.slot_mask
-        rows = candidates.nonzero().squeeze(1)
+        rows = self.candidate_rows(candidates, sum(self.base_patches()))
         image = bp.layout.image_index[rows]
         k = keep_count(bp.patches, self.config.keep_targets[s], "floor")
-        return self.chose(self.top_k(self.scores[rows], rows, image, k) | bp.protect, candidates)
+        base = self.base_patches()
+        lengths = [min(k, n) + self.cls for k, n in zip(host_keep_count(base, self.config.keep_targets[s], "floor"), base)]
+        return self.chose(self.top_k(self.scores[rows], rows, image, k) | bp.protect, candidates, lengths)
 
     def readout_mask(self) -> Tensor | None:
         return None  # preserved tokens are part of the read-out (the mean)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import ViTConfig
-from ..tokens import Layout, pad
+from ..tokens import pad, true_rows
 from ..execution import AttentionRecord
 from .base import Method
 from .selection import SubsetRun
@@ -45,12 +45,13 @@ class ToMeRun(SubsetRun):
 
     def after_attention(self, i: int, y: Tensor, record: AttentionRecord, before: Tensor) -> Tensor | None:
         layout = record.layout
-        n = torch.tensor(layout.lengths, dtype=torch.int64, device=y.device)
+        n = layout.offsets.diff()
         r = torch.clamp((n - 1) // 2, max=self.options.r)  # ToMe protects the class token
+        lengths = [m - min((m - 1) // 2, self.options.r) for m in layout.lengths]  # known on the host
         # rows in sequence order per image, then as padded [B, N] positions
         image = layout.image_index
         seq = record.rows[torch.argsort(image * (layout.max_len + 1) + self.order[record.rows])]
-        packed_seq = Layout.from_lengths(layout.lengths, y.device)
+        packed_seq = layout  # the same rows per image, in sequence order
         c = record.qkv.shape[-1] // 3
         heads = record.num_heads
         keys = record.qkv[:, c:2 * c].float().view(-1, heads, c // heads).mean(1)
@@ -69,8 +70,10 @@ class ToMeRun(SubsetRun):
         node_max = node_max.masked_fill(rows_a < 0, float("-inf"))
         edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)  # [B, nA]
         merged = torch.arange(edge.shape[1], device=y.device)[None, :] < r[:, None]  # first r edges
-        src_a = edge[merged]
-        img = torch.arange(edge.shape[0], device=y.device)[:, None].expand_as(edge)[merged]
+        r_host = [min((m - 1) // 2, self.options.r) for m in layout.lengths]
+        flat = true_rows(merged, sum(r_host))
+        src_a = edge.reshape(-1)[flat]
+        img = flat // edge.shape[1]
         src_rows = rows_a[img, src_a]
         dst_rows = rows_b[img, node_idx[img, src_a]]
         # size-weighted mean into the partner (merge_wavg): sum(size * x) / sum(size)
@@ -86,13 +89,14 @@ class ToMeRun(SubsetRun):
         is_src[img, src_a] = True
         unm = (rows_a >= 0) & ~is_src
         rank_a = torch.cumsum(unm.long(), 1) - 1
-        self.order[rows_a[unm]] = rank_a[unm]
+        at = true_rows(unm, sum((m + 1) // 2 - r for m, r in zip(layout.lengths, r_host)))  # host counts
+        self.order[rows_a.reshape(-1)[at]] = rank_a.reshape(-1)[at]
         n_unm = unm.sum(1, keepdim=True)
-        valid_b = rows_b >= 0
-        self.order[rows_b[valid_b]] = (n_unm + torch.arange(rows_b.shape[1], device=y.device)[None, :]).expand_as(
-            rows_b)[valid_b]
+        at = true_rows(rows_b >= 0, sum(m // 2 for m in layout.lengths))
+        new_b = (n_unm + torch.arange(rows_b.shape[1], device=y.device)[None, :]).expand_as(rows_b)
+        self.order[rows_b.reshape(-1)[at]] = new_b.reshape(-1)[at]
         candidates = self.rows_mask(record.rows) & ~self.block_pass.protect
-        return self.chose(keep, candidates)
+        return self.chose(keep, candidates, lengths)
 
 
 def matching_flops(config: ViTConfig, options, kept: Tensor, total: Tensor) -> Tensor:

@@ -5,7 +5,6 @@ model, optimizer, scheduler, RNG, epoch and step, with a data order and augmenta
 (seed, epoch, index)."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..checkpoint import checkpoint_payload
+from ..devices import autocast
 from ..distributed import broadcast_state, current
 from ..model import SparseViT
 from ..seeding import item_seed
@@ -85,13 +85,6 @@ def collate_skipping_bad(items: list) -> tuple[Tensor | None, Tensor | None, int
     if not ok:
         return None, None, len(items)
     return torch.stack([img for img, _ in ok]), torch.tensor([lab for _, lab in ok]), len(items) - len(ok)
-
-
-def autocast(enabled: bool, device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``enabled`` (``--amp``), else nothing."""
-    if enabled and device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Trainer(TrainingCheckpoints):

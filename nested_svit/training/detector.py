@@ -15,9 +15,9 @@ import torch
 from ..checkpoint import checkpoint_payload
 from ..data.coco import collate_train
 from ..detection.detector import MaskRCNNDetector
+from ..devices import autocast
 from ..distributed import all_ranks, broadcast_state, current
 from .checkpoints import TrainingCheckpoints
-from .classifier import autocast
 from .loop import epoch_batches, fit_epochs, optimizer_step
 from .optim import adamw, mmdet_factor
 
