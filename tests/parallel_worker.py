@@ -2,6 +2,8 @@
 DetectorTrainer on the process group torchrun describes; rank 0 writes the weights to ``out``."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 import torch
@@ -24,19 +26,22 @@ def build(ann: str, images: str):
 if __name__ == "__main__":
     ann, images, out = sys.argv[1:4]
     torch.set_num_threads(1)
-    info = init_from_env("cpu")
+    device = os.environ.get("PARALLEL_DEVICE", "cpu")  # "cuda": NCCL, each rank on its own GPU
+    info = init_from_env(device)
+    from nested_svit.distributed import rank_device
+
     model, data = build(ann, images)
-    trainer = DetectorTrainer(model, data, CONFIG)
+    trainer = DetectorTrainer(model, data, dataclasses.replace(CONFIG, device=rank_device(device, info)))
     grads: list[dict] = []  # the averaged gradients each optimizer step sees
     step = trainer.opt.step
 
     def recording_step(*a, **k):
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.cpu().clone() for n, p in model.named_parameters() if p.grad is not None})
         return step(*a, **k)
 
     trainer.opt.step = recording_step
     trainer.fit()
     if info.is_main:
-        torch.save({"model": model.state_dict(), "grads": grads, "skipped": trainer.skipped,
+        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "grads": grads, "skipped": trainer.skipped,
                     "steps": trainer.global_step, "world_size": info.world_size}, out)
     shutdown(info)

@@ -172,3 +172,39 @@ def test_training_step_save_and_resume_on_the_device(dev, tmp_path):
     resumed.fit(max_steps=1)
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(simcuda.to_cpu(a), simcuda.to_cpu(b)), k
+
+
+def test_flop_counting_is_the_same_with_every_backend(dev):
+    """``count_flops`` counts jagged and varlen attention as the per-image SDPA they compute: the packed
+    backends (including ``nested``, which failed before) give the loop backend's count on the CPU and on
+    the device; ``padded`` computes (and counts) the padding on top."""
+    from nested_svit.benchmark.flop_count import count_flops
+
+    images = [torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1)),
+              torch.randn(3, 48, 80, generator=torch.Generator().manual_seed(2))]
+    for name, dtype in (("svit_small", torch.float32), ("deit_small_patch16_224", torch.bfloat16)):
+        model = _model(name)
+        counts = {}
+        for backend in ("loop", "padded", "nested"):
+            model.set_execution("packed", backend)
+            with torch.no_grad():
+                counts[backend] = count_flops(lambda: model(images))
+        model.to(dev).to(dtype)
+        on_device = [i.to(dev).to(dtype) for i in images]
+        for backend in ("loop", "nested") + (("varlen",) if dtype != torch.float32 else ()):
+            model.set_execution("packed", backend)
+            with torch.no_grad():
+                counts[f"{backend}@device"] = count_flops(lambda: model(on_device))
+        padded = counts.pop("padded")
+        assert len(set(counts.values())) == 1 and padded > counts["loop"] > 0, (name, counts, padded)
+
+
+@pytest.mark.parametrize("device, local_rank, world, expected", [
+    ("cuda", 1, 2, "cuda:1"), ("cuda:2", 1, 4, "cuda:3"), ("cuda:0", 3, 4, "cuda:3"), ("cuda:5", 0, 1, "cuda:5"),
+    ("cpu", 1, 2, "cpu")])
+def test_each_rank_gets_its_own_gpu(device, local_rank, world, expected):
+    """Under torchrun ``--device cuda:N`` is the first GPU of the node's share: rank r uses N + local rank
+    (before, every rank used GPU N)."""
+    from nested_svit.distributed import DistInfo, rank_device
+
+    assert rank_device(device, DistInfo(rank=local_rank, world_size=world, local_rank=local_rank)) == expected

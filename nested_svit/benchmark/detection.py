@@ -10,6 +10,7 @@ gets the full 100 detections and masks (the heads' worst case, the same for both
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -19,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..attention import varlen_kernel
 from ..config import Pruning
 from ..data.decode import decode_rgb_array
 from ..data.records import resolve_records
 from ..detection.detector import MaskRCNNDetector
-from ..devices import synchronize
+from ..devices import kernel_settings, set_kernel_settings, synchronize
 from ..detection.registry import create_detector, dense_detector
 from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
 from .flop_count import count_flops
@@ -35,7 +37,8 @@ from .stand_ins import stand_in_selectors
 COCO_LIKE_SHAPES = [(800, 1333), (1199, 800), (800, 1066), (750, 1333)]
 COLUMNS = ["model", "part", "batch_size", "img_scale", "pool", "images_per_sec", "time_per_image_ms",
            "time_per_image_p10_ms", "time_per_image_p90_ms", "gflops_per_image", "ideal_speedup", "speedup",
-           "efficiency", "mean_keep_ratio", "peak_mem_mb", "detections_per_image", "threads", "rounds", "torch_version"]
+           "efficiency", "mean_keep_ratio", "peak_mem_mb", "detections_per_image", "threads", "rounds", "torch_version",
+           "kernel_settings"]
 
 
 @dataclass
@@ -98,6 +101,8 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     report = progress or (lambda msg: None)
+    set_kernel_settings(False)
+    settings = json.dumps({**kernel_settings(), "varlen_kernel": varlen_kernel()})
     pool = _pool(cfg)
     names = list(dict.fromkeys([dense_detector(n) for n in cfg.models] + list(cfg.models)))
     models = {n: _build(n, cfg, pool, device) for n in names}
@@ -150,6 +155,6 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None]
                     "efficiency": speedup / ideal, "mean_keep_ratio": stats[n]["keep"],
                     "peak_mem_mb": peak_memory_mb(lambda: call(models[n], part, bs), device),
                     "detections_per_image": stats[n]["dets"], "threads": torch.get_num_threads(), "rounds": cfg.rounds,
-                    "torch_version": torch.__version__,
+                    "torch_version": torch.__version__, "kernel_settings": settings,
                 })
     return pd.DataFrame(rows, columns=COLUMNS)

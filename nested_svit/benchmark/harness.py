@@ -8,6 +8,7 @@ gets its random queries sharpened until its FLOPs are the paper's; the others ke
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -19,7 +20,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..attention import resolve_backend
+from ..attention import resolve_backend, varlen_kernel
+from ..devices import is_real_cuda, kernel_settings, set_kernel_settings
 from ..model import SparseViT
 from ..registry import create_model, dense_counterpart, get_config
 from .flops import flops_per_image
@@ -31,7 +33,7 @@ TIMM_PREFIX = "timm/"
 COLUMNS = ["model", "backend", "device", "precision", "batch_size", "img_size", "param_count",
            "infer_samples_per_sec", "infer_step_time", "infer_step_time_p10", "infer_step_time_p90",
            "mean_kept_tokens", "gflops_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb",
-           "calibrated_gates", "threads", "rounds", "torch_version"]
+           "calibrated_gates", "threads", "rounds", "torch_version", "kernel_settings"]
 
 
 @dataclass
@@ -48,6 +50,7 @@ class BenchConfig:
     min_time: float = 2.0  # ... and enough that each runner is timed for >= min_time seconds (small batches)
     warmup: int = 2
     calibrate: bool = True
+    tf32: bool = False  # TF32 matmuls / convolutions on CUDA (recorded in ``kernel_settings``)
     keep_targets: tuple[float, ...] | None = None  # calibrate gates to these (default: the model's own) ...
     keep_scale: float | None = None  # ... or to the model's own times this factor (clipped to [0, 1])
     seed: int = 0
@@ -121,7 +124,7 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
 
 
 def _time_once(module: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device) -> float:
-    if device.type == "cuda":
+    if is_real_cuda(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         module(images)
@@ -157,7 +160,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     if cfg.rounds < 1 or any(b < 1 for b in cfg.batch_sizes):
         raise ValueError("rounds and batch sizes must be positive")
     device, dtype = torch.device(cfg.device), PRECISIONS[cfg.precision]
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if is_real_cuda(device) and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -165,6 +168,8 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     if cfg.img_size is None:
         ours = [m for m in cfg.models if not m.startswith(TIMM_PREFIX)]
         cfg.img_size = get_config(ours[0]).img_size if ours else 224
+    set_kernel_settings(cfg.tf32)
+    settings = json.dumps({**kernel_settings(), "varlen_kernel": varlen_kernel()})
     pool = _image_pool(cfg, max(cfg.batch_sizes))
     runners = _build_runners(cfg, pool, device, dtype)
     rows = []
@@ -204,6 +209,6 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                     "speedup": speedup, "efficiency": speedup / ideal,
                     "peak_mem_mb": peak_memory_mb(lambda: r(images), device),
                     "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
-                    "rounds": rounds, "torch_version": torch.__version__,
+                    "rounds": rounds, "torch_version": torch.__version__, "kernel_settings": settings,
                 })
     return pd.DataFrame(rows, columns=COLUMNS)

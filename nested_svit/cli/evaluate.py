@@ -9,7 +9,8 @@ from pathlib import Path
 from . import options
 from .arguments import CLS, DET, add_inference_options
 from .common import check_suffix
-from .jobs import prepare_classifier_job, prepare_detector_job, run_with_progress, validate_inference_args
+from .jobs import (prepare_classifier_job, prepare_detector_job, run_settings, run_with_progress,
+                   validate_inference_args)
 from .models import build_detector
 
 
@@ -78,7 +79,7 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
                       "transform": job.manifest["transform"], "batch_size": args.batch_size,
                       "world_size": job.dist.world_size, "device": str(job.device), "precision": args.precision,
                       "backend": args.backend, "calibration": job.manifest["calibration"],
-                      "torch_version": torch.__version__}
+                      "kernel_settings": run_settings(), "torch_version": torch.__version__}
             atomic_write_text(json_out, json.dumps(result, indent=1))
             flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
             atomic_write_text(csv_out, pd.DataFrame([flat]).to_csv(index=False))
@@ -183,7 +184,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                             "summed over processes' time; data loading excluded",
                 "images_this_run": int(images), "img_scale": list(model.config.img_scale), "batch_size": args.batch_size,
                 "world_size": job.dist.world_size, "device": str(job.device), "backend": args.backend,
-                "detections_file": str(det_path), "torch_version": torch.__version__,
+                "detections_file": str(det_path), "kernel_settings": run_settings(), "torch_version": torch.__version__,
             }
             atomic_write_text(out, json.dumps(result, indent=1))
             remove_parts(parts)

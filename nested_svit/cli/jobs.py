@@ -30,11 +30,14 @@ def validate_inference_args(args: argparse.Namespace) -> None:
 
 
 def process_group(args: argparse.Namespace):
-    """(device of this process, ``DistInfo``): joins the torchrun group when there is one."""
+    """(device of this process, ``DistInfo``): joins the torchrun group when there is one; the math
+    settings (TF32 off) that the outputs record (``run_settings``)."""
     import torch
 
+    from ..devices import set_kernel_settings
     from ..distributed import init_from_env, rank_device
 
+    set_kernel_settings(False)
     device = resolve_device(args.device)
     info = init_from_env(device)
     if args.threads:
@@ -108,6 +111,14 @@ def prepare_detector_job(args: argparse.Namespace, parts_dir: Path, kind: str, d
                 "seed": args.seed if report is None else None, "calibration": calibration,
                 "files_digest": dataset.records.digest(), "precision": args.precision}
     return DetectionJob(model, dataset, parts_dir, manifest, args.batch_size, args.workers, torch.device(device), info)
+
+
+def run_settings() -> dict:
+    """The kernel settings a run's numbers depend on (``devices.kernel_settings``, the varlen kernel)."""
+    from ..attention import varlen_kernel
+    from ..devices import kernel_settings
+
+    return {**kernel_settings(), "varlen_kernel": varlen_kernel()}
 
 
 def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object], dict], totals: Callable[[object], list]
