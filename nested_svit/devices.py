@@ -75,3 +75,24 @@ def set_kernel_settings(tf32: bool = False) -> None:
     """What eval and bench run with: TF32 off by default (fp32 means fp32; ``tf32=True`` for speed)."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+def side_stream(device: torch.device | str):
+    """A CUDA stream for copies that overlap the compute (real CUDA), else None (work is in order)."""
+    return torch.cuda.Stream(torch.device(device)) if is_real_cuda(device) else None
+
+
+def on_stream(stream) -> contextlib.AbstractContextManager:
+    """Work issued inside runs on ``stream`` (``side_stream``'s; None: where it would run anyway)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def hand_over(stream, tensors: list[torch.Tensor]) -> None:
+    """Make the current stream wait for ``stream``'s work, and keep ``tensors`` (made on ``stream``)
+    alive for the current stream's use (the caching allocator would reuse them early otherwise)."""
+    if stream is None:
+        return
+    current = torch.cuda.current_stream(stream.device)
+    current.wait_stream(stream)
+    for t in tensors:
+        t.record_stream(current)

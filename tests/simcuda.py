@@ -344,18 +344,32 @@ def _jagged_backend(query, key, value, attn_mask, dropout, is_causal, enable_gqa
 _ORIGINAL_SELECT = None
 
 
+_REGISTERED = False
+
+
+def register() -> None:
+    """Name the backend and register its device guard, once per process, before the first backward
+    anywhere in it (autograd sizes its per-device queues when its threads start; tests/conftest.py
+    calls this at start-up). Changes nothing for other devices."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+        _setup_privateuseone_for_python_backend(rename=NAME)
+        _REGISTERED = True
+
+
 def setup() -> None:
-    """Register the device once per process (the backend cannot be renamed twice)."""
+    """Register the device and its kernels once per process (the backend cannot be renamed twice)."""
     global _READY, _ORIGINAL_SELECT
     if _READY:
         return
     import torch.nn.attention.varlen  # noqa: F401 (registers torch_attn::_varlen_attn)
     from torch.nested._internal import sdpa as jagged
-    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
     from nested_svit import devices
 
-    _setup_privateuseone_for_python_backend(rename=NAME)
+    register()
     lib = torch.library.Library("aten", "IMPL")  # kept alive below: the registrations live as long as it
     lib.impl("empty.memory_format", lambda size, dtype=None, layout=None, device=None, pin_memory=None,
              memory_format=None: SimTensor(torch.empty(size, dtype=dtype, memory_format=memory_format)), "PrivateUse1")

@@ -139,6 +139,14 @@ def test_eval_predict_and_train_end_to_end(device, tmp_path):
     common = ["--model", "svit_tiny", "--random-weights", "--img-size", "64", "--workers", "0", "--device", dev]
     assert _cli("eval", "imagenet", *common, "--data", str(tmp_path / "val"), "--out", str(tmp_path / "r.json")) == 0
     assert _cli("predict", *common, "--input", str(tmp_path / "val"), "--out", str(tmp_path / "p.csv")) == 0
+    assert _cli("predict", *common, "--input", str(tmp_path / "val"), "--decode", "gpu",
+                "--out", str(tmp_path / "g.csv")) == 0
+    import pandas as pd
+
+    cpu_rows, gpu_rows = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "g.csv")
+    assert cpu_rows["id"].tolist() == gpu_rows["id"].tolist() and (gpu_rows["status"] == "ok").all()
+    jpeg = gpu_rows["id"].str.endswith(".JPEG")
+    assert jpeg.any() and (gpu_rows.loc[jpeg, "decoder"] != "pil").all()  # the device decoder took the JPEGs
     ann, images = make_coco(tmp_path / "coco")
     save_detector_checkpoint(create_detector("svit_adapter_tiny_maskrcnn", img_scale=(192, 128), num_classes=2,
                                              class_names=("square", "bar")), tmp_path / "det.pth")

@@ -54,6 +54,7 @@ class DetBenchConfig:
     calibrate: bool = True
     seed: int = 0
     input: str = "synthetic"  # or a directory of images (the first len(shapes) are used, at their own sizes)
+    detections: int = 100  # per image, with masks: the heads' worst case (fewer for a quick check)
 
 
 def _pool(cfg: DetBenchConfig) -> list[np.ndarray]:
@@ -73,7 +74,7 @@ def _pool(cfg: DetBenchConfig) -> list[np.ndarray]:
 def _build(name: str, cfg: DetBenchConfig, pool: list[np.ndarray], device: torch.device) -> MaskRCNNDetector:
     torch.manual_seed(cfg.seed)
     model = create_detector(name, img_scale=cfg.img_scale).eval()
-    model.config = replace(model.config, rcnn=replace(model.config.rcnn, score_thr=0.0))
+    model.config = replace(model.config, rcnn=replace(model.config.rcnn, score_thr=0.0, max_per_img=cfg.detections))
     if cfg.calibrate:  # random class attention is near uniform: ATS is sharpened to SViT's pruning rate
         inputs, _ = model.preprocess(pool)
         stand_in_selectors(model.backbone, inputs, _svit_block_flop_ratio(model))

@@ -7,6 +7,7 @@ import argparse
 from . import options
 
 CLS, DET = "classifier", "detector"
+WORKERS = 2  # default --workers
 
 
 def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
@@ -37,7 +38,7 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
     options.add(p, g, "--batch-size", type=int, defaults={CLS: InferenceJob.batch_size, DET: DetectionJob.batch_size},
                 families=families,
                 help="images per batch (detectors: images of any sizes run together)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    g.add_argument("--workers", type=int, default=WORKERS, help="DataLoader processes decoding images")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
     options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32", DET: "fp32"},
@@ -57,6 +58,13 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
                 families=families, help="resize interpolation of the eval transform")
     options.add(p, g, "--img-scale", defaults={DET: None}, families=families,
                 help="W,H test scale (default: the model's, 1333,800)")
+    options.add(p, g, "--decode", choices=["cpu", "gpu"], defaults={CLS: "cpu"}, families=families,
+                help="where images are decoded: cpu (Pillow in the --workers processes) or gpu (the JPEGs of a batch "
+                     "together on the model's device with nvjpeg, then resized and cropped there; other files and "
+                     "JPEGs nvjpeg refuses take the cpu path; each row records its decoder)")
+    options.add(p, g, "--jpeg-draft", action="store_true", defaults={CLS: False}, families=families,
+                help="decode large JPEGs at a reduced DCT scale (1/2..1/8) that still covers the resize: much faster "
+                     "for multi-megapixel photos, pixels differ slightly from a full decode (recorded in the outputs)")
     g.add_argument("--split", default=split, help=split_help)
     g.add_argument("--max-image-pixels", type=int, default=None,
                    help="larger images are skipped with the reason (default 1e9; Pillow's own 89 Mpx warning is off)")

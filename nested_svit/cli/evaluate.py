@@ -76,7 +76,8 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
                       "images_this_run": int(images), "data": job.manifest["data"], "data_kind": job.dataset.records.kind,
                       "label_source": job.dataset.records.label_source,
                       "ignored_files": [{"path": p, "reason": why} for p, why in job.dataset.records.ignored],
-                      "transform": job.manifest["transform"], "batch_size": args.batch_size,
+                      "transform": job.manifest["transform"], "decode": job.manifest["decode"],
+                      "jpeg_draft": job.manifest["jpeg_draft"], "batch_size": args.batch_size,
                       "world_size": job.dist.world_size, "device": str(job.device), "precision": args.precision,
                       "backend": args.backend, "calibration": job.manifest["calibration"],
                       "kernel_settings": run_settings(), "torch_version": torch.__version__}

@@ -60,8 +60,18 @@ def prepare_classifier_job(args: argparse.Namespace, parts_dir: Path, kind: str)
     model.to(device, PRECISIONS[args.precision]).eval().set_execution("packed", args.backend)
     transform = EvalTransform(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
     outputs = [args.out, parts_dir] + ([args.save_vis] if getattr(args, "save_vis", None) else [])
-    dataset = open_dataset(args.data, transform, split=args.split, exclude=outputs, exif=kind == "predict",
-                           max_pixels=args.max_image_pixels)
+    draft = (transform.resize_to, transform.resize_to) if args.jpeg_draft else None
+    dataset = open_dataset(args.data, transform.crop, split=args.split, exclude=outputs, exif=kind == "predict",
+                           max_pixels=args.max_image_pixels, draft=draft, encoded_jpegs=args.decode == "gpu")
+    decoder = None
+    if args.decode == "gpu":
+        from ..data.device_decode import DeviceJpegDecoder
+        from ..devices import is_cuda
+
+        decoder = DeviceJpegDecoder(transform, device, dataset.exif, args.max_image_pixels)
+        if not is_cuda(device):
+            print(f"note: --decode gpu on {device}: JPEGs are decoded in this process by {decoder.name} (there is "
+                  "no GPU decoder here); --decode cpu decodes in the --workers processes", file=sys.stderr)
     class_names = model_class_names(args, model)
 
     def images_of(source, n: int) -> list:
@@ -77,9 +87,10 @@ def prepare_classifier_job(args: argparse.Namespace, parts_dir: Path, kind: str)
                 "data": str(Path(args.data).resolve()), "num_records": len(dataset), "batch_size": args.batch_size,
                 "topk": args.topk, "transform": transform.describe(), "precision": args.precision,
                 "img_size": args.img_size, "seed": args.seed if report is None else None,
-                "files_digest": dataset.records.digest(), "split": args.split, "calibration": calibration}
+                "files_digest": dataset.records.digest(), "split": args.split, "calibration": calibration,
+                "decode": decoder.name if decoder else "pil", "jpeg_draft": draft}
     job = InferenceJob(model, dataset, parts_dir, manifest, args.batch_size, args.workers, args.topk,
-                       torch.device(device), info, class_names)
+                       torch.device(device), info, class_names, transform=transform, decoder=decoder)
     return job, report
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from ..seeding import item_generator
@@ -137,12 +139,25 @@ class CocoDetectionData(DetectionImages):
 
 
 def collate_detection(items: list[dict]) -> dict:
+    """Batch of items -> dict of lists; the inputs (each its own padded size) flattened into one tensor,
+    ``packed``, so the batch is pinned and uploaded in one copy (``upload_detection_batch``)."""
     ok = [it for it in items if it["input"] is not None]
-    return {"inputs": [it["input"] for it in ok], "metas": [it["meta"] for it in ok],
+    inputs = [it["input"] for it in ok]
+    return {"packed": torch.cat([t.reshape(-1) for t in inputs]) if inputs else None,
+            "shapes": [tuple(t.shape) for t in inputs], "metas": [it["meta"] for it in ok],
             "index": [it["index"] for it in ok], "id": [it["id"] for it in ok],
             "image_id": [it["image_id"] for it in ok],
             "failed": [(it["index"], it["id"], it["image_id"], it["error"]) for it in items if it["input"] is None],
             "all_index": [it["index"] for it in items]}
+
+
+def upload_detection_batch(batch: dict, device: torch.device | str) -> dict:
+    """``collate_detection``'s batch with ``inputs``: views ``[3, H_pad, W_pad]`` of one upload to ``device``."""
+    packed = batch.pop("packed")
+    flat = packed.to(device, non_blocking=True) if packed is not None else None
+    sizes = [math.prod(s) for s in batch["shapes"]]
+    batch["inputs"] = [v.view(s) for v, s in zip(flat.split(sizes), batch["shapes"])] if flat is not None else []
+    return batch
 
 
 class CocoTrainData(Dataset):
@@ -246,5 +261,5 @@ def collate_train(items: list) -> tuple[list, list, int]:
     return [x for x, _ in ok], [t for _, t in ok], len(items) - len(ok)
 
 
-__all__ = ["CocoDetectionData", "DetectionImages", "coco_records", "collate_detection", "load_coco",
-           "resolve_coco_paths", "COCO_SPLITS", "CocoTrainData", "collate_train"]
+__all__ = ["CocoDetectionData", "DetectionImages", "coco_records", "collate_detection", "upload_detection_batch",
+           "load_coco", "resolve_coco_paths", "COCO_SPLITS", "CocoTrainData", "collate_train"]

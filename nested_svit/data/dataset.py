@@ -1,5 +1,6 @@
 """Image record data sets: each record (``records.py``) decoded and transformed, never raising for bad
-data: an undecodable image is an item with the reason, so it gets a row."""
+data: an undecodable image is an item with the reason, so it gets a row. With ``encoded_jpegs`` the
+JPEGs a batched decoder takes are passed on undecoded (``device_decode.py``)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .decode import BadImage, decode_image
+from .decode import BadImage, decode_image, jpeg_for_device
 from .records import Records, resolve_records
 from .transforms import EvalTransform
 
@@ -18,11 +19,14 @@ class ImageRecordDataset(Dataset):
     """Item ``i`` -> dict(index, id, label, image = ``transform(decoded RGB)`` or None, error str or None).
     Classifiers: ``EvalTransform`` -> ``[3, S, S]``; detectors: ``DetectorTransform`` -> (input, meta)."""
 
-    def __init__(self, records: Records, transform: Callable, exif: bool = False, max_pixels: int | None = None):
+    def __init__(self, records: Records, transform: Callable, exif: bool = False, max_pixels: int | None = None,
+                 draft: tuple[int, int] | None = None, encoded_jpegs: bool = False):
         self.records = records
         self.transform = transform
         self.exif = exif  # apply EXIF orientation (predict); the ImageNet protocol does not
         self.max_pixels = max_pixels
+        self.draft = draft  # decode JPEGs at a reduced DCT scale of at least this (w, h) (decode.decode_image)
+        self.encoded_jpegs = encoded_jpegs  # items carry the bytes of device-decodable JPEGs (--decode gpu)
 
     def __len__(self) -> int:
         return len(self.records.labels)
@@ -38,23 +42,40 @@ class ImageRecordDataset(Dataset):
         cell = src[index]["image"]
         return cell["bytes"] if cell.get("bytes") else cell["path"]
 
-    def image(self, index: int) -> Image.Image:
-        """Decoded RGB image ``index`` (no transform); raises ``BadImage`` with the reason."""
+    def _existing(self, index: int) -> str | bytes:
         raw = self._raw(index)
         if isinstance(raw, str) and not os.path.exists(raw):
             if os.path.islink(raw):
                 raise BadImage(f"broken symbolic link to {os.readlink(raw)}")
             raise BadImage(f"image not found: {raw}")
+        return raw
+
+    def image(self, index: int, raw: str | bytes | None = None) -> Image.Image:
+        """Decoded RGB image ``index`` (no transform); raises ``BadImage`` with the reason."""
+        raw = self._existing(index) if raw is None else raw
         try:
-            return decode_image(raw, self.max_pixels, self.exif)
+            return decode_image(raw, self.max_pixels, self.exif, self.draft)
         except BadImage as e:
             raise BadImage(f"cannot decode image: {e}") from e
 
     def __getitem__(self, index: int) -> dict:
         item = {"index": index, "id": self.records.ids[index], "label": self.records.labels[index],
-                "image": None, "error": None}
+                "image": None, "error": None, "encoded": None}
         try:
-            item["image"] = self.transform(self.image(index))
+            raw = None
+            if self.encoded_jpegs:
+                raw = self._existing(index)
+                if isinstance(raw, str):
+                    with open(raw, "rb") as f:
+                        raw = f.read()
+                orientation, _ = jpeg_for_device(raw, self.max_pixels)
+                if orientation:
+                    item["encoded"] = {"data": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                                       "orientation": orientation if self.exif else 1}
+                    return item
+            item["image"] = self.transform(self.image(index, raw))
+        except OSError as e:
+            item["error"] = f"cannot read image: {e}"
         except BadImage as e:
             item["error"] = str(e)
         return item
@@ -62,21 +83,28 @@ class ImageRecordDataset(Dataset):
 
 def open_dataset(path: str | os.PathLike, transform: Callable | None = None, split: str | None = None,
                  exclude: Iterable[str | os.PathLike] = (), exif: bool = False, max_pixels: int | None = None,
-                 ) -> ImageRecordDataset:
+                 **options) -> ImageRecordDataset:
     """Any input ``records.resolve_records`` takes, decoded and transformed per item (default: the
-    DeiT eval transform). ``exclude``: our own output files, never read back as input."""
-    return ImageRecordDataset(resolve_records(path, split, exclude), transform or EvalTransform(), exif, max_pixels)
+    DeiT eval transform). ``exclude``: our own output files, never read back as input. ``options``:
+    ``draft``, ``encoded_jpegs`` (``ImageRecordDataset``)."""
+    return ImageRecordDataset(resolve_records(path, split, exclude), transform or EvalTransform(), exif, max_pixels,
+                              **options)
 
 
 def collate_records(items: list[dict]) -> dict:
-    """Batch of items -> dict with ``images [b, 3, S, S]`` of the decodable ones and lists."""
+    """Batch of items -> dict with ``images [b, 3, S, S]`` of the decoded ones and lists; ``encoded``: the
+    items still to decode (``device_decode.DeviceJpegDecoder`` finishes those)."""
     ok = [it for it in items if it["image"] is not None]
     return {
         "images": torch.stack([it["image"] for it in ok]) if ok else None,
         "index": torch.tensor([it["index"] for it in ok], dtype=torch.int64),
         "label": torch.tensor([it["label"] for it in ok], dtype=torch.int64),
         "id": [it["id"] for it in ok],
-        "failed": [(it["index"], it["id"], it["label"], it["error"]) for it in items if it["image"] is None],
+        "decoder": ["pil"] * len(ok),
+        "failed": [(it["index"], it["id"], it["label"], it["error"]) for it in items
+                   if it["image"] is None and it.get("encoded") is None],
+        "encoded": [{"index": it["index"], "id": it["id"], "label": it["label"], **it["encoded"]} for it in items
+                    if it.get("encoded") is not None],
         "all_index": [it["index"] for it in items],
     }
 

@@ -19,11 +19,14 @@ class BadImage(ValueError):
     """An image that cannot be decoded; ``str()`` is the reason recorded in outputs."""
 
 
-def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool = False) -> Image.Image:
+def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool = False,
+                 draft: tuple[int, int] | None = None) -> Image.Image:
     """Path or encoded bytes -> fully decoded RGB image. Grayscale, palette, CMYK, 16-bit, float and
     alpha images are converted (alpha dropped, as timm/DeiT do); truncated or unreadable files and
     images above ``max_pixels`` raise ``BadImage``. ``exif``: apply the EXIF orientation (phone photos);
-    the ImageNet eval protocol does not."""
+    the ImageNet eval protocol does not. ``draft`` (w, h): a JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) that keeps it at least this size (much faster for large photos; the pixels differ
+    slightly from a full decode, so it is opt-in and recorded)."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
@@ -36,6 +39,8 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
             if img.width * img.height > limit:
                 raise BadImage(f"image of {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} Mpx is above "
                                f"the limit of {limit / 1e6:.0f} Mpx (raise it with --max-image-pixels)")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
             if exif:
                 img = ImageOps.exif_transpose(img)
@@ -60,3 +65,28 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
 def decode_rgb_array(source: str | bytes, max_pixels: int | None = None, exif: bool = False) -> np.ndarray:
     """``decode_image`` as an RGB uint8 ``[H, W, 3]`` array (the detectors' input)."""
     return np.ascontiguousarray(np.asarray(decode_image(source, max_pixels, exif)))
+
+
+EXIF_ORIENTATION = 0x0112
+_EOI = b"\xff\xd9"
+
+
+def jpeg_for_device(data: bytes, max_pixels: int | None = None) -> tuple[int, str]:
+    """Whether encoded ``data`` can go to a batched JPEG decoder (nvjpeg, torchvision's): a complete
+    (ends with the EOI marker) baseline or progressive JPEG in YCbCr or grayscale under ``max_pixels``.
+    Reads the header only. -> (EXIF orientation 1..8, "") or (0, why not: the file then takes Pillow's
+    path, which handles CMYK, other formats, and gives corrupt files their reason)."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0, "not a JPEG"
+    if not data.rstrip(b"\x00\r\n ").endswith(_EOI):
+        return 0, "no end-of-image marker (truncated, or data after the image)"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return 0, f"JPEG in {img.mode}"
+            if img.width * img.height > (MAX_IMAGE_PIXELS if max_pixels is None else max_pixels):
+                return 0, "above the pixel limit"
+            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception as e:  # any header Pillow cannot read: Pillow's decode path reports it
+        return 0, f"unreadable header: {e}"
+    return (orientation if 1 <= orientation <= 8 else 1), ""

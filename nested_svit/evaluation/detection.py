@@ -14,7 +14,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.coco import DetectionImages, collate_detection
+from ..data.coco import DetectionImages, collate_detection, upload_detection_batch
+from ..data.prefetch import prefetched
+from ..devices import is_real_cuda
 from ..detection.detector import Detections, MaskRCNNDetector
 from ..distributed import DistInfo
 from .runner import _check_manifest, pending_batches, write_part
@@ -44,6 +46,10 @@ class DetectionProgress:
     model_seconds: float = 0.0  # whole network (FPS^w), this process, this run
     backbone_seconds: float = 0.0  # backbone only (FPS^b)
 
+    def add(self, other: "DetectionProgress") -> None:
+        for name in ("images", "seen", "detections", "model_seconds", "backbone_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 def _detections_json(d: Detections) -> str:
     boxes = d.boxes.tolist()
@@ -70,6 +76,22 @@ def detection_rows(job: DetectionJob, batch: dict, dets: list[Detections]) -> pd
     return pd.DataFrame(rows)
 
 
+def detect_batch(job: DetectionJob, batch: dict, token_maps: bool = False
+                 ) -> tuple[pd.DataFrame, list[Detections], DetectionProgress]:
+    """One uploaded batch (``upload_detection_batch``) -> its rows, detections and counts (no times
+    but the model's). The one per-batch step of both engines (local and Ray)."""
+    dets: list[Detections] = []
+    counts = DetectionProgress(seen=len(batch["all_index"]))
+    if batch["inputs"]:
+        timer: dict = {}
+        dets = job.model.predict_preprocessed(batch["inputs"], batch["metas"], "rle" if job.masks else None,
+                                              timer=timer, token_maps=token_maps)
+        counts.model_seconds, counts.backbone_seconds = timer["total"], timer["backbone"]
+        counts.images = len(dets)
+        counts.detections = sum(len(d.scores) for d in dets)
+    return detection_rows(job, batch, dets), dets, counts
+
+
 def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], None] | None = None,
                   on_batch: Callable[[dict, list[Detections]], None] | None = None) -> DetectionProgress:
     """Run this process's pending batches, one part file per batch. ``on_batch(batch, detections)``
@@ -78,25 +100,16 @@ def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], Non
     job.parts_dir.mkdir(parents=True, exist_ok=True)
     todo = pending_batches(job)
     loader = DataLoader(job.dataset, batch_sampler=todo, num_workers=job.workers, collate_fn=collate_detection,
-                        persistent_workers=False)
-    model = job.model.eval()
+                        persistent_workers=False, pin_memory=is_real_cuda(job.device))
+    job.model.eval()
     state = DetectionProgress()
     start = time.perf_counter()
-    for batch in loader:
-        dets: list[Detections] = []
-        if batch["inputs"]:
-            timer: dict = {}
-            dets = model.predict_preprocessed(batch["inputs"], batch["metas"], "rle" if job.masks else None, timer=timer,
-                                              token_maps=on_batch is not None)
-            state.model_seconds += timer["total"]
-            state.backbone_seconds += timer["backbone"]
-            state.images += len(dets)
-            state.detections += sum(len(d.scores) for d in dets)
+    for batch in prefetched(loader, job.device, lambda b: upload_detection_batch(b, job.device)):
+        frame, dets, counts = detect_batch(job, batch, token_maps=on_batch is not None)
         if on_batch is not None and dets:
             on_batch(batch, dets)
-        frame = detection_rows(job, batch, dets)
         write_part(job, batch, frame)
-        state.seen += len(batch["all_index"])
+        state.add(counts)
         state.elapsed = time.perf_counter() - start
         if progress:
             progress(state)

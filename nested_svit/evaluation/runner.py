@@ -21,6 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageRecordDataset, collate_records
+from ..data.device_decode import DeviceJpegDecoder
+from ..data.prefetch import prefetched
+from ..data.transforms import EvalTransform
 from ..io import atomic_write, atomic_write_text
 from ..model import SparseViT
 from ..devices import is_real_cuda
@@ -40,6 +43,10 @@ class InferenceJob:
     dist: DistInfo = field(default_factory=DistInfo)
     class_names: list[str] | None = None  # the MODEL's output classes (not the data's folders)
     on_batch: Callable[[dict, torch.Tensor, object], None] | None = None  # (batch, images, usage): pictures
+    # the dataset's images are uint8 crops (``transform.crop``), normalised by ``transform`` on the
+    # device; None: the dataset's images are the model's input as they are
+    transform: EvalTransform | None = None
+    decoder: DeviceJpegDecoder | None = None  # --decode gpu: the dataset passes JPEGs on undecoded
 
 
 @dataclass
@@ -49,6 +56,12 @@ class Progress:
     labelled: int
     elapsed: float
     seen: int = 0  # predicted or skipped
+
+    def add(self, other: "Progress") -> None:
+        self.images += other.images
+        self.correct1 += other.correct1
+        self.labelled += other.labelled
+        self.seen += other.seen
 
 
 def _check_manifest(job: InferenceJob) -> None:
@@ -70,6 +83,7 @@ def _part_path(parts_dir: Path, batch: int) -> Path:
 
 
 def _rows(job: InferenceJob, batch: dict, logits: torch.Tensor | None, kept: torch.Tensor | None) -> pd.DataFrame:
+    """The output rows of one batch: predicted images, then the skipped ones with their reason."""
     names = job.class_names
     truth = job.dataset.class_names  # ground-truth names of the data's labels
     depth = job.model.config.depth
@@ -80,7 +94,8 @@ def _rows(job: InferenceJob, batch: dict, logits: torch.Tensor | None, kept: tor
         top_p, top_i = probs.topk(k, dim=-1)
         for j, idx in enumerate(batch["index"].tolist()):
             row = {"index": idx, "id": batch["id"][j], "label": int(batch["label"][j]), "status": "ok", "error": "",
-                   "orientation": "exif applied" if getattr(job.dataset, "exif", False) else "as stored"}
+                   "orientation": "exif applied" if getattr(job.dataset, "exif", False) else "as stored",
+                   "decoder": batch["decoder"][j]}
             label = row["label"]
             row["label_name"] = truth[label] if truth and 0 <= label < len(truth) else None
             for r in range(k):
@@ -109,6 +124,45 @@ def pending_batches(job: InferenceJob) -> list[list[int]]:
     return [list(range(i * b, min((i + 1) * b, n))) for i in batches if not _part_path(job.parts_dir, i).exists()]
 
 
+def prepare_batch(job: InferenceJob) -> Callable[[dict], dict]:
+    """A loader batch -> the same with ``images`` the model's input on ``job.device`` (decoded there
+    with ``job.decoder``, normalised there with ``job.transform``)."""
+    dtype = job.model.dtype
+
+    def prepare(batch: dict) -> dict:
+        if job.decoder is not None:
+            batch = job.decoder(batch)
+        elif batch["images"] is not None:
+            batch["images"] = batch["images"].to(job.device, non_blocking=True)
+        if batch["images"] is not None:
+            images = batch["images"]
+            batch["images"] = job.transform.normalize(images, dtype) if job.transform is not None else images.to(dtype)
+        return batch
+
+    return prepare
+
+
+def classify_batch(job: InferenceJob, batch: dict) -> tuple[pd.DataFrame, Progress]:
+    """One prepared batch (``images`` the model's input on its device, or None) -> its rows and its
+    counts (``Progress`` without times). The one per-batch step of both engines (local and Ray)."""
+    logits = kept = None
+    counts = Progress(0, 0, 0, 0.0, seen=len(batch["all_index"]))
+    if batch["images"] is not None:
+        model = job.model
+        images = batch["images"]
+        feats, usage = model.forward_features(images)
+        logits = model.forward_head(feats).cpu()
+        kept = (usage.kept if usage.kept_mlp is None else usage.kept_mlp).cpu()  # after each block's selection
+        if job.on_batch is not None:
+            job.on_batch(batch, images, usage)
+        labels = batch["label"]
+        has_label = labels >= 0
+        counts.correct1 = int((logits.argmax(-1)[has_label] == labels[has_label]).sum())
+        counts.labelled = int(has_label.sum())
+        counts.images = len(labels)
+    return _rows(job, batch, logits, kept), counts
+
+
 def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None = None) -> Progress:
     """Run this process's pending batches, writing one part file per batch."""
     _check_manifest(job)
@@ -116,28 +170,14 @@ def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None
     todo = pending_batches(job)
     loader = DataLoader(job.dataset, batch_sampler=todo, num_workers=job.workers, collate_fn=collate_records,
                         persistent_workers=False, pin_memory=is_real_cuda(job.device))
-    model = job.model.eval()
-    dtype = model.dtype
+    job.model.eval()
     state = Progress(0, 0, 0, 0.0)
     start = time.perf_counter()
     with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
-        for batch in loader:
-            logits = kept = None
-            if batch["images"] is not None:
-                images = batch["images"].to(job.device, dtype, non_blocking=True)
-                feats, usage = model.forward_features(images)
-                logits = model.forward_head(feats).cpu()
-                kept = (usage.kept if usage.kept_mlp is None else usage.kept_mlp).cpu()  # after each block's selection
-                if job.on_batch is not None:
-                    job.on_batch(batch, images, usage)
-                labels = batch["label"]
-                has_label = labels >= 0
-                state.correct1 += int((logits.argmax(-1)[has_label] == labels[has_label]).sum())
-                state.labelled += int(has_label.sum())
-                state.images += len(labels)
-            state.seen += len(batch["all_index"])
-            frame = _rows(job, batch, logits, kept)
+        for batch in prefetched(loader, job.device, prepare_batch(job)):
+            frame, counts = classify_batch(job, batch)
             write_part(job, batch, frame)
+            state.add(counts)
             state.elapsed = time.perf_counter() - start
             if progress:
                 progress(state)

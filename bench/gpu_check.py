@@ -1,0 +1,409 @@
+"""One command for a GPU machine: ``python bench/gpu_check.py --out DIR`` (under 8 minutes on one GPU).
+
+Steps, each in its own process with its own time limit, so one failure (an exception, a CUDA error
+that poisons the context, a hang) is recorded and the next step runs:
+
+  environment     torch, CUDA, cuDNN, torchvision, the GPU, kernel availability (flash, varlen, nvjpeg)
+  pytest_cuda     ``pytest -m cuda tests/test_cuda.py`` (the CUDA fidelity tests)
+  attention       every attention backend x fp32/bf16/fp16 x cuDNN on/off against an fp64 reference
+  syncs           host syncs (``torch.cuda.set_sync_debug_mode``) and kernels per forward, each method
+  throughput      timm DeiT-S, our DeiT-S, SViT-S and the baselines, batch 1-1024, fp32 + bf16, backends
+  detection       FPS^w / FPS^b of ViT-Adapter-S vs SViT-Adapter-S Mask R-CNN at 1333x800, batch 1/2/4/8
+  input_pipeline  predict's loop with CPU decode workers vs ``--decode gpu``, against the model alone
+
+DIR gets ``<step>.json`` (status, seconds, results), ``<step>.log``, the CSVs and PNGs, and
+``summary.json``: every step's status and the speed goals of issue 16, each met / missed / unknown.
+``--dry-run`` runs the same steps tiny on the CPU (the CUDA tests on the simulated device); the test
+suite runs it (tests/test_gpu_check.py), so the script cannot rot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# step -> seconds allowed on a GPU (sum + process start-ups < 8 minutes), and in a dry run on a CPU
+STEPS = {"environment": (30, 60), "pytest_cuda": (120, 120), "attention": (40, 60), "syncs": (30, 90),
+         "throughput": (130, 120), "detection": (70, 120), "input_pipeline": (45, 90)}
+BASELINES = ["dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small"]
+
+
+# --------------------------------------------------------------------------- steps (one process each)
+def step_environment(ctx: dict) -> dict:
+    import torch
+    import torchvision
+
+    from nested_svit import __version__
+    from nested_svit.devices import kernel_settings
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "nested_svit": __version__, "cuda_available": torch.cuda.is_available(),
+           "cpu_count": os.cpu_count(), "kernel_settings": kernel_settings()}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out.update({"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "gpu": props.name,
+                    "gpu_count": torch.cuda.device_count(), "capability": list(torch.cuda.get_device_capability(0)),
+                    "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
+                    "flash_sdp": torch.backends.cuda.is_flash_attention_available()})
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            out["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out["nvidia_smi"] = None
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+        out["varlen_attn"] = True
+    except ImportError:
+        out["varlen_attn"] = False
+    out["jpeg_decoder"] = _jpeg_decoder(ctx["device"])
+    return out
+
+
+def _jpeg_decoder(device: str) -> str:
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from nested_svit.data.device_decode import DeviceJpegDecoder, _decode_jpeg
+    from nested_svit.data.transforms import EvalTransform
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="JPEG")
+    decoder = DeviceJpegDecoder(EvalTransform(), device, exif=False)
+    _decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], decoder.decode_on)
+    return decoder.name
+
+
+def step_pytest_cuda(ctx: dict) -> dict:
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rA", "-p", "no:cacheprovider",
+           f"--junitxml={ctx['out'] / 'pytest-cuda.xml'}"]
+    if ctx["dry_run"]:  # the simulated CUDA device, one classifier and the detector: the step itself is tested
+        env["NESTED_SVIT_TEST_DEVICE"] = "simcuda"
+        cmd += ["-k", "deit_small_patch16_224 or detector_batch"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (ctx["out"] / "pytest-cuda.txt").write_text(proc.stdout + proc.stderr)
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(ctx["out"] / "pytest-cuda.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    if proc.returncode != 0:
+        raise RuntimeError(f"pytest -m cuda: {counts}; see pytest-cuda.txt\n" + proc.stdout[-3000:])
+    return counts
+
+
+def step_attention(ctx: dict) -> dict:
+    import pandas as pd
+    import torch
+
+    from nested_svit.attention import backend_available, set_varlen_kernel, varlen_attention
+    from nested_svit.devices import synchronize
+    from nested_svit.tokens import Layout
+
+    device, tiny = ctx["device"], ctx["dry_run"]
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"classifier": (6, 64, [int(x) for x in torch.randint(60, 198, (8 if tiny else 64,), generator=gen)]),
+              "detector": (6, 64, [300, 170] if tiny else [4200, 3800, 3400, 4032])}
+    rows = []
+    for case, (heads, dim, lengths) in shapes.items():
+        layout64 = Layout.from_lengths(lengths)
+        qkv64 = torch.randn(layout64.total, 3 * heads * dim, generator=gen, dtype=torch.float64)
+        reference = varlen_attention(qkv64, heads, layout64, "loop")  # fp64, per image, on the CPU
+        layout = Layout.from_lengths(lengths, device)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            qkv = qkv64.to(device, dtype)
+            for cudnn in (True, False):
+                if not torch.cuda.is_available() and not cudnn:
+                    continue  # no cuDNN switch to flip on a CPU
+                if torch.cuda.is_available():
+                    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+                set_varlen_kernel("auto" if cudnn else "flash")
+                for backend in ("loop", "padded", "nested", "varlen"):
+                    if not backend_available(backend, device, dtype):
+                        continue
+                    row = {"case": case, "dtype": str(dtype).replace("torch.", ""), "cudnn": cudnn, "backend": backend,
+                           "images": len(lengths), "max_len": max(lengths)}
+                    try:
+                        with torch.no_grad():
+                            out = varlen_attention(qkv, heads, layout, backend)
+                            times = []
+                            for _ in range(3 if tiny else 10):
+                                synchronize(device)
+                                t = time.perf_counter()
+                                varlen_attention(qkv, heads, layout, backend)
+                                synchronize(device)
+                                times.append(time.perf_counter() - t)
+                        err = (out.double().cpu() - reference).abs().max().item()
+                        row.update({"max_abs_err": err, "rel_err": err / reference.abs().max().item(),
+                                    "ms": statistics.median(times) * 1e3})
+                    except Exception as e:  # a kernel refusing an input is a result, not a crash of the step
+                        row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    rows.append(row)
+    set_varlen_kernel("auto")
+    frame = pd.DataFrame(rows)
+    frame.to_csv(ctx["out"] / "attention.csv", index=False)
+    errors = frame["error"].notna().sum() if "error" in frame else 0
+    return {"rows": len(frame), "kernel_errors": int(errors),
+            "worst_rel_err": {d: float(g["rel_err"].max()) for d, g in frame.groupby("dtype")}}
+
+
+def step_syncs(ctx: dict) -> dict:
+    import warnings
+
+    import torch
+
+    from nested_svit import create_model
+    from nested_svit.detection import create_detector
+
+    device, tiny = ctx["device"], ctx["dry_run"]
+    real = torch.cuda.is_available()
+    dtype = torch.bfloat16 if real else torch.float32
+    size = dict(embed_dim=128, num_heads=2, img_size=64) if tiny else {}
+    images = torch.randn(8, 3, size.get("img_size", 224), size.get("img_size", 224), device=device, dtype=dtype)
+
+    def measure(fn) -> dict:
+        fn()  # warm-up
+        counts: dict = {"syncs": None}
+        if real:
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if real else [])
+        with profile(activities=activities) as prof:
+            fn()
+        events = prof.events()
+        counts["kernels"] = sum(1 for e in events if real and e.device_type.name == "CUDA") if real else None
+        counts["cpu_ops"] = sum(1 for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::"))
+        return counts
+
+    out = {}
+    for name in ["deit_small_patch16_224", "svit_small"] + BASELINES:
+        model = create_model(name, **size).eval().to(device, dtype)
+        with torch.no_grad():
+            out[name] = measure(lambda: model(images))
+    det = create_detector("svit_adapter_tiny_maskrcnn" if tiny else "svit_adapter_small_maskrcnn",
+                          **({"img_scale": (192, 128)} if tiny else {})).eval().to(device)
+    shape = (128, 192) if tiny else (800, 1333)
+    pictures = [torch.randint(0, 255, (*shape, 3), dtype=torch.uint8).numpy() for _ in range(2)]
+    with torch.no_grad():
+        out["detector_predict_2_images"] = measure(lambda: det.predict(pictures, masks="rle"))
+    return out  # in syncs.json
+
+
+def step_throughput(ctx: dict) -> dict:
+    import pandas as pd
+
+    from nested_svit.benchmark import BenchConfig, run_benchmark
+    from nested_svit.viz import plot_throughput
+
+    tiny = ctx["dry_run"]
+    batches = [1, 2] if tiny else [1, 4, 16, 64, 256, 1024]
+    common = dict(device=ctx["device"], batch_sizes=batches, rounds=1 if tiny else 3, min_time=0.0 if tiny else 0.3,
+                  warmup=1 if tiny else 2)
+    passes = [("fp32", ["timm/deit_small_patch16_224", "svit_small"] + ([] if tiny else BASELINES), ["auto"]),
+              ("bf16", ["timm/deit_small_patch16_224", "svit_small"] + (BASELINES[:1] if tiny else BASELINES), ["auto"]),
+              ("bf16", ["svit_small"], ["loop", "padded", "nested"] + ([] if tiny else ["varlen"])),
+              ("fp32", ["svit_small"], ["loop", "padded", "nested"])]
+    if tiny:
+        passes = passes[:3]
+    frames = []
+    for precision, models, backends in passes:
+        frame = run_benchmark(BenchConfig(models=models, precision=precision, backends=backends, **common),
+                              progress=lambda m: print(m, flush=True))
+        frames.append(frame)
+        done = pd.concat(frames, ignore_index=True).drop_duplicates(["model", "backend", "precision", "batch_size"])
+        done.to_csv(ctx["out"] / "throughput.csv", index=False)  # what a timeout leaves is kept
+    for precision, frame in done.groupby("precision"):
+        plot_throughput(frame, ctx["out"] / f"throughput-{precision}.png")
+    return {"rows": len(done)}
+
+
+def step_detection(ctx: dict) -> dict:
+    from nested_svit.benchmark.detection import DetBenchConfig, run_detection_benchmark
+    from nested_svit.viz import plot_detection_throughput
+
+    tiny = ctx["dry_run"]
+    small = {"models": ["vit_adapter_tiny_maskrcnn", "svit_adapter_tiny_maskrcnn"], "img_scale": (192, 128),
+             "shapes": [(128, 192), (192, 128)], "detections": 5}
+    cfg = DetBenchConfig(device=ctx["device"], batch_sizes=[1] if tiny else [1, 2, 4, 8], rounds=1 if tiny else 3,
+                         **(small if tiny else {"img_scale": (1333, 800)}))
+    frame = run_detection_benchmark(cfg, progress=lambda m: print(m, flush=True))
+    frame.to_csv(ctx["out"] / "detection.csv", index=False)
+    plot_detection_throughput(frame, ctx["out"] / "detection.png")
+    return {"rows": len(frame)}
+
+
+def step_input_pipeline(ctx: dict) -> dict:
+    import tempfile
+
+    import pandas as pd
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import input_pipeline as ip
+
+    from nested_svit import create_model
+    from nested_svit.data import EvalTransform
+
+    device, tiny = ctx["device"], ctx["dry_run"]
+    real = torch.cuda.is_available()
+    count, batch = (24, 8) if tiny else (1536, 256)
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-jpegs-"))
+    ip.photo_jpegs(folder, count)
+    model = create_model("deit_small_patch16_224").eval().to(device, torch.bfloat16 if real else torch.float32)
+    images = torch.randn(batch, 3, 224, 224, device=device, dtype=model.dtype)
+    alone = ip.model_alone(model, images, 3)
+    transform = EvalTransform()
+    cpu_workers = 0 if tiny else min(12, max(1, (os.cpu_count() or 2) - 2))
+    rows = []
+    for pipeline, workers in (("uint8", cpu_workers), ("gpu-decode", 0 if tiny else 4)):
+        got = ip.predict_loop(model, folder, transform, pipeline, workers, batch, folder / "parts", str(device))
+        rows.append({"pipeline": "cpu-decode" if pipeline == "uint8" else pipeline, "workers": workers,
+                     "images_per_sec": batch / got["batch_s"], "model_alone_images_per_sec": batch / alone,
+                     "fraction_of_model_alone": alone / got["batch_s"], **got})
+    pd.DataFrame(rows).to_csv(ctx["out"] / "input_pipeline.csv", index=False)
+    return {r["pipeline"]: {"images_per_sec": r["images_per_sec"], "fraction_of_model_alone": r["fraction_of_model_alone"]}
+            for r in rows}
+
+
+# --------------------------------------------------------------------------- the speed goals
+def goals(out: Path, dry_run: bool) -> dict:
+    """Issue 16's speed goals from the CSVs: ``met`` / ``missed`` with the figure, or ``unknown``."""
+    import pandas as pd
+
+    result: dict = {}
+
+    def judge(name: str, value, target: float) -> None:
+        result[name] = {"value": None if value is None else round(float(value), 3), "target": target,
+                        "status": "unknown" if value is None else ("met" if value >= target else "missed")}
+
+    if (out / "throughput.csv").exists():
+        t = pd.read_csv(out / "throughput.csv")
+        svit = t[(t.model == "svit_small") & (t.backend == "auto")]
+        bf = svit[(svit.precision == "bf16") & (svit.batch_size >= 64)]
+        judge("svit_bf16_efficiency_batch_ge_64 (min)", bf.efficiency.min() if len(bf) else None, 0.92)
+        judge("svit_over_deit_speedup_from_batch_1 (min)", svit.speedup.min() if len(svit) else None, 1.0)
+        ours = t[(t.model == "deit_small_patch16_224")].set_index(["precision", "batch_size"]).infer_samples_per_sec
+        timm = t[(t.model == "timm/deit_small_patch16_224")].set_index(["precision", "batch_size"]).infer_samples_per_sec
+        both = ours.index.intersection(timm.index)
+        judge("our_deit_over_timm (min)", (ours[both] / timm[both]).min() if len(both) else None, 1.0)
+    if (out / "detection.csv").exists():
+        d = pd.read_csv(out / "detection.csv")
+        sv = d[d.model.str.startswith("svit")]
+        for part, target in (("backbone", 1.46), ("whole", 1.34)):
+            b1 = sv[(sv.part == part) & (sv.batch_size == 1)]
+            judge(f"detector_{part}_speedup_batch_1", b1.speedup.iloc[0] if len(b1) else None, target)
+    if (out / "input_pipeline.csv").exists():
+        p = pd.read_csv(out / "input_pipeline.csv").set_index("pipeline")
+        judge("gpu_decode_fraction_of_model_alone",
+              p.loc["gpu-decode", "fraction_of_model_alone"] if "gpu-decode" in p.index else None, 0.95)
+    if dry_run:
+        for g in result.values():
+            g["status"] = "dry run (tiny CPU figures: not the goal)"
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+def run_step(name: str, out: Path, dry_run: bool, device: str) -> int:
+    """One step in this process: ``<step>.json`` with its status, seconds and results."""
+    start = time.perf_counter()
+    ctx = {"out": out, "dry_run": dry_run, "device": device}
+    record: dict = {"step": name}
+    try:
+        if os.environ.get("GPU_CHECK_FAIL_STEP") == name:  # tests/test_gpu_check.py: a step that breaks
+            raise RuntimeError("injected failure (GPU_CHECK_FAIL_STEP)")
+        record.update(status="ok", results=globals()[f"step_{name}"](ctx))
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+    return 0 if record["status"] == "ok" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the results (created)")
+    p.add_argument("--dry-run", action="store_true", help="the same steps, tiny, on the CPU")
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ", ".join(STEPS))
+    p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in this process (the driver's child)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.dry_run else "cuda"
+    if args.step:
+        return run_step(args.step, out, args.dry_run, device)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        p.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("no CUDA device here (torch.cuda.is_available() is False); --dry-run runs the check on the CPU")
+    summary: dict = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": {}}
+    total = time.perf_counter()
+    for name in steps:
+        limit = STEPS[name][1 if args.dry_run else 0]
+        (out / f"{name}.json").unlink(missing_ok=True)
+        start = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--step", name] + \
+              (["--dry-run"] if args.dry_run else [])
+        with open(out / f"{name}.log", "w") as log:
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        seconds = round(time.perf_counter() - start, 1)
+        path = out / f"{name}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            entry = {"status": record["status"], "seconds": seconds, **({"error": record["error"]}
+                                                                          if "error" in record else {})}
+        elif rc is None:
+            entry = {"status": "timeout", "seconds": seconds, "error": f"over its {limit} s limit; partial files kept"}
+        else:
+            entry = {"status": "crashed", "seconds": seconds, "error": f"exit code {rc}; see {name}.log"}
+        summary["steps"][name] = entry
+        print(f"{name:15s} {entry['status']:8s} {seconds:6.1f} s  {entry.get('error', '')[:100]}", flush=True)
+    summary["seconds"] = round(time.perf_counter() - total, 1)
+    if (out / "environment.json").exists():
+        summary["environment"] = json.loads((out / "environment.json").read_text()).get("results")
+    summary["goals"] = goals(out, args.dry_run)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    for name, g in summary["goals"].items():
+        print(f"goal {name}: {g['value']} (target {g['target']}): {g['status']}")
+    print(f"{sum(e['status'] == 'ok' for e in summary['steps'].values())}/{len(steps)} steps ok in "
+          f"{summary['seconds']:.0f} s; results in {out}")
+    return 0 if all(e["status"] == "ok" for e in summary["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

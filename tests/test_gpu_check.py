@@ -1,0 +1,52 @@
+"""``bench/gpu_check.py --dry-run``: the one-command GPU check runs every step, tiny, on the CPU (the CUDA
+tests on the simulated device), writes its CSVs, PNGs and summary, and keeps going past a failing step."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+
+def _run(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *extra], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_dry_run_runs_every_step(tmp_path):
+    proc = _run(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = summary["steps"]
+    assert list(steps) == ["environment", "pytest_cuda", "attention", "syncs", "throughput", "detection",
+                           "input_pipeline"]
+    assert all(s["status"] == "ok" for s in steps.values()), steps
+    assert summary["environment"]["torch"] and summary["environment"]["jpeg_decoder"]
+    assert json.loads((tmp_path / "pytest_cuda.json").read_text())["results"]["tests"] >= 2
+    attention = pd.read_csv(tmp_path / "attention.csv")
+    assert set(attention.backend) >= {"loop", "padded", "nested"}
+    tolerance = attention.dtype.map({"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2})
+    assert (attention.rel_err < tolerance).all(), attention  # against the fp64 reference
+    throughput = pd.read_csv(tmp_path / "throughput.csv")
+    assert {"svit_small", "deit_small_patch16_224", "timm/deit_small_patch16_224"} <= set(throughput.model)
+    assert set(throughput.precision) == {"fp32", "bf16"}
+    assert len(pd.read_csv(tmp_path / "detection.csv")) and len(pd.read_csv(tmp_path / "input_pipeline.csv")) == 2
+    assert (tmp_path / "throughput-fp32.png").exists() and (tmp_path / "detection.png").exists()
+    syncs = json.loads((tmp_path / "syncs.json").read_text())["results"]
+    assert syncs["svit_small"]["cpu_ops"] > 0 and "detector_predict_2_images" in syncs
+    assert set(summary["goals"]) and all("dry run" in g["status"] for g in summary["goals"].values())
+
+
+def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
+    proc = _run(tmp_path, "--steps", "attention,environment", env={"GPU_CHECK_FAIL_STEP": "attention"})
+    assert proc.returncode == 1
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert steps["attention"]["status"] == "failed" and "injected failure" in steps["attention"]["error"]
+    assert steps["environment"]["status"] == "ok"
+    assert "Traceback" in json.loads((tmp_path / "attention.json").read_text())["traceback"]
+    assert _run(tmp_path, "--steps", "nope").returncode == 2  # unknown steps: refused by the parser
