@@ -31,3 +31,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)

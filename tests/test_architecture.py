@@ -4,6 +4,8 @@ run down the layers (function-local imports included), there are no import cycle
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ LAYERS = [
     {"checkpoint"},
     {"detection"},
     {"evaluation", "benchmark", "training"},
+    {"ray"},  # the optional Ray Data engine: only the CLI imports it (test_core_never_imports_ray)
     {"cli"},
     {"__init__"},  # the package's public surface
 ]
@@ -160,3 +163,15 @@ def test_no_method_name_compared_outside_methods():
 def test_modules_stay_small(limit, folder):
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / folder).rglob("*.py")}
     assert {k: n for k, n in sizes.items() if n > limit} == {}
+
+
+def test_core_never_imports_ray():
+    """The Ray engine is an optional extra: no module but the CLI's engine switch imports it, and
+    importing the library (or running its CLI parser) does not import ray."""
+    importers = sorted(name for name, imported in graph().items() if not name.startswith("nested_svit.ray")
+                       and any(m == "nested_svit.ray" or m.startswith("nested_svit.ray.") for m in imported))
+    assert importers == ["nested_svit.cli.engine"], importers
+    code = ("import sys, importlib, nested_svit; importlib.import_module('nested_svit.cli.main').build_parser(); "
+            "print(any(k == 'ray' or k.startswith('ray.') for k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -213,5 +213,16 @@ def load_init(model, path: str) -> list[str]:
                         f"the model {model.config.num_classes}"]
 
 
-__all__ = ["family_of", "build_classifier", "build_detector", "calibrate", "save_classifier", "model_class_names",
-           "load_init", "note"]
+def actor_model(family: str, flags: dict, device: str):
+    """The model a run's flags describe, built again where it runs (a Ray actor): checkpoint read from
+    its path, on ``device`` in the run's precision and backend. ``flags``: the run's parsed flags after
+    the driver resolved them (``vars(args)``, plain values only)."""
+    from ..benchmark.harness import PRECISIONS
+
+    args = argparse.Namespace(**flags)
+    model, _ = build_detector(args) if family == "detector" else build_classifier(args)
+    return model.to(device, PRECISIONS[args.precision]).eval().set_execution("packed", args.backend)
+
+
+__all__ = ["family_of", "actor_model", "build_classifier", "build_detector", "calibrate", "save_classifier",
+           "model_class_names", "load_init", "note"]

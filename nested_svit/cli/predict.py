@@ -10,6 +10,7 @@ from pathlib import Path
 from . import options
 from .arguments import CLS, DET, add_inference_options
 from .common import PREDICT_FORMATS, check_suffix, check_writable, picture_names, write_rows
+from .engine import add_engine_options, check_engine_args, ray_run
 from .jobs import prepare_classifier_job, prepare_detector_job, run_with_progress, validate_inference_args
 from .models import build_detector, family_of
 
@@ -36,6 +37,7 @@ def add_parser(sub, formatter) -> None:
                         "selection (classifiers); boxes, masks and kept tokens (detectors)")
     options.add(p, g, "--vis-score-thr", type=float, defaults={DET: 0.3},
                 help="boxes and masks drawn in --save-vis pictures: scores at least this")
+    add_engine_options(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -44,6 +46,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("--demo runs the bundled digits model; drop --model/--checkpoint (or drop --demo)")
     family = "classifier" if args.demo else family_of(args.model, args.checkpoint)
     options.resolve(args, family, args.model or (Path(args.checkpoint).name if args.checkpoint else None))
+    check_engine_args(args)
+    if args.engine == "ray":
+        args.device = "cpu"  # the driver only checks the model; actors build their own on their devices
     if family == "detector":
         return predict_detector(args)
     return predict_classifier(args)
@@ -71,7 +76,8 @@ def predict_classifier(args: argparse.Namespace) -> int:
     try:
         from ..evaluation import run_inference
 
-        run_with_progress(job, "predict", run_inference,
+        run = ray_run(args, "classifier", job) if args.engine == "ray" else run_inference
+        run_with_progress(job, "predict", run,
                           lambda s: {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"}, lambda s: [s.images])
         if job.dist.is_main:
             rows = merge_parts(parts, len(job.dataset))
@@ -160,7 +166,9 @@ def predict_detector(args: argparse.Namespace) -> int:
             for index, name, d in zip(batch["index"], batch["id"], dets):
                 save_picture(dataset.decoded(index), d, vis_dir / names[name], args.vis_score_thr)
     try:
-        run_with_progress(job, "predict", lambda j, progress: run_detection(j, progress, on_batch),
+        run = ray_run(args, "detector", job) if args.engine == "ray" else \
+            (lambda j, progress: run_detection(j, progress, on_batch))
+        run_with_progress(job, "predict", run,
                           lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
                           lambda s: [s.images])
         if job.dist.is_main:

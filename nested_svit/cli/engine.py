@@ -1,0 +1,86 @@
+"""``predict --engine ray``: its options, the flags it refuses, and the run it hands to
+``jobs.run_with_progress`` in place of the local loop (``nested_svit.ray``)."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Callable
+
+ENGINE_FLAGS = ("--ray-address", "--actors", "--gpus-per-actor", "--cpus-per-actor")
+# flags of the local engine that mean nothing on Ray, and what to use instead
+NOT_ON_RAY = {"save_vis": ("--save-vis", "pictures are drawn by the local engine only"),
+              "calibrate": ("--calibrate", "calibrate with the local engine and --save-calibrated, then pass that file"),
+              "calibrate_data": ("--calibrate-data", "calibrate with the local engine"),
+              "save_calibrated": ("--save-calibrated", "calibrate with the local engine"),
+              "keep_targets": ("--keep-targets", "calibrate with the local engine"),
+              "threads": ("--threads", "use --cpus-per-actor (each actor's torch threads)")}
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (predict only)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (or torchrun's); ray: Ray Data over a cluster or a local Ray instance "
+                        "(pip install -e '.[ray]'): CPU decode tasks feed model actors, lost actors are retried, "
+                        "a rerun with the same --out resumes")
+    g.add_argument("--ray-address", default=None,
+                   help="a running cluster: auto or HOST:PORT (default: start a local Ray instance for this run)")
+    g.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (its torch threads)")
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line, what the chosen engine cannot do."""
+    from .arguments import WORKERS
+
+    if args.engine != "ray":
+        given = [f for f in ENGINE_FLAGS if getattr(args, f[2:].replace("-", "_")) not in (None, 1.0)]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --engine ray")
+        return
+    for dest, (flag, instead) in NOT_ON_RAY.items():
+        value = getattr(args, dest, None)
+        if value not in (None, 0, False, ""):
+            raise ValueError(f"{flag} is not supported with --engine ray: {instead}")
+    if args.device not in ("auto", "cpu"):
+        raise ValueError("--device is not supported with --engine ray: each actor runs on its GPU (--gpus-per-actor) "
+                         "or its CPUs")
+    if args.workers != WORKERS:
+        raise ValueError("--workers is not supported with --engine ray: decoding runs in Ray tasks")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--engine ray runs from one driver process: start it without torchrun")
+    if args.actors is not None and args.actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {args.actors}")
+    if (args.gpus_per_actor or 0) < 0 or args.cpus_per_actor <= 0:
+        raise ValueError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+
+
+def ray_run(args: argparse.Namespace, family: str, job) -> Callable:
+    """The run for ``run_with_progress``: ``job``'s pending batches on Ray Data."""
+    from ..data.coco import collate_detection
+    from ..data.dataset import collate_records
+    from ..ray import require_ray
+    from ..ray.engine import RayOptions, run_on_ray
+    from .models import actor_model
+
+    require_ray()  # before any work: the extra may not be installed
+    flags = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    flags["device"] = "cpu"  # replaced by the actor's own device
+    load = functools.partial(actor_model, family, flags)
+    if family == "detector":
+        from ..evaluation.detection import DetectionProgress
+
+        spec, collate, state = {"family": "detector", "masks": job.masks}, collate_detection, DetectionProgress
+    else:
+        from ..evaluation.runner import Progress
+
+        spec = {"family": "classifier", "topk": job.topk, "class_names": job.class_names,
+                "truth_names": job.dataset.class_names, "exif": job.dataset.exif, "transform": job.transform,
+                "decode": args.decode, "max_pixels": args.max_image_pixels}
+        collate, state = collate_records, lambda: Progress(0, 0, 0, 0.0)
+
+    options = RayOptions(address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                         cpus_per_actor=args.cpus_per_actor)
+    return lambda job, progress: run_on_ray(job, state(), load, spec, collate, options, progress)

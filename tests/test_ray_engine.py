@@ -1,0 +1,186 @@
+"""``predict --engine ray`` on one shared local Ray instance (``ray.init(num_cpus=4, ...)``: logical CPUs,
+so decode tasks, actors and the driver's reads all get scheduled on a 2-core machine).
+
+The guarantees, each a test: one row per input file; the rows equal the local engine's (same batches,
+same per-batch code: ids, statuses, top-k ids, probabilities within 1e-5, detections); a model actor
+killed mid-batch is restarted and its batch retried with exact output; a killed driver rerun with the
+same ``--out`` resumes without recomputing committed batches; a changed input set is refused; the
+work units decode to exactly the local loader's batches for every input kind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datasets_fixtures import smooth_image, write_awkward_folder, write_image_folder, write_parquet
+from nested_svit.cli.main import main
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[test]' brings it)")
+pytestmark = pytest.mark.ray
+
+TINY = ["--model", "svit_tiny", "--random-weights", "--img-size", "64", "--batch-size", "4"]
+LOCAL = ["--workers", "0", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, object_store_memory=256 * 2 ** 20, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def _compare(local: pd.DataFrame, remote: pd.DataFrame) -> None:
+    assert list(local.columns) == list(remote.columns)
+    exact = [c for c in local.columns if not c.endswith("_prob")]
+    pd.testing.assert_frame_equal(local[exact], remote[exact])
+    probs = [c for c in local.columns if c.endswith("_prob")]
+    np.testing.assert_allclose(local[probs].to_numpy(float), remote[probs].to_numpy(float), atol=1e-5, rtol=0)
+
+
+def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
+    kinds = write_awkward_folder(tmp_path / "in")
+    smooth_image(np.random.default_rng(1), (64, 48)).save(tmp_path / "in" / "日本 photo (1).jpg")
+    args = ["predict", *TINY, "--input", str(tmp_path / "in")]
+    assert main([*args, *LOCAL, "--out", str(tmp_path / "local.parquet")]) == 0
+    assert main([*args, "--engine", "ray", "--actors", "2", "--out", str(tmp_path / "ray.parquet")]) == 0
+    local, remote = pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(tmp_path / "ray.parquet")
+    files = sorted(p.name for p in (tmp_path / "in").iterdir())
+    assert len(remote) == len(files) - 1 == len(kinds)  # notes.txt is listed as ignored, the rest get one row each
+    assert remote["id"].is_unique and sorted(remote["id"]) == sorted(set(files) - {"notes.txt"})
+    assert set(remote.loc[remote.status == "skipped", "id"]) == {"truncated.jpg", "corrupt.jpg", "document.jpg"}
+    _compare(local, remote)
+    assert not (tmp_path / "ray.parquet.parts").exists()
+
+
+def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster):
+    from coco_fixtures import make_coco
+
+    from nested_svit.detection import create_detector
+    from nested_svit.detection.checkpoint import save_detector_checkpoint
+
+    _, images = make_coco(tmp_path / "coco", corrupt=1)
+    torch.manual_seed(0)
+    save_detector_checkpoint(create_detector("svit_adapter_tiny_maskrcnn", img_scale=(192, 128), num_classes=2,
+                                             class_names=("square", "bar")), tmp_path / "det.pth")
+    args = ["predict", "--checkpoint", str(tmp_path / "det.pth"), "--input", str(images), "--batch-size", "2"]
+    assert main([*args, *LOCAL, "--out", str(tmp_path / "local.jsonl")]) == 0
+    # the same torch threads as the local run (2): the same GEMM reduction order, so the same floats
+    assert main([*args, "--engine", "ray", "--cpus-per-actor", "2", "--out", str(tmp_path / "ray.jsonl")]) == 0
+    local = pd.read_json(tmp_path / "local.jsonl", lines=True)
+    remote = pd.read_json(tmp_path / "ray.jsonl", lines=True)
+    assert len(remote) == 5 and remote.status.tolist().count("skipped") == 1
+    pd.testing.assert_frame_equal(local, remote)  # boxes, scores, labels and RLE masks: the same computation
+
+
+def test_killed_actor_is_restarted_and_its_batch_retried(tmp_path, cluster, monkeypatch):
+    write_image_folder(tmp_path / "in", per_class=4)
+    args = ["predict", *TINY, "--input", str(tmp_path / "in")]
+    assert main([*args, *LOCAL, "--out", str(tmp_path / "local.csv")]) == 0
+    marker = tmp_path / "actor-died"
+    monkeypatch.setenv("NESTED_SVIT_RAY_FAULT", f"exit:1:{marker}")  # the actor's process exits mid-batch 1
+    assert main([*args, "--engine", "ray", "--out", str(tmp_path / "ray.csv")]) == 0
+    assert marker.exists(), "the fault was not injected"
+    local, remote = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv")
+    assert len(remote) == 12 and remote["index"].tolist() == list(range(12))
+    _compare(local, remote)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nested_svit.cli", *args]
+
+
+def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_path, cluster, monkeypatch, capsys):
+    data = tmp_path / "in"
+    data.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(40):
+        smooth_image(rng, (80, 64)).save(data / f"{i:03d}.jpg")
+    out = tmp_path / "ray.parquet"
+    parts = tmp_path / "ray.parquet.parts"
+    args = ["predict", *TINY[:-1], "2", "--input", str(data), "--out", str(out)]
+    proc = subprocess.Popen(_cli(*args, "--engine", "ray", "--ray-address", cluster, "--actors", "1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("batch-*.parquet"))) < 4 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.parquet")}
+    assert 4 <= len(committed) < 20 and not out.exists(), f"the driver should have been killed midway: {committed}"
+
+    (data / "new.jpg").write_bytes((data / "000.jpg").read_bytes())
+    capsys.readouterr()
+    assert main([*args, "--engine", "ray"]) == 2  # the input set changed since the parts were written
+    assert "partial results of a different run" in capsys.readouterr().err
+    (data / "new.jpg").unlink()
+
+    import nested_svit.ray.engine as engine
+
+    ran: list[int] = []
+    real = engine.work_units
+
+    def recording(dataset, batches, batch_size):
+        units = real(dataset, batches, batch_size)
+        ran.extend(u["batch"] for u in units)
+        return units
+
+    monkeypatch.setattr(engine, "work_units", recording)
+    assert main([*args, "--engine", "ray"]) == 0
+    assert sorted(ran) == sorted(set(range(20)) - committed)  # only what was not committed
+    assert main([*args[:-1], str(tmp_path / "local.parquet"), *LOCAL]) == 0
+    _compare(pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(out))
+
+
+@pytest.mark.parametrize("kind", ["folder", "imagefolder", "file", "glob", "list", "parquet"])
+def test_work_units_decode_to_the_local_batches(tmp_path, kind):
+    """Without a cluster: every input kind's units decode (``decode_unit``) to exactly the batches the
+    local DataLoader makes from the same data set."""
+    import pickle
+
+    from nested_svit.data import EvalTransform, open_dataset
+    from nested_svit.data.dataset import collate_records
+    from nested_svit.ray.units import decode_unit, template_of, work_units
+
+    write_image_folder(tmp_path / "tree", per_class=2)
+    files = sorted((tmp_path / "tree").rglob("*.*"))
+    (tmp_path / "list.txt").write_text("\n".join(str(f) for f in files))
+    write_parquet(tmp_path / "hf", n=5)
+    source = {"folder": tmp_path / "tree" / "n01440764", "imagefolder": tmp_path / "tree", "file": files[0],
+              "glob": f"{tmp_path / 'tree'}/*/*.JPEG", "list": tmp_path / "list.txt", "parquet": tmp_path / "hf"}[kind]
+    t = EvalTransform(img_size=32)
+    dataset = open_dataset(source, t.crop, exif=True)
+    batches = [list(range(i, min(i + 2, len(dataset)))) for i in range(0, len(dataset), 2)]
+    template = template_of(dataset)
+    for unit in work_units(dataset, batches, 2):
+        got = pickle.loads(decode_unit(unit, template, collate_records)["payload"])
+        expected = collate_records([dataset[i] for i in unit["index"]])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            if isinstance(expected[key], torch.Tensor):
+                assert torch.equal(got[key], expected[key]), key
+            else:
+                assert got[key] == expected[key], key
+
+
+def test_flags_the_ray_engine_cannot_honour_are_refused(tmp_path, capsys):
+    write_image_folder(tmp_path / "in", per_class=1)
+    base = ["predict", *TINY, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o.parquet")]
+    for extra, words in ((["--engine", "ray", "--save-vis", str(tmp_path / "v")], "--save-vis is not supported"),
+                         (["--engine", "ray", "--calibrate", "4"], "--calibrate is not supported"),
+                         (["--engine", "ray", "--device", "cuda:1"], "--device is not supported"),
+                         (["--engine", "ray", "--threads", "3"], "--threads is not supported"),
+                         (["--actors", "2"], "only apply to --engine ray")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
