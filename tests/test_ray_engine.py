@@ -75,8 +75,10 @@ def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster):
                                              class_names=("square", "bar")), tmp_path / "det.pth")
     args = ["predict", "--checkpoint", str(tmp_path / "det.pth"), "--input", str(images), "--batch-size", "2"]
     assert main([*args, *LOCAL, "--out", str(tmp_path / "local.jsonl")]) == 0
-    # the same torch threads as the local run (2): the same GEMM reduction order, so the same floats
-    assert main([*args, "--engine", "ray", "--cpus-per-actor", "2", "--out", str(tmp_path / "ray.jsonl")]) == 0
+    # the same torch threads as the local run (2): the same GEMM reduction order, so the same floats; two
+    # such actors take all 4 CPUs, so the decode has to run inside them (fused) or nothing is ever decoded
+    ray_args = ["--engine", "ray", "--actors", "2", "--cpus-per-actor", "2"]
+    assert main([*args, *ray_args, "--out", str(tmp_path / "ray.jsonl")]) == 0
     local = pd.read_json(tmp_path / "local.jsonl", lines=True)
     remote = pd.read_json(tmp_path / "ray.jsonl", lines=True)
     assert len(remote) == 5 and remote.status.tolist().count("skipped") == 1
@@ -180,7 +182,9 @@ def test_flags_the_ray_engine_cannot_honour_are_refused(tmp_path, capsys):
                          (["--engine", "ray", "--calibrate", "4"], "--calibrate is not supported"),
                          (["--engine", "ray", "--device", "cuda:1"], "--device is not supported"),
                          (["--engine", "ray", "--threads", "3"], "--threads is not supported"),
-                         (["--actors", "2"], "only apply to --engine ray")):
+                         (["--engine", "ray", "--cpus-per-actor", "0"], "--cpus-per-actor > 0"),
+                         (["--actors", "2"], "only apply to --engine ray"),
+                         (["--cpus-per-actor", "1"], "only apply to --engine ray")):  # even the default value
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err

@@ -28,7 +28,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     g.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
-    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (its torch threads)")
+    g.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs per model actor (its torch threads; default 1)")
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -36,7 +37,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
     from .arguments import WORKERS
 
     if args.engine != "ray":
-        given = [f for f in ENGINE_FLAGS if getattr(args, f[2:].replace("-", "_")) not in (None, 1.0)]
+        given = [f for f in ENGINE_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --engine ray")
         return
@@ -53,7 +54,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise ValueError("--engine ray runs from one driver process: start it without torchrun")
     if args.actors is not None and args.actors < 1:
         raise ValueError(f"--actors must be >= 1, got {args.actors}")
-    if (args.gpus_per_actor or 0) < 0 or args.cpus_per_actor <= 0:
+    if (args.gpus_per_actor or 0) < 0 or (args.cpus_per_actor is not None and args.cpus_per_actor <= 0):
         raise ValueError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
 
 
@@ -82,5 +83,5 @@ def ray_run(args: argparse.Namespace, family: str, job) -> Callable:
         collate, state = collate_records, lambda: Progress(0, 0, 0, 0.0)
 
     options = RayOptions(address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                         cpus_per_actor=args.cpus_per_actor)
+                         cpus_per_actor=args.cpus_per_actor or 1.0)
     return lambda job, progress: run_on_ray(job, state(), load, spec, collate, options, progress)

@@ -22,7 +22,7 @@ class RayOptions:
     actors: int | None = None  # model actors (None: one per GPU of the cluster, else 1)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # also the actor's torch threads
-    decode_cpus: float = 1.0  # per decode task
+    decode_cpus: float = 1.0  # per decode task of GPU actors (CPU actors decode with their own CPUs)
 
 
 def _connect(ray, options: RayOptions) -> bool:
@@ -45,7 +45,7 @@ def _actors(ray, options: RayOptions, local: bool) -> tuple[int, float]:
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = options.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
-    # GPU actors run apart from the decode tasks; CPU actors take the decode in (Ray fuses the two stages)
+    # GPU actors run apart from the decode tasks; CPU actors take the decode in (_decode_cpus)
     need_cpus = actors * options.cpus_per_actor + (options.decode_cpus if per_actor else 0)
     problems = []
     if actors * per_actor > gpus:
@@ -59,6 +59,12 @@ def _actors(ray, options: RayOptions, local: bool) -> tuple[int, float]:
     for problem in problems:
         warnings.warn(f"{problem}: the run waits until the cluster has them")
     return actors, per_actor
+
+
+def _decode_cpus(options: RayOptions, gpus_per_actor: float) -> float:
+    """CPUs of one decode task. For CPU actors, the actor's own: Ray fuses two map stages only when their
+    resources are equal, and unfused decode tasks would wait for ever for CPUs the actors hold."""
+    return options.decode_cpus if gpus_per_actor else options.cpus_per_actor
 
 
 def run_on_ray(job, state, load_model: Callable, spec: dict, collate: Callable, options: RayOptions,
@@ -88,7 +94,7 @@ def run_on_ray(job, state, load_model: Callable, spec: dict, collate: Callable, 
         extra = {"runtime_env": {"env_vars": remote_env}} if remote_env else {}
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map(decode_unit, fn_kwargs={"template": template_of(job.dataset), "collate": collate},
-                    num_cpus=options.decode_cpus, **extra)
+                    num_cpus=_decode_cpus(options, gpus_per_actor), **extra)
         ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                             fn_constructor_kwargs={"load_model": load_model, "spec": spec,
                                                    "threads": int(max(1, options.cpus_per_actor))},
