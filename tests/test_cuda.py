@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from nested_svit import create_model
+from model_fixtures import lively_model
 
 pytestmark = pytest.mark.cuda
 WANT = os.environ.get("NESTED_SVIT_TEST_DEVICE", "cuda")
-SMALL = dict(embed_dim=128, num_heads=2, num_classes=10, img_size=64)
 METHODS = ["svit_small", "dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small",
            "deit_small_patch16_224"]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,25 +51,13 @@ def _to_cpu(x):
     return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
-def _model(name: str):
-    torch.manual_seed(0)
-    model = create_model(name, **SMALL).eval()
-    with torch.no_grad():
-        model.pos_embed.normal_(std=0.5)
-        if model.cls_token is not None:
-            model.cls_token.normal_(std=0.5)
-    if model.method.calibrate is not None:
-        model.calibrate_keep(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(9)))
-    return model
-
-
 def _backends(dtype: torch.dtype) -> list[str]:
     return ["auto", "loop", "padded", "nested"] + (["varlen"] if dtype != torch.float32 else [])
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_classifier_packed_equals_reference_and_single_images(device, name):
-    cpu = _model(name)
+    cpu = lively_model(name)
     images = [torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1)),
               torch.randn(3, 48, 80, generator=torch.Generator().manual_seed(2))]
     with torch.no_grad():

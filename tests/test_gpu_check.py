@@ -27,7 +27,7 @@ def test_dry_run_runs_every_step(tmp_path):
                            "input_pipeline"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert summary["environment"]["torch"] and summary["environment"]["jpeg_decoder"]
-    assert json.loads((tmp_path / "pytest_cuda.json").read_text())["results"]["tests"] >= 2
+    assert json.loads((tmp_path / "pytest_cuda.json").read_text())["results"]["tests"] >= 1
     attention = pd.read_csv(tmp_path / "attention.csv")
     assert set(attention.backend) >= {"loop", "padded", "nested"}
     tolerance = attention.dtype.map({"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2})

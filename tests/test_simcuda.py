@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import simcuda
+from model_fixtures import lively_model
 from nested_svit import create_model
 
-SMALL = dict(embed_dim=128, num_heads=2, num_classes=10, img_size=64)  # head dim 64 as DeiT-S
 METHODS = ["svit_small", "dynamicvit_small", "evit_small", "evit_nofuse_small", "evovit_small", "ats_small",
            "tome_small", "deit_small_patch16_224"]
 # host syncs per forward of a batch of 8: one per gated SViT block (9), none for fixed counts, one per
@@ -25,21 +25,9 @@ def dev():
     return simcuda.device()
 
 
-def _model(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = create_model(name, **SMALL).eval()
-    with torch.no_grad():  # a class token and gates that matter (as tests/test_baselines.py)
-        model.pos_embed.normal_(std=0.5)
-        if model.cls_token is not None:
-            model.cls_token.normal_(std=0.5)
-    if model.method.calibrate is not None:
-        model.calibrate_keep(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(9)))
-    return model
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_methods_on_the_device_equal_the_cpu_within_the_sync_budget(dev, name):
-    model = _model(name)
+    model = lively_model(name)
     images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, usage = model(images), model.forward_features(images)[1]
@@ -71,7 +59,7 @@ def test_mixed_resolutions_and_varlen_kernels(dev):
     follows torch's rule (cuDNN above 128 rows on an H200), and the flash-only switch keeps flash."""
     from nested_svit import attention
 
-    model = _model("svit_small", seed=3)
+    model = lively_model("svit_small", seed=3)
     images = [torch.randn(3, 64, 64), torch.randn(3, 48, 80), torch.randn(3, 32, 32)]
     with torch.no_grad():
         expected = model(images)
@@ -183,7 +171,7 @@ def test_flop_counting_is_the_same_with_every_backend(dev):
     images = [torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1)),
               torch.randn(3, 48, 80, generator=torch.Generator().manual_seed(2))]
     for name, dtype in (("svit_small", torch.float32), ("deit_small_patch16_224", torch.bfloat16)):
-        model = _model(name)
+        model = lively_model(name)
         counts = {}
         for backend in ("loop", "padded", "nested"):
             model.set_execution("packed", backend)
