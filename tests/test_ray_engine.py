@@ -188,3 +188,18 @@ def test_flags_the_ray_engine_cannot_honour_are_refused(tmp_path, capsys):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_address_nothing_listens_on_and_a_missing_extra_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    from nested_svit.ray.engine import _check_reachable
+
+    with pytest.raises(ValueError, match="no Ray cluster answers at --ray-address 127.0.0.1:1"):
+        _check_reachable("127.0.0.1:1", timeout=2)  # ray.init would retry it for minutes
+    with pytest.raises(ValueError, match="auto or HOST:PORT"):
+        _check_reachable("head:port")
+    write_image_folder(tmp_path / "in", per_class=1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # the extra is not installed
+    assert main(["predict", *TINY, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o.csv"),
+                 "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --engine ray needs Ray Data: pip install -e '.[ray]' (ray[data]==2.60.0)"

@@ -66,7 +66,10 @@ def ray_run(args: argparse.Namespace, family: str, job) -> Callable:
     from ..ray.engine import RayOptions, run_on_ray
     from .models import actor_model
 
-    require_ray()  # before any work: the extra may not be installed
+    try:
+        require_ray()  # before any work: the extra may not be installed
+    except ImportError as e:
+        raise ValueError(str(e)) from e
     flags = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
     flags["device"] = "cpu"  # replaced by the actor's own device
     load = functools.partial(actor_model, family, flags)

@@ -69,7 +69,7 @@ def prepare_classifier_job(args: argparse.Namespace, parts_dir: Path, kind: str)
         from ..devices import is_cuda
 
         decoder = DeviceJpegDecoder(transform, device, dataset.exif, args.max_image_pixels)
-        if not is_cuda(device):
+        if not is_cuda(device) and getattr(args, "engine", "local") == "local":  # Ray: each actor's own device
             print(f"note: --decode gpu on {device}: JPEGs are decoded in this process by {decoder.name} (there is "
                   "no GPU decoder here); --decode cpu decodes in the --workers processes", file=sys.stderr)
     class_names = model_class_names(args, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,13 +26,32 @@ class RayOptions:
     decode_cpus: float = 1.0  # per decode task of GPU actors (CPU actors decode with their own CPUs)
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a HOST:PORT nothing listens on, in seconds (``ray.init`` would retry it for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or address == "auto" or address.startswith("ray://"):
+        return
+    if not port.isdigit():
+        raise ValueError(f"--ray-address must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"no Ray cluster answers at --ray-address {address} ({e.strerror or e}); start one with "
+                         "`ray start --head` there, or leave --ray-address out for a local instance") from e
+
+
 def _connect(ray, options: RayOptions) -> bool:
     """Join or start Ray. -> whether this run started it (and so shuts it down)."""
     if ray.is_initialized():
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # our own bar and messages say what happens
     if options.address:
-        ray.init(address=options.address, **quiet)
+        _check_reachable(options.address)
+        try:
+            ray.init(address=options.address, **quiet)
+        except ConnectionError as e:  # "auto" with no cluster on this machine, a head that went away
+            raise ValueError(f"cannot join the Ray cluster at --ray-address {options.address}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     else:  # a local instance sized to this machine, gone at the end of the run
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, **quiet)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -90,6 +110,7 @@ def run_on_ray(job, state, load_model: Callable, spec: dict, collate: Callable, 
             context.max_consecutive_actor_init_deaths = 2  # a model that cannot load fails fast
         actors, gpus_per_actor = _actors(ray, options, local=started and not options.address)
         units = work_units(job.dataset, todo, job.batch_size)
+        actors = min(actors, len(units))  # no idle actors for a short run or the tail of a resumed one
         remote_env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
         extra = {"runtime_env": {"env_vars": remote_env}} if remote_env else {}
         ds = ray.data.from_items(units, override_num_blocks=len(units))
