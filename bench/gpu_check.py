@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the results (created)")
     p.add_argument("--dry-run", action="store_true", help="the same steps, tiny, on the CPU")
     p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ", ".join(STEPS))
+    p.add_argument("--in-process", action="store_true",
+                   help="run the steps in this process: no isolation and no time limits (the test suite's dry run)")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in this process (the driver's child)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -375,12 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--step", name] + \
               (["--dry-run"] if args.dry_run else [])
-        with open(out / f"{name}.log", "w") as log:
-            try:
-                proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = None
+        if args.in_process:
+            rc = run_step(name, out, args.dry_run, device)
+        else:
+            with open(out / f"{name}.log", "w") as log:
+                try:
+                    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+                    rc = proc.returncode
+                except subprocess.TimeoutExpired:
+                    rc = None
         seconds = round(time.perf_counter() - start, 1)
         path = out / f"{name}.json"
         if path.exists():

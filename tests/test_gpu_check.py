@@ -19,7 +19,7 @@ def _run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Complete
 
 
 def test_dry_run_runs_every_step(tmp_path):
-    proc = _run(tmp_path)
+    proc = _run(tmp_path, "--in-process")  # one process start, not seven: the isolation is the next test's
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = summary["steps"]
