@@ -12,6 +12,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ..devices import constant
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,8 +48,6 @@ class EvalTransform:
     def normalize(self, batch: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """uint8 ``[B, 3, S, S]`` on any device -> normalised ``[B, 3, S, S]`` in ``dtype`` (computed in
         float32, as ``__call__``; the constants are cached on the device)."""
-        from ..devices import constant
-
         mean = constant(self.mean, torch.float32, batch.device).view(3, 1, 1)
         std = constant(self.std, torch.float32, batch.device).view(3, 1, 1)
         out = batch.to(torch.float32).div_(255).sub_(mean).div_(std)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 import warnings
@@ -123,11 +124,7 @@ def run_on_ray(job, state, load_model: Callable, spec: dict, collate: Callable, 
         start = time.perf_counter()
         for row in ds.iter_rows():
             atomic_write_bytes(_part_path(job.parts_dir, int(row["batch"])), row["rows"])
-            state.images += int(row["images"])
-            state.seen += int(row["seen"])
-            if hasattr(state, "model_seconds"):  # detection
-                state.model_seconds += float(row["model_seconds"])
-                state.detections += int(row["detections"])
+            state.add(pickle.loads(row["counts"]))
             state.elapsed = time.perf_counter() - start
             if progress:
                 progress(state)

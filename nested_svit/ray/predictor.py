@@ -54,7 +54,7 @@ class Predictor:
     def __call__(self, rows: dict) -> dict:
         import torch
 
-        out: dict = {"batch": [], "rows": [], "images": [], "seen": [], "model_seconds": [], "detections": []}
+        out: dict = {"batch": [], "rows": [], "counts": []}
         for batch_id, payload in zip(rows["batch"], rows["payload"]):
             _maybe_fail(int(batch_id))
             batch = pickle.loads(payload)
@@ -64,18 +64,13 @@ class Predictor:
                     from ..evaluation.detection import detect_batch
 
                     frame, _, counts = detect_batch(self.job, upload_detection_batch(batch, self.device))
-                    seconds, detections = counts.model_seconds, counts.detections
                 else:
                     from ..evaluation.runner import classify_batch, prepare_batch
 
                     frame, counts = classify_batch(self.job, prepare_batch(self.job)(batch))
-                    seconds, detections = 0.0, 0
             buf = io.BytesIO()
             frame.to_parquet(buf, index=False)
             out["batch"].append(int(batch_id))
             out["rows"].append(buf.getvalue())
-            out["images"].append(counts.images)
-            out["seen"].append(counts.seen)
-            out["model_seconds"].append(seconds)
-            out["detections"].append(detections)
+            out["counts"].append(pickle.dumps(counts))  # Progress / DetectionProgress: the driver adds them up
         return out
