@@ -31,7 +31,8 @@ from nested_svit.data import EvalTransform, open_dataset
 from nested_svit.data.dataset import collate_records
 from nested_svit.data.decode import decode_image
 from nested_svit.data.device_decode import DeviceJpegDecoder, _decode_jpeg
-import nested_svit.evaluation.runner as runner
+import nested_svit.inference as inference
+from nested_svit.inference.parts import PartStore
 from nested_svit.devices import synchronize
 
 
@@ -110,9 +111,10 @@ def predict_loop(model, folder: Path, transform: EvalTransform, pipeline: str, w
         if pipeline == "gpu-decode":
             extra["decoder"] = DeviceJpegDecoder(transform, device, exif=True)
     shutil.rmtree(parts, ignore_errors=True)
-    job = runner.InferenceJob(model, ds, parts, {"bench": pipeline}, batch, workers, 5, torch.device(device), **extra)
+    job = inference.InferenceJob(model, ds, parts, {"bench": pipeline}, batch, workers, 5, torch.device(device),
+                                 **extra)
     forward, writing, stamps = [], [], []
-    plain_forward, plain_write = model.forward_features, runner.write_part
+    plain_forward, plain_write = model.forward_features, PartStore.commit
 
     def timed_forward(*a, **k):
         synchronize(device)
@@ -127,12 +129,12 @@ def predict_loop(model, folder: Path, transform: EvalTransform, pipeline: str, w
         plain_write(*a, **k)
         writing.append(time.perf_counter() - t)
 
-    model.forward_features, runner.write_part = timed_forward, timed_write
+    model.forward_features, PartStore.commit = timed_forward, timed_write
     try:
-        runner.run_inference(job, lambda s: stamps.append(time.perf_counter()))
+        inference.run_inference(job, lambda s: stamps.append(time.perf_counter()))
     finally:
         del model.forward_features
-        runner.write_part = plain_write
+        PartStore.commit = plain_write
     steady = [b - a for a, b in zip(stamps, stamps[1:])]
     per_batch = statistics.median(steady)
     fwd, write = statistics.median(forward[1:]), statistics.median(writing[1:])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .devices import is_cuda
+from .devices import VARLEN_KERNELS, is_cuda, set_varlen_kernel, varlen_kernel  # noqa: F401 (re-exported)
 from .tokens import Layout, from_nested, pad, padding_mask, to_nested, unpad
 
 BACKENDS = ("loop", "padded", "nested", "varlen")
@@ -90,28 +89,10 @@ def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
         return from_nested(F.scaled_dot_product_attention(*nts).transpose(1, 2))
 
 
-VARLEN_KERNELS = ("auto", "flash")
-_varlen_kernel = os.environ.get("NESTED_SVIT_VARLEN_KERNEL", "auto")
-
-
-def set_varlen_kernel(name: str) -> None:
-    """``auto``: ``torch.nn.attention.varlen.varlen_attn``'s choice (cuDNN on Hopper/Blackwell when the
-    longest sequence exceeds 128 rows, flash otherwise); ``flash``: always flash (A/B tests, and a way
-    out of a cuDNN problem). Also ``NESTED_SVIT_VARLEN_KERNEL``."""
-    global _varlen_kernel
-    if name not in VARLEN_KERNELS:
-        raise ValueError(f"varlen kernel {name!r}; choose from {VARLEN_KERNELS}")
-    _varlen_kernel = name
-
-
-def varlen_kernel() -> str:
-    return _varlen_kernel
-
-
 def _varlen(q: Tensor, k: Tensor, v: Tensor, q_layout: Layout, k_layout: Layout) -> Tensor:
     """The CUDA varlen kernel on ``[T, H, D]`` rows: int32 offsets on the device, host max lengths."""
     cu_q, cu_k = q_layout.offsets.to(torch.int32), k_layout.offsets.to(torch.int32)
-    if _varlen_kernel == "flash":
+    if varlen_kernel() == "flash":
         return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, q_layout.max_len, k_layout.max_len,
                                                        0.0, False, False)[0]
     from torch.nn.attention.varlen import varlen_attn

@@ -8,10 +8,27 @@ real GPU (``synchronize``, events, memory statistics, ``set_device``) happen onl
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 
 import torch
 
 CUDA_LIKE: set[str] = {"cuda"}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """``fp32`` / ``bf16`` / ``fp16`` -> the torch dtype; anything else is a one-line error."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def is_cuda(device: torch.device | str) -> bool:
@@ -27,6 +44,51 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (real CUDA only; elsewhere work is synchronous)."""
     if is_real_cuda(device):
         torch.cuda.synchronize(device)
+
+
+def seconds_of(fn, device: torch.device | str) -> float:
+    """Wall time of ``fn()``: CUDA events around it on a real CUDA device (its queued work included),
+    else the host clock."""
+    if is_real_cuda(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cuda_peak_mb(fn, device: torch.device | str) -> float:
+    """Peak MiB the CUDA allocator held for ``fn()`` beyond what was allocated before (real CUDA only)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def cuda_rng_states() -> list[torch.Tensor] | None:
+    """Every CUDA device's RNG state (None without CUDA), for training checkpoints."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def set_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Restore ``cuda_rng_states()`` (read on the CPU); nothing without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def set_cuda_device(device: torch.device | str) -> None:
+    """Make ``device`` this process's current CUDA device (before NCCL starts)."""
+    torch.cuda.set_device(torch.device(device))
 
 
 def autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -61,11 +123,31 @@ def constant(values, dtype: torch.dtype, device: torch.device | str) -> torch.Te
     return out
 
 
+VARLEN_KERNELS = ("auto", "flash")
+_varlen_kernel = os.environ.get("NESTED_SVIT_VARLEN_KERNEL", "auto")
+
+
+def set_varlen_kernel(name: str) -> None:
+    """``auto``: ``torch.nn.attention.varlen.varlen_attn``'s choice (cuDNN on Hopper/Blackwell when the
+    longest sequence exceeds 128 rows, flash otherwise); ``flash``: always flash (A/B tests, and a way
+    out of a cuDNN problem). Also ``NESTED_SVIT_VARLEN_KERNEL``."""
+    global _varlen_kernel
+    if name not in VARLEN_KERNELS:
+        raise ValueError(f"varlen kernel {name!r}; choose from {VARLEN_KERNELS}")
+    _varlen_kernel = name
+
+
+def varlen_kernel() -> str:
+    """The varlen attention kernel ``attention.py`` uses on CUDA (``set_varlen_kernel``)."""
+    return _varlen_kernel
+
+
 def kernel_settings() -> dict:
-    """The math settings GPU numbers depend on, recorded in eval and bench outputs."""
+    """The math settings GPU numbers depend on (TF32, cuDNN, the varlen kernel), recorded in every eval,
+    predict and bench output."""
     out = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
            "cudnn_benchmark": torch.backends.cudnn.benchmark, "float32_matmul_precision":
-           torch.get_float32_matmul_precision()}
+           torch.get_float32_matmul_precision(), "varlen_kernel": varlen_kernel()}
     if torch.cuda.is_available():
         out["cudnn_version"] = torch.backends.cudnn.version()
     return out

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .devices import set_cuda_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,7 +33,7 @@ def init_from_env(device: str) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(torch.device(rank_device(device, info)))
+            set_cuda_device(rank_device(device, info))
         dist.init_process_group(backend=backend)
     return info
 

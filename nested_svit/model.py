@@ -6,6 +6,8 @@ and executions are the shared ``TokenStack`` (``stack.py``).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +17,10 @@ from .tokens import Layout, Packed, true_rows
 
 
 class SparseViT(TokenStack):
+    # the eval preprocessing the weights expect (timm's ``pretrained_cfg``: crop_pct, interpolation, mean,
+    # std; ``registry.eval_config``), set by ``create_model`` and the file loaders; None: DeiT's
+    pretrained_cfg: dict | None = None
+
     def __init__(self, config: ViTConfig):
         super().__init__(config)
         c = config.embed_dim
@@ -30,6 +36,11 @@ class SparseViT(TokenStack):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+
+    def checkpoint_meta(self) -> dict:
+        """What a file of this model records besides its weights (``checkpoint.model_payload``)."""
+        return {"kind": "classifier", "model_name": self.name, "model_config": asdict(self.config),
+                "class_names": getattr(self, "class_names", None), "block_norm_eps": self.block_norm_eps}
 
     @property
     def readout(self) -> str:

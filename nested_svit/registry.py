@@ -4,16 +4,17 @@ from __future__ import annotations
 import dataclasses
 
 from .config import LEGACY_OPTION_DEFAULTS, LEGACY_PRUNING_FIELDS, Pruning, ViTConfig
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model import SparseViT
 
 SVIT_GATE_BLOCKS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
 SVIT_KEEP_TARGETS = (0.7,) * 3 + (0.49,) * 3 + (0.343,) * 3
 
-_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # (embed dim, heads); detectors use them too
 
 _MODELS: dict[str, ViTConfig] = {}
 _DENSE: dict[str, str] = {}  # model -> the dense model of the same width (speed-ups are measured against it)
-for _size, (_dim, _heads) in _WIDTHS.items():
+for _size, (_dim, _heads) in WIDTHS.items():
     _deit = f"deit_{_size}_patch16_224"
     _MODELS[_deit] = ViTConfig(embed_dim=_dim, num_heads=_heads)
     _MODELS[f"svit_{_size}"] = ViTConfig(embed_dim=_dim, num_heads=_heads,
@@ -33,7 +34,7 @@ _BASELINES = {
 }
 for _prefix, (_sizes, _pruning) in _BASELINES.items():
     for _size in _sizes:
-        _dim, _heads = _WIDTHS[_size]
+        _dim, _heads = WIDTHS[_size]
         _MODELS[f"{_prefix}_{_size}"] = ViTConfig(embed_dim=_dim, num_heads=_heads, pruning=_pruning)
         _DENSE[f"{_prefix}_{_size}"] = f"deit_{_size}_patch16_224"
 
@@ -43,18 +44,20 @@ _MODELS["vit_digits"] = ViTConfig(**_DIGITS)
 _MODELS["svit_digits"] = ViTConfig(**_DIGITS, pruning=Pruning("svit", SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS))
 _DENSE["vit_digits"] = _DENSE["svit_digits"] = "vit_digits"
 
-# Eval preprocessing per model (as timm's pretrained configs carry it): input size and crop_pct.
-_EVAL_DEFAULTS: dict[str, dict] = {"vit_digits": {"img_size": 32, "crop_pct": 1.0},
-                                   "svit_digits": {"img_size": 32, "crop_pct": 1.0}}
+# Eval preprocessing per model (as timm's pretrained configs carry it; the input size is the config's)
+_EVAL_DEFAULTS: dict[str, dict] = {"vit_digits": {"crop_pct": 1.0}, "svit_digits": {"crop_pct": 1.0}}
 
 # what ``get_config`` overrides take besides ViTConfig's fields: the pruning object's fields under their
 # config names, and the methods' options under their old flat names
 PRUNING_OVERRIDES = tuple(LEGACY_PRUNING_FIELDS) + tuple(LEGACY_OPTION_DEFAULTS)
 
 
-def eval_defaults(name: str) -> dict:
-    """``{"img_size", "crop_pct"}`` of the model's eval transform (DeiT: 224, 0.875)."""
-    return {"img_size": get_config(name).img_size, "crop_pct": 0.875, **_EVAL_DEFAULTS.get(name, {})}
+def eval_config(name: str | None) -> dict:
+    """The eval preprocessing a model of this name was trained for, as timm's ``pretrained_cfg``:
+    ``crop_pct``, ``interpolation``, ``mean``, ``std`` (DeiT's: 0.875, bicubic, ImageNet's; any other
+    name, or none: the same). The input size is the model's ``config.img_size``."""
+    return {"crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            **_EVAL_DEFAULTS.get(name or "", {})}
 
 
 def list_models() -> list[str]:
@@ -103,4 +106,5 @@ def create_model(name: str, **overrides) -> SparseViT:
     """Build a model with random weights; load weights with ``nested_svit.load_checkpoint``."""
     model = SparseViT(get_config(name, **overrides))
     model.name = name
+    model.pretrained_cfg = eval_config(name)
     return model

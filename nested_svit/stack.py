@@ -44,6 +44,12 @@ class TokenUsage:
     kept_mlp: Tensor | None = None  # [B, depth] tokens each block's MLP processed, where a method selects
     # between attention and MLP (EViT, ATS); None: as ``kept``
 
+    @property
+    def kept_after_selection(self) -> Tensor:
+        """``[B, depth]`` tokens each block kept per image after its own selection: ``kept_mlp`` where a
+        method selects between attention and MLP, else ``kept``."""
+        return self.kept if self.kept_mlp is None else self.kept_mlp
+
     def keep_ratio(self) -> Tensor:
         """``[B, depth]`` kept / total."""
         return self.kept.float() / self.total.float().clamp_min(1).unsqueeze(1)
@@ -90,6 +96,11 @@ class TokenStack(nn.Module):
     @property
     def num_gates(self) -> int:
         return len(self.gates)
+
+    @property
+    def block_norm_eps(self) -> float:
+        """The blocks' LayerNorm eps (a release's, where a checkpoint set it: ``Block.set_eps``)."""
+        return float(self.blocks[0].norm1.eps)
 
     @property
     def prunes(self) -> bool:

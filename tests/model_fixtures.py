@@ -20,3 +20,13 @@ def lively_model(name: str, seed: int = 0):
     if model.method.calibrate is not None:
         model.calibrate_keep(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(9)))
     return model
+
+
+def method_models(width: str = "small") -> list[str]:
+    """Every registered 224-px classifier of this width: one per pruning method and option variant, and
+    the dense one. From the registry, so a new method runs in every test that loops over methods."""
+    from nested_svit import list_models
+    from nested_svit.registry import WIDTHS, get_config
+
+    dim = WIDTHS[width][0]
+    return [n for n in list_models() if get_config(n).embed_dim == dim and get_config(n).img_size == 224]

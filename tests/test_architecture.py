@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "nested_svit"
 
 # bottom to top; a module may import from its own package or from a lower layer, never from a peer or above
 LAYERS = [
-    {"io", "tokens", "config", "seeding", "distributed", "devices", "viz", "assets", "version"},
+    {"devices"},  # which devices follow CUDA's rules, and every CUDA call
+    {"io", "tokens", "config", "seeding", "distributed", "viz", "assets", "version"},
     {"data"},
     {"attention"},
     {"layers"},
@@ -25,6 +26,7 @@ LAYERS = [
     {"registry"},
     {"checkpoint"},
     {"detection"},
+    {"inference"},  # the runs: model spec, batch steps, the one commit loop, part files, jobs
     {"evaluation", "benchmark", "training"},
     {"ray"},  # the optional Ray Data engine: only the CLI imports it (test_core_never_imports_ray)
     {"cli"},
@@ -175,3 +177,57 @@ def test_core_never_imports_ray():
             "print(any(k == 'ray' or k.startswith('ray.') for k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def _outside_cli() -> list[Path]:
+    return [p for p in ROOT.rglob("*.py") if "cli" not in p.relative_to(ROOT).parts]
+
+
+def argparse_imports(source: str) -> list[int]:
+    """Lines of ``source`` that import argparse (at any depth)."""
+    tree = ast.parse(source)
+    return [n.lineno for n in ast.walk(tree) if (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "argparse"
+                                                                                    for a in n.names))
+            or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "argparse")]
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from <another nested_svit module> import _name`` in ``path`` (its own package's modules count as
+    other modules too: a private name stays in its module)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("nested_svit")):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    return found
+
+
+def torch_saves(source: str) -> list[int]:
+    """Lines of ``source`` that call ``torch.save`` (or ``save`` imported from torch)."""
+    tree = ast.parse(source)
+    from_torch = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "torch"
+                  for a in n.names if a.name == "save"}
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and (
+        (isinstance(n.func, ast.Attribute) and n.func.attr == "save" and getattr(n.func.value, "id", None) == "torch")
+        or (isinstance(n.func, ast.Name) and n.func.id in from_torch))]
+
+
+def test_the_library_below_the_cli_takes_no_argparse_no_private_names_and_the_cli_saves_nothing():
+    """The CLI parses and prints: nothing below it sees an ``argparse`` object; no module reaches into
+    another's private names; writing files of models is the checkpoint package's (no ``torch.save`` in
+    ``cli/``)."""
+    assert {str(p.relative_to(ROOT)): argparse_imports(p.read_text()) for p in _outside_cli()
+            if argparse_imports(p.read_text())} == {}
+    assert {str(p.relative_to(ROOT)): private_imports(p) for p in ROOT.rglob("*.py") if private_imports(p)} == {}
+    assert {str(p.relative_to(ROOT)): torch_saves(p.read_text()) for p in (ROOT / "cli").rglob("*.py")
+            if torch_saves(p.read_text())} == {}
+    # the checks see what they look for
+    assert argparse_imports("def f():\n    import argparse\n") == [2]
+    assert argparse_imports("from argparse import Namespace\n") == [1]
+    assert torch_saves("import torch\ntorch.save(x, p)\n") == [2]
+    assert torch_saves("from torch import save as s\ns(x, p)\n") == [2]
+    probe = ROOT / "_probe_private_import.py"
+    try:
+        probe.write_text("from .inference.parts import _hidden\n")
+        assert private_imports(probe) == ["inference.parts._hidden"]
+    finally:
+        probe.unlink()

@@ -332,3 +332,54 @@ def test_query_subset_attention_equals_rows_of_full_attention(backend):
     keep[6] = False  # an image with no kept query
     full = varlen_attention(qkv, 2, layout, "loop")
     torch.testing.assert_close(query_subset_attention(qkv, 2, layout, keep, backend), full[keep], atol=1e-6, rtol=1e-6)
+
+
+def test_tome_matching_and_merge_alone_equal_the_authors_per_image():
+    """ToMe's two plain functions on a padded batch of two sequences of different lengths == ToMe's
+    ``bipartite_soft_matching`` / ``merge_wavg`` written per sequence (as ``baseline_reference.run_tome``)."""
+    import math
+
+    from nested_svit.methods.tome import bipartite_soft_matching, merge_wavg
+
+    gen = torch.Generator().manual_seed(0)
+    lengths, d, r = [9, 14], 8, 3
+    metrics = [torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1) for n in lengths]
+    padded = torch.zeros(len(lengths), max(lengths), d)
+    valid = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, m in enumerate(metrics):
+        padded[i, :len(m)], valid[i, :len(m)] = m, True
+    edge, partner = bipartite_soft_matching(padded, valid)
+    for i, m in enumerate(metrics):
+        scores = m[0::2] @ m[1::2].T
+        scores[0, :] = -math.inf
+        node_max, node_idx = scores.max(-1)
+        n_a = (len(m) + 1) // 2
+        assert edge[i, :n_a].tolist() == node_max.argsort(descending=True).tolist()
+        assert partner[i, :n_a].tolist() == node_idx.tolist()
+        assert set(edge[i, n_a:].tolist()) == set(range(n_a, edge.shape[1]))  # padding last
+        # the merge of the r best edges, on one sequence's rows
+        x, size = torch.randn(len(m), 5, generator=gen), torch.rand(len(m), generator=gen) + 0.5
+        src, dst = node_max.argsort(descending=True)[:r], node_idx[node_max.argsort(descending=True)[:r]]
+        xs, ss = x * size[:, None], size[:, None]
+        expected_x = xs[1::2].index_add(0, dst, xs[0::2][src]) / ss[1::2].index_add(0, dst, ss[0::2][src])
+        expected_size = ss[1::2].index_add(0, dst, ss[0::2][src])[:, 0]
+        got_x = x.clone()
+        got_size = merge_wavg(got_x, size, 2 * src, 2 * dst + 1)
+        assert torch.allclose(got_x[1::2], expected_x, atol=1e-6) and torch.equal(got_x[0::2], x[0::2])
+        assert torch.allclose(got_size[1::2], expected_size)
+
+
+def test_every_registered_method_has_a_reference_test():
+    """A new method in ``methods/`` without an independent per-image implementation of its authors'
+    algorithm in CASES fails here (SViT's references: a hand-written forward of the official release,
+    tests/test_checkpoint.py, and the reference execution, tests/test_equivalence.py); so does a
+    registered baseline model (an option variant) missing from CASES."""
+    from model_fixtures import method_models
+
+    from nested_svit.methods import METHODS
+    from nested_svit.registry import get_config
+
+    covered = {get_config(n).method for n in CASES} | {"svit"}
+    assert set(METHODS) - covered == set()
+    baselines = [n for n in method_models("small") if get_config(n).gate_blocks and get_config(n).method != "svit"]
+    assert set(baselines) - set(CASES) == set()

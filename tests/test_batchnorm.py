@@ -3,11 +3,9 @@ pixels laid out as one tensor."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nested_svit.detection.batchnorm import ragged_batch_norm
@@ -78,15 +76,13 @@ def test_adapter_groups_share_statistics():
     torch.testing.assert_close(outs["image_mean"], outs["size_mean"])
 
 
-def test_sync_over_two_ranks(tmp_path):
+@pytest.mark.slow
+def test_sync_over_two_ranks(tmp_path, torchrun):
     """``sync=True`` under torchrun: each rank's outputs, input gradients and running statistics equal
     BatchNorm2d over both ranks' pixels together."""
     from bn_sync_worker import make_bn, rank_inputs
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(HERE / "bn_sync_worker.py"), str(tmp_path / "out")], capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = torchrun(str(HERE / "bn_sync_worker.py"), str(tmp_path / "out"), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     xs = rank_inputs(0) + rank_inputs(1)
     ref = make_bn()

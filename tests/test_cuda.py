@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from model_fixtures import lively_model
+from model_fixtures import lively_model, method_models
+from procs import torchrun_command
 
 pytestmark = pytest.mark.cuda
 WANT = os.environ.get("NESTED_SVIT_TEST_DEVICE", "cuda")
-METHODS = ["svit_small", "dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small",
-           "deit_small_patch16_224"]
+METHODS = method_models("small")  # every method of the registry, and dense
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -112,14 +111,11 @@ def _cli(*args: str) -> int:
     return main(list(args))
 
 
-def test_eval_predict_and_train_end_to_end(device, tmp_path):
+def test_eval_predict_and_train_end_to_end(device, tmp_path, tiny_detector_file):
     """eval imagenet, eval coco, predict (classifier and detector) and train with --amp + resume, on the
     device, on tiny data."""
     from coco_fixtures import make_coco
     from datasets_fixtures import write_image_folder
-
-    from nested_svit.detection import create_detector
-    from nested_svit.detection.checkpoint import save_detector_checkpoint
 
     dev = str(device)
     write_image_folder(tmp_path / "val", per_class=2)
@@ -135,9 +131,7 @@ def test_eval_predict_and_train_end_to_end(device, tmp_path):
     jpeg = gpu_rows["id"].str.endswith(".JPEG")
     assert jpeg.any() and (gpu_rows.loc[jpeg, "decoder"] != "pil").all()  # the device decoder took the JPEGs
     ann, images = make_coco(tmp_path / "coco")
-    save_detector_checkpoint(create_detector("svit_adapter_tiny_maskrcnn", img_scale=(192, 128), num_classes=2,
-                                             class_names=("square", "bar")), tmp_path / "det.pth")
-    det = ["--checkpoint", str(tmp_path / "det.pth"), "--workers", "0", "--device", dev]
+    det = ["--checkpoint", str(tiny_detector_file), "--workers", "0", "--device", dev]
     assert _cli("eval", "coco", *det, "--ann", str(ann), "--images", str(images), "--out", str(tmp_path / "c.json")) == 0
     assert _cli("predict", *det, "--input", str(images), "--out", str(tmp_path / "d.jsonl")) == 0
     train = ["train", "--model", "svit_tiny", "--img-size", "64", "--data", str(tmp_path / "val"), "--batch-size", "2",
@@ -161,8 +155,7 @@ def test_two_process_nccl_training_equals_gloo(tmp_path):
     for device in ("cuda", "cpu"):
         out = tmp_path / f"{device}.pt"
         env = {**os.environ, "PARALLEL_DEVICE": device, "PYTHONPATH": here, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(here, "parallel_worker.py"), str(ann), str(images), str(out)],
+        subprocess.run(torchrun_command(os.path.join(here, "parallel_worker.py"), str(ann), str(images), str(out)),
                        check=True, env=env, timeout=600)
         results[device] = torch.load(out, weights_only=True)
     assert results["cuda"]["steps"] == results["cpu"]["steps"] and results["cuda"]["skipped"] == results["cpu"]["skipped"]

@@ -37,7 +37,7 @@ def _expected_counts(name: str, n0: int) -> list[int] | None:
     return None
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n if n.startswith("evit") else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_batch_of_sizes_equals_single_images_and_the_rules(name):
     det = _detector(name)
     images = [torch.randn(3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(SIZES)]
@@ -106,6 +106,7 @@ def test_dense_detector_checkpoint_loads_with_a_random_class_token(tmp_path):
         assert torch.equal(evit.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["evit_adapter_tiny_maskrcnn", "ats_adapter_tiny_maskrcnn"])
 def test_parameter_free_baselines_train_in_the_packed_execution(name):
     """EViT / ATS backbones fine-tune through their own hard selection (the authors' training path):

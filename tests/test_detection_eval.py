@@ -4,43 +4,30 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from coco_fixtures import SIZES, make_coco
+from procs import cli_command
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from nested_svit.cli import main
-from nested_svit.detection import create_detector
-from nested_svit.detection.checkpoint import save_detector_checkpoint
 from nested_svit.evaluation.detection import STAT_NAMES, coco_metrics
 
 COMMON = ["--model", "svit_adapter_tiny_maskrcnn", "--img-scale", "192,128", "--workers", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = create_detector("svit_adapter_tiny_maskrcnn", img_scale=(192, 128), num_classes=2,
-                            class_names=("square", "bar"))
-    model.calibrate_keep([np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8)] * 2)
-    path = tmp_path_factory.mktemp("ckpt") / "det.pth"
-    save_detector_checkpoint(model, path)
-    return path
+def checkpoint(tiny_detector_file) -> Path:
+    return tiny_detector_file
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nested_svit.cli", *args]
+_cli = cli_command
 
 
 def _quiet_coco(path) -> COCO:
@@ -95,20 +82,15 @@ def test_perfect_detections_give_ap_one(tmp_path):
     assert empty["bbox"]["AP"] == 0.0
 
 
-def test_killed_eval_coco_resumes_to_same_result(tmp_path, checkpoint):
+@pytest.mark.slow
+def test_killed_eval_coco_resumes_to_same_result(tmp_path, checkpoint, kill_midway):
     sizes = [(120, 160), (96, 200), (160, 120)] * 3
     ann, images = make_coco(tmp_path / "coco", sizes=sizes)
     args = ["eval", "coco", *COMMON, "--checkpoint", str(checkpoint), "--ann", str(ann), "--images", str(images),
             "--batch-size", "1"]
     interrupted = tmp_path / "interrupted.json"
-    proc = subprocess.Popen(_cli(*args, "--out", str(interrupted)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = tmp_path / "interrupted.json.parts"
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list(parts.glob("batch-*.parquet"))) < 3 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(parts.glob("batch-*.parquet")))
+    done = len(kill_midway(_cli(*args, "--out", str(interrupted)), parts, 3))
     assert 3 <= done < len(sizes) and not interrupted.exists(), "the run should have been killed midway"
     assert subprocess.run(_cli(*args, "--out", str(interrupted)), capture_output=True).returncode == 0
     clean = tmp_path / "clean.json"
@@ -120,16 +102,14 @@ def test_killed_eval_coco_resumes_to_same_result(tmp_path, checkpoint):
     assert not parts.exists()
 
 
-def test_torchrun_two_processes_equal_single(tmp_path, checkpoint):
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single(tmp_path, checkpoint, torchrun):
     ann, images = make_coco(tmp_path / "coco")
     common = ["eval", "coco", *COMMON, "--checkpoint", str(checkpoint), "--ann", str(ann), "--images", str(images),
               "--batch-size", "1"]
     single, dist = tmp_path / "single.json", tmp_path / "dist.json"
     assert main([*common, "--out", str(single)]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "nested_svit.cli"]
-    run = subprocess.run(torchrun + [*common, "--out", str(dist)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    run = torchrun("-m", "nested_svit.cli", *common, "--out", str(dist), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(dist.read_text())
     assert b["world_size"] == 2

@@ -62,6 +62,7 @@ def detector():
     return det.train().set_execution("masked")
 
 
+@pytest.mark.slow
 def test_losses_finite_and_decrease(detector):
     inputs, targets = _batch()
     opt = torch.optim.AdamW(detector.parameters(), lr=2e-4)
@@ -94,6 +95,7 @@ def test_gradients_reach_gates(detector, term):
     assert sum(float(gr.abs().sum()) for gr in grads) > 0
 
 
+@pytest.mark.slow
 def test_keep_fractions_driven_to_targets():
     torch.manual_seed(0)
     det = create_detector("svit_adapter_tiny_maskrcnn", num_classes=3).train().set_execution("masked")
@@ -125,6 +127,7 @@ def _train_args(ann, images, out, *extra):
             "--lr", "1e-4", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     """Two runs of 1 epoch + resume for the 2nd == one run of 2 epochs (bitwise), through the CLI."""
     from coco_fixtures import make_coco
@@ -145,6 +148,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert not torch.equal(sa["model"]["backbone.gates.0.mlp.fc2.weight"], first["model"]["backbone.gates.0.mlp.fc2.weight"])
 
 
+@pytest.mark.slow
 def test_trained_detector_feeds_eval_and_predict(tmp_path):
     """train -> eval coco -> predict on the produced checkpoint with no extra flags."""
     import json

@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from datasets_fixtures import make_image, write_arrow, write_image_folder, write_parquet
+from procs import cli_command
 from PIL import Image
 from torchvision import transforms as T
 
@@ -136,11 +133,10 @@ def test_wrong_checkpoint_fails_before_reading_images(tmp_path, capsys):
     assert "does not fit model" in err and "missing" in err  # the checkpoint error, not the data error
 
 
-def _cli(*args: str, env_extra: dict | None = None) -> list[str]:
-    return [sys.executable, "-m", "nested_svit.cli", *args]
+_cli = cli_command
 
 
-def test_killed_predict_resumes_exactly_once(tmp_path, checkpoint):
+def test_killed_predict_resumes_exactly_once(tmp_path, checkpoint, kill_midway):
     data = tmp_path / "imgs"
     data.mkdir()
     rng = np.random.default_rng(3)
@@ -149,14 +145,8 @@ def test_killed_predict_resumes_exactly_once(tmp_path, checkpoint):
     args = ["predict", "--model", "svit_small", "--random-weights", "--input", str(data), "--batch-size", "2",
             "--workers", "0", "--threads", "1"]
     interrupted = tmp_path / "interrupted.parquet"
-    proc = subprocess.Popen(_cli(*args, "--out", str(interrupted)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = tmp_path / "interrupted.parquet.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("batch-*.parquet"))) < 3 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(parts.glob("batch-*.parquet")))
+    done_before = len(kill_midway(_cli(*args, "--out", str(interrupted)), parts, 3, timeout=120))
     assert 3 <= done_before < 12 and not interrupted.exists(), "the run should have been killed midway"
     assert subprocess.run(_cli(*args, "--out", str(interrupted)), capture_output=True).returncode == 0
     clean = tmp_path / "clean.parquet"
@@ -177,18 +167,16 @@ def test_resume_refuses_parts_of_another_run(tmp_path, checkpoint):
                  "--out", str(out)]) == 2
 
 
-def test_torchrun_two_processes_equal_single(tmp_path, checkpoint):
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single(tmp_path, checkpoint, torchrun):
     write_image_folder(tmp_path / "val", per_class=5)
     common = [*MODEL_ARGS[:-2], "--threads", "1", "--checkpoint", str(checkpoint), "--batch-size", "3"]
     single_json, dist_json = tmp_path / "single.json", tmp_path / "dist.json"
     assert main(["eval", "imagenet", *common, "--data", str(tmp_path / "val"), "--out", str(single_json)]) == 0
     assert main(["predict", *common, "--input", str(tmp_path / "val"), "--out", str(tmp_path / "single.parquet")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "nested_svit.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in (["eval", "imagenet", *common, "--data", str(tmp_path / "val"), "--out", str(dist_json)],
                 ["predict", *common, "--input", str(tmp_path / "val"), "--out", str(tmp_path / "dist.parquet")]):
-        run = subprocess.run(torchrun + cmd, capture_output=True, text=True, env=env, timeout=300)
+        run = torchrun("-m", "nested_svit.cli", *cmd, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     single, dist = json.loads(single_json.read_text()), json.loads(dist_json.read_text())
     assert dist["world_size"] == 2 and single["world_size"] == 1

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
@@ -18,6 +19,7 @@ def _run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Complete
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path):
     proc = _run(tmp_path, "--in-process")  # one process start, not seven: the isolation is the next test's
     summary = json.loads((tmp_path / "summary.json").read_text())

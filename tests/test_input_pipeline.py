@@ -198,7 +198,7 @@ def test_eval_records_decoder_and_draft(tmp_path):
 
 def test_run_inference_on_the_device_with_device_decoding(tmp_path):
     """The uint8 batches and the decoder on the simulated CUDA device: no device mixing, the rows of the CPU."""
-    from nested_svit.evaluation.runner import InferenceJob, run_inference, merge_parts
+    from nested_svit.inference import InferenceJob, merge_parts, run_inference
 
     write_awkward_folder(tmp_path / "in")
     torch.manual_seed(0)

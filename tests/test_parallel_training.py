@@ -2,22 +2,17 @@
 reference: the mean of the per-shard losses, backpropagated, then one optimizer step."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from procs import run_torchrun as _torchrun
 
 HERE = Path(__file__).parent
 
 
-def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
+@pytest.mark.slow
 def test_two_processes_equal_the_mean_of_shard_losses(tmp_path):
     """One epoch, batch 2 over 2 ranks (one image each) with a corrupt image: a rank whose shard is
     unreadable takes part without data, and the weights equal a reference that averages the losses of
@@ -83,6 +78,7 @@ def _reference_and_compare(got: dict, ann: Path, images: Path) -> None:
     assert moved > 1e-6
 
 
+@pytest.mark.slow
 def test_torchrun_cli_train_then_predict(tmp_path):
     """``torchrun nested-svit train`` (a classifier, 2 processes): one checkpoint and one log, written by
     rank 0, that ``predict`` reads; a batch size that does not split over the ranks is refused."""

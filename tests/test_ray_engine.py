@@ -8,12 +8,7 @@ same ``--out`` resumes without recomputing committed batches; a changed input se
 work units decode to exactly the local loader's batches for every input kind."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +16,7 @@ import pytest
 import torch
 
 from datasets_fixtures import smooth_image, write_awkward_folder, write_image_folder, write_parquet
+from procs import cli_command
 from nested_svit.cli.main import main
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[test]' brings it)")
@@ -63,17 +59,12 @@ def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
     assert not (tmp_path / "ray.parquet.parts").exists()
 
 
-def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster):
+@pytest.mark.slow
+def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster, tiny_detector_file):
     from coco_fixtures import make_coco
 
-    from nested_svit.detection import create_detector
-    from nested_svit.detection.checkpoint import save_detector_checkpoint
-
     _, images = make_coco(tmp_path / "coco", corrupt=1)
-    torch.manual_seed(0)
-    save_detector_checkpoint(create_detector("svit_adapter_tiny_maskrcnn", img_scale=(192, 128), num_classes=2,
-                                             class_names=("square", "bar")), tmp_path / "det.pth")
-    args = ["predict", "--checkpoint", str(tmp_path / "det.pth"), "--input", str(images), "--batch-size", "2"]
+    args = ["predict", "--checkpoint", str(tiny_detector_file), "--input", str(images), "--batch-size", "2"]
     assert main([*args, *LOCAL, "--out", str(tmp_path / "local.jsonl")]) == 0
     # the same torch threads as the local run (2): the same GEMM reduction order, so the same floats; two
     # such actors take all 4 CPUs, so the decode has to run inside them (fused) or nothing is ever decoded
@@ -85,6 +76,7 @@ def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster):
     pd.testing.assert_frame_equal(local, remote)  # boxes, scores, labels and RLE masks: the same computation
 
 
+@pytest.mark.slow
 def test_killed_actor_is_restarted_and_its_batch_retried(tmp_path, cluster, monkeypatch):
     write_image_folder(tmp_path / "in", per_class=4)
     args = ["predict", *TINY, "--input", str(tmp_path / "in")]
@@ -98,11 +90,12 @@ def test_killed_actor_is_restarted_and_its_batch_retried(tmp_path, cluster, monk
     _compare(local, remote)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nested_svit.cli", *args]
+_cli = cli_command
 
 
-def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_path, cluster, monkeypatch, capsys):
+@pytest.mark.slow
+def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_path, cluster, monkeypatch, capsys,
+                                                                          kill_midway):
     data = tmp_path / "in"
     data.mkdir()
     rng = np.random.default_rng(4)
@@ -111,14 +104,8 @@ def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_
     out = tmp_path / "ray.parquet"
     parts = tmp_path / "ray.parquet.parts"
     args = ["predict", *TINY[:-1], "2", "--input", str(data), "--out", str(out)]
-    proc = subprocess.Popen(_cli(*args, "--engine", "ray", "--ray-address", cluster, "--actors", "1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("batch-*.parquet"))) < 4 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    committed = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.parquet")}
+    committed = kill_midway(_cli(*args, "--engine", "ray", "--ray-address", cluster, "--actors", "1"), parts, 4,
+                            timeout=120)
     assert 4 <= len(committed) < 20 and not out.exists(), f"the driver should have been killed midway: {committed}"
 
     (data / "new.jpg").write_bytes((data / "000.jpg").read_bytes())
@@ -165,7 +152,7 @@ def test_work_units_decode_to_the_local_batches(tmp_path, kind):
     batches = [list(range(i, min(i + 2, len(dataset)))) for i in range(0, len(dataset), 2)]
     template = template_of(dataset)
     for unit in work_units(dataset, batches, 2):
-        got = pickle.loads(decode_unit(unit, template, collate_records)["payload"])
+        got = pickle.loads(decode_unit(unit, template)["payload"])
         expected = collate_records([dataset[i] for i in unit["index"]])
         assert got.keys() == expected.keys()
         for key in expected:

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import simcuda
-from model_fixtures import lively_model
+from model_fixtures import lively_model, method_models
 from nested_svit import create_model
 
-METHODS = ["svit_small", "dynamicvit_small", "evit_small", "evit_nofuse_small", "evovit_small", "ats_small",
-           "tome_small", "deit_small_patch16_224"]
+METHODS = method_models("small")  # every method of the registry, and dense
 # host syncs per forward of a batch of 8: one per gated SViT block (9), none for fixed counts, one per
 # ATS sampling block; the budgets are SViT <= 12, EViT <= 20, ATS / ToMe <= 40
 BUDGET = {"svit_small": 12, "dynamicvit_small": 20, "evit_small": 20, "evit_nofuse_small": 20, "evovit_small": 20,

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..attention import varlen_kernel
 from ..config import Pruning
 from ..data.decode import decode_rgb_array
 from ..data.records import resolve_records
@@ -32,6 +31,7 @@ from .flop_count import count_flops
 from .flops import flops_per_image
 from .memory import peak_memory_mb
 from .stand_ins import stand_in_selectors
+from .timing import BenchProgress
 
 # resized COCO-like shapes (h, w) at img_scale 1333x800: landscape, portrait, 4:3, wide
 COCO_LIKE_SHAPES = [(800, 1333), (1199, 800), (800, 1066), (750, 1333)]
@@ -95,15 +95,18 @@ def _svit_block_flop_ratio(model: MaskRCNNDetector) -> float:
     return float(flops_per_image(cfg, sparse, total) / flops_per_image(cfg, dense, total))
 
 
-def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[BenchProgress], None] | None = None
+                            ) -> pd.DataFrame:
+    """One row per (model, part, batch size); ``progress``: called before each timed call with a
+    ``BenchProgress`` (its ``runner``: model and part)."""
     if any(b < 1 for b in cfg.batch_sizes) or cfg.rounds < 1:
         raise ValueError("batch sizes and rounds must be positive")
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    report = progress or (lambda msg: None)
+    report = progress or (lambda event: None)
     set_kernel_settings(False)
-    settings = json.dumps({**kernel_settings(), "varlen_kernel": varlen_kernel()})
+    settings = json.dumps(kernel_settings())
     pool = _pool(cfg)
     names = list(dict.fromkeys([dense_detector(n) for n in cfg.models] + list(cfg.models)))
     models = {n: _build(n, cfg, pool, device) for n in names}
@@ -127,15 +130,17 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[str], None]
             stats[n] = {"whole": whole / len(inputs) / 1e9, "backbone": backbone / len(inputs) / 1e9, "keep": keep,
                         "dets": float(np.mean([len(d.scores) for d in dets]))}
         rows = []
-        for bs in cfg.batch_sizes:
-            runners = [(n, part) for n in names for part in ("whole", "backbone")]
+        runners = [(n, part) for n in names for part in ("whole", "backbone")]
+        steps = len(cfg.batch_sizes) * cfg.rounds * len(runners)
+        for b, bs in enumerate(cfg.batch_sizes):
             times: dict = {r: [] for r in runners}
             for r in runners:
                 for _ in range(cfg.warmup):
                     call(models[r[0]], r[1], bs)
             for i in range(cfg.rounds):
-                for r in runners:
-                    report(f"batch {bs}: round {i + 1}/{cfg.rounds} {r[0]} {r[1]}")
+                for k, r in enumerate(runners):
+                    report(BenchProgress(bs, i + 1, cfg.rounds, (b * cfg.rounds + i) * len(runners) + k, steps,
+                                         f"{r[0]} {r[1]}"))
                     t0 = time.perf_counter()
                     call(models[r[0]], r[1], bs)
                     synchronize(device)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,15 +19,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..attention import resolve_backend, varlen_kernel
-from ..devices import is_real_cuda, kernel_settings, set_kernel_settings
+from ..attention import resolve_backend
+from ..devices import (PRECISIONS, cuda_available, dtype_of, is_real_cuda, kernel_settings, seconds_of,
+                       set_kernel_settings)
+from ..methods.svit import keep_budget
 from ..model import SparseViT
 from ..registry import create_model, dense_counterpart, get_config
 from .flops import flops_per_image
 from .memory import peak_memory_mb
 from .stand_ins import stand_in_selectors
+from .timing import BenchProgress
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["BenchConfig", "run_benchmark", "PRECISIONS", "TIMM_PREFIX", "COLUMNS"]
 TIMM_PREFIX = "timm/"
 COLUMNS = ["model", "backend", "device", "precision", "batch_size", "img_size", "param_count",
            "infer_samples_per_sec", "infer_step_time", "infer_step_time_p10", "infer_step_time_p90",
@@ -111,9 +113,8 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
         calibrated: list = []
         if cfg.calibrate:
             images = calib_images if model.method.calibrate is not None else calib_images[:16]
-            targets = cfg.keep_targets
-            if targets is None and cfg.keep_scale is not None:
-                targets = tuple(min(1.0, t * cfg.keep_scale) for t in model.config.keep_targets)
+            targets = None if cfg.keep_targets is None and cfg.keep_scale is None else \
+                keep_budget(cfg.keep_targets, cfg.keep_scale, model.config.keep_targets)
             calibrated = stand_in_selectors(model, images, keep_targets=targets)
         model.to(device, dtype).set_execution("packed")
         for backend in dict.fromkeys(cfg.backends):
@@ -124,16 +125,7 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
 
 
 def _time_once(module: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device) -> float:
-    if is_real_cuda(device):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        module(images)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    module(images)
-    return time.perf_counter() - t0
+    return seconds_of(lambda: module(images), device)
 
 
 def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, float]:
@@ -149,32 +141,31 @@ def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, f
     _, usage = model.forward_features(images)
     gated = list(model.config.gate_blocks)
     gflops = float(flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean()) / 1e9
-    kept = usage.kept if usage.kept_mlp is None else usage.kept_mlp  # tokens after each gated block's selection
-    return float(kept[:, gated].double().mean()), gflops, dense
+    return float(usage.kept_after_selection[:, gated].double().mean()), gflops, dense
 
 
-def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Run the sweep; one row per (model, backend, batch size) with the columns of ``COLUMNS``."""
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision {cfg.precision!r}; choose from {list(PRECISIONS)}")
+def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | None = None) -> pd.DataFrame:
+    """Run the sweep; one row per (model, backend, batch size) with the columns of ``COLUMNS``.
+    ``progress``: called before each timed round with a ``BenchProgress``."""
+    dtype = dtype_of(cfg.precision)
     if cfg.rounds < 1 or any(b < 1 for b in cfg.batch_sizes):
         raise ValueError("rounds and batch sizes must be positive")
-    device, dtype = torch.device(cfg.device), PRECISIONS[cfg.precision]
-    if is_real_cuda(device) and not torch.cuda.is_available():
+    device = torch.device(cfg.device)
+    if is_real_cuda(device) and not cuda_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    report = progress or (lambda msg: None)
+    report = progress or (lambda event: None)
     if cfg.img_size is None:
         ours = [m for m in cfg.models if not m.startswith(TIMM_PREFIX)]
         cfg.img_size = get_config(ours[0]).img_size if ours else 224
     set_kernel_settings(cfg.tf32)
-    settings = json.dumps({**kernel_settings(), "varlen_kernel": varlen_kernel()})
+    settings = json.dumps(kernel_settings())
     pool = _image_pool(cfg, max(cfg.batch_sizes))
     runners = _build_runners(cfg, pool, device, dtype)
     rows = []
     with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
-        for bs in cfg.batch_sizes:
+        for position, bs in enumerate(cfg.batch_sizes):
             images = pool[:bs].to(device, dtype)
             fastest = float("inf")
             for r in runners:
@@ -184,7 +175,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                 fastest = min(fastest, _time_once(r, images, device))
             rounds = min(max(cfg.rounds, math.ceil(cfg.min_time / max(fastest, 1e-6))), 500)
             for i in range(rounds):
-                report(f"batch {bs}: round {i + 1}/{rounds}")
+                report(BenchProgress(bs, i + 1, rounds, position, len(cfg.batch_sizes)))
                 for r in runners:
                     r.times.append(_time_once(r, images, device))
             dense_time = {r.model_name: statistics.median(r.times) for r in runners

@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..devices import cuda_peak_mb, is_real_cuda
+
 
 class _StorageTracker(TorchDispatchMode):
     def __init__(self) -> None:
@@ -51,13 +53,8 @@ class _StorageTracker(TorchDispatchMode):
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak MiB of memory allocated by ``fn()`` beyond what existed before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if is_real_cuda(device):
+        return cuda_peak_mb(fn, device)
     tracker = _StorageTracker()
     with tracker:
         result = fn()

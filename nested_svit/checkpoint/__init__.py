@@ -4,8 +4,10 @@ from .convert import BLOCK_EPS, convert, detect_format
 from .keys import check_keys, key_listing
 from .loader import classifier_from_file, load_checkpoint, release_model
 from .reader import Checkpoint, CheckpointError, LoadReport, peek, read, read_file, sha256_of, unwrap
-from .writer import FileInfo, checkpoint_payload, file_info, save_payload, write_checkpoint
+from .writer import (FileInfo, checkpoint_payload, file_info, model_payload, save_checkpoint, save_payload,
+                     write_checkpoint)
 
 __all__ = ["load_checkpoint", "classifier_from_file", "release_model", "CheckpointError", "LoadReport", "Checkpoint", "read",
            "read_file", "peek", "unwrap", "sha256_of", "detect_format", "convert", "BLOCK_EPS", "check_keys",
-           "key_listing", "FileInfo", "file_info", "checkpoint_payload", "save_payload", "write_checkpoint"]
+           "key_listing", "FileInfo", "file_info", "checkpoint_payload", "model_payload", "save_checkpoint",
+           "save_payload", "write_checkpoint"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ViTConfig
 from ..model import SparseViT
-from ..registry import model_for
+from ..registry import eval_config, model_for
 from .convert import BLOCK_EPS, convert, detect_format
 from .keys import check_keys, drop_unused, fit_pos_embed
 from .reader import CheckpointError, LoadReport, read
@@ -104,6 +104,7 @@ def classifier_from_file(source: str | os.PathLike | None, **overrides) -> Spars
         return None
     model = SparseViT(dataclasses.replace(ViTConfig.from_dict(info.model_config), **overrides))
     model.name = info.model_name or "custom"
+    model.pretrained_cfg = eval_config(info.model_name)
     if info.class_names and len(info.class_names) == model.config.num_classes:
         model.class_names = list(info.class_names)
     return model

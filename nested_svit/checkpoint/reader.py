@@ -2,7 +2,6 @@
 memory-mapped peek at the metadata, and the state dict inside whatever wrapper it ships in."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -52,16 +51,24 @@ def _not_a_checkpoint(head: bytes) -> str | None:
         return None
 
 
+class ReleaseArgs:
+    """The training ``args`` (an ``argparse.Namespace``) a release file carries, read back as a plain
+    object of its attributes (``vars(args)``): no class of the writer's is ever imported."""
+
+    def __repr__(self) -> str:
+        return f"ReleaseArgs({vars(self)})"
+
+
 def _load_allowing_namespace(path: Path, mmap: bool = False) -> object:
     """``torch.load(weights_only=True)``; a file refused only for an ``argparse.Namespace`` (the
-    training ``args`` EViT / Evo-ViT / DeiT-style files carry) is read again with that one class
-    allowed: still no arbitrary code."""
+    training ``args`` EViT / Evo-ViT / DeiT-style files carry) is read again with that one name read as
+    ``ReleaseArgs``: still no arbitrary code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001
         if "argparse.Namespace" not in str(e):
             raise
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals([(ReleaseArgs, "argparse.Namespace")]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 

@@ -38,6 +38,22 @@ def write_checkpoint(path: str | os.PathLike, kind: str, model_name: str, model_
     save_payload(path, checkpoint_payload(kind, model_name, model_config, weights, **extra))
 
 
+def model_payload(model, **extra) -> dict:
+    """The file of ``model`` (a classifier or a detector: whatever its ``checkpoint_meta()`` says, with
+    its weights) plus ``extra`` (training state, calibration, ...)."""
+    meta = dict(model.checkpoint_meta())
+    if meta.get("class_names") is None:
+        meta.pop("class_names", None)
+    kind, name, config = meta.pop("kind"), meta.pop("model_name"), meta.pop("model_config")
+    return checkpoint_payload(kind, name, config, model.state_dict(), **meta, **extra)
+
+
+def save_checkpoint(model, path: str | os.PathLike, **extra) -> None:
+    """Write ``model`` (classifier or detector) in the one schema, atomically; it loads with
+    ``load_checkpoint`` / ``--checkpoint`` and no other flag."""
+    save_payload(path, model_payload(model, **extra))
+
+
 @dataclass
 class FileInfo:
     """What a file this library wrote says about its model (``kind`` None: not such a file)."""

@@ -31,8 +31,7 @@ def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> 
 
 
 def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
-    from ..evaluation.detection import DetectionJob
-    from ..evaluation.runner import InferenceJob
+    from ..inference import DetectionJob, InferenceJob
 
     g = p.add_argument_group("running")
     options.add(p, g, "--batch-size", type=int, defaults={CLS: InferenceJob.batch_size, DET: DetectionJob.batch_size},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET
-from .common import check_suffix, check_writable, csv_list, int_list, parse_img_scale, write_table
+from .common import check_suffix, check_writable, csv_list, int_list, keep_budget_values, parse_img_scale, write_table
 
 
 def add_parser(sub, formatter) -> None:
@@ -45,15 +45,16 @@ def add_parser(sub, formatter) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..detection.registry import is_detector
+    from ..inference import family_of
 
     models = csv_list(args.models)
     if not models:
         raise ValueError("--models: give at least one model")
-    detectors = [m for m in models if is_detector(m)]
-    if detectors and len(detectors) != len(models):
+    families = {family_of(m, None) for m in models}
+    if len(families) > 1:
         raise ValueError("bench either classifiers or detectors in one run, not both")
-    options.resolve(args, DET if detectors else CLS, models[0])
+    detectors = families == {DET}
+    args = options.resolve(args, DET if detectors else CLS, models[0])
     out = Path(args.out)
     check_suffix(out, (".csv", ".json"), "bench")
     check_writable(out)
@@ -72,28 +73,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _keep_budget(value: str | None, models: list[str]) -> dict:
-    """``--keep-targets``: 9 fractions (``keep_targets``) or one factor (``keep_scale``), for models whose
+    """``--keep-targets`` as ``BenchConfig`` fields (``keep_targets`` or ``keep_scale``), for models whose
     gates calibrate; refused for a pruned model that keeps its own counts."""
     from ..methods import get_method
-    from ..methods.svit import validate_keep_targets
     from ..registry import get_config
 
-    if value is None:
-        return {}
-    for name in models:
+    values = keep_budget_values(value)
+    for name in models if values else ():
         cfg = get_config(name)
         method = get_method(cfg.method)
         if cfg.gate_blocks and method.calibrate is None:
             raise ValueError(f"--keep-targets calibrates SViT gates; {name} ({method.title}) keeps its own token counts")
-    try:
-        values = [float(v) for v in csv_list(value)]
-    except ValueError:
-        raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas") from None
-    if len(values) == 1:
-        if not values[0] >= 0:
-            raise ValueError(f"--keep-targets scale factor must be >= 0, got {value}")
-        return {"keep_scale": values[0]}
-    return {"keep_targets": tuple(validate_keep_targets(values, len(values)))}
+    return {"keep_targets": values.get("targets"), "keep_scale": values.get("scale")}
 
 
 def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
@@ -112,10 +103,9 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
                       **_keep_budget(args.keep_targets, ours))
     bar = progress_bar(len(batch_sizes), "bench", "batch size")
 
-    def progress(msg: str) -> None:  # "batch {bs}: round i/n"
-        bs = int(msg.split(":")[0].split()[1])
-        bar.n = batch_sizes.index(bs)
-        bar.set_postfix_str(msg)
+    def progress(event) -> None:  # a BenchProgress before each timed round
+        bar.n = event.step
+        bar.set_postfix_str(str(event))
 
     df = run_benchmark(cfg, progress)
     bar.n = len(batch_sizes)
@@ -135,9 +125,10 @@ def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: l
     total = len(cfg.batch_sizes) * cfg.rounds * 2 * len(set(models) | {dense_detector(m) for m in models})
     bar = progress_bar(total, "bench", "call")
 
-    def progress(msg: str) -> None:
-        bar.set_postfix_str(msg)
-        bar.update(1)
+    def progress(event) -> None:  # a BenchProgress before each timed call
+        bar.total = event.steps
+        bar.n = event.step + 1
+        bar.set_postfix_str(str(event))
 
     df = run_detection_benchmark(cfg, progress)
     bar.close()

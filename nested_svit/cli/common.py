@@ -34,20 +34,23 @@ def parse_img_scale(value: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def keep_targets_from_cli(value: str, defaults: Sequence[float]) -> list[float]:
-    """``--keep-targets``: one value per gate ("0.7,0.7,...") or one scale factor for the model's
-    schedule ("0.8": every target times 0.8, clipped to [0, 1])."""
-    from ..methods.svit import validate_keep_targets
-
+def keep_budget_values(value: str | None) -> dict:
+    """``--keep-targets``: one fraction per gate ("0.7,0.7,...": ``{"targets": (...)}``) or one scale
+    factor for the model's own ("0.8": ``{"scale": 0.8}``); not given: ``{}``. The library checks them
+    against the model (``methods.svit.keep_budget``)."""
+    if value is None:
+        return {}
     try:
-        values = [float(v) for v in value.split(",") if v.strip()]
+        values = tuple(float(v) for v in csv_list(value))
     except ValueError:
         raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas") from None
-    if len(values) == 1 and len(defaults) != 1:
+    if not values:
+        raise ValueError(f"--keep-targets {value!r}: give numbers separated by commas")
+    if len(values) == 1:
         if not values[0] >= 0:
             raise ValueError(f"--keep-targets scale factor must be >= 0, got {value}")
-        return [min(1.0, t * values[0]) for t in defaults]
-    return validate_keep_targets(values, len(defaults))
+        return {"scale": values[0]}
+    return {"targets": values}
 
 
 def check_writable(out: Path) -> None:
@@ -94,15 +97,6 @@ def write_rows(rows, out: Path) -> None:
                                                   indent=None if fmt == ".jsonl" else 1))
     else:
         atomic_write(out, lambda tmp: rows.to_parquet(tmp, index=False))
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def note(message: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 from typing import Callable
 
@@ -58,33 +57,16 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise ValueError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
 
 
-def ray_run(args: argparse.Namespace, family: str, job) -> Callable:
-    """The run for ``run_with_progress``: ``job``'s pending batches on Ray Data."""
-    from ..data.coco import collate_detection
-    from ..data.dataset import collate_records
+def ray_run(args: argparse.Namespace, spec) -> Callable:
+    """The run for ``run_with_progress``: a job's pending batches on Ray Data, its model built in each
+    actor from ``spec`` (the run's ``ModelSpec``), its batch step run there."""
     from ..ray import require_ray
     from ..ray.engine import RayOptions, run_on_ray
-    from .models import actor_model
 
     try:
         require_ray()  # before any work: the extra may not be installed
     except ImportError as e:
         raise ValueError(str(e)) from e
-    flags = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-    flags["device"] = "cpu"  # replaced by the actor's own device
-    load = functools.partial(actor_model, family, flags)
-    if family == "detector":
-        from ..evaluation.detection import DetectionProgress
-
-        spec, collate, state = {"family": "detector", "masks": job.masks}, collate_detection, DetectionProgress
-    else:
-        from ..evaluation.runner import Progress
-
-        spec = {"family": "classifier", "topk": job.topk, "class_names": job.class_names,
-                "truth_names": job.dataset.class_names, "exif": job.dataset.exif, "transform": job.transform,
-                "decode": args.decode, "max_pixels": args.max_image_pixels}
-        collate, state = collate_records, lambda: Progress(0, 0, 0, 0.0)
-
     options = RayOptions(address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                          cpus_per_actor=args.cpus_per_actor or 1.0)
-    return lambda job, progress: run_on_ray(job, state(), load, spec, collate, options, progress)
+    return lambda job, progress: run_on_ray(job.store, job.dataset, job.step, spec, options, progress)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options
-from .common import check_suffix
-from .jobs import (prepare_classifier_job, prepare_detector_job, run_settings, run_with_progress,
-                   validate_inference_args)
-from .models import build_detector
+from .common import check_suffix, warn
+from .jobs import data_options, run_options, run_with_progress, validate_inference_args
+from .models import class_names_file, keep_budget, model_spec, show
 
 
 def add_parser(sub, formatter) -> None:
@@ -42,20 +41,24 @@ def add_parser(sub, formatter) -> None:
 
 def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     import pandas as pd
-    import torch
 
     from ..distributed import shutdown
-    from ..evaluation import classification_metrics, run_inference
-    from ..evaluation.runner import merge_parts, remove_parts
+    from ..evaluation import classification_metrics
+    from ..evaluation.results import checkpoint_record, run_record
+    from ..inference import classifier_job, run_inference
     from ..io import atomic_write_text
 
-    options.resolve(args, CLS, args.model)
+    args = options.resolve(args, CLS, args.model)
     out = Path(args.out)
     if out.suffix.lower() not in (".json", ".csv"):
         raise ValueError(f"--out {out}: use .json (full result; a one-row .csv summary is written beside it) or .csv")
+    validate_inference_args(args)
     json_out, csv_out = out.with_suffix(".json"), out.with_suffix(".csv")
     parts = out.with_name(out.name + ".parts")
-    job, report = prepare_classifier_job(args, parts, "eval-imagenet")
+    prepared = classifier_job(model_spec(args, CLS), data_options(args, args.data, False, [out]), run_options(args),
+                              parts, "eval-imagenet", args.topk, class_names_file(args.class_names), keep_budget(args))
+    show(prepared.messages)
+    job, report = prepared.job, prepared.built.report
 
     def postfix(s) -> dict:
         post = {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"}
@@ -66,25 +69,21 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     try:
         _, (images,), seconds = run_with_progress(job, "eval", run_inference, postfix, lambda s: [s.images])
         if job.dist.is_main:
-            rows = merge_parts(parts, len(job.dataset))
+            rows = job.store.merge()
             metrics = classification_metrics(rows, job.model.config, job.model.config.num_tokens, args.topk)
-            result = {"model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                      "checkpoint_sha256": report.sha256 if report else None,
-                      "checkpoint_format": report.format if report else None,
-                      "checkpoint_notes": report.notes if report else [],
+            manifest = job.manifest
+            result = {**checkpoint_record(prepared.built.name, args.checkpoint, report),
                       **metrics, "images_per_sec": images / seconds if seconds > 0 else float("nan"),
-                      "images_this_run": int(images), "data": job.manifest["data"], "data_kind": job.dataset.records.kind,
+                      "images_this_run": int(images), "data": manifest["data"], "data_kind": job.dataset.records.kind,
                       "label_source": job.dataset.records.label_source,
                       "ignored_files": [{"path": p, "reason": why} for p, why in job.dataset.records.ignored],
-                      "transform": job.manifest["transform"], "decode": job.manifest["decode"],
-                      "jpeg_draft": job.manifest["jpeg_draft"], "batch_size": args.batch_size,
-                      "world_size": job.dist.world_size, "device": str(job.device), "precision": args.precision,
-                      "backend": args.backend, "calibration": job.manifest["calibration"],
-                      "kernel_settings": run_settings(), "torch_version": torch.__version__}
+                      "transform": manifest["transform"], "decode": manifest["decode"],
+                      "jpeg_draft": manifest["jpeg_draft"], "batch_size": args.batch_size, "precision": args.precision,
+                      "calibration": manifest["calibration"], **run_record(job.device, job.dist.world_size, args.backend)}
             atomic_write_text(json_out, json.dumps(result, indent=1))
             flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
             atomic_write_text(csv_out, pd.DataFrame([flat]).to_csv(index=False))
-            remove_parts(parts)
+            job.store.remove()
             scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}" if result["num_images"] else
                       "no labelled images: top-1/top-5 not computed")
             print(f"{scores}  images {result['num_predicted']}  "
@@ -92,6 +91,10 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     finally:
         shutdown(job.dist)
     return 0
+
+
+def _coco_split(args: argparse.Namespace) -> str:
+    return args.split or "val2017"
 
 
 def _coco_paths(args: argparse.Namespace):
@@ -102,8 +105,7 @@ def _coco_paths(args: argparse.Namespace):
         raise ValueError("give --data COCO_ROOT [--split S] or --ann FILE --images DIR, not both")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
-    args.split = args.split or "val2017"
-    return resolve_coco_paths(args.data, args.split, args.ann, args.images)
+    return resolve_coco_paths(args.data, _coco_split(args), args.ann, args.images)
 
 
 def _size_mismatches(rows, coco) -> list[dict]:
@@ -118,44 +120,41 @@ def _size_mismatches(rows, coco) -> list[dict]:
 
 
 def cmd_eval_coco(args: argparse.Namespace) -> int:
-    import torch
-
     from ..data.coco import CocoDetectionData, load_coco
-    from ..detection.checkpoint import detector_from_file
-    from ..detection.registry import is_detector, list_detectors
+    from ..detection.registry import list_detectors
     from ..distributed import shutdown
-    from ..evaluation.detection import category_mapping, coco_metrics, coco_results, run_detection
-    from ..evaluation.runner import merge_parts, remove_parts
+    from ..evaluation.detection import category_mapping, coco_metrics, coco_results
+    from ..evaluation.results import checkpoint_record, run_record
     from ..evaluation.usage import usage_summary
+    from ..inference import detector_job, family_of, run_detection
     from ..io import atomic_write_text
-    from .common import note, warn
 
-    options.resolve(args, DET, args.model)
-    if args.model and not is_detector(args.model):
+    args = options.resolve(args, DET, args.model)
+    if args.model and family_of(args.model, None) != DET:
         raise ValueError(f"unknown detector {args.model!r}; available: {', '.join(list_detectors())}")
-    args.model = args.model or (None if detector_from_file(args.checkpoint) else "svit_adapter_small_maskrcnn")
     validate_inference_args(args)
     out = Path(args.out)
     check_suffix(out, (".json",), "eval coco (a result, and <name>.detections.json beside it)")
     ann_file, image_dir = _coco_paths(args)
     coco = load_coco(ann_file)
-    cat_ids = sorted(coco.getCatIds())
-    names = [coco.loadCats(c)[0]["name"] for c in cat_ids]
-    model, report = build_detector(args, categories=names)
-    mapping, mapping_note = category_mapping(list(model.class_names), coco)
-    if mapping_note:
-        note(mapping_note)
-    dataset = CocoDetectionData(ann_file, image_dir, model.config.img_scale, args.max_images, args.max_image_pixels)
-    args.data_files, args.data = [ann_file, image_dir], str(image_dir)
+    names = [coco.loadCats(c)[0]["name"] for c in sorted(coco.getCatIds())]
     parts = out.with_name(out.name + ".parts")
-    job = prepare_detector_job(args, parts, "eval-coco", dataset, model, report)
+    spec = model_spec(args, DET, categories=tuple(names))
+    prepared = detector_job(spec, lambda model: CocoDetectionData(ann_file, image_dir, model.config.img_scale,
+                                                                  args.max_images, args.max_image_pixels),
+                            run_options(args), parts, "eval-coco", str(image_dir), [ann_file, image_dir],
+                            _coco_split(args), keep_budget(args))
+    job, model, report = prepared.job, prepared.built.model, prepared.built.report
+    mapping, mapping_note = category_mapping(list(model.class_names), coco)
+    show(prepared.messages + ([f"note: {mapping_note}"] if mapping_note else []))
+    dataset = job.dataset
     try:
         _, (images, model_s, backbone_s), _ = run_with_progress(
             job, "eval coco", run_detection,
             lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
             lambda s: [s.images, s.model_seconds, s.backbone_seconds])
         if job.dist.is_main:
-            rows = merge_parts(parts, len(dataset))
+            rows = job.store.merge()
             ok = rows[rows["status"] == "ok"]
             results = coco_results(ok, mapping)
             det_path = out.with_name(out.stem + ".detections.json")
@@ -169,8 +168,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                      + "; ".join(f"{m['id']} {m['decoded'][1]}x{m['decoded'][0]} vs {m['annotations'][1]}x"
                                  f"{m['annotations'][0]}" for m in mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
             result = {
-                "model": model.name, "checkpoint": args.checkpoint, "checkpoint_sha256": report.sha256 if report else None,
-                "checkpoint_format": report.format if report else None, "checkpoint_notes": report.notes if report else [],
+                **checkpoint_record(model.name, args.checkpoint, report),
                 "annotations": str(ann_file), "images_dir": str(image_dir), "num_images": int(len(rows)),
                 "num_evaluated": int(len(ok)), "num_skipped": int(len(skipped)),
                 "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
@@ -184,11 +182,10 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                             "results on the host, masks pasted; backbone only) over the images of this run, "
                             "summed over processes' time; data loading excluded",
                 "images_this_run": int(images), "img_scale": list(model.config.img_scale), "batch_size": args.batch_size,
-                "world_size": job.dist.world_size, "device": str(job.device), "backend": args.backend,
-                "detections_file": str(det_path), "kernel_settings": run_settings(), "torch_version": torch.__version__,
+                "detections_file": str(det_path), **run_record(job.device, job.dist.world_size, args.backend),
             }
             atomic_write_text(out, json.dumps(result, indent=1))
-            remove_parts(parts)
+            job.store.remove()
             if metrics["bbox"]["AP"] is None:
                 scores = "no ground truth: AP undefined"
             else:

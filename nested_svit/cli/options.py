@@ -37,15 +37,18 @@ def add(parser: argparse.ArgumentParser, group, *flags: str, defaults: dict[str,
     parser.set_defaults(**{_TABLE: table})
 
 
-def resolve(args: argparse.Namespace, family: str, model: str | None) -> None:
-    """Refuse any given option that does not apply to ``family``; fill in the family's defaults."""
+def resolve(args: argparse.Namespace, family: str, model: str | None) -> argparse.Namespace:
+    """The second half of parsing, once the family is known: refuse any given option that does not apply
+    to ``family``; -> a new namespace with the family's defaults filled in (``args`` is left as it is)."""
     table = getattr(args, _TABLE, {}) or {}
     foreign = [flag for dest, (flag, defaults) in table.items() if family not in defaults and hasattr(args, dest)]
     if foreign:
         other = "classifiers" if family == "detector" else "detectors"
         verb = "apply" if len(foreign) > 1 else "applies"
         raise ValueError(f"{', '.join(foreign)} only {verb} to {other}; {model or 'this model'} is a {family}")
+    values = dict(vars(args))
     for dest, (_, defaults) in table.items():
-        if family in defaults and not hasattr(args, dest):
-            setattr(args, dest, defaults[family])
-    args.family = family
+        if family in defaults and dest not in values:
+            values[dest] = defaults[family]
+    values["family"] = family
+    return argparse.Namespace(**values)

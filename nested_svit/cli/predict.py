@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from typing import Callable
+
 from . import options
 from .arguments import CLS, DET, add_inference_options
 from .common import PREDICT_FORMATS, check_suffix, check_writable, picture_names, write_rows
 from .engine import add_engine_options, check_engine_args, ray_run
-from .jobs import prepare_classifier_job, prepare_detector_job, run_with_progress, validate_inference_args
-from .models import build_detector, family_of
+from .jobs import data_options, run_options, run_with_progress, validate_inference_args
+from .models import class_names_file, keep_budget, model_spec, show
 
 DETECTOR_FORMATS = (".parquet", ".json", ".jsonl")
 
@@ -42,47 +44,56 @@ def add_parser(sub, formatter) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ..inference import family_of
+
     if args.demo and (args.model or args.checkpoint):
         raise ValueError("--demo runs the bundled digits model; drop --model/--checkpoint (or drop --demo)")
     family = "classifier" if args.demo else family_of(args.model, args.checkpoint)
-    options.resolve(args, family, args.model or (Path(args.checkpoint).name if args.checkpoint else None))
+    args = options.resolve(args, family, args.model or (Path(args.checkpoint).name if args.checkpoint else None))
     check_engine_args(args)
-    if args.engine == "ray":
-        args.device = "cpu"  # the driver only checks the model; actors build their own on their devices
-    if family == "detector":
-        return predict_detector(args)
-    return predict_classifier(args)
+    return (predict_detector if family == "detector" else predict_classifier)(args)
+
+
+def _demo() -> tuple[str, str, str]:
+    """The bundled model and images: (model name, checkpoint, input folder)."""
+    from importlib import resources
+
+    assets = resources.files("nested_svit.assets")
+    return "svit_digits", str(assets / "svit_digits.pth"), str(assets / "digits_samples")
+
+
+def _run(args: argparse.Namespace, spec, local: Callable) -> Callable:
+    """The engine's run of a job: ``local`` here (or under torchrun), or Ray's schedule of the same step."""
+    return ray_run(args, spec) if args.engine == "ray" else local
 
 
 def predict_classifier(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
-    from ..evaluation.runner import merge_parts, remove_parts
+    from ..inference import classifier_job, run_inference
 
-    if args.demo:  # bundled model + images: a real run with nothing to download
-        from importlib import resources
-
-        assets = resources.files("nested_svit.assets")
-        args.model, args.checkpoint = "svit_digits", str(assets / "svit_digits.pth")
-        args.input = args.input or str(assets / "digits_samples")
-    if not args.input:
+    name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
+    source = args.input or demo_input
+    if not source:
         raise ValueError("--input is required (or --demo)")
     out = Path(args.out)
     check_suffix(out, PREDICT_FORMATS, "predict")
+    validate_inference_args(args)
     parts = out.with_name(out.name + ".parts")
-    args.data = args.input
-    job, _ = prepare_classifier_job(args, parts, "predict")
+    spec = model_spec(args, "classifier", name, checkpoint)
+    prepared = classifier_job(spec, data_options(args, source, True, [out, args.save_vis]),
+                              run_options(args, "cpu" if args.engine == "ray" else None), parts, "predict", args.topk,
+                              class_names_file(args.class_names), keep_budget(args), decode_here=args.engine == "local")
+    show(prepared.messages)
+    job = prepared.job
     if args.save_vis:
         job.on_batch = token_pictures(Path(args.save_vis), job.model, picture_names(job.dataset.records.ids))
     try:
-        from ..evaluation import run_inference
-
-        run = ray_run(args, "classifier", job) if args.engine == "ray" else run_inference
-        run_with_progress(job, "predict", run,
+        run_with_progress(job, "predict", _run(args, spec, run_inference),
                           lambda s: {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"}, lambda s: [s.images])
         if job.dist.is_main:
-            rows = merge_parts(parts, len(job.dataset))
+            rows = job.store.merge()
             write_rows(rows, out)
-            remove_parts(parts)
+            job.store.remove()
             print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}")
             report_ignored(job.dataset.records.ignored)
     finally:
@@ -139,8 +150,7 @@ def predict_detector(args: argparse.Namespace) -> int:
     from ..data.coco import DetectionImages
     from ..data.records import resolve_records
     from ..distributed import shutdown
-    from ..evaluation.detection import run_detection
-    from ..evaluation.runner import merge_parts, remove_parts
+    from ..inference import detector_job, run_detection
 
     if not args.input:
         raise ValueError("--input is required: an image file, a folder of images, a .txt list, a parquet file or a glob")
@@ -148,14 +158,18 @@ def predict_detector(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable(out)
     check_suffix(out, DETECTOR_FORMATS, "a detector")
-    model, report = build_detector(args)
     parts = out.with_name(out.name + ".parts")
     vis_dir = Path(args.save_vis) if args.save_vis else None
-    records = resolve_records(args.input, args.split, exclude=[out, parts] + ([vis_dir] if vis_dir else []))
-    dataset = DetectionImages(records, model.config.img_scale, max_pixels=args.max_image_pixels)
-    args.data_files, args.data = [args.input], args.input
-    job = prepare_detector_job(args, parts, "predict-detection", dataset, model, report)
-    on_batch = None
+
+    def dataset_of(model) -> DetectionImages:
+        records = resolve_records(args.input, args.split, exclude=[out, parts] + ([vis_dir] if vis_dir else []))
+        return DetectionImages(records, model.config.img_scale, max_pixels=args.max_image_pixels)
+
+    spec = model_spec(args, "detector")
+    prepared = detector_job(spec, dataset_of, run_options(args, "cpu" if args.engine == "ray" else None), parts,
+                            "predict-detection", args.input, [args.input], args.split, keep_budget(args))
+    show(prepared.messages)
+    job, records = prepared.job, prepared.job.dataset.records
     if vis_dir is not None:
         from ..detection.vis import save_picture
 
@@ -164,17 +178,17 @@ def predict_detector(args: argparse.Namespace) -> int:
 
         def on_batch(batch, dets) -> None:
             for index, name, d in zip(batch["index"], batch["id"], dets):
-                save_picture(dataset.decoded(index), d, vis_dir / names[name], args.vis_score_thr)
+                save_picture(job.dataset.decoded(index), d, vis_dir / names[name], args.vis_score_thr)
+
+        job.on_batch = on_batch
     try:
-        run = ray_run(args, "detector", job) if args.engine == "ray" else \
-            (lambda j, progress: run_detection(j, progress, on_batch))
-        run_with_progress(job, "predict", run,
+        run_with_progress(job, "predict", _run(args, spec, run_detection),
                           lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
                           lambda s: [s.images])
         if job.dist.is_main:
-            rows = expand_rows(merge_parts(parts, len(dataset)))
+            rows = expand_rows(job.store.merge())
             write_rows(rows, out)
-            remove_parts(parts)
+            job.store.remove()
             print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}"
                   + (f"; pictures in {vis_dir}" if vis_dir else ""))
             report_ignored(records.ignored)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET
-from .common import check_writable, note, parse_img_scale, progress_bar, resolve_device
-from .models import load_init
+from .common import check_writable, note, parse_img_scale, progress_bar
 
 
 def add_parser(sub, formatter) -> None:
@@ -80,10 +79,10 @@ def add_parser(sub, formatter) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..detection.registry import is_detector
+    from ..inference import family_of
 
-    family = DET if is_detector(args.model) else CLS
-    options.resolve(args, family, args.model)
+    family = family_of(args.model, None)
+    args = options.resolve(args, family, args.model)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
@@ -102,79 +101,56 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _device(args: argparse.Namespace) -> str:
     """Join the torchrun group (the trainers read it to shard batches and average gradients); -> this
     process's device."""
+    from ..devices import resolve_device
     from ..distributed import init_from_env, rank_device
 
     device = resolve_device(args.device)
     return rank_device(device, init_from_env(device))
 
 
-class _PilRecords:
-    """(decoded RGB PIL image, label) view of an image record data set, for training transforms."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        from ..data.decode import BadImage
-
-        try:
-            return self.dataset.image(index), self.dataset.records.labels[index]
-        except BadImage:
-            return None, self.dataset.records.labels[index]  # skipped and counted by the trainer
+def _common(args: argparse.Namespace, device: str) -> dict:
+    """The ``TrainingConfig`` fields every trainer takes from the flags (None: the config's default)."""
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "gate_lr": args.gate_lr,
+            "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "ratio_weight": args.ratio_weight,
+            "ratio_loss": args.ratio_loss, "amp": args.amp, "seed": args.seed, "workers": args.workers,
+            "checkpoint_every": args.checkpoint_every, "drop_path": args.drop_path, "device": device}
 
 
 def train_classifier(args: argparse.Namespace) -> int:
     import torch
-    from torchvision import transforms as T
 
     from ..checkpoint import file_info
     from ..data import open_dataset
-    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ..registry import create_model
-    from ..training import TrainConfig, Trainer
+    from ..training import LabelledImages, TrainConfig, Trainer, load_init, train_augment
 
     if not args.data:
         raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
-    records = open_dataset(args.data)
-    labels = records.records.labels
-    if not labels or max(labels) < 0:
-        raise ValueError(f"{args.data}: training needs labelled images (ImageFolder tree or a data set with 'label')")
-    if min(labels) < 0 and isinstance(records.records.sources, list):  # files outside class folders: no label
-        r = records.records
-        keep = [i for i, lab in enumerate(r.labels) if lab >= 0]
-        note(f"{len(r.labels) - len(keep)} files outside class folders have no label and are not trained on")
-        r.sources, r.labels, r.ids = [r.sources[i] for i in keep], [r.labels[i] for i in keep], [r.ids[i] for i in keep]
-    data_classes = max(records.records.labels) + 1
-    if args.num_classes is not None and args.num_classes < data_classes:
-        raise ValueError(f"--num-classes {args.num_classes}, but the data has labels up to {data_classes - 1} "
-                         f"({data_classes} classes)")
+    data = LabelledImages(open_dataset(args.data), args.data)
+    if data.unlabelled:
+        note(f"{data.unlabelled} files outside class folders have no label and are not trained on")
+    if args.num_classes is not None and args.num_classes < data.num_classes:
+        raise ValueError(f"--num-classes {args.num_classes}, but the data has labels up to {data.num_classes - 1} "
+                         f"({data.num_classes} classes)")
     init_cfg = file_info(args.init).model_config if args.init else None
-    num_classes = args.num_classes or (init_cfg or {}).get("num_classes") or data_classes
+    num_classes = args.num_classes or (init_cfg or {}).get("num_classes") or data.num_classes
     torch.manual_seed(args.seed)  # the initialisation (head, gates without --init) depends on --seed only
     model = create_model(args.model, reactivation=not args.no_reactivation, gate_tau=args.tau, num_classes=num_classes,
                          **({"img_size": args.img_size} if args.img_size else {}))
-    args.img_size = model.config.img_size
-    if records.records.class_names and len(records.records.class_names) == num_classes:
-        model.class_names = list(records.records.class_names)
-    if args.img_size % model.config.patch_size:
-        raise ValueError(f"--img-size {args.img_size} is not a multiple of the patch size {model.config.patch_size}")
+    img_size = model.config.img_size
+    folders = data.dataset.records.class_names
+    if folders and len(folders) == num_classes:
+        model.class_names = list(folders)
+    if img_size % model.config.patch_size:
+        raise ValueError(f"--img-size {img_size} is not a multiple of the patch size {model.config.patch_size}")
     if args.init:
         for text in load_init(model, args.init):
             note(text)
     if args.threads:
         torch.set_num_threads(args.threads)
-    augment = T.Compose([T.RandomResizedCrop(args.img_size, interpolation=T.InterpolationMode.BICUBIC),
-                         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    device = _device(args)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
-                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, ratio_weight=args.ratio_weight,
-                      ratio_loss=args.ratio_loss, freeze_backbone=args.freeze_backbone, amp=args.amp, seed=args.seed,
-                      workers=args.workers, checkpoint_every=args.checkpoint_every,
-                      drop_path=args.drop_path or 0.0, device=device)
-    trainer = Trainer(model, _PilRecords(records), cfg, augment=augment, checkpoint_path=args.out)
+    values = {k: v for k, v in _common(args, _device(args)).items() if v is not None}
+    cfg = TrainConfig(**values, freeze_backbone=args.freeze_backbone)
+    trainer = Trainer(model, data, cfg, augment=train_augment(img_size), checkpoint_path=args.out)
     return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
 
 
@@ -182,10 +158,9 @@ def train_detector(args: argparse.Namespace) -> int:
     """A detector on COCO-format data (``--data ROOT --split S`` or ``--ann --images``)."""
     import torch
 
-    from ..checkpoint import load_checkpoint
     from ..data.coco import CocoTrainData, load_coco, resolve_coco_paths
     from ..detection import create_detector
-    from ..training import DetectorTrainer, DetTrainConfig
+    from ..training import DetectorTrainer, DetTrainConfig, load_init
 
     if not 0 <= args.flip <= 1:
         raise ValueError(f"--flip must be a probability, got {args.flip}")
@@ -202,23 +177,13 @@ def train_detector(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = create_detector(args.model, **overrides)
     if args.init:
-        for text in load_checkpoint(model, args.init, strict=True).notes:
+        for text in load_init(model, args.init):
             note(text)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fine_tune = model.backbone.prunes and args.init is not None  # the sparse recipe, from a dense detector
-    defaults = DetTrainConfig()
-    device = _device(args)
-    cfg = DetTrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else (1e-5 if fine_tune else defaults.lr), gate_lr=args.gate_lr,
-        weight_decay=args.weight_decay if args.weight_decay is not None else (1e-6 if fine_tune else defaults.weight_decay),
-        warmup_steps=args.warmup_steps, schedule=args.schedule,
-        steps=tuple(int(v) for v in args.steps.split(",")) if args.steps else defaults.steps,
-        clip_grad=args.clip_grad, ratio_weight=args.ratio_weight, ratio_loss=args.ratio_loss, amp=args.amp,
-        seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every, sync_bn=not args.no_sync_bn,
-        drop_path=args.drop_path if args.drop_path is not None else (0.1 if model.config.vit.embed_dim <= 192 else 0.2),
-        device=device)
+    steps = tuple(int(v) for v in args.steps.split(",")) if args.steps else None
+    cfg = DetTrainConfig.recipe(model, args.init is not None, **_common(args, _device(args)), schedule=args.schedule,
+                                steps=steps, clip_grad=args.clip_grad, sync_bn=not args.no_sync_bn)
     data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed,
                          multiscale=args.multiscale_crop)
     if data.left_out:

@@ -104,6 +104,11 @@ class DetectionImages(ImageRecordDataset):
     def ids(self) -> list[str]:
         return self.records.ids
 
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """The loader's ``collate_fn`` for these items (``collate_detection``)."""
+        return collate_detection(items)
+
     @property
     def image_ids(self) -> list[int]:
         return self.records.image_ids or [-1] * len(self.records)

@@ -35,6 +35,11 @@ class ImageRecordDataset(Dataset):
     def class_names(self) -> list[str] | None:
         return self.records.class_names
 
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """The loader's ``collate_fn`` for these items (``collate_records``)."""
+        return collate_records(items)
+
     def _raw(self, index: int) -> str | bytes:
         src = self.records.sources
         if isinstance(src, list):

@@ -57,5 +57,15 @@ class EvalTransform:
         """PIL RGB image -> ``[3, img_size, img_size]`` float32."""
         return self.normalize(self.crop(image)[None])[0]
 
+    @classmethod
+    def for_model(cls, pretrained_cfg: dict | None, img_size: int, crop_pct: float | None = None,
+                  interpolation: str | None = None) -> "EvalTransform":
+        """The eval transform of a model (timm's ``resolve_data_config``): its ``pretrained_cfg``
+        (crop_pct, interpolation, mean, std) at its input size, with the given overrides."""
+        cfg = dict(pretrained_cfg or {})
+        return cls(img_size=img_size, crop_pct=crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875),
+                   interpolation=interpolation or cfg.get("interpolation", "bicubic"),
+                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+
     def describe(self) -> dict:
         return {**asdict(self), "resize_to": self.resize_to}

@@ -19,7 +19,7 @@ import re
 from torch import Tensor
 
 from ..checkpoint import (BLOCK_EPS, CheckpointError, LoadReport, check_keys, convert, detect_format, file_info,
-                          key_listing, load_checkpoint, read, write_checkpoint)
+                          key_listing, load_checkpoint, read, save_checkpoint)
 from ..checkpoint.keys import fit_pos_embed, mis_shaped
 from .config import DetectorConfig
 from .detector import MaskRCNNDetector
@@ -144,10 +144,10 @@ def _dense_file_gaps(model: MaskRCNNDetector, own: dict, state: dict, fmt: str, 
 
 
 def save_detector_checkpoint(model: MaskRCNNDetector, path: str | os.PathLike, **extra) -> None:
-    """Our layout (``checkpoint/writer.py``): weights, model name, config and the blocks' LayerNorm eps;
-    loads with ``weights_only=True`` into ``load_checkpoint`` and ``detector_from_file``."""
-    write_checkpoint(path, "detector", model.name, model.config.to_dict(), model.state_dict(),
-                     block_norm_eps=float(model.backbone.blocks[0].norm1.eps), **extra)
+    """``checkpoint.save_checkpoint`` of a detector (weights, model name, config with the class names,
+    the blocks' LayerNorm eps); loads with ``weights_only=True`` into ``load_checkpoint`` and
+    ``detector_from_file``."""
+    save_checkpoint(model, path, **extra)
 
 
 def detector_from_file(source: str | os.PathLike | None) -> tuple[str | None, DetectorConfig] | None:

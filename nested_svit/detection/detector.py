@@ -73,6 +73,12 @@ class MaskRCNNDetector(nn.Module):
             return COCO_CLASSES
         return tuple(f"class_{i}" for i in range(self.config.num_classes))
 
+    def checkpoint_meta(self) -> dict:
+        """What a file of this detector records besides its weights (``checkpoint.model_payload``); its
+        class names travel in the config."""
+        return {"kind": "detector", "model_name": self.name, "model_config": self.config.to_dict(),
+                "block_norm_eps": self.backbone.block_norm_eps}
+
     def set_execution(self, mode: str, backend: str | None = None) -> "MaskRCNNDetector":
         self.backbone.set_execution(mode, backend)
         return self
@@ -259,7 +265,8 @@ class MaskRCNNDetector(nn.Module):
 
     def _empty(self, usage: TokenUsage, j: int, meta: ImageMeta) -> Detections:
         z = torch.zeros(0)
-        return Detections(z.view(0, 4), z, z.long(), [], None, _kept(usage)[j].clone(), int(usage.total[j]), meta)
+        kept = usage.kept_after_selection[j].clone()
+        return Detections(z.view(0, 4), z, z.long(), [], None, kept, int(usage.total[j]), meta)
 
     def _result(self, det, usage: TokenUsage, j: int, meta: ImageMeta, masks: str | None) -> Detections:
         boxes, scores, labels, bool_masks = (t.cpu() if t is not None else None for t in det)
@@ -269,7 +276,7 @@ class MaskRCNNDetector(nn.Module):
             from .rle import encode_masks
 
             mask_out = encode_masks(bool_masks)
-        return Detections(boxes.float(), scores.float(), labels, names, mask_out, _kept(usage)[j].clone(),
+        return Detections(boxes.float(), scores.float(), labels, names, mask_out, usage.kept_after_selection[j].clone(),
                           int(usage.total[j]), meta)
 
 
@@ -288,8 +295,3 @@ def _now(device: torch.device) -> float:
 
     synchronize(device)
     return time.perf_counter()
-
-
-def _kept(usage) -> "torch.Tensor":
-    """Tokens each block kept per image (after a baseline's selection inside the block)."""
-    return usage.kept if usage.kept_mlp is None else usage.kept_mlp

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class _ConvModule(nn.Module):
+class ConvModule(nn.Module):
     """Holds the conv as ``.conv`` (mmcv ConvModule's key layout)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, relu: bool = False):
@@ -24,8 +24,8 @@ class FPN(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 256, levels: int = 4, num_outs: int = 5):
         super().__init__()
         self.num_outs = num_outs
-        self.lateral_convs = nn.ModuleList(_ConvModule(in_channels, out_channels, 1) for _ in range(levels))
-        self.fpn_convs = nn.ModuleList(_ConvModule(out_channels, out_channels, 3) for _ in range(levels))
+        self.lateral_convs = nn.ModuleList(ConvModule(in_channels, out_channels, 1) for _ in range(levels))
+        self.fpn_convs = nn.ModuleList(ConvModule(out_channels, out_channels, 3) for _ in range(levels))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)

@@ -19,11 +19,11 @@ from dataclasses import fields, replace
 
 from ..config import Pruning, ViTConfig
 from ..methods import get_method
-from ..registry import PRUNING_OVERRIDES, SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
+from ..registry import PRUNING_OVERRIDES, SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS, WIDTHS
 from .config import DetectorConfig
 from .detector import MaskRCNNDetector
 
-_WIDTHS = {"tiny": (192, 3), "small": (384, 6)}
+_SIZES = ("tiny", "small")  # ViT-Adapter's released widths
 _BASELINES = {
     "dynamicvit": Pruning("dynamicvit", (3, 6, 9), (0.7, 0.7 ** 2, 0.7 ** 3)),
     "evit": Pruning("evit", (3, 6, 9), (0.7,) * 3, options={"fuse_token": True}),
@@ -32,7 +32,8 @@ _BASELINES = {
 }
 _DETECTORS: dict[str, DetectorConfig] = {}
 _DENSE: dict[str, str] = {}  # detector -> the dense ViT-Adapter of the same width
-for _size, (_dim, _heads) in _WIDTHS.items():
+for _size in _SIZES:
+    _dim, _heads = WIDTHS[_size]
     _vit = dict(embed_dim=_dim, num_heads=_heads, class_token=False, num_classes=0)
     _dense = f"vit_adapter_{_size}_maskrcnn"
     _DETECTORS[_dense] = DetectorConfig(vit=ViTConfig(**_vit, block_norm_eps=1e-6))

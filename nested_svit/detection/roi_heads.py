@@ -16,7 +16,7 @@ from torchvision.ops import roi_align
 
 from .boxes import BBOX_STDS, batched_nms, decode
 from .losses import RoISamples, encode, mask_targets
-from .neck import _ConvModule
+from .neck import ConvModule
 
 ROI_STRIDES = (4, 8, 16, 32)
 FINEST_SCALE = 56
@@ -143,7 +143,7 @@ class MaskHead(nn.Module):
 
     def __init__(self, num_classes: int, channels: int = 256):
         super().__init__()
-        self.convs = nn.ModuleList(_ConvModule(channels, channels, 3, relu=True) for _ in range(4))
+        self.convs = nn.ModuleList(ConvModule(channels, channels, 3, relu=True) for _ in range(4))
         self.upsample = nn.ConvTranspose2d(channels, channels, 2, 2)
         self.conv_logits = nn.Conv2d(channels, num_classes, 1)
         for m in (self.upsample, self.conv_logits):

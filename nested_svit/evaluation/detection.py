@@ -1,119 +1,14 @@
-"""COCO detection / instance segmentation evaluation: sharded, resumable inference (the same part
-files, manifest and batch sharding as ``runner.py``), COCO results, and pycocotools metrics."""
+"""COCO detection / instance segmentation evaluation of detector rows (``inference.detect``): the
+model's labels mapped to the annotation file's categories, COCO results, and pycocotools metrics."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
-
-from ..data.coco import DetectionImages, collate_detection, upload_detection_batch
-from ..data.prefetch import prefetched
-from ..devices import is_real_cuda
-from ..detection.detector import Detections, MaskRCNNDetector
-from ..distributed import DistInfo
-from .runner import _check_manifest, pending_batches, write_part
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-@dataclass
-class DetectionJob:
-    model: MaskRCNNDetector
-    dataset: DetectionImages
-    parts_dir: Path
-    manifest: dict
-    batch_size: int = 2
-    workers: int = 2
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dist: DistInfo = field(default_factory=DistInfo)
-    masks: bool = True
-
-
-@dataclass
-class DetectionProgress:
-    images: int = 0  # detected by this process in this run
-    seen: int = 0  # detected or skipped
-    detections: int = 0
-    elapsed: float = 0.0
-    model_seconds: float = 0.0  # whole network (FPS^w), this process, this run
-    backbone_seconds: float = 0.0  # backbone only (FPS^b)
-
-    def add(self, other: "DetectionProgress") -> None:
-        for name in ("images", "seen", "detections", "model_seconds", "backbone_seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-def _detections_json(d: Detections) -> str:
-    boxes = d.boxes.tolist()
-    masks = d.masks if isinstance(d.masks, list) else [None] * len(boxes)
-    return json.dumps([{"bbox": [round(v, 4) for v in b], "score": float(s), "label": int(lab), "name": n,
-                        **({"segmentation": m} if m is not None else {})}
-                       for b, s, lab, n, m in zip(boxes, d.scores.tolist(), d.labels.tolist(), d.names, masks)])
-
-
-def detection_rows(job: DetectionJob, batch: dict, dets: list[Detections]) -> pd.DataFrame:
-    """One row per image of ``batch``: status, sizes, tokens per block, detections as JSON text
-    (boxes xyxy in original pixels, labels 0..K-1, RLE masks)."""
-    depth = job.model.config.vit.depth
-    rows = []
-    for idx, image_id, name, meta, d in zip(batch["index"], batch["image_id"], batch["id"], batch["metas"], dets):
-        row = {"index": idx, "id": name, "image_id": int(image_id), "status": "ok", "error": "",
-               "height": meta.ori_shape[0], "width": meta.ori_shape[1], "num_detections": len(d.scores),
-               "total_tokens": d.total, "detections": _detections_json(d)}
-        row.update({f"kept_b{b}": int(d.kept[b]) for b in range(depth)})
-        rows.append(row)
-    for idx, name, image_id, error in batch["failed"]:
-        rows.append({"index": idx, "id": name, "image_id": int(image_id), "status": "skipped", "error": error,
-                     "num_detections": 0, "detections": "[]"})
-    return pd.DataFrame(rows)
-
-
-def detect_batch(job: DetectionJob, batch: dict, token_maps: bool = False
-                 ) -> tuple[pd.DataFrame, list[Detections], DetectionProgress]:
-    """One uploaded batch (``upload_detection_batch``) -> its rows, detections and counts (no times
-    but the model's). The one per-batch step of both engines (local and Ray)."""
-    dets: list[Detections] = []
-    counts = DetectionProgress(seen=len(batch["all_index"]))
-    if batch["inputs"]:
-        timer: dict = {}
-        dets = job.model.predict_preprocessed(batch["inputs"], batch["metas"], "rle" if job.masks else None,
-                                              timer=timer, token_maps=token_maps)
-        counts.model_seconds, counts.backbone_seconds = timer["total"], timer["backbone"]
-        counts.images = len(dets)
-        counts.detections = sum(len(d.scores) for d in dets)
-    return detection_rows(job, batch, dets), dets, counts
-
-
-def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], None] | None = None,
-                  on_batch: Callable[[dict, list[Detections]], None] | None = None) -> DetectionProgress:
-    """Run this process's pending batches, one part file per batch. ``on_batch(batch, detections)``
-    runs before a batch's part is written (pictures); detections then carry token maps."""
-    _check_manifest(job)
-    job.parts_dir.mkdir(parents=True, exist_ok=True)
-    todo = pending_batches(job)
-    loader = DataLoader(job.dataset, batch_sampler=todo, num_workers=job.workers, collate_fn=collate_detection,
-                        persistent_workers=False, pin_memory=is_real_cuda(job.device))
-    job.model.eval()
-    state = DetectionProgress()
-    start = time.perf_counter()
-    for batch in prefetched(loader, job.device, lambda b: upload_detection_batch(b, job.device)):
-        frame, dets, counts = detect_batch(job, batch, token_maps=on_batch is not None)
-        if on_batch is not None and dets:
-            on_batch(batch, dets)
-        write_part(job, batch, frame)
-        state.add(counts)
-        state.elapsed = time.perf_counter() - start
-        if progress:
-            progress(state)
-    return state
 
 
 def category_mapping(class_names: list[str], coco) -> tuple[dict[int, int], str | None]:

@@ -151,6 +151,18 @@ def validate_keep_targets(targets: object, num_gates: int) -> list[float]:
     return out
 
 
+def keep_budget(targets: Sequence[float] | None, scale: float | None, defaults: Sequence[float]) -> list[float]:
+    """The keep targets of a calibration: ``targets`` (one per gate), or the model's ``defaults`` times
+    ``scale`` (clipped to [0, 1]), or the defaults themselves."""
+    if targets is not None:
+        return validate_keep_targets(list(targets), len(defaults))
+    if scale is not None:
+        if not scale >= 0:
+            raise ValueError(f"keep-target scale factor must be >= 0, got {scale}")
+        return [min(1.0, float(t) * scale) for t in defaults]
+    return [float(t) for t in defaults]
+
+
 def keep_threshold_shift(margin: Tensor, target: float) -> float:
     """Shift ``s`` such that ``(margin + s > 0).mean()`` is as close as possible to ``target``."""
     n = margin.numel()

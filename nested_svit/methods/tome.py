@@ -9,6 +9,9 @@ never merged. Each A token's best B partner is its edge; the ``r`` A tokens with
 becomes [unmerged A in order, B in order]. Sizes add up; attention adds ``log size`` to every key's
 logit (``attention.KeyBiasContext``). On the packed map a merged token's row drops out and its
 partner's row holds the mean; ``order`` tracks the sequence positions the split needs.
+
+The algorithm is two plain tensor functions (``bipartite_soft_matching``, ``merge_wavg``, as ToMe's
+``merge.py``), tested alone; ``ToMeRun.after_attention`` maps the packed map onto them and back.
 """
 from __future__ import annotations
 
@@ -22,6 +25,32 @@ from ..tokens import pad, true_rows
 from ..execution import AttentionRecord
 from .base import Method
 from .selection import SubsetRun
+
+
+def bipartite_soft_matching(metric: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """ToMe's bipartite soft matching on padded sequences, all images at once. ``metric [B, N, d]``:
+    L2-normalised keys in sequence order; ``valid [B, N]``: False at padding. A = even positions, B =
+    odd; the class token (A's first) is never matched. -> (``edge [B, nA]``: A positions by the cosine
+    of their best B partner, best first (stable; padding last), ``partner [B, nA]``: each A position's
+    best B position). ToMe merges the first ``r`` of ``edge`` into their partners."""
+    a, b = metric[:, 0::2], metric[:, 1::2]
+    scores = a @ b.transpose(1, 2)  # [B, nA, nB]
+    scores = scores.masked_fill(~valid[:, 1::2][:, None, :], float("-inf"))
+    scores[:, 0, :] = float("-inf")  # the class token
+    node_max, partner = scores.max(-1)
+    node_max = node_max.masked_fill(~valid[:, 0::2], float("-inf"))
+    return torch.argsort(node_max, dim=-1, descending=True, stable=True), partner
+
+
+def merge_wavg(x: Tensor, size: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """ToMe's ``merge_wavg`` on rows: each row ``src[j]`` merged into row ``dst[j]`` by the size-weighted
+    mean ``sum(size * x) / sum(size)``, written into ``x [T, C]`` at ``dst`` (in place). -> the sizes
+    ``[T]`` after the merge (``dst`` rows hold the sums; ``src`` rows are dropped by the caller)."""
+    weighted = x * size[:, None].to(x.dtype)
+    total = weighted.index_add(0, dst, weighted[src])
+    merged = size.index_add(0, dst, size[src])
+    x[dst] = total[dst] / merged[dst, None].to(x.dtype)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -59,16 +88,9 @@ class ToMeRun(SubsetRun):
         row_of[record.rows] = torch.arange(record.rows.numel(), device=y.device)
         metric = keys[row_of[seq]]
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        m = pad(metric, packed_seq)  # [B, N, d]
         rows = pad(seq[:, None], packed_seq, -1)[..., 0]  # [B, N] map rows (-1: padding)
-        a, b = m[:, 0::2], m[:, 1::2]
         rows_a, rows_b = rows[:, 0::2], rows[:, 1::2]
-        scores = a @ b.transpose(1, 2)  # [B, nA, nB]
-        scores = scores.masked_fill((rows_b < 0)[:, None, :], float("-inf"))
-        scores[:, 0, :] = float("-inf")  # the class token
-        node_max, node_idx = scores.max(-1)
-        node_max = node_max.masked_fill(rows_a < 0, float("-inf"))
-        edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)  # [B, nA]
+        edge, node_idx = bipartite_soft_matching(pad(metric, packed_seq), rows >= 0)
         merged = torch.arange(edge.shape[1], device=y.device)[None, :] < r[:, None]  # first r edges
         r_host = [min((m - 1) // 2, self.options.r) for m in layout.lengths]
         flat = true_rows(merged, sum(r_host))
@@ -76,12 +98,7 @@ class ToMeRun(SubsetRun):
         img = flat // edge.shape[1]
         src_rows = rows_a[img, src_a]
         dst_rows = rows_b[img, node_idx[img, src_a]]
-        # size-weighted mean into the partner (merge_wavg): sum(size * x) / sum(size)
-        weighted = y * self.size[:, None].to(y.dtype)
-        total = weighted.index_add(0, dst_rows, weighted[src_rows])
-        size = self.size.index_add(0, dst_rows, self.size[src_rows])
-        y[dst_rows] = (total[dst_rows] / size[dst_rows, None].to(y.dtype))
-        self.size = size
+        self.size = merge_wavg(y, self.size, src_rows, dst_rows)
         keep = self.active.clone()
         keep[src_rows] = False
         # new sequence: unmerged A in A order, then all of B in B order

@@ -1,18 +1,18 @@
-"""The driver of ``predict --engine ray``: a Ray Data pipeline over the job's pending global batches
-(CPU decode tasks -> model actors), each finished batch written by the driver as its part file."""
+"""The driver of ``predict --engine ray``: a schedule of the one inference loop (``inference.run_batches``):
+a Ray Data pipeline over the job's pending global batches (CPU decode tasks -> model actors running the
+job's batch step), each finished batch committed by the driver as its part file."""
 from __future__ import annotations
 
 import logging
 import os
 import pickle
 import socket
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from ..evaluation.runner import _check_manifest, _part_path, pending_batches
-from ..io import atomic_write_bytes
+from ..inference.loop import BatchResult, run_batches
+from ..inference.parts import PartStore
 from . import require_ray
 from .predictor import FAULT_ENV, Predictor
 from .units import decode_unit, template_of, work_units, write_manifest
@@ -88,20 +88,23 @@ def _decode_cpus(options: RayOptions, gpus_per_actor: float) -> float:
     return options.decode_cpus if gpus_per_actor else options.cpus_per_actor
 
 
-def run_on_ray(job, state, load_model: Callable, spec: dict, collate: Callable, options: RayOptions,
-               progress: Callable | None = None):
-    """Run ``job``'s pending batches on Ray, one part file per batch as the local engine writes them.
-    ``state``: a fresh ``Progress`` / ``DetectionProgress`` (updated and returned); ``load_model(device)``
-    builds the model in each actor (a picklable function of the checkpoint path and flags)."""
+def run_on_ray(store: PartStore, dataset, step, spec, options: RayOptions, progress: Callable | None = None):
+    """Run ``store``'s pending batches on Ray, committed by the one loop of every engine
+    (``inference.run_batches``). ``dataset``: the run's data set (decoded in Ray tasks with its own
+    code); ``step``: the job's batch step, run in model actors that build their model from ``spec``
+    (a ``ModelSpec``). -> the step's counts of this run."""
     ray = require_ray()
-    _check_manifest(job)
-    job.parts_dir.mkdir(parents=True, exist_ok=True)
-    manifest = job.parts_dir / "ray-manifest.parquet"
+    return run_batches(store, lambda todo: _ray_results(ray, store, dataset, step, spec, options, todo),
+                       step.counts(), progress)
+
+
+def _ray_results(ray, store: PartStore, dataset, step, spec, options: RayOptions, todo: list[list[int]]):
+    """The schedule of ``run_batches``: pending batches -> decode tasks -> model actors -> ``BatchResult``s."""
+    manifest = store.parts_dir / "ray-manifest.parquet"
     if not manifest.exists():
-        write_manifest(manifest, job.dataset, job.batch_size)
-    todo = pending_batches(job)
+        write_manifest(manifest, dataset, store.batch_size)
     if not todo:
-        return state
+        return
     started = _connect(ray, options)
     try:
         context = ray.data.DataContext.get_current()
@@ -110,25 +113,19 @@ def run_on_ray(job, state, load_model: Callable, spec: dict, collate: Callable, 
         if hasattr(context, "max_consecutive_actor_init_deaths"):
             context.max_consecutive_actor_init_deaths = 2  # a model that cannot load fails fast
         actors, gpus_per_actor = _actors(ray, options, local=started and not options.address)
-        units = work_units(job.dataset, todo, job.batch_size)
+        units = work_units(dataset, todo, store.batch_size)
         actors = min(actors, len(units))  # no idle actors for a short run or the tail of a resumed one
         remote_env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
         extra = {"runtime_env": {"env_vars": remote_env}} if remote_env else {}
         ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.map(decode_unit, fn_kwargs={"template": template_of(job.dataset), "collate": collate},
+        ds = ds.map(decode_unit, fn_kwargs={"template": template_of(dataset)},
                     num_cpus=_decode_cpus(options, gpus_per_actor), **extra)
         ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-                            fn_constructor_kwargs={"load_model": load_model, "spec": spec,
+                            fn_constructor_kwargs={"step": step.detached(), "spec": spec,
                                                    "threads": int(max(1, options.cpus_per_actor))},
                             num_gpus=gpus_per_actor, num_cpus=options.cpus_per_actor, **extra)
-        start = time.perf_counter()
         for row in ds.iter_rows():
-            atomic_write_bytes(_part_path(job.parts_dir, int(row["batch"])), row["rows"])
-            state.add(pickle.loads(row["counts"]))
-            state.elapsed = time.perf_counter() - start
-            if progress:
-                progress(state)
+            yield BatchResult(int(row["batch"]), row["rows"], pickle.loads(row["counts"]))
     finally:
         if started:
             ray.shutdown()
-    return state

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import pickle
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -51,8 +50,9 @@ def write_manifest(path: Path, dataset, batch_size: int) -> None:
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def decode_unit(unit: dict, template, collate: Callable[[list[dict]], dict]) -> dict:
-    """A unit -> ``{"batch", "payload"}``: the pickled batch exactly as the local loader's workers make it."""
+def decode_unit(unit: dict, template) -> dict:
+    """A unit -> ``{"batch", "payload"}``: the pickled batch exactly as the local loader's workers make it
+    (the data set's own ``collate``)."""
     dataset = template
     positions = unit["index"]
     if template.records is None:
@@ -66,4 +66,4 @@ def decode_unit(unit: dict, template, collate: Callable[[list[dict]], dict]) -> 
         item = dataset[int(position)]
         item["index"] = int(index)
         items.append(item)
-    return {"batch": int(unit["batch"]), "payload": pickle.dumps(collate(items), protocol=5)}
+    return {"batch": int(unit["batch"]), "payload": pickle.dumps(dataset.collate(items), protocol=5)}

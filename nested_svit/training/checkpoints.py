@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_payload
+from ..devices import cuda_rng_states, set_cuda_rng_states
 
 
 def rng_state() -> dict:
@@ -21,8 +22,9 @@ def rng_state() -> dict:
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = cuda_rng_states()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
@@ -33,8 +35,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state:
+        set_cuda_rng_states(state["cuda"])
 
 
 class TrainingCheckpoints:

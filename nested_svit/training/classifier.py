@@ -14,34 +14,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..checkpoint import checkpoint_payload
+from ..checkpoint import model_payload
 from ..devices import autocast
 from ..distributed import broadcast_state, current
 from ..model import SparseViT
 from ..seeding import item_seed
 from .checkpoints import TrainingCheckpoints
+from .config import TrainingConfig
 from .loop import epoch_batches, fit_epochs, optimizer_step
 from .optim import adamw, warmup_cosine
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-5  # backbone (paper: batchsize/512 * 1e-5)
-    gate_lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    ratio_weight: float = 4.0  # lambda
-    ratio_loss: str = "dynamic"  # or "fixed"
+class TrainConfig(TrainingConfig):
+    """Gate fine-tuning (paper: lr = batch size / 512 * 1e-5 for the backbone, 1e-3 for the gates)."""
+
     freeze_backbone: bool = False
     label_smoothing: float = 0.0
-    amp: bool = False  # CUDA autocast (bf16)
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
-    drop_path: float = 0.0  # stochastic depth rate (linear over the blocks)
-    device: str = "cpu"
 
 
 @dataclass
@@ -101,7 +90,7 @@ class Trainer(TrainingCheckpoints):
         self.steps_per_epoch = len(epoch_batches(len(self.data), cfg.batch_size, cfg.seed, 0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"data set of {len(self.data)} images is smaller than one batch of {cfg.batch_size}")
-        self.opt = adamw(model, cfg.lr, cfg.gate_lr, cfg.weight_decay, "gates.", ("pos_embed", "cls_token"))
+        self.opt = adamw(model, cfg.lr, cfg.selector_lr, cfg.weight_decay, "gates.", ("pos_embed", "cls_token"))
         total = cfg.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, total, cfg.warmup_steps))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -111,11 +100,7 @@ class Trainer(TrainingCheckpoints):
         model.set_drop_path(cfg.drop_path)
 
     def state_dict(self) -> dict:
-        m = self.model
-        return checkpoint_payload("classifier", m.name, asdict(m.config), m.state_dict(),
-                                  class_names=getattr(m, "class_names", None),
-                                  block_norm_eps=float(m.blocks[0].norm1.eps), train_config=asdict(self.cfg),
-                                  **self.training_state())
+        return model_payload(self.model, train_config=asdict(self.cfg), **self.training_state())
 
     def train_step(self, images: Tensor | None, labels: Tensor | None, skipped: int = 0) -> StepLog:
         """One optimisation step on this rank's ``images [B, 3, H, W]`` (None: all unreadable)."""

@@ -12,37 +12,43 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import checkpoint_payload
+from ..checkpoint import model_payload
 from ..data.coco import collate_train
 from ..detection.detector import MaskRCNNDetector
 from ..devices import autocast
 from ..distributed import all_ranks, broadcast_state, current
 from .checkpoints import TrainingCheckpoints
+from .config import TrainingConfig
 from .loop import epoch_batches, fit_epochs, optimizer_step
 from .optim import adamw, mmdet_factor
 
 
 @dataclass
-class DetTrainConfig:
+class DetTrainConfig(TrainingConfig):
+    """mmdet's recipe: AdamW, a linear warm-up from ``warmup_ratio`` over ``warmup_steps``, x0.1 at each
+    of ``steps`` (epochs) or cosine; ``recipe`` fills in the official defaults of a detector."""
+
     epochs: int = 12
     batch_size: int = 2
-    lr: float = 1e-4  # dense ViT-Adapter: 1e-4; SViT fine-tune: 1e-5
+    lr: float = 1e-4  # dense ViT-Adapter: 1e-4; SViT fine-tune from a dense detector: 1e-5 (``recipe``)
     gate_lr: float | None = None  # None: lr
-    weight_decay: float = 0.05
-    warmup_steps: int = 500  # linear from warmup_ratio * lr (mmdet: 500 iters, ratio 0.001)
+    warmup_steps: int = 500  # mmdet: 500 iters from ratio 0.001
     warmup_ratio: float = 0.001
     schedule: str = "step"  # "step": x0.1 at each of ``steps`` (epochs); "cosine"
     steps: tuple[int, ...] = (8, 11)
     clip_grad: float | None = None  # max gradient norm
-    ratio_weight: float = 4.0
-    ratio_loss: str = "dynamic"
-    amp: bool = False
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 0  # steps; 0: end of each epoch
-    drop_path: float = 0.0  # stochastic depth (official: 0.1 tiny, 0.2 small); training only
     sync_bn: bool = True  # under torchrun: the adapter's BatchNorm statistics over all ranks (mmdet's SyncBN)
-    device: str = "cpu"
+
+    @classmethod
+    def recipe(cls, model: MaskRCNNDetector, from_checkpoint: bool, **given) -> "DetTrainConfig":
+        """The official defaults for ``model``, overridden by ``given`` (None values count as not given):
+        a pruned detector fine-tuned from a checkpoint (``--init``) trains at lr 1e-5 and weight decay
+        1e-6 (the SViT recipe), any other at lr 1e-4, 0.05; stochastic depth 0.1 for tiny, 0.2 for
+        small backbones (the official configs)."""
+        fine_tune = model.backbone.prunes and from_checkpoint
+        defaults = {"lr": 1e-5 if fine_tune else cls.lr, "weight_decay": 1e-6 if fine_tune else cls.weight_decay,
+                    "drop_path": 0.1 if model.config.vit.embed_dim <= 192 else 0.2}
+        return cls(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 @dataclass
@@ -65,8 +71,7 @@ class DetectorTrainer(TrainingCheckpoints):
         self.steps_per_epoch = len(epoch_batches(len(data), cfg.batch_size, cfg.seed, 0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(data)} training images are fewer than one batch of {cfg.batch_size}")
-        self.opt = adamw(model, cfg.lr, cfg.gate_lr or cfg.lr, cfg.weight_decay, "backbone.gates.",
-                         ("pos_embed", "level_embed"))
+        self.opt = adamw(model, cfg.lr, cfg.selector_lr, cfg.weight_decay, "backbone.gates.", ("pos_embed", "level_embed"))
         total = cfg.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: mmdet_factor(
             step, total, cfg.warmup_steps, cfg.warmup_ratio, cfg.schedule, cfg.steps, self.steps_per_epoch))
@@ -76,10 +81,7 @@ class DetectorTrainer(TrainingCheckpoints):
         model.backbone.set_drop_path(cfg.drop_path)
 
     def state_dict(self) -> dict:
-        m = self.model
-        return checkpoint_payload("detector", m.name, m.config.to_dict(), m.state_dict(),
-                                  block_norm_eps=float(m.backbone.blocks[0].norm1.eps), train_config=asdict(self.cfg),
-                                  **self.training_state())
+        return model_payload(self.model, train_config=asdict(self.cfg), **self.training_state())
 
     def train_step(self, inputs: list, targets: list, skipped: int = 0) -> DetStepLog:
         """One optimisation step on this rank's images (``[]``: all unreadable)."""

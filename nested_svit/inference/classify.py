@@ -1,0 +1,156 @@
+"""Classifier inference: the batch step (a prepared batch -> one row per image with the top-k classes,
+their probabilities and the tokens each block kept; skipped images with their reason), its counts, and
+the job of a local run (``InferenceJob`` / ``run_inference``)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from ..data.dataset import ImageRecordDataset
+from ..data.device_decode import DeviceJpegDecoder
+from ..data.transforms import EvalTransform
+from ..distributed import DistInfo
+from ..model import SparseViT
+from .loop import run_local
+from .parts import PartStore
+
+
+@dataclass
+class Progress:
+    images: int  # predicted by this process in this run
+    correct1: int
+    labelled: int
+    elapsed: float
+    seen: int = 0  # predicted or skipped
+
+    def add(self, other: "Progress") -> None:
+        self.images += other.images
+        self.correct1 += other.correct1
+        self.labelled += other.labelled
+        self.seen += other.seen
+
+
+@dataclass
+class ClassifierStep:
+    """The classifier's ``BatchStep``. ``class_names``: the MODEL's output classes (not the data's
+    folders); ``truth_names``: names of the data's labels; ``transform``: normalises the uint8 crops on
+    the device (None: the batch's images are the model's input as they are); ``decoder``: ``--decode
+    gpu`` (the batch's JPEGs arrive undecoded); ``on_batch(batch, images, usage)``: pictures."""
+
+    model: SparseViT | None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    topk: int = 5
+    class_names: list[str] | None = None
+    truth_names: list[str] | None = None
+    exif: bool = False
+    transform: EvalTransform | None = None
+    decoder: DeviceJpegDecoder | None = None
+    on_batch: Callable[[dict, torch.Tensor, object], None] | None = None
+
+    def counts(self) -> Progress:
+        return Progress(0, 0, 0, 0.0)
+
+    def bind(self, model: SparseViT, device: torch.device) -> "ClassifierStep":
+        decoder = self.decoder and DeviceJpegDecoder(self.decoder.transform, device, self.decoder.exif,
+                                                     self.decoder.max_pixels)
+        return dataclasses.replace(self, model=model, device=torch.device(device), decoder=decoder)
+
+    def detached(self) -> "ClassifierStep":
+        return dataclasses.replace(self, model=None, on_batch=None)
+
+    def prepare(self, batch: dict) -> dict:
+        """A loader batch -> the same with ``images`` the model's input on the device (decoded there
+        with the decoder, normalised there with the transform)."""
+        if self.decoder is not None:
+            batch = self.decoder(batch)
+        elif batch["images"] is not None:
+            batch["images"] = batch["images"].to(self.device, non_blocking=True)
+        if batch["images"] is not None:
+            images, dtype = batch["images"], self.model.dtype
+            batch["images"] = self.transform.normalize(images, dtype) if self.transform is not None else images.to(dtype)
+        return batch
+
+    def run(self, batch: dict) -> tuple[pd.DataFrame, Progress]:
+        """A prepared batch (``images`` the model's input, or None) -> its rows and its counts."""
+        logits = kept = None
+        counts = Progress(0, 0, 0, 0.0, seen=len(batch["all_index"]))
+        if batch["images"] is not None:
+            with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
+                feats, usage = self.model.eval().forward_features(batch["images"])
+                logits = self.model.forward_head(feats).cpu()
+            kept = usage.kept_after_selection.cpu()
+            if self.on_batch is not None:
+                self.on_batch(batch, batch["images"], usage)
+            labels = batch["label"]
+            has_label = labels >= 0
+            counts.correct1 = int((logits.argmax(-1)[has_label] == labels[has_label]).sum())
+            counts.labelled = int(has_label.sum())
+            counts.images = len(labels)
+        return self.rows(batch, logits, kept), counts
+
+    def rows(self, batch: dict, logits: torch.Tensor | None, kept: torch.Tensor | None) -> pd.DataFrame:
+        """The output rows of one batch: predicted images, then the skipped ones with their reason."""
+        names, truth, depth = self.class_names, self.truth_names, self.model.config.depth
+        rows: list[dict] = []
+        if logits is not None:
+            probs = logits.float().softmax(-1)
+            k = min(self.topk, probs.shape[-1])
+            top_p, top_i = probs.topk(k, dim=-1)
+            for j, idx in enumerate(batch["index"].tolist()):
+                label = int(batch["label"][j])
+                row = {"index": idx, "id": batch["id"][j], "label": label, "status": "ok", "error": "",
+                       "orientation": "exif applied" if self.exif else "as stored", "decoder": batch["decoder"][j],
+                       "label_name": truth[label] if truth and 0 <= label < len(truth) else None}
+                for r in range(k):
+                    cls = int(top_i[j, r])
+                    row[f"top{r + 1}_id"] = cls
+                    row[f"top{r + 1}_prob"] = float(top_p[j, r])
+                    if names:
+                        row[f"top{r + 1}_name"] = names[cls] if cls < len(names) else None
+                row.update({f"kept_b{b}": int(kept[j, b]) for b in range(depth)})
+                rows.append(row)
+        for idx, image_id, label, error in batch["failed"]:
+            rows.append({"index": idx, "id": image_id, "label": label, "status": "skipped", "error": error})
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class InferenceJob:
+    """A classifier run over ``dataset``: its step (model, top-k, names, transform, decoder, pictures)
+    and its part files (``parts_dir``, ``manifest``, batches of ``batch_size``, this process's share)."""
+
+    model: SparseViT
+    dataset: ImageRecordDataset
+    parts_dir: Path
+    manifest: dict
+    batch_size: int = 128
+    workers: int = 2
+    topk: int = 5
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dist: DistInfo = field(default_factory=DistInfo)
+    class_names: list[str] | None = None  # the MODEL's output classes (not the data's folders)
+    on_batch: Callable[[dict, torch.Tensor, object], None] | None = None  # (batch, images, usage): pictures
+    # the dataset's images are uint8 crops (``transform.crop``), normalised by ``transform`` on the
+    # device; None: the dataset's images are the model's input as they are
+    transform: EvalTransform | None = None
+    decoder: DeviceJpegDecoder | None = None  # --decode gpu: the dataset passes JPEGs on undecoded
+
+    @property
+    def step(self) -> ClassifierStep:
+        return ClassifierStep(self.model, torch.device(self.device), self.topk, self.class_names,
+                              self.dataset.class_names, getattr(self.dataset, "exif", False), self.transform,
+                              self.decoder, self.on_batch)
+
+    @property
+    def store(self) -> PartStore:
+        return PartStore(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
+
+
+def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None = None) -> Progress:
+    """Run this process's pending batches of ``job``, one part file per batch."""
+    return run_local(job.step, job.dataset, job.store, job.workers, progress)

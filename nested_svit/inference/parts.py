@@ -1,0 +1,106 @@
+"""The part files of one run: each finished global batch ``[i*b, (i+1)*b)`` is one parquet file under
+``<out>.parts/``, written atomically, so an interrupted run resumes where it stopped and the merged
+output has every image exactly once. ``manifest.json`` ties the parts to the run (model, checkpoint,
+data, batch size, ...): parts of a different run are never mixed in. Shared by every engine (local,
+torchrun, Ray): they differ only in who computes a batch, never in how it is committed."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..distributed import DistInfo
+from ..io import atomic_write, atomic_write_bytes, atomic_write_text
+
+MANIFEST = "manifest.json"
+
+
+def part_path(parts_dir: Path, batch: int) -> Path:
+    """The part file of global batch ``batch``."""
+    return Path(parts_dir) / f"batch-{batch:07d}.parquet"
+
+
+def plain(manifest: dict) -> dict:
+    """``manifest`` as it reads back from JSON (tuples as lists, sorted keys)."""
+    return json.loads(json.dumps(manifest, sort_keys=True))
+
+
+def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True) -> None:
+    """Refuse ``parts_dir`` when it holds parts of another run (naming what differs); else record
+    ``manifest`` there (the main process), creating the folder."""
+    path = Path(parts_dir) / MANIFEST
+    if path.exists():
+        old, new = json.loads(path.read_text()), plain(manifest)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise RuntimeError(f"{parts_dir} holds partial results of a different run (differs in {diff}); "
+                               "delete it or choose another --out")
+    elif is_main:
+        Path(parts_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def merge_parts(parts_dir: Path, num_records: int) -> pd.DataFrame:
+    """All part files -> one frame sorted by index; checks that every image appears exactly once."""
+    files = sorted(Path(parts_dir).glob("batch-*.parquet"))
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    frame = frame.sort_values("index", kind="stable").reset_index(drop=True) if len(frame) else frame
+    for col in frame.columns:  # skipped rows leave gaps: keep integer columns integer (nullable)
+        if col in ("index", "label") or (col.startswith("top") and col.endswith("_id")) or col.startswith("kept_b"):
+            frame[col] = frame[col].astype("Int64")
+    if len(frame) != num_records or frame["index"].duplicated().any() or \
+            (len(frame) and frame["index"].tolist() != list(range(num_records))):
+        raise RuntimeError(f"{parts_dir}: expected one row for each of {num_records} images, found {len(frame)} rows "
+                           f"({frame['index'].duplicated().sum() if len(frame) else 0} duplicated)")
+    return frame
+
+
+def remove_parts(parts_dir: Path) -> None:
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+@dataclass
+class PartStore:
+    """The parts of one run: ``num_records`` images in global batches of ``batch_size``; process
+    ``dist.rank`` of ``dist.world_size`` owns batches ``rank, rank + world, ...`` (so a batch holds the
+    same images at any number of processes, and the rows do not depend on it)."""
+
+    parts_dir: Path
+    manifest: dict
+    batch_size: int
+    num_records: int
+    dist: DistInfo = field(default_factory=DistInfo)
+
+    def check_manifest(self) -> None:
+        check_manifest(self.parts_dir, self.manifest, self.dist.is_main)
+        Path(self.parts_dir).mkdir(parents=True, exist_ok=True)
+
+    def part_path(self, batch: int) -> Path:
+        return part_path(self.parts_dir, batch)
+
+    def batch_of(self, indices) -> int:
+        """The global batch the images ``indices`` belong to."""
+        return min(int(i) for i in indices) // self.batch_size
+
+    def pending(self) -> list[list[int]]:
+        """Index lists of this process's global batches that have no part file yet."""
+        n, b = self.num_records, self.batch_size
+        batches = range(self.dist.rank, (n + b - 1) // b, self.dist.world_size)
+        return [list(range(i * b, min((i + 1) * b, n))) for i in batches if not self.part_path(i).exists()]
+
+    def commit(self, batch: int, rows: pd.DataFrame | bytes) -> None:
+        """Write batch ``batch``'s rows (a frame, or the parquet bytes of one) atomically as its part."""
+        path = self.part_path(batch)
+        if isinstance(rows, bytes):
+            atomic_write_bytes(path, rows)
+        else:
+            atomic_write(path, lambda tmp: rows.to_parquet(tmp, index=False))
+
+    def merge(self) -> pd.DataFrame:
+        return merge_parts(self.parts_dir, self.num_records)
+
+    def remove(self) -> None:
+        remove_parts(self.parts_dir)

@@ -1,0 +1,164 @@
+"""What a run builds, in plain values: ``ModelSpec`` (family, name, checkpoint, precision, backend, ...).
+The command line fills one per run; the local run, every torchrun rank and every Ray actor build the
+model from it (``build``), so the model is the same everywhere by construction. ``family_of`` is the one
+place that tells a classifier from a detector."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checkpoint import LoadReport, classifier_from_file, file_info, load_checkpoint, release_model
+from ..detection.checkpoint import checkpoint_classes, checkpoint_kind, detector_from_file
+from ..detection.detector import MaskRCNNDetector
+from ..detection.registry import create_detector, is_detector
+from ..devices import dtype_of
+from ..registry import create_model, get_config
+
+FAMILIES = ("classifier", "detector")
+DEFAULT_MODEL = {"classifier": "svit_small", "detector": "svit_adapter_small_maskrcnn"}
+
+
+def family_of(name: str | None, checkpoint: str | os.PathLike | None) -> str:
+    """``detector`` for a detector name, or no name and a checkpoint that holds a detector of ours;
+    else ``classifier``. The one family switch: everything else asks the spec."""
+    if is_detector(name) or (name is None and detector_from_file(checkpoint) is not None):
+        return "detector"
+    return "classifier"
+
+
+@dataclass
+class BuiltModel:
+    """A built model with its weights: the load report (None: random weights) and what a user should
+    read about it (``messages``: whole lines, ``note:`` / ``warning:``)."""
+
+    model: nn.Module
+    report: LoadReport | None
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to build. ``name``: a registry name, or None for what the checkpoint carries (else the
+    family's default); ``random_weights``: allow no checkpoint (initialised from ``seed``, so every
+    process builds the same). Classifiers: ``num_classes``, ``img_size`` override the config; detectors:
+    ``img_scale``, and ``categories`` (an annotation file's class names: predicted unless the checkpoint
+    predicts another number of classes)."""
+
+    family: str
+    name: str | None = None
+    checkpoint: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    precision: str = "fp32"
+    backend: str = "auto"
+    num_classes: int | None = None
+    img_size: int | None = None
+    img_scale: tuple[int, int] | None = None
+    categories: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, not {self.family!r}")
+        dtype_of(self.precision)  # a bad precision fails here, in one line
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | None, name: str | None = None, **settings) -> "ModelSpec":
+        """The spec of ``checkpoint`` (and ``name``), its family decided by ``family_of``."""
+        return cls(family_of(name, checkpoint), name, checkpoint, **settings)
+
+    def build(self, device: torch.device | str = "cpu") -> BuiltModel:
+        """The model with its weights (read and checked before any image), on ``device`` in the spec's
+        precision, in eval mode and the packed execution with the spec's attention backend."""
+        torch.manual_seed(self.seed)  # random weights (and unloaded selectors) are the same in every process
+        built = _build_detector(self) if self.family == "detector" else _build_classifier(self)
+        if built.report is None and not self.random_weights:
+            raise ValueError("--checkpoint is required (or pass --random-weights to run an untrained model)")
+        built.messages += _random_gates_warning(built.model, built.report)
+        built.model.to(device, dtype_of(self.precision)).eval().set_execution("packed", self.backend)
+        return built
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def _build_classifier(spec: ModelSpec) -> BuiltModel:
+    """A ``train`` file's model name and config win over a name not given; a baseline's release file
+    configures its method's model as its training args say."""
+    info = file_info(spec.checkpoint)
+    carried = info.kind == "classifier"
+    if carried and spec.name and info.model_name and spec.name != info.model_name:
+        raise ValueError(f"--model {spec.name} but {spec.checkpoint} holds a trained {info.model_name}; drop --model")
+    release = release_model(spec.checkpoint) if not carried and spec.name is None else None
+    name = (info.model_name if carried else None) or spec.name or (release[0] if release else DEFAULT_MODEL["classifier"])
+    messages = []
+    overrides: dict = dict(release[1]) if release else {}
+    if release:
+        messages.append(f"note: {spec.checkpoint} is {release[2]} (its training args): running {name} configured so")
+    if spec.img_size is not None:
+        overrides["img_size"] = spec.img_size
+    if spec.num_classes is not None:
+        overrides["num_classes"] = spec.num_classes
+    if carried:
+        model = classifier_from_file(spec.checkpoint, **overrides)
+        model.name = name
+    else:
+        get_config(name)  # unknown names fail here with the list of models
+        model = create_model(name, **overrides)
+    size = model.config.img_size
+    if size % model.config.patch_size:
+        raise ValueError(f"--img-size {size} is not a multiple of the patch size {model.config.patch_size}")
+    report = load_checkpoint(model, spec.checkpoint) if spec.checkpoint else None
+    return BuiltModel(model, report, messages)
+
+
+def _build_detector(spec: ModelSpec) -> BuiltModel:
+    """A file without detector heads (a classification checkpoint) is refused: the adapter, FPN, RPN and
+    RoI heads would be random."""
+    if spec.checkpoint and checkpoint_kind(spec.checkpoint) == "imagenet":
+        name = spec.name or "the detector"
+        raise ValueError(f"{spec.checkpoint} is a classification checkpoint: it holds a ViT backbone only, so "
+                         f"{name}'s adapter, FPN, RPN and RoI heads would be random. Give a detector checkpoint "
+                         "(official SViT / ViT-Adapter mmdet file, or one 'nested-svit train' wrote), or train one "
+                         f"from this file: nested-svit train --model {spec.name or DEFAULT_MODEL['detector']} "
+                         f"--init {spec.checkpoint} ...")
+    carried = detector_from_file(spec.checkpoint)
+    classes = checkpoint_classes(spec.checkpoint)
+    overrides: dict = {}
+    if spec.img_scale:
+        overrides["img_scale"] = tuple(spec.img_scale)
+    if spec.categories is not None and classes in (None, len(spec.categories)):
+        overrides["num_classes"], overrides["class_names"] = len(spec.categories), tuple(spec.categories)
+    elif classes is not None and carried is None:
+        overrides["num_classes"] = classes
+    if carried is not None:
+        name, cfg = carried
+        model = MaskRCNNDetector(dataclasses.replace(cfg, **overrides))
+        model.name = name or spec.name
+    else:
+        model = create_detector(spec.name or DEFAULT_MODEL["detector"], **overrides)
+    report = load_checkpoint(model, spec.checkpoint) if spec.checkpoint else None
+    return BuiltModel(model, report, [])
+
+
+def _random_gates_warning(model: nn.Module, report: LoadReport | None) -> list[str]:
+    """A pruned model whose checkpoint had no selector weights prunes at random: say so, and how to fix
+    it (also in the report's notes, which the outputs record)."""
+    stack = model.backbone if hasattr(model, "backbone") else model
+    if report is None or not stack.num_gates:
+        return []
+    if report.format != "imagenet" and not any("gates keep their initialisation" in n for n in report.notes):
+        return []
+    method = stack.method
+    fix = "fine-tune with 'nested-svit train'" if method.train_execution else "use its authors' release weights"
+    text = (f"warning: the checkpoint has no {method.title} selector weights, so the gates of this {method.title} "
+            f"model are random: pruning is arbitrary. Use a {method.title} checkpoint, {fix}, or run the dense model")
+    report.notes.append(text)
+    return [text]
