@@ -42,8 +42,6 @@ def model_payload(model, **extra) -> dict:
     """The file of ``model`` (a classifier or a detector: whatever its ``checkpoint_meta()`` says, with
     its weights) plus ``extra`` (training state, calibration, ...)."""
     meta = dict(model.checkpoint_meta())
-    if meta.get("class_names") is None:
-        meta.pop("class_names", None)
     kind, name, config = meta.pop("kind"), meta.pop("model_name"), meta.pop("model_config")
     return checkpoint_payload(kind, name, config, model.state_dict(), **meta, **extra)
 
