@@ -11,8 +11,10 @@ that poisons the context, a hang) is recorded and the next step runs:
   detection       FPS^w / FPS^b of ViT-Adapter-S vs SViT-Adapter-S Mask R-CNN at 1333x800, batch 1/2/4/8
   input_pipeline  predict's loop with CPU decode workers vs ``--decode gpu``, against the model alone
 
-DIR gets ``<step>.json`` (status, seconds, results), ``<step>.log``, the CSVs and PNGs, and
-``summary.json``: every step's status and the speed goals of issue 16, each met / missed / unknown.
+DIR gets ``<step>.json`` (status, seconds, results, ``measured_on``: cuda / simcuda / cpu, and
+``not_measured``: what the step could not measure there, with the reason), ``<step>.log``, the CSVs and
+PNGs, and ``summary.json``: every step's status and the speed goals (bench/README.md), each met / missed /
+unknown.
 ``--dry-run`` runs the same steps tiny on the CPU (the CUDA tests on the simulated device); the test
 suite runs it (tests/test_gpu_check.py), so the script cannot rot.
 """
@@ -100,14 +102,23 @@ def step_pytest_cuda(ctx: dict) -> dict:
         cmd += ["-k", "deit_small_patch16_224"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     (ctx["out"] / "pytest-cuda.txt").write_text(proc.stdout + proc.stderr)
+    import re
     import xml.etree.ElementTree as ET
 
     suite = ET.parse(ctx["out"] / "pytest-cuda.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    deselected = re.search(r"(\d+) deselected", proc.stdout)
+    counts["deselected"] = int(deselected.group(1)) if deselected else 0
     if proc.returncode != 0:
         raise RuntimeError(f"pytest -m cuda: {counts}; see pytest-cuda.txt\n" + proc.stdout[-3000:])
-    return counts
+    ran = counts["tests"] - counts["skipped"]
+    missing = []
+    if counts["deselected"] or counts["skipped"]:
+        missing.append(f"ran {ran} of {counts['tests'] + counts['deselected']} CUDA tests"
+                       + (" (a dry run selects one, on the simulated device)" if ctx["dry_run"] else
+                          f" ({counts['skipped']} skipped: see pytest-cuda.txt)"))
+    return {**counts, "not_measured": missing}
 
 
 def step_attention(ctx: dict) -> dict:
@@ -161,7 +172,11 @@ def step_attention(ctx: dict) -> dict:
     frame = pd.DataFrame(rows)
     frame.to_csv(ctx["out"] / "attention.csv", index=False)
     errors = frame["error"].notna().sum() if "error" in frame else 0
-    return {"rows": len(frame), "kernel_errors": int(errors),
+    missing = [] if torch.cuda.is_available() else [
+        "varlen and jagged CUDA kernels, cuDNN on/off: no GPU (CPU backends only, against fp64)"]
+    if tiny:
+        missing.append("the detector's long sequences (a dry run uses 300 and 170 tokens)")
+    return {"rows": len(frame), "kernel_errors": int(errors), "not_measured": missing,
             "worst_rel_err": {d: float(g["rel_err"].max()) for d, g in frame.groupby("dtype")}}
 
 
@@ -213,6 +228,9 @@ def step_syncs(ctx: dict) -> dict:
     pictures = [torch.randint(0, 255, (*shape, 3), dtype=torch.uint8).numpy() for _ in range(2)]
     with torch.no_grad():
         out["detector_predict_2_images"] = measure(lambda: det.predict(pictures, masks="rle"))
+    if not real:  # host syncs and kernels exist on a GPU only (the simulated device's counts: tests/test_simcuda.py)
+        out["not_measured"] = ["host syncs per forward: no GPU (torch.cuda.set_sync_debug_mode)",
+                               "CUDA kernels per forward: no GPU (CPU operator counts instead)"]
     return out  # in syncs.json
 
 
@@ -241,7 +259,9 @@ def step_throughput(ctx: dict) -> dict:
         done.to_csv(ctx["out"] / "throughput.csv", index=False)  # what a timeout leaves is kept
     for precision, frame in done.groupby("precision"):
         plot_throughput(frame, ctx["out"] / f"throughput-{precision}.png")
-    return {"rows": len(done)}
+    missing = [] if not tiny else ["batch sizes above 2, the baselines in fp32, the varlen backend, fp32 backends "
+                                   "(a dry run times batch 1 and 2 once)"]
+    return {"rows": len(done), "not_measured": missing}
 
 
 def step_detection(ctx: dict) -> dict:
@@ -256,7 +276,9 @@ def step_detection(ctx: dict) -> dict:
     frame = run_detection_benchmark(cfg, progress=lambda m: print(m, flush=True))
     frame.to_csv(ctx["out"] / "detection.csv", index=False)
     plot_detection_throughput(frame, ctx["out"] / "detection.png")
-    return {"rows": len(frame)}
+    missing = ["ViT-Adapter-S / SViT-Adapter-S at 1333x800 (a dry run times the tiny ones at 192x128, batch 1)"] \
+        if tiny else []
+    return {"rows": len(frame), "not_measured": missing}
 
 
 def step_input_pipeline(ctx: dict) -> dict:
@@ -288,13 +310,15 @@ def step_input_pipeline(ctx: dict) -> dict:
                      "images_per_sec": batch / got["batch_s"], "model_alone_images_per_sec": batch / alone,
                      "fraction_of_model_alone": alone / got["batch_s"], **got})
     pd.DataFrame(rows).to_csv(ctx["out"] / "input_pipeline.csv", index=False)
-    return {r["pipeline"]: {"images_per_sec": r["images_per_sec"], "fraction_of_model_alone": r["fraction_of_model_alone"]}
-            for r in rows}
+    missing = [] if real else ["nvjpeg: no GPU (--decode gpu decodes on the CPU with torchvision's libjpeg-turbo here)"]
+    return {**{r["pipeline"]: {"images_per_sec": r["images_per_sec"],
+                               "fraction_of_model_alone": r["fraction_of_model_alone"]} for r in rows},
+            "not_measured": missing}
 
 
 # --------------------------------------------------------------------------- the speed goals
 def goals(out: Path, dry_run: bool) -> dict:
-    """Issue 16's speed goals from the CSVs: ``met`` / ``missed`` with the figure, or ``unknown``."""
+    """The speed goals (bench/README.md) from the CSVs: ``met`` / ``missed`` with the figure, or ``unknown``."""
     import pandas as pd
 
     result: dict = {}
@@ -330,15 +354,26 @@ def goals(out: Path, dry_run: bool) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
+def measured_on(name: str, device: str, dry_run: bool) -> str:
+    """Where a step's figures come from: ``cuda`` (a GPU), ``simcuda`` (the CUDA tests of a dry run, on the
+    simulated device), or ``cpu``."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "simcuda" if name == "pytest_cuda" and dry_run else "cpu"
+
+
 def run_step(name: str, out: Path, dry_run: bool, device: str) -> int:
     """One step in this process: ``<step>.json`` with its status, seconds and results."""
     start = time.perf_counter()
     ctx = {"out": out, "dry_run": dry_run, "device": device}
-    record: dict = {"step": name}
+    record: dict = {"step": name, "measured_on": measured_on(name, device, dry_run)}
     try:
         if os.environ.get("GPU_CHECK_FAIL_STEP") == name:  # tests/test_gpu_check.py: a step that breaks
             raise RuntimeError("injected failure (GPU_CHECK_FAIL_STEP)")
-        record.update(status="ok", results=globals()[f"step_{name}"](ctx))
+        results = globals()[f"step_{name}"](ctx)
+        record.update(status="ok", not_measured=results.pop("not_measured", []), results=results)
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     record["seconds"] = round(time.perf_counter() - start, 1)
@@ -390,14 +425,18 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"{name}.json"
         if path.exists():
             record = json.loads(path.read_text())
-            entry = {"status": record["status"], "seconds": seconds, **({"error": record["error"]}
-                                                                          if "error" in record else {})}
+            entry = {"status": record["status"], "seconds": seconds, "measured_on": record.get("measured_on"),
+                     "not_measured": record.get("not_measured", []),
+                     **({"error": record["error"]} if "error" in record else {})}
         elif rc is None:
             entry = {"status": "timeout", "seconds": seconds, "error": f"over its {limit} s limit; partial files kept"}
         else:
             entry = {"status": "crashed", "seconds": seconds, "error": f"exit code {rc}; see {name}.log"}
         summary["steps"][name] = entry
-        print(f"{name:15s} {entry['status']:8s} {seconds:6.1f} s  {entry.get('error', '')[:100]}", flush=True)
+        where = f"on {entry['measured_on']}" if entry.get("measured_on") else ""
+        gaps = f", {len(entry['not_measured'])} not measured" if entry.get("not_measured") else ""
+        print(f"{name:15s} {entry['status']:8s} {seconds:6.1f} s  {where}{gaps}  {entry.get('error', '')[:100]}",
+              flush=True)
     summary["seconds"] = round(time.perf_counter() - total, 1)
     if (out / "environment.json").exists():
         summary["environment"] = json.loads((out / "environment.json").read_text()).get("results")

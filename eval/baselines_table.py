@@ -1,7 +1,7 @@
 """The paper's classification comparison (SViT Table 7 style) on this machine: every pruning method on
 the same packed engine, DeiT-S width, 224 px.
 
-Per method: keep schedule, GFLOPs from the tokens each block actually processed (our FLOP model;
+Per method: keep schedule, GFLOPs (multiply-adds, as the paper counts) from the tokens each block actually processed (our FLOP model;
 SViT's gates calibrated to their targets and ATS's random queries sharpened to the paper's FLOPs, as
 the harness does, since no trained weights can be downloaded here), throughput at each batch size
 (interleaved timed rounds, medians, ``nested_svit.benchmark.run_benchmark``), speed-up over dense DeiT-S
@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from nested_svit.benchmark.harness import BenchConfig, run_benchmark
+from nested_svit.version import __version__, source_commit
 
 # name -> (method, keep schedule, training per SViT Table 7 / the release, GFLOPs and top-1 reported)
 METHODS = {
@@ -47,12 +48,17 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="eval/results/baselines_cpu")
-    ap.add_argument("--batch-sizes", default="1,8,64")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--min-time", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="eval/results/baselines_cpu",
+                    help="folder for bench.csv (every timed row), table.csv / table.md (the Table 7 layout) and "
+                         "run.json (default: %(default)s)")
+    ap.add_argument("--batch-sizes", default="1,8,64", help="comma list of batch sizes (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="at least this many interleaved timed rounds per batch size (default: %(default)s)")
+    ap.add_argument("--min-time", type=float, default=2.0,
+                    help="more rounds at small batches: each model timed for at least this many seconds "
+                         "(default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +70,7 @@ def main() -> None:
     for name, (method, schedule, training, paper_gflops, paper_top1) in METHODS.items():
         mine = raw[raw.model == name]
         row = {"model": name, "method": method, "keep schedule": schedule,
-               "GFLOPs (ours, MACs)": round(float(mine.gflops_per_image.iloc[0]) / 2, 2),
+               "GFLOPs (ours, MACs)": round(float(mine.gmacs_per_image.iloc[0]), 2),
                "GFLOPs (paper)": paper_gflops, "training (paper)": training, "top-1 (reported)": paper_top1,
                "top-1 (here)": "not measured: no weights on this machine",
                "ideal speed-up": round(float(mine.ideal_speedup.iloc[0]), 3),
@@ -80,6 +86,7 @@ def main() -> None:
     (out / "table.md").write_text(_markdown(table))
     (out / "run.json").write_text(json.dumps({
         "command": "python " + " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "nested_svit": __version__, "source_commit": source_commit(),
         "machine": platform.processor() or platform.machine(), "rounds": args.rounds,
         "batch_sizes": cfg.batch_sizes}, indent=1) + "\n")
     print(table.to_string(index=False))

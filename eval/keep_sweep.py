@@ -2,7 +2,7 @@
 
 For each scale s, the gate thresholds are calibrated (``calibrate_keep``, on the train split only) to
 ``s * [0.7]*3 + [0.49]*3 + [0.343]*3`` (clipped to 1), then the test split is evaluated: top-1, mean
-keep fraction, GFLOPs from the actual kept tokens, and throughput (interleaved timed rounds,
+keep fraction, GMACs (multiply-adds) from the actual kept tokens, and throughput (interleaved timed rounds,
 medians) against the dense ``vit_digits`` of the same width with the same weights' shape.
 
 Run: ``python eval/keep_sweep.py --out eval/results/keep_sweep`` (a few minutes on 2 CPU cores;
@@ -57,16 +57,16 @@ def main() -> None:
         with torch.inference_mode():
             feats, usage = model.forward_features(images)
             top1 = float((model.forward_head(feats).argmax(-1) == labels).float().mean() * 100)
-        gflops = float(flops_per_image(model.config, usage.kept, usage.total).mean()) / 1e9
+        gmacs = float(flops_per_image(model.config, usage.kept, usage.total).mean()) / 2e9  # multiply-adds
         models[scale] = model
         rows.append({"scale": scale, "targets": [round(t, 4) for t in targets],
                      "train_keep_reached": [round(r, 4) for r in reached],
-                     "test_keep_mean": float(usage.gate_keep_fraction().mean()), "top1": top1, "gflops": gflops})
+                     "test_keep_mean": float(usage.gate_keep_fraction().mean()), "top1": top1, "gmacs": gmacs})
     dense.eval()
     with torch.inference_mode():
         dense_top1 = float((dense(images).argmax(-1) == labels).float().mean() * 100)
         n = usage.total[:1]
-        dense_gflops = float(flops_per_image(dense.config, n[:, None].expand(-1, 12), n).mean()) / 1e9
+        dense_gmacs = float(flops_per_image(dense.config, n[:, None].expand(-1, 12), n).mean()) / 2e9
         runners = {"dense": dense, **models}
         times = {k: [] for k in runners}
         for m in runners.values():
@@ -80,8 +80,8 @@ def main() -> None:
     for r in rows:
         t = statistics.median(times[r["scale"]])
         r.update({"images_per_sec": args.batch_size / t, "speedup_vs_dense": dense_t / t,
-                  "ideal_speedup": dense_gflops / r["gflops"]})
-    result = {"model": "svit_digits (bundled)", "dense": {"top1": dense_top1, "gflops": dense_gflops,
+                  "ideal_speedup": dense_gmacs / r["gmacs"]})
+    result = {"model": "svit_digits (bundled)", "dense": {"top1": dense_top1, "gmacs": dense_gmacs,
               "images_per_sec": args.batch_size / dense_t, "note": "the SViT's own weights with the gates removed"},
               "batch_size": args.batch_size, "threads": args.threads, "rounds": args.rounds, "rows": rows,
               "torch_version": torch.__version__}

@@ -6,15 +6,20 @@ from .registry import create_model, list_models
 from .tokens import Layout, Packed
 from .version import __version__
 
-__all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "SparseViT",
+__all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "load_model",
+           "load_detector", "ModelSpec", "SparseViT",
            "TokenUsage", "ViTConfig", "Pruning", "Layout", "Packed", "__version__"]
 
 
 def __getattr__(name: str):
-    """``create_detector`` / ``list_detectors`` import the detection package (OpenCV, torchvision ops)
-    only when asked for."""
+    """``create_detector`` / ``list_detectors``, ``load_model`` / ``load_detector`` and ``ModelSpec``
+    import the detection package (OpenCV, torchvision ops) only when asked for."""
     if name in ("create_detector", "list_detectors"):
         from . import detection
 
         return getattr(detection, name)
+    if name in ("load_model", "load_detector", "ModelSpec"):
+        from . import inference
+
+        return getattr(inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

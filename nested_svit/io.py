@@ -27,7 +27,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     atomic_write(path, write)

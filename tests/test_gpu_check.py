@@ -42,6 +42,10 @@ def test_dry_run_runs_every_step(tmp_path):
     syncs = json.loads((tmp_path / "syncs.json").read_text())["results"]
     assert syncs["svit_small"]["cpu_ops"] > 0 and "detector_predict_2_images" in syncs
     assert set(summary["goals"]) and all("dry run" in g["status"] for g in summary["goals"].values())
+    # where each step's figures come from, and what it could not measure there
+    assert steps["pytest_cuda"]["measured_on"] == "simcuda" and "ran 1 of" in steps["pytest_cuda"]["not_measured"][0]
+    assert {s["measured_on"] for n, s in steps.items() if n != "pytest_cuda"} == {"cpu"}
+    assert all(steps[n]["not_measured"] for n in ("syncs", "throughput", "detection", "input_pipeline"))
 
 
 def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
@@ -52,3 +56,17 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     assert steps["environment"]["status"] == "ok"
     assert "Traceback" in json.loads((tmp_path / "attention.json").read_text())["traceback"]
     assert _run(tmp_path, "--steps", "nope").returncode == 2  # unknown steps: refused by the parser
+
+
+def test_each_step_says_where_it_measured_and_what_it_could_not(tmp_path):
+    """A step that ran on the CPU says so (``measured_on``) and lists what it could not measure there with
+    the reason, instead of a bare ``ok``; no issue numbers in what a user reads."""
+    proc = _run(tmp_path, "--steps", "environment,attention", "--in-process")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert steps["attention"]["measured_on"] == "cpu" and steps["environment"]["measured_on"] == "cpu"
+    assert any("no GPU" in why for why in steps["attention"]["not_measured"])
+    assert "on cpu, 2 not measured" in proc.stdout
+    assert "issue" not in proc.stdout.lower() and "issue" not in (tmp_path / "summary.json").read_text().lower()
+    assert "issue" not in subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                                         text=True).stdout.lower()

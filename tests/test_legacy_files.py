@@ -36,7 +36,7 @@ def test_old_classifier_files(tmp_path, expected, name):
     path = unpacked(tmp_path, f"{name}.pth")
     model = classifier_from_file(path)
     report = load_checkpoint(model, path)
-    assert report.format == "timm" and model.class_names == ["a", "b", "c", "d"]
+    assert report.format == "nested_svit" and model.class_names == ["a", "b", "c", "d"]  # our file (issue 26.10)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(inputs["images"]), outputs[name], atol=1e-6, rtol=1e-6)
     if name == "classifier_train_evit":  # the flat options became EViT's own

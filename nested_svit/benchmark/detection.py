@@ -27,6 +27,7 @@ from ..detection.detector import MaskRCNNDetector
 from ..devices import kernel_settings, set_kernel_settings, synchronize
 from ..detection.registry import create_detector, dense_detector
 from ..registry import SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS
+from ..version import __version__, source_commit
 from .flop_count import count_flops
 from .flops import flops_per_image
 from .memory import peak_memory_mb
@@ -35,10 +36,10 @@ from .timing import BenchProgress
 
 # resized COCO-like shapes (h, w) at img_scale 1333x800: landscape, portrait, 4:3, wide
 COCO_LIKE_SHAPES = [(800, 1333), (1199, 800), (800, 1066), (750, 1333)]
-COLUMNS = ["model", "part", "batch_size", "img_scale", "pool", "images_per_sec", "time_per_image_ms",
-           "time_per_image_p10_ms", "time_per_image_p90_ms", "gflops_per_image", "ideal_speedup", "speedup",
+COLUMNS = ["model", "part", "device", "batch_size", "img_scale", "pool", "images_per_sec", "time_per_image_ms",
+           "time_per_image_p10_ms", "time_per_image_p90_ms", "gmacs_per_image", "ideal_speedup", "speedup",
            "efficiency", "mean_keep_ratio", "peak_mem_mb", "detections_per_image", "threads", "rounds", "torch_version",
-           "kernel_settings"]
+           "kernel_settings", "version", "source_commit"]
 
 
 @dataclass
@@ -127,7 +128,8 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[BenchProgre
             dets = call(m, "whole", len(inputs))
             keep = float(np.mean([(d.kept[list(m.config.vit.gate_blocks)].float() / d.total).mean() for d in dets])) \
                 if m.backbone.prunes else 1.0
-            stats[n] = {"whole": whole / len(inputs) / 1e9, "backbone": backbone / len(inputs) / 1e9, "keep": keep,
+            # multiply-adds (the paper's unit): count_flops counts 2 FLOPs per multiply-add
+            stats[n] = {"whole": whole / len(inputs) / 2e9, "backbone": backbone / len(inputs) / 2e9, "keep": keep,
                         "dets": float(np.mean([len(d.scores) for d in dets]))}
         rows = []
         runners = [(n, part) for n in names for part in ("whole", "backbone")]
@@ -152,15 +154,16 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[BenchProgre
                 speedup = dense_time / per_image
                 ideal = stats[dense][part] / stats[n][part]
                 rows.append({
-                    "model": n, "part": part, "batch_size": bs, "img_scale": "x".join(map(str, cfg.img_scale)),
+                    "model": n, "part": part, "device": str(device), "batch_size": bs, "img_scale": "x".join(map(str, cfg.img_scale)),
                     "pool": ";".join(f"{t.shape[-1]}x{t.shape[-2]}" for t in inputs),
                     "images_per_sec": 1 / per_image, "time_per_image_ms": per_image * 1000,
                     "time_per_image_p10_ms": float(np.percentile(times[(n, part)], 10)) * 1000,
                     "time_per_image_p90_ms": float(np.percentile(times[(n, part)], 90)) * 1000,
-                    "gflops_per_image": stats[n][part], "ideal_speedup": ideal, "speedup": speedup,
+                    "gmacs_per_image": stats[n][part], "ideal_speedup": ideal, "speedup": speedup,
                     "efficiency": speedup / ideal, "mean_keep_ratio": stats[n]["keep"],
                     "peak_mem_mb": peak_memory_mb(lambda: call(models[n], part, bs), device),
                     "detections_per_image": stats[n]["dets"], "threads": torch.get_num_threads(), "rounds": cfg.rounds,
-                    "torch_version": torch.__version__, "kernel_settings": settings,
+                    "torch_version": torch.__version__, "kernel_settings": settings, "version": __version__,
+                    "source_commit": source_commit(),
                 })
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -25,6 +25,7 @@ from ..devices import (PRECISIONS, cuda_available, dtype_of, is_real_cuda, kerne
 from ..methods.svit import keep_budget
 from ..model import SparseViT
 from ..registry import create_model, dense_counterpart, get_config
+from ..version import __version__, source_commit
 from .flops import flops_per_image
 from .memory import peak_memory_mb
 from .stand_ins import stand_in_selectors
@@ -34,8 +35,9 @@ __all__ = ["BenchConfig", "run_benchmark", "PRECISIONS", "TIMM_PREFIX", "COLUMNS
 TIMM_PREFIX = "timm/"
 COLUMNS = ["model", "backend", "device", "precision", "batch_size", "img_size", "param_count",
            "infer_samples_per_sec", "infer_step_time", "infer_step_time_p10", "infer_step_time_p90",
-           "mean_kept_tokens", "gflops_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb",
-           "calibrated_gates", "threads", "rounds", "torch_version", "kernel_settings"]
+           "mean_kept_tokens", "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb",
+           "calibrated_gates", "threads", "rounds", "torch_version", "kernel_settings", "version", "source_commit",
+           "checkpoint"]
 
 
 @dataclass
@@ -56,6 +58,7 @@ class BenchConfig:
     keep_targets: tuple[float, ...] | None = None  # calibrate gates to these (default: the model's own) ...
     keep_scale: float | None = None  # ... or to the model's own times this factor (clipped to [0, 1])
     seed: int = 0
+    checkpoint: str | None = None  # measure the (trained) model this file describes, beside its dense counterpart
 
 
 @dataclass
@@ -65,7 +68,9 @@ class _Runner:
     module: nn.Module
     base_name: str  # our registry name (timm models: the matching dense config)
     calibrated: list  # gate indices calibrated, or what was calibrated (ATS)
+    overrides: dict = field(default_factory=dict)  # config overrides of the dense model it is compared with
     attention: str | None = None  # backend to set on a shared SparseViT before each call
+    checkpoint: str | None = None  # the file its weights come from (None: random weights)
     times: list[float] = field(default_factory=list)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,8 +96,25 @@ def _image_pool(cfg: BenchConfig, count: int) -> torch.Tensor:
     return load_images_from_dir(cfg.input, count, cfg.img_size)
 
 
-def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list[_Runner]:
-    names = list(dict.fromkeys(cfg.models))
+def _from_checkpoint(cfg: BenchConfig) -> tuple[list[str], dict, dict]:
+    """``cfg.checkpoint``: the model it describes (trained gates, its classes and input size) -> (its name,
+    {name: model}, the config overrides its dense counterpart gets)."""
+    from ..inference import load_model
+
+    model = load_model(cfg.checkpoint)
+    try:
+        dense_counterpart(model.name)
+    except ValueError:
+        raise ValueError(f"{cfg.checkpoint} holds a {model.name!r}, not a model of a registered family: bench measures "
+                         "it against the dense model of its width") from None
+    return [model.name], {model.name: model}, {"img_size": model.config.img_size,
+                                               "num_classes": model.config.num_classes}
+
+
+def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                   from_file: tuple[list[str], dict, dict] | None = None) -> list[_Runner]:
+    models, loaded, overrides = from_file or (cfg.models, {}, {})
+    names = list(dict.fromkeys(models))
     for name in list(names):  # the dense model of each width is always measured: speedup needs it
         if not name.startswith(TIMM_PREFIX):
             dense = dense_counterpart(name)
@@ -106,9 +128,9 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
             runners.append(_Runner(name, "dense", _timm_model(name).eval().to(device, dtype),
                                    name[len(TIMM_PREFIX):], []))
             continue
-        model = create_model(name).eval()
+        model = loaded[name].eval() if name in loaded else create_model(name, **overrides).eval()
         if not model.prunes:
-            runners.append(_Runner(name, "dense", model.to(device, dtype), name, []))
+            runners.append(_Runner(name, "dense", model.to(device, dtype), name, [], overrides))
             continue
         calibrated: list = []
         if cfg.calibrate:
@@ -120,7 +142,8 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
         for backend in dict.fromkeys(cfg.backends):
             resolved = resolve_backend(backend, device, dtype)  # also rejects backends not available here
             label = backend if backend != "auto" or resolved == "cpu-auto" else f"auto:{resolved}"
-            runners.append(_Runner(name, label, model, name, calibrated, attention=backend))
+            runners.append(_Runner(name, label, model, name, calibrated, overrides, attention=backend,
+                                   checkpoint=cfg.checkpoint if name in loaded else None))
     return runners
 
 
@@ -129,19 +152,19 @@ def _time_once(module: Callable[[torch.Tensor], object], images: torch.Tensor, d
 
 
 def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, float]:
-    """(mean kept tokens per gated block per image, GFLOPs per image, dense-model GFLOPs per image),
+    """(mean kept tokens per gated block per image, GMACs per image, dense-model GMACs per image),
     the dense model being the same width without gates, on the same images."""
-    dense_cfg = get_config(dense_counterpart(runner.base_name))
+    dense_cfg = get_config(dense_counterpart(runner.base_name), **runner.overrides)
     n = 1 + (images.shape[-2] // dense_cfg.patch_size) * (images.shape[-1] // dense_cfg.patch_size)
     total = torch.full((images.shape[0],), n, dtype=torch.int64)
-    dense = float(flops_per_image(dense_cfg, total[:, None].expand(-1, dense_cfg.depth), total).mean()) / 1e9
+    dense = float(flops_per_image(dense_cfg, total[:, None].expand(-1, dense_cfg.depth), total).mean()) / 2e9
     model = runner.module
     if not isinstance(model, SparseViT) or not model.prunes:
         return float(n), dense, dense
     _, usage = model.forward_features(images)
     gated = list(model.config.gate_blocks)
-    gflops = float(flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean()) / 1e9
-    return float(usage.kept_after_selection[:, gated].double().mean()), gflops, dense
+    gmacs = float(flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean()) / 2e9
+    return float(usage.kept_after_selection[:, gated].double().mean()), gmacs, dense
 
 
 def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | None = None) -> pd.DataFrame:
@@ -156,13 +179,14 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     report = progress or (lambda event: None)
+    from_file = _from_checkpoint(cfg) if cfg.checkpoint else None
     if cfg.img_size is None:
         ours = [m for m in cfg.models if not m.startswith(TIMM_PREFIX)]
-        cfg.img_size = get_config(ours[0]).img_size if ours else 224
+        cfg.img_size = from_file[2]["img_size"] if from_file else get_config(ours[0]).img_size if ours else 224
     set_kernel_settings(cfg.tf32)
     settings = json.dumps(kernel_settings())
     pool = _image_pool(cfg, max(cfg.batch_sizes))
-    runners = _build_runners(cfg, pool, device, dtype)
+    runners = _build_runners(cfg, pool, device, dtype, from_file)
     rows = []
     with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
         for position, bs in enumerate(cfg.batch_sizes):
@@ -185,10 +209,10 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
                 step = statistics.median(r.times)
                 if id(r.module) not in usage:
                     usage[id(r.module)] = _usage_flops(r, images)
-                kept, gflops, dense_gflops = usage[id(r.module)]
+                kept, gmacs, dense_gmacs = usage[id(r.module)]
                 reference = dense_time.get(dense_counterpart(r.base_name))
                 speedup = reference / step if reference else float("nan")
-                ideal = dense_gflops / gflops
+                ideal = dense_gmacs / gmacs
                 rows.append({
                     "model": r.model_name, "backend": r.backend, "device": str(device), "precision": cfg.precision,
                     "batch_size": bs, "img_size": images.shape[-1],
@@ -196,10 +220,12 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
                     "infer_samples_per_sec": bs / step, "infer_step_time": step * 1000,
                     "infer_step_time_p10": float(np.percentile(r.times, 10)) * 1000,
                     "infer_step_time_p90": float(np.percentile(r.times, 90)) * 1000,
-                    "mean_kept_tokens": kept, "gflops_per_image": gflops, "ideal_speedup": ideal,
+                    "mean_kept_tokens": kept, "gmacs_per_image": gmacs, "ideal_speedup": ideal,
                     "speedup": speedup, "efficiency": speedup / ideal,
                     "peak_mem_mb": peak_memory_mb(lambda: r(images), device),
                     "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
                     "rounds": rounds, "torch_version": torch.__version__, "kernel_settings": settings,
+                    "version": __version__, "source_commit": source_commit(),
+                    "checkpoint": r.checkpoint,
                 })
     return pd.DataFrame(rows, columns=COLUMNS)

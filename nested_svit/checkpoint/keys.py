@@ -61,3 +61,46 @@ def drop_unused(state: dict[str, Tensor], own: dict[str, Tensor], report: LoadRe
         del state[k]
     if dropped:
         report.notes.append(f"left out {len(dropped)} keys not used at inference ({dropped[0]}, ...)")
+
+
+def calibration_notes(top: dict | None) -> list[str]:
+    """A file written by ``--save-calibrated`` says so: its gate thresholds were shifted, on which images,
+    to which keep fractions."""
+    cal = (top or {}).get("calibration")
+    if not isinstance(cal, dict):
+        return []
+    reached = ", ".join(f"{r:.3f}" for r in cal.get("reached", []))
+    return [f"keep budget calibrated (--save-calibrated) on {cal.get('images')} images of {cal.get('data')}: "
+            f"keep fractions {reached}"]
+
+
+def state_shape(state: dict[str, Tensor]) -> dict:
+    """What a (converted, timm-named) classification state dict looks like: embed dim, patch size,
+    position-table tokens, blocks, classes, gates (selector groups). Missing pieces are None."""
+    def dim(key: str, axis: int):
+        t = state.get(key)
+        return int(t.shape[axis]) if t is not None and t.ndim > abs(axis) - (axis < 0) else None
+
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    gates = {k.split(".")[1] for k in state if k.startswith("gates.")}
+    return {"embed_dim": dim("pos_embed", -1) or dim("patch_embed.proj.weight", 0),
+            "patch_size": dim("patch_embed.proj.weight", -1), "tokens": dim("pos_embed", 1),
+            "depth": len(blocks) or None, "num_classes": dim("head.weight", 0), "gates": len(gates)}
+
+
+def describe_shape(shape: dict) -> str:
+    """``a ViT with embed dim 64, patch 4, 65 tokens (8x8 patches + class token), 12 blocks, 10 classes, 9 gates``."""
+    parts = []
+    if shape.get("embed_dim"):
+        parts.append(f"embed dim {shape['embed_dim']}")
+    if shape.get("patch_size"):
+        parts.append(f"patch {shape['patch_size']}")
+    if shape.get("tokens"):
+        side = math.isqrt(shape["tokens"] - 1)
+        grid = f" ({side}x{side} patches + class token)" if side * side == shape["tokens"] - 1 else ""
+        parts.append(f"{shape['tokens']} tokens{grid}")
+    for key, name in (("depth", "blocks"), ("num_classes", "classes")):
+        if shape.get(key):
+            parts.append(f"{shape[key]} {name}")
+    parts.append(f"{shape['gates']} gates" if shape.get("gates") else "no gates")
+    return "a ViT with " + ", ".join(parts)

@@ -11,9 +11,9 @@ from torch import nn
 
 from ..config import ViTConfig
 from ..model import SparseViT
-from ..registry import eval_config, model_for
+from ..registry import eval_config, get_config, list_models, model_for
 from .convert import BLOCK_EPS, convert, detect_format
-from .keys import check_keys, drop_unused, fit_pos_embed
+from .keys import calibration_notes, check_keys, describe_shape, drop_unused, fit_pos_embed, state_shape
 from .reader import CheckpointError, LoadReport, read
 from .release import release_pruning, same_pruning
 from .writer import file_info
@@ -38,7 +38,9 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
                               f"(nested_svit.create_detector), not the classifier {model.name!r}")
     check_release(model, ckpt.top, ckpt.desc)
     state = convert(ckpt.state, fmt)
-    report = LoadReport(fmt, ckpt.desc, ckpt.sha256)
+    # the key layout is timm's for files of ours too; the report names what the file is
+    report = LoadReport("nested_svit" if file_info(ckpt.top).kind == "classifier" else fmt, ckpt.desc, ckpt.sha256,
+                        notes=calibration_notes(ckpt.top))
     own = model.state_dict()
     drop_unused(state, own, report)
     fit_pos_embed(state, own, "pos_embed", report)
@@ -49,7 +51,12 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
         report.notes.append(f"dense checkpoint: {model.num_gates} gates keep their initialisation "
                             f"({model.method.title} selectors)")
     if strict:
-        check_keys(f"checkpoint {ckpt.desc} ({fmt} format) does not fit model {model.name!r}", own, state, ignore)
+        try:
+            check_keys(f"checkpoint {ckpt.desc} ({fmt} format) does not fit model {model.name!r}", own, state, ignore)
+        except CheckpointError as e:
+            listing = str(e).split("\n", 1)[-1]
+            raise CheckpointError(f"checkpoint {ckpt.desc} holds {looks_like(state)}, which does not fit model "
+                                  f"{model.name!r} ({fmt} format):\n{listing}") from None
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     eps = float(ckpt.top.get("block_norm_eps", BLOCK_EPS[fmt]))
     for block in model.blocks:
@@ -57,6 +64,32 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
     if eps != model.config.block_norm_eps:
         report.notes.append(f"block LayerNorm eps set to {eps} ({fmt} format)")
     return report
+
+
+def looks_like(state: dict) -> str:
+    """What a converted classification state dict holds, and the registered models of that shape (with
+    gates if it has selector weights, dense if not): ``a ViT with embed dim 64, ... (like svit_digits)``."""
+    shape = state_shape(state)
+    same = [name for name in list_models() if _same_vit(get_config(name), shape)]
+    like = [name for name in same if bool(get_config(name).gate_blocks) == bool(shape["gates"])] or same
+    return describe_shape(shape) + (f" (like {' or '.join(like[:4])})" if like else " (no registered model has that shape)")
+
+
+def models_like(source: str | os.PathLike) -> list[str]:
+    """Registered classifiers whose shape a plain (timm-layout or a release's) checkpoint file has, those
+    with gates first when it carries selector weights."""
+    ckpt = read(source)
+    fmt = detect_format(ckpt.state)
+    if fmt.startswith("mmdet"):
+        return []
+    shape = state_shape(convert(ckpt.state, fmt))
+    same = [name for name in list_models() if _same_vit(get_config(name), shape)]
+    return sorted(same, key=lambda n: bool(get_config(n).gate_blocks) != bool(shape["gates"]))
+
+
+def _same_vit(cfg: ViTConfig, shape: dict) -> bool:
+    return all(shape[k] in (None, v) for k, v in (("embed_dim", cfg.embed_dim), ("patch_size", cfg.patch_size),
+                                                  ("depth", cfg.depth), ("tokens", cfg.num_tokens)))
 
 
 def check_release(model: SparseViT, top: dict, desc: str) -> None:

@@ -63,9 +63,10 @@ class FileInfo:
     extra: dict = field(default_factory=dict)
 
 
-def file_info(source: str | os.PathLike | None) -> FileInfo:
-    """The model a checkpoint file carries (memory-mapped peek: no weights are read)."""
-    top = peek(source)
+def file_info(source: str | os.PathLike | dict | None) -> FileInfo:
+    """The model a checkpoint file carries (memory-mapped peek: no weights are read), or a read file's
+    top-level dict."""
+    top = source if isinstance(source, dict) else peek(source)
     if top is None or not isinstance(top.get("model_config"), dict):
         return FileInfo()
     kind = top.get("kind") or ("classifier" if "embed_dim" in top["model_config"] else None)

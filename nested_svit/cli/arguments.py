@@ -27,7 +27,11 @@ def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> 
     options.add(p, g, "--num-classes", type=int, defaults={CLS: None}, families=families,
                 help="model outputs (default: the checkpoint's / model's)")
     options.add(p, g, "--class-names", defaults={CLS: None}, families=families,
-                help="text file, one class name per line")
+                help="text file, one class name per line, in the model's output order; class folders of the input "
+                     "are labelled by these names (and by those a train checkpoint carries)")
+    options.add(p, g, "--ignore-unknown-classes", action="store_true", defaults={CLS: False}, families=families,
+                help="class folders that are not among the model's class names: their images get no label (not "
+                     "scored) instead of an error")
 
 
 def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
@@ -39,7 +43,7 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
                 help="images per batch (detectors: images of any sizes run together)")
     g.add_argument("--workers", type=int, default=WORKERS, help="DataLoader processes decoding images")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32", DET: "fp32"},
                 families=families, help="compute precision (detectors: box arithmetic and NMS stay fp32)")
     g.add_argument("--backend", default="auto",

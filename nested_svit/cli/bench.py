@@ -7,7 +7,8 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET
-from .common import check_suffix, check_writable, csv_list, int_list, keep_budget_values, parse_img_scale, write_table
+from .common import (check_suffix, check_writable, csv_list, int_list, keep_budget_values, note, parse_img_scale,
+                     write_table)
 
 
 def add_parser(sub, formatter) -> None:
@@ -18,12 +19,16 @@ def add_parser(sub, formatter) -> None:
     about = ("throughput vs batch size, dense vs pruned, vs the FLOP ideal: classifier sweeps, or detector "
              "FPS^w / FPS^b sweeps on mixed-size batches")
     b = sub.add_parser("bench", help=about, description=about, formatter_class=formatter)
-    b.add_argument("--models", default="deit_small_patch16_224,svit_small",
-                   help="comma list of classifiers ('timm/<name>' for a timm model, needs timm) or of detectors")
+    b.add_argument("--models", default=None,
+                   help="comma list of classifiers ('timm/<name>' for a timm model, needs timm) or of detectors "
+                        "(default: deit_small_patch16_224,svit_small)")
+    b.add_argument("--checkpoint", default=None,
+                   help="measure the trained classifier this file describes (its own gates and keep ratios, not "
+                        "calibrated unless --keep-targets) beside its dense counterpart, instead of --models")
     options.add(b, b, "--batch-sizes", defaults={CLS: ",".join(map(str, cls.batch_sizes)),
                                                  DET: ",".join(map(str, det.batch_sizes))}, help="comma list")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     options.add(b, b, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: cls.precision}, help="compute precision")
     options.add(b, b, "--backend", defaults={CLS: "auto"},
                 help="comma list of attention backends: auto,loop,padded,nested,varlen")
@@ -35,7 +40,8 @@ def add_parser(sub, formatter) -> None:
     options.add(b, b, "--min-time", type=float, defaults={CLS: cls.min_time},
                 help="more rounds at small batches: each runner is timed for at least this many seconds")
     options.add(b, b, "--warmup", type=int, defaults={CLS: cls.warmup, DET: det.warmup}, help="untimed calls per runner first")
-    b.add_argument("--no-calibrate", action="store_true", help="leave selectors as loaded (trained checkpoints)")
+    b.add_argument("--no-calibrate", action="store_true",
+                   help="leave random selectors as built (the default with --checkpoint: its trained gates)")
     options.add(b, b, "--keep-targets", defaults={CLS: None},
                 help="calibrate SViT gates to these 9 fractions, or scale the model's by one factor")
     b.add_argument("--seed", type=int, default=0, help="random seed")
@@ -47,7 +53,11 @@ def add_parser(sub, formatter) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..inference import family_of
 
-    models = csv_list(args.models)
+    if args.checkpoint and args.models:
+        raise ValueError("give --models or --checkpoint (which measures the model the file describes), not both")
+    if args.checkpoint and family_of(None, args.checkpoint) == DET:
+        raise ValueError("bench --checkpoint measures classifiers; for a detector give --models")
+    models = csv_list(args.models or "deit_small_patch16_224,svit_small") if not args.checkpoint else ["svit_small"]
     if not models:
         raise ValueError("--models: give at least one model")
     families = {family_of(m, None) for m in models}
@@ -55,6 +65,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("bench either classifiers or detectors in one run, not both")
     detectors = families == {DET}
     args = options.resolve(args, DET if detectors else CLS, models[0])
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's default)")
     out = Path(args.out)
     check_suffix(out, (".csv", ".json"), "bench")
     check_writable(out)
@@ -96,11 +108,15 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     ours = [m for m in models if not m.startswith(TIMM_PREFIX)]
     for m in ours:
         get_config(m)  # unknown names fail now, with the list of models
+    calibrate = not args.no_calibrate and (not args.checkpoint or args.keep_targets is not None)
+    if args.checkpoint and args.input == "synthetic":
+        note("--checkpoint on synthetic noise: its keep ratios (and so its speed) are the model's on noise; "
+             "--input DIR measures them on your images")
     cfg = BenchConfig(models=models, batch_sizes=batch_sizes, device=args.device,
                       threads=args.threads, precision=args.precision, backends=csv_list(args.backend),
                       input=args.input, img_size=args.img_size, rounds=args.rounds, min_time=args.min_time,
-                      warmup=args.warmup, calibrate=not args.no_calibrate, seed=args.seed,
-                      **_keep_budget(args.keep_targets, ours))
+                      warmup=args.warmup, calibrate=calibrate, seed=args.seed, checkpoint=args.checkpoint,
+                      **_keep_budget(args.keep_targets, [] if args.checkpoint else ours))
     bar = progress_bar(len(batch_sizes), "bench", "batch size")
 
     def progress(event) -> None:  # a BenchProgress before each timed round
@@ -111,7 +127,7 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     bar.n = len(batch_sizes)
     bar.close()
     return df, ["model", "backend", "batch_size", "infer_samples_per_sec", "infer_step_time", "mean_kept_tokens",
-                "gflops_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb"]
+                "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb"]
 
 
 def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
@@ -132,5 +148,5 @@ def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: l
 
     df = run_detection_benchmark(cfg, progress)
     bar.close()
-    return df, ["model", "part", "batch_size", "images_per_sec", "time_per_image_ms", "gflops_per_image",
+    return df, ["model", "part", "batch_size", "images_per_sec", "time_per_image_ms", "gmacs_per_image",
                 "ideal_speedup", "speedup", "efficiency", "mean_keep_ratio", "peak_mem_mb"]

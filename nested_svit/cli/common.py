@@ -2,6 +2,7 @@
 tables and rows by file extension (atomically), choosing the device, progress bars, notes."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,23 +81,57 @@ def write_table(df, path: Path) -> None:
     from ..io import atomic_write_text
 
     if path.suffix.lower() == ".json":
-        atomic_write_text(path, df.to_json(orient="records", indent=1))
+        atomic_write_text(path, json.dumps(plain_records(df), indent=1, ensure_ascii=False))
     else:
         atomic_write_text(path, df.to_csv(index=False))
 
 
-def write_rows(rows, out: Path) -> None:
-    """Per-image rows as ``.parquet``, ``.csv``, ``.json`` (records) or ``.jsonl``, by ``out``'s suffix."""
-    from ..io import atomic_write
+def plain_records(rows) -> list[dict]:
+    """Rows as JSON-ready records: floats at full precision (``repr``), missing values as null, numpy
+    and pandas scalars as Python's, unicode kept."""
+    import math
+
+    import pandas as pd
+
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):  # numpy arrays and scalars
+            return plain(v.tolist())
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return v
+
+    return [{k: plain(v) for k, v in r.items()} for r in rows.to_dict(orient="records")]
+
+
+def write_rows(rows, out: Path, meta: dict | None = None) -> None:
+    """Per-image rows as ``.parquet``, ``.csv``, ``.json`` (records) or ``.jsonl``, by ``out``'s suffix,
+    atomically. ``meta`` (provenance: model, checkpoint, transform, version, date, ...) goes into the
+    parquet schema metadata (which also marks the file as ours: it is never read back as input) and,
+    for every format, into ``<out>.meta.json``."""
+    from ..data.records import PARQUET_KEY
+    from ..io import atomic_write, atomic_write_text
 
     fmt = out.suffix.lower()
     if fmt == ".csv":
         atomic_write(out, lambda tmp: rows.to_csv(tmp, index=False))
     elif fmt in (".json", ".jsonl"):
-        atomic_write(out, lambda tmp: rows.to_json(tmp, orient="records", lines=fmt == ".jsonl",
-                                                  indent=None if fmt == ".jsonl" else 1))
+        records = plain_records(rows)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if fmt == ".jsonl" \
+            else json.dumps(records, indent=1, ensure_ascii=False)
+        atomic_write_text(out, text)
     else:
-        atomic_write(out, lambda tmp: rows.to_parquet(tmp, index=False))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(rows, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               PARQUET_KEY: json.dumps(meta or {}, ensure_ascii=False).encode()})
+        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+    if meta is not None:
+        atomic_write_text(out.with_name(out.name + ".meta.json"),
+                          json.dumps({**meta, "rows": int(len(rows)), "output": str(out)}, indent=1, ensure_ascii=False))
 
 
 def note(message: str) -> None:

@@ -28,7 +28,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
     g.add_argument("--cpus-per-actor", type=float, default=None,
-                   help="CPUs per model actor (its torch threads; default 1)")
+                   help="CPUs per model actor, also its torch threads (default: on a local Ray instance the local "
+                        "run's threads, as far as its CPUs allow, so rows equal a local run's; on a cluster 1)")
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -68,5 +69,28 @@ def ray_run(args: argparse.Namespace, spec) -> Callable:
     except ImportError as e:
         raise ValueError(str(e)) from e
     options = RayOptions(address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                         cpus_per_actor=args.cpus_per_actor or 1.0)
+                         cpus_per_actor=ray_threads(args))
     return lambda job, progress: run_on_ray(job.store, job.dataset, job.step, spec, options, progress)
+
+
+def ray_threads(args: argparse.Namespace) -> int:
+    """The torch threads of each model actor (``--cpus-per-actor``, else the local run's on a local Ray
+    instance: ``ray.engine.actor_threads``)."""
+    import torch
+
+    from ..ray.engine import RayOptions, actor_threads
+
+    options = RayOptions(address=args.ray_address, cpus_per_actor=args.cpus_per_actor or 0.0)
+    return actor_threads(options, args.actors or 1, torch.get_num_threads())
+
+
+def threads_note(args: argparse.Namespace) -> list[str]:
+    """Said first when Ray's actors run other torch threads than a local run would: floats differ in the
+    last bits (and a gate decision near its threshold may flip)."""
+    import torch
+
+    threads, local = ray_threads(args), torch.get_num_threads()
+    if threads == local:
+        return []
+    return [f"note: each Ray actor runs {threads} torch thread(s), a local run {local}: rows can differ from a local "
+            f"run's in the last bits (--cpus-per-actor {local} gives the local run's floats)"]

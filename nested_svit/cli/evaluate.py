@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from . import options
@@ -34,7 +35,7 @@ def add_parser(sub, formatter) -> None:
     g.add_argument("--data", default=None, help="COCO root with annotations/instances_<split>.json and <split>/")
     g.add_argument("--ann", default=None, help="annotation json (with --images, instead of --data)")
     g.add_argument("--images", default=None, help="image folder of --ann")
-    g.add_argument("--max-images", type=int, default=None, help="evaluate the first N images by id (None: all)")
+    g.add_argument("--max-images", type=int, default=None, help="evaluate the first N images by id (default: all)")
     g.add_argument("--out", default="coco-results.json", help=".json result; <name>.detections.json beside it")
     c.set_defaults(func=cmd_eval_coco)
 
@@ -80,16 +81,28 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
                       "transform": manifest["transform"], "decode": manifest["decode"],
                       "jpeg_draft": manifest["jpeg_draft"], "batch_size": args.batch_size, "precision": args.precision,
                       "calibration": manifest["calibration"], **run_record(job.device, job.dist.world_size, args.backend)}
-            atomic_write_text(json_out, json.dumps(result, indent=1))
+            atomic_write_text(json_out, json.dumps(result, indent=1, ensure_ascii=False))
             flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
             atomic_write_text(csv_out, pd.DataFrame([flat]).to_csv(index=False))
             job.store.remove()
-            scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}" if result["num_images"] else
-                      "no labelled images: top-1/top-5 not computed")
-            print(f"{scores}  images {result['num_predicted']}  "
-                  f"skipped {result['num_skipped']}  keep {result['mean_keep_ratio_all_gates']:.3f}  -> {json_out}, {csv_out}")
+            labelled, predicted = result["num_images"], result["num_predicted"]
+            scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
+                      if labelled else f"no labelled images among {predicted}: top-1/top-5 not computed")
+            rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
+            print(f"{scores}  skipped {result['num_skipped']}  keep {result['mean_keep_ratio_all_gates']:.3f}  "
+                  f"-> {json_out}, {csv_out} in {seconds:.1f} s{rate}")
+            return _all_skipped(result["num_skipped"], len(rows))
     finally:
         shutdown(job.dist)
+    return 0
+
+
+def _all_skipped(skipped: int, total: int) -> int:
+    """The exit status of an evaluation: 2 when every image was skipped (the result says why)."""
+    if total and skipped == total:
+        print(f"error: every one of the {total} images was skipped; the result lists each with its reason",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -149,7 +162,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     show(prepared.messages + ([f"note: {mapping_note}"] if mapping_note else []))
     dataset = job.dataset
     try:
-        _, (images, model_s, backbone_s), _ = run_with_progress(
+        _, (images, model_s, backbone_s), seconds = run_with_progress(
             job, "eval coco", run_detection,
             lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
             lambda s: [s.images, s.model_seconds, s.backbone_seconds])
@@ -158,7 +171,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
             ok = rows[rows["status"] == "ok"]
             results = coco_results(ok, mapping)
             det_path = out.with_name(out.stem + ".detections.json")
-            atomic_write_text(det_path, json.dumps(results))
+            atomic_write_text(det_path, json.dumps(results, ensure_ascii=False))
             metrics = coco_metrics(coco, results, dataset.image_ids)
             skipped = rows[rows["status"] != "ok"]
             mismatched = _size_mismatches(rows, coco)
@@ -184,14 +197,16 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                 "images_this_run": int(images), "img_scale": list(model.config.img_scale), "batch_size": args.batch_size,
                 "detections_file": str(det_path), **run_record(job.device, job.dist.world_size, args.backend),
             }
-            atomic_write_text(out, json.dumps(result, indent=1))
+            atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False))
             job.store.remove()
             if metrics["bbox"]["AP"] is None:
                 scores = "no ground truth: AP undefined"
             else:
                 scores = f"bbox AP {metrics['bbox']['AP']:.3f}  segm AP {metrics['segm']['AP']:.3f}"
+            rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
             print(f"{scores}  images {len(ok)}  skipped {len(skipped)}  keep {result['mean_keep_ratio_all_gates']:.3f}"
-                  f"  -> {out}")
+                  f"  -> {out} in {seconds:.1f} s{rate}")
+            return _all_skipped(len(skipped), len(rows))
     finally:
         shutdown(job.dist)
     return 0

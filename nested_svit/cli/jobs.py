@@ -23,14 +23,23 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--img-size must be positive, got {args.img_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's default)")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     check_writable(Path(args.out))
 
 
-def run_options(args: argparse.Namespace, device: str | None = None):
-    """``RunOptions`` of the flags (``device``: in place of ``--device``)."""
+def run_options(args: argparse.Namespace):
+    """``RunOptions`` of the flags. With ``--engine ray`` the driver runs on the CPU (each actor on its own
+    device) and the rows' torch threads are the actors' (``engine.ray_threads``)."""
     from ..inference import RunOptions
 
-    return RunOptions(args.batch_size, args.workers, device or args.device, args.threads)
+    if getattr(args, "engine", "local") == "ray":
+        from .engine import ray_threads
+
+        return RunOptions(args.batch_size, args.workers, "cpu", ray_threads(args))
+    return RunOptions(args.batch_size, args.workers, args.device, args.threads)
 
 
 def data_options(args: argparse.Namespace, path: str, exif: bool, exclude: list):
@@ -39,7 +48,7 @@ def data_options(args: argparse.Namespace, path: str, exif: bool, exclude: list)
     from ..inference import DataOptions
 
     return DataOptions(path, args.split, args.max_image_pixels, exif, args.decode, args.jpeg_draft, args.crop_pct,
-                       args.interpolation, tuple(str(p) for p in exclude if p))
+                       args.interpolation, tuple(str(p) for p in exclude if p), args.ignore_unknown_classes)
 
 
 def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object], dict], totals: Callable[[object], list]

@@ -8,7 +8,17 @@ import sys
 from . import bench, evaluate, listing, predict, train
 from .common import close_bars
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not where the help already says its default, and never a bare None/False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+FORMATTER = Formatter
 
 
 def build_parser() -> argparse.ArgumentParser:

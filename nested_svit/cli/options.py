@@ -21,7 +21,8 @@ def _describe(defaults: dict[str, Any], families: tuple[str, ...]) -> str:
     if len(values) == 1:
         value = next(iter(shown.values()))
         return only + ("" if value is None or value is False else f" (default: {value})")
-    return " (default: " + ", ".join(f"{f}s {v}" for f, v in shown.items()) + ")"
+    given = {f: v for f, v in shown.items() if v is not None and v is not False}  # None: the help says how
+    return " (default: " + ", ".join(f"{f}s {v}" for f, v in given.items()) + ")" if given else ""
 
 
 def add(parser: argparse.ArgumentParser, group, *flags: str, defaults: dict[str, Any], help: str,

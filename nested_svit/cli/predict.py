@@ -12,7 +12,7 @@ from typing import Callable
 from . import options
 from .arguments import CLS, DET, add_inference_options
 from .common import PREDICT_FORMATS, check_suffix, check_writable, picture_names, write_rows
-from .engine import add_engine_options, check_engine_args, ray_run
+from .engine import add_engine_options, check_engine_args, ray_run, threads_note
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
 
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace, spec, local: Callable) -> Callable:
 
 def predict_classifier(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
-    from ..inference import classifier_job, run_inference
+    from ..inference import classifier_job, provenance, run_inference
 
     name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
     source = args.input or demo_input
@@ -81,23 +81,55 @@ def predict_classifier(args: argparse.Namespace) -> int:
     parts = out.with_name(out.name + ".parts")
     spec = model_spec(args, "classifier", name, checkpoint)
     prepared = classifier_job(spec, data_options(args, source, True, [out, args.save_vis]),
-                              run_options(args, "cpu" if args.engine == "ray" else None), parts, "predict", args.topk,
+                              run_options(args), parts, "predict", args.topk,
                               class_names_file(args.class_names), keep_budget(args), decode_here=args.engine == "local")
-    show(prepared.messages)
+    show(_engine_notes(args) + prepared.messages + _recompute_note(out, parts))
     job = prepared.job
+    pictures = picture_names(job.dataset.records.ids) if args.save_vis else None
     if args.save_vis:
-        job.on_batch = token_pictures(Path(args.save_vis), job.model, picture_names(job.dataset.records.ids))
+        job.on_batch = token_pictures(Path(args.save_vis), job.model, pictures, job.class_names)
     try:
-        run_with_progress(job, "predict", _run(args, spec, run_inference),
-                          lambda s: {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"}, lambda s: [s.images])
-        if job.dist.is_main:
-            rows = job.store.merge()
-            write_rows(rows, out)
-            job.store.remove()
-            print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}")
-            report_ignored(job.dataset.records.ignored)
+        _, (images,), seconds = run_with_progress(job, "predict", _run(args, spec, run_inference),
+                                                  lambda s: {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"},
+                                                  lambda s: [s.images])
+        if not job.dist.is_main:
+            return 0
+        rows = job.store.merge()
+        if pictures:
+            rows["picture"] = [pictures[i] if ok == "ok" else None for i, ok in zip(rows["id"], rows["status"])]
+        meta = provenance(prepared.built, spec, transform=job.manifest["transform"], data=job.manifest["data"],
+                          calibration=job.manifest["calibration"], class_names=job.class_names, topk=args.topk,
+                          decode=job.manifest["decode"], engine=args.engine)
+        write_rows(rows, out, meta)
+        job.store.remove()
+        return _summary(rows, out, images, seconds, job.dataset.records.ignored,
+                        f"; pictures in {args.save_vis}" if args.save_vis else "")
     finally:
         shutdown(job.dist)
+
+
+def _engine_notes(args: argparse.Namespace) -> list[str]:
+    return threads_note(args) if args.engine == "ray" else []
+
+
+def _recompute_note(out: Path, parts: Path) -> list[str]:
+    """An ``--out`` that a finished run wrote is computed again, never reused: say so."""
+    if out.exists() and not parts.exists():
+        return [f"note: {out} exists (a finished run's output): it is computed again with these flags and replaced"]
+    return []
+
+
+def _summary(rows, out: Path, images: float, seconds: float, ignored: list, extra: str = "") -> int:
+    """The last lines of a prediction run; -> the exit status: 2 when every image was skipped."""
+    skipped = int((rows["status"] != "ok").sum())
+    rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
+    print(f"{len(rows)} rows ({skipped} skipped) -> {out} in {seconds:.1f} s{rate}{extra}")
+    report_ignored(ignored)
+    if len(rows) and skipped == len(rows):
+        reasons = sorted(set(rows["error"].astype(str)))
+        print(f"error: every one of the {len(rows)} images was skipped ({'; '.join(reasons[:3])}"
+              f"{' ...' if len(reasons) > 3 else ''}); the rows say why for each", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -107,28 +139,34 @@ def report_ignored(ignored: list[tuple[str, str]]) -> None:
               + (" ..." if len(ignored) > 10 else ""), file=sys.stderr)
 
 
-def token_pictures(folder: Path, model, names: dict[str, str]):
-    """Callback writing one PNG per predicted image: the crop the model saw and the tokens each gate (each
-    selection stage of a baseline) kept."""
+def token_pictures(folder: Path, model, names: dict[str, str], class_names: list[str] | None):
+    """Callback writing one PNG per predicted image: the crop the model saw, its top-1 class and
+    probability, and the tokens each gate (each selection stage of a baseline) kept, named by block."""
     import torch
 
+    from ..data.records import PICTURES_MARKER, mark_output_folder
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ..io import atomic_write
     from ..viz import token_usage_picture
 
-    folder.mkdir(parents=True, exist_ok=True)
+    mark_output_folder(folder, PICTURES_MARKER)  # never read back as input
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
-    def write(batch: dict, images, usage) -> None:
+    def write(batch: dict, images, usage, logits) -> None:
         b, _, h, w = images.shape
         gh, gw = h // model.config.patch_size, w // model.config.patch_size
         prefix = 1 if model.cls_token is not None else 0
         # per stage the patch rows kept (virtual rows, e.g. EViT's fused tokens, come after the patches)
         masks = [m.bool().view(b, -1)[:, prefix:prefix + gh * gw].reshape(b, gh, gw).cpu() for m in usage.masks]
+        blocks = usage.gate_blocks if len(usage.gate_blocks) == len(masks) else range(len(masks))
+        probs, top = logits.float().softmax(-1).max(-1)
         for j, name in enumerate(batch["id"]):
             rgb = ((images[j].float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             keep = torch.stack([m[j] for m in masks]) if masks else torch.zeros(0, gh, gw, dtype=torch.bool)
-            picture = token_usage_picture(rgb, keep, scale=max(1, 256 // max(h, w)))
+            cls = int(top[j])
+            label = class_names[cls] if class_names and cls < len(class_names) else f"class {cls}"
+            picture = token_usage_picture(rgb, keep, scale=max(1, 256 // max(h, w)), blocks=blocks,
+                                          caption=f"predicted: {label} ({float(probs[j]):.1%})")
             atomic_write(folder / names[name], lambda tmp: picture.save(tmp, format="PNG"))
 
     return write
@@ -149,8 +187,9 @@ def expand_rows(rows):
 def predict_detector(args: argparse.Namespace) -> int:
     from ..data.coco import DetectionImages
     from ..data.records import resolve_records
+    from ..data.records import PICTURES_MARKER, mark_output_folder
     from ..distributed import shutdown
-    from ..inference import detector_job, run_detection
+    from ..inference import detector_job, provenance, run_detection
 
     if not args.input:
         raise ValueError("--input is required: an image file, a folder of images, a .txt list, a parquet file or a glob")
@@ -166,14 +205,15 @@ def predict_detector(args: argparse.Namespace) -> int:
         return DetectionImages(records, model.config.img_scale, max_pixels=args.max_image_pixels)
 
     spec = model_spec(args, "detector")
-    prepared = detector_job(spec, dataset_of, run_options(args, "cpu" if args.engine == "ray" else None), parts,
+    prepared = detector_job(spec, dataset_of, run_options(args), parts,
                             "predict-detection", args.input, [args.input], args.split, keep_budget(args))
-    show(prepared.messages)
+    show(_engine_notes(args) + prepared.messages + _recompute_note(out, parts))
     job, records = prepared.job, prepared.job.dataset.records
+    names = None
     if vis_dir is not None:
         from ..detection.vis import save_picture
 
-        vis_dir.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(vis_dir, PICTURES_MARKER)  # never read back as input
         names = picture_names(records.ids)
 
         def on_batch(batch, dets) -> None:
@@ -182,16 +222,21 @@ def predict_detector(args: argparse.Namespace) -> int:
 
         job.on_batch = on_batch
     try:
-        run_with_progress(job, "predict", _run(args, spec, run_detection),
-                          lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
-                          lambda s: [s.images])
-        if job.dist.is_main:
-            rows = expand_rows(job.store.merge())
-            write_rows(rows, out)
-            job.store.remove()
-            print(f"{len(rows)} rows ({int((rows['status'] != 'ok').sum())} skipped) -> {out}"
-                  + (f"; pictures in {vis_dir}" if vis_dir else ""))
-            report_ignored(records.ignored)
+        _, (images,), seconds = run_with_progress(
+            job, "predict", _run(args, spec, run_detection),
+            lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
+            lambda s: [s.images])
+        if not job.dist.is_main:
+            return 0
+        rows = expand_rows(job.store.merge())
+        if names:
+            rows["picture"] = [names[i] if ok == "ok" else None for i, ok in zip(rows["id"], rows["status"])]
+        model = prepared.built.model
+        meta = provenance(prepared.built, spec, data=job.manifest["data"], img_scale=list(model.config.img_scale),
+                          class_names=list(model.class_names), calibration=job.manifest["calibration"],
+                          engine=args.engine)
+        write_rows(rows, out, meta)
+        job.store.remove()
+        return _summary(rows, out, images, seconds, records.ignored, f"; pictures in {vis_dir}" if vis_dir else "")
     finally:
         shutdown(job.dist)
-    return 0

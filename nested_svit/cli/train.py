@@ -68,7 +68,7 @@ def add_parser(sub, formatter) -> None:
     run = t.add_argument_group("running")
     run.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     run.add_argument("--workers", type=int, default=2, help="DataLoader processes")
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: end of each epoch)")
@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                             ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 0),
                             ("--workers", args.workers, args.workers >= 0), ("--tau", args.tau, args.tau > 0),
                             ("--ratio-weight", args.ratio_weight, args.ratio_weight >= 0),
-                            ("--drop-path", args.drop_path, args.drop_path is None or 0 <= args.drop_path < 1)):
+                            ("--drop-path", args.drop_path, args.drop_path is None or 0 <= args.drop_path < 1),
+                            ("--threads", args.threads, args.threads is None or args.threads >= 1)):
         if not ok:
             raise ValueError(f"{flag} {value} is out of range")
     check_writable(Path(args.out))
@@ -150,7 +151,12 @@ def train_classifier(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     values = {k: v for k, v in _common(args, _device(args)).items() if v is not None}
     cfg = TrainConfig(**values, freeze_backbone=args.freeze_backbone)
+    if not args.init and not _resuming(args):
+        note(f"no --init: {model.name} starts from random weights and trains at lr {cfg.lr:g} (gates {cfg.selector_lr:g}), "
+             "the gate fine-tuning defaults; from scratch it usually wants a larger --lr, or start from a dense "
+             "checkpoint with --init")
     trainer = Trainer(model, data, cfg, augment=train_augment(img_size), checkpoint_path=args.out)
+    trainer.data_record = data.record(str(Path(args.data).resolve()))
     return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
 
 
@@ -188,8 +194,16 @@ def train_detector(args: argparse.Namespace) -> int:
                          multiscale=args.multiscale_crop)
     if data.left_out:
         note(f"{data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)")
+    if not args.init and not _resuming(args):
+        note(f"no --init: the whole of {model.name} starts from random weights (lr {cfg.lr:g}); detectors usually "
+             "start from ImageNet weights: --init deit_small_patch16_224.pth")
     trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out)
+    trainer.data_record = {"path": str(Path(ann_file).resolve()), "digest": data.digest(), "images": len(data)}
     return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})
+
+
+def _resuming(args: argparse.Namespace) -> bool:
+    return bool(args.resume or (args.out and Path(args.out).exists() and not args.restart))
 
 
 def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
@@ -200,11 +214,13 @@ def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
 
     main_rank = trainer.dist.is_main
     try:
-        if args.resume or (args.out and Path(args.out).exists() and not args.restart):
+        if _resuming(args):
             path = args.resume or args.out
-            trainer.resume(path)
+            notes = trainer.resume(path)
             if main_rank:
                 print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
+                for text in notes:
+                    note(text)
         log_path = Path(args.out).with_suffix(".log.jsonl")
         if main_rank:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +239,17 @@ def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(entry.__dict__) + "\n")
 
+        first = trainer.global_step
         trainer.fit(log=log)
         bar.close()
         if main_rank:
             world = f" on {trainer.dist.world_size} processes" if trainer.dist.world_size > 1 else ""
-            print(f"trained {trainer.global_step} steps{world} ({trainer.skipped} unreadable images skipped) -> {args.out}")
+            done = trainer.global_step - first
+            if first and not done:
+                print(f"nothing to train: {args.out} has all {trainer.cfg.epochs} epochs (a larger --epochs trains more)")
+            else:
+                where = f" (steps {first + 1}-{trainer.global_step} of {trainer.global_step})" if first else ""
+                print(f"trained {done} steps{where}{world} ({trainer.skipped} unreadable images skipped) -> {args.out}")
     finally:
         shutdown(trainer.dist)
     return 0

@@ -178,6 +178,7 @@ class CocoTrainData(Dataset):
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, img_scale: tuple[int, int],
                  flip: float = 0.5, seed: int = 0, multiscale: bool = False):
         self.coco = load_coco(ann_file)
+        self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder {image_dir} not found")
@@ -193,6 +194,17 @@ class CocoTrainData(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def digest(self) -> str:
+        """Pins what training learns from: the annotations (the file's bytes) and each used image's name
+        and file size; unchanged by copying the data elsewhere."""
+        import hashlib
+
+        h = hashlib.sha256(Path(self.ann_file).read_bytes())
+        for info in self.coco.loadImgs(self.image_ids):
+            path = self.image_dir / info["file_name"]
+            h.update(f"{info['file_name']}\0{path.stat().st_size if path.exists() else -1}\n".encode())
+        return h.hexdigest()
 
     def _annotations(self, image_id: int):
         import numpy as np

@@ -3,6 +3,7 @@ data: an undecodable image is an item with the reason, so it gets a row. With ``
 JPEGs a batched decoder takes are passed on undecoded (``device_decode.py``)."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Callable, Iterable
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .decode import BadImage, decode_image, jpeg_for_device
+from .decode import BadImage, TooLarge, decode_image, exif_orientation, jpeg_for_device
 from .records import Records, resolve_records
 from .transforms import EvalTransform
 
@@ -60,12 +61,14 @@ class ImageRecordDataset(Dataset):
         raw = self._existing(index) if raw is None else raw
         try:
             return decode_image(raw, self.max_pixels, self.exif, self.draft)
+        except TooLarge:
+            raise
         except BadImage as e:
             raise BadImage(f"cannot decode image: {e}") from e
 
     def __getitem__(self, index: int) -> dict:
         item = {"index": index, "id": self.records.ids[index], "label": self.records.labels[index],
-                "image": None, "error": None, "encoded": None}
+                "image": None, "error": None, "encoded": None, "orientation": None}
         try:
             raw = None
             if self.encoded_jpegs:
@@ -75,10 +78,14 @@ class ImageRecordDataset(Dataset):
                         raw = f.read()
                 orientation, _ = jpeg_for_device(raw, self.max_pixels)
                 if orientation:
+                    with Image.open(io.BytesIO(raw)) as header:
+                        item["orientation"] = exif_orientation(header)
                     item["encoded"] = {"data": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                                       "orientation": orientation if self.exif else 1}
+                                       "orientation": orientation if self.exif else 1, "found": item["orientation"]}
                     return item
-            item["image"] = self.transform(self.image(index, raw))
+            decoded = self.image(index, raw)
+            item["orientation"] = decoded.info.get("exif_orientation")
+            item["image"] = self.transform(decoded)
         except OSError as e:
             item["error"] = f"cannot read image: {e}"
         except BadImage as e:
@@ -106,6 +113,7 @@ def collate_records(items: list[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in ok], dtype=torch.int64),
         "id": [it["id"] for it in ok],
         "decoder": ["pil"] * len(ok),
+        "orientation": [it.get("orientation") for it in ok],  # EXIF orientation found, 1..8 or None
         "failed": [(it["index"], it["id"], it["label"], it["error"]) for it in items
                    if it["image"] is None and it.get("encoded") is None],
         "encoded": [{"index": it["index"], "id": it["id"], "label": it["label"], **it["encoded"]} for it in items

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+EXIF_ORIENTATION = 0x0112
 # Pillow warns above 89 Mpx and refuses above 179 Mpx ("decompression bomb"); real photos (panoramas,
 # 100+ Mpx sensors) exceed that. Our limit: 1 gigapixel (about 3 GB decoded), changeable per call
 # (``--max-image-pixels``).
@@ -19,6 +20,24 @@ class BadImage(ValueError):
     """An image that cannot be decoded; ``str()`` is the reason recorded in outputs."""
 
 
+class TooLarge(BadImage):
+    """An image above the pixel limit: a size limit, not a defect of the file."""
+
+
+def size_limit_reason(width: int, height: int, limit: int) -> str:
+    return (f"image of {width}x{height} = {width * height:,} pixels is above the size limit of {limit:,} pixels "
+            "(--max-image-pixels; the file may be fine: raise the limit to read it)")
+
+
+def exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag a file carries (1..8), None without one (or an invalid one)."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 0) or 0)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: no orientation
+        return None
+    return value if 1 <= value <= 8 else None
+
+
 def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool = False,
                  draft: tuple[int, int] | None = None) -> Image.Image:
     """Path or encoded bytes -> fully decoded RGB image. Grayscale, palette, CMYK, 16-bit, float and
@@ -26,7 +45,8 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
     images above ``max_pixels`` raise ``BadImage``. ``exif``: apply the EXIF orientation (phone photos);
     the ImageNet eval protocol does not. ``draft`` (w, h): a JPEG is decoded at the smallest DCT scale
     (1/2, 1/4, 1/8) that keeps it at least this size (much faster for large photos; the pixels differ
-    slightly from a full decode, so it is opt-in and recorded)."""
+    slightly from a full decode, so it is opt-in and recorded). The EXIF orientation found (applied or
+    not) is in the result's ``info["exif_orientation"]`` (1..8 or None)."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
@@ -37,13 +57,15 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
             if img.width * img.height > limit:
-                raise BadImage(f"image of {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} Mpx is above "
-                               f"the limit of {limit / 1e6:.0f} Mpx (raise it with --max-image-pixels)")
+                raise TooLarge(size_limit_reason(img.width, img.height, limit))
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft)
             img.load()
+            orientation = exif_orientation(img)
             if exif:
                 img = ImageOps.exif_transpose(img)
+    except BadImage:
+        raise
     except FileNotFoundError as e:
         raise BadImage(f"missing file: {e}") from e
     except UnidentifiedImageError as e:
@@ -59,7 +81,9 @@ def decode_image(source: str | bytes, max_pixels: int | None = None, exif: bool 
     elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray((arr / 256).clip(0, 255).astype(np.uint8), "L")
-    return img.convert("RGB") if img.mode != "RGB" else img
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    img.info["exif_orientation"] = orientation
+    return img
 
 
 def decode_rgb_array(source: str | bytes, max_pixels: int | None = None, exif: bool = False) -> np.ndarray:
@@ -67,7 +91,6 @@ def decode_rgb_array(source: str | bytes, max_pixels: int | None = None, exif: b
     return np.ascontiguousarray(np.asarray(decode_image(source, max_pixels, exif)))
 
 
-EXIF_ORIENTATION = 0x0112
 _EOI = b"\xff\xd9"
 
 
@@ -86,7 +109,7 @@ def jpeg_for_device(data: bytes, max_pixels: int | None = None) -> tuple[int, st
                 return 0, f"JPEG in {img.mode}"
             if img.width * img.height > (MAX_IMAGE_PIXELS if max_pixels is None else max_pixels):
                 return 0, "above the pixel limit"
-            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            orientation = exif_orientation(img) or 1
     except Exception as e:  # any header Pillow cannot read: Pillow's decode path reports it
         return 0, f"unreadable header: {e}"
-    return (orientation if 1 <= orientation <= 8 else 1), ""
+    return orientation, ""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..devices import is_real_cuda
-from .decode import BadImage, decode_image
+from .decode import BadImage, TooLarge, decode_image
 from .transforms import EvalTransform
 
 
@@ -86,6 +86,9 @@ class DeviceJpegDecoder:
             else:
                 try:
                     pil = decode_image(item["data"].numpy().tobytes(), self.max_pixels, self.exif)
+                except TooLarge as e:
+                    batch["failed"].append((item["index"], item["id"], item["label"], str(e)))
+                    continue
                 except BadImage as e:
                     batch["failed"].append((item["index"], item["id"], item["label"], f"cannot decode image: {e}"))
                     continue
@@ -95,6 +98,7 @@ class DeviceJpegDecoder:
             label.append(item["label"])
             batch["id"].append(item["id"])
             batch["decoder"].append(decoder)
+            batch["orientation"].append(item.get("found"))
         if crops:
             images.append(torch.stack(crops))
         batch["images"] = torch.cat(images) if images else None

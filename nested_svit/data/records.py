@@ -9,9 +9,11 @@ Inputs (all offline):
   or a ``save_to_disk`` Arrow folder; class names from the ``label`` feature when it is a ``ClassLabel``.
 * One image file, a ``.txt`` / ``.lst`` list of paths (one per line, relative to the list's folder;
   ``#`` comments), or a quoted glob (``'photos/*.jpg'``).
-Rules everywhere: hidden and tool folders (``.git``, ``__MACOSX``) are never data; our own outputs
-(``exclude``, ``*.parts``) are never read back; every other file gets a row (undecodable ones are
-skipped with the reason) or is listed in ``ignored`` with the reason (known non-image suffixes).
+Rules everywhere: hidden and tool folders (``.git``, ``__MACOSX``) are never data; our own outputs are
+never read back: this run's (``exclude``) and any earlier run's, which we mark (a marker file in picture
+and part folders, schema metadata in parquet files), listed as ignored; a folder of images that also holds
+a stray parquet file is still a folder of images. Every other file gets a row (undecodable ones are skipped
+with the reason) or is listed in ``ignored`` with the reason (known non-image suffixes).
 """
 from __future__ import annotations
 
@@ -22,6 +24,39 @@ from pathlib import Path
 from typing import Iterable
 
 from .classes import imagenet_classes, imagenet_index
+
+# what our outputs carry, so no later run reads them back as input (``data/records.py``): a marker file in
+# picture folders (--save-vis) and part folders (<out>.parts), a schema metadata key in parquet outputs
+PICTURES_MARKER = ".nested-svit-pictures"
+PARTS_MARKER = ".nested-svit-parts"
+PARQUET_KEY = b"nested_svit"
+MARKERS = {PICTURES_MARKER: "pictures of an earlier nested-svit run (--save-vis)",
+           PARTS_MARKER: "part files of an unfinished nested-svit run"}
+
+
+def mark_output_folder(folder: str | os.PathLike, marker: str) -> None:
+    """Mark ``folder`` (created if needed) as ours: ``PICTURES_MARKER`` or ``PARTS_MARKER``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).touch()
+
+
+def output_kind(folder: Path) -> str | None:
+    """Why ``folder`` is an output of ours (``MARKERS``' reason), else None."""
+    for marker, why in MARKERS.items():
+        if (folder / marker).exists():
+            return why
+    return None
+
+
+def is_our_parquet(path: Path) -> bool:
+    """Whether a parquet file is an output of ours (its schema metadata carries ``PARQUET_KEY``)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return PARQUET_KEY in (pq.read_schema(path).metadata or {})
+    except Exception:  # noqa: BLE001 - not readable as parquet: not ours (the reader says why, if it is read)
+        return False
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".tga", ".dib", ".pcx"}
@@ -40,7 +75,7 @@ class Records:
     ids: list[str]  # stable per-image identifier: relative path, or "<split>/<row>"
     class_names: list[str] | None
     kind: str
-    label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | dataset_label | none
+    label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | model_class_names | dataset_label | none
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that get no row
     image_ids: list[int] | None = None  # COCO image ids
 
@@ -63,6 +98,23 @@ class Records:
         return h.hexdigest()
 
 
+def content_digest(records: "Records") -> str:
+    """Pins what a training run learns from, wherever the files sit: each record's id, label and file
+    size (or the data set's fingerprint), in order; unchanged by copying the data elsewhere."""
+    h = hashlib.sha256()
+    if isinstance(records.sources, list):
+        for src, image_id, label in zip(records.sources, records.ids, records.labels):
+            try:
+                size = os.stat(src).st_size
+            except OSError:
+                size = -1
+            h.update(f"{image_id}\0{label}\0{size}\n".encode())
+    else:
+        h.update(str(getattr(records.sources, "_fingerprint", len(records.sources))).encode())
+        h.update(str(records.labels).encode())
+    return h.hexdigest()
+
+
 def _hidden(name: str) -> bool:
     """Hidden or tool folders (``.ipynb_checkpoints``, ``.git``, ``__MACOSX``) are never data."""
     return name.startswith(".") or name.startswith("__")
@@ -76,16 +128,31 @@ def _is_output(p: Path, exclude: set[Path]) -> bool:
 
 def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Candidate image files under ``root`` (sorted; dangling symlinks included, so they get a row)
-    and ignored files with the reason. Hidden folders/files and our own outputs are skipped."""
+    and ignored files with the reason. Hidden folders/files are skipped; our own outputs (this run's,
+    and earlier runs' marked folders and parquet files) are listed as ignored."""
     files, ignored = [], []
+    marked: dict[Path, str | None] = {}
+
+    def earlier_output(rel: Path) -> str | None:
+        for depth in range(1, len(rel.parts)):
+            folder = root.joinpath(*rel.parts[:depth])
+            if folder not in marked:
+                marked[folder] = output_kind(folder)
+            if marked[folder]:
+                return marked[folder]
+        return None
+
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if any(_hidden(part) for part in rel.parts) or any(part.endswith(".parts") for part in rel.parts[:-1]):
+        if any(_hidden(part) for part in rel.parts) or p.is_dir():
             continue
-        if p.is_dir():
-            continue
-        if _is_output(p, exclude) or p.name.endswith(".parts"):
+        if _is_output(p, exclude):
             ignored.append((str(rel), "output of this run"))
+            continue
+        why = earlier_output(rel) or ("output of an earlier nested-svit run" if p.suffix.lower() == ".parquet"
+                                      and is_our_parquet(p) else None)
+        if why:
+            ignored.append((str(rel), why))
             continue
         suffix = p.suffix.lower()
         if suffix in NON_IMAGE_SUFFIXES:
@@ -96,7 +163,7 @@ def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, s
 
 
 def _folder_records(root: Path, exclude: set[Path] = frozenset()) -> Records:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name) and not d.name.endswith(".parts")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name) and not output_kind(d)
                      and not _is_output(d, exclude))
     files, ignored = _walk(root, set(exclude))
     if classes:
@@ -150,20 +217,67 @@ def _hf_records(root: Path, split: str | None = None, exclude: set[Path] = froze
     else:
         labels = [-1] * len(ds)
     source = "dataset_label" if "label" in ds.column_names else "none"
-    return Records(ds, labels, [f"{kind}/{i}" for i in range(len(ds))], names, kind, source)
+    return Records(ds, labels, _hf_ids(ds, kind), names, kind, source)
+
+
+def _hf_ids(ds, kind: str) -> list[str]:
+    """Row ids: the image struct's ``path`` where the data set has one (unique: a repeated path gets
+    ``#<row>``), else ``<kind>/<row>``. Read from the Arrow table, no image bytes."""
+    import pyarrow.compute as pc
+
+    column = ds.data.column("image")
+    paths = pc.struct_field(column, "path").to_pylist() if "path" in {f.name for f in column.type} else [None] * len(ds)
+    seen: dict[str, int] = {}
+    for p in paths:
+        if p:
+            seen[p] = seen.get(p, 0) + 1
+    return [(p if seen[p] == 1 else f"{p}#{i}") if p else f"{kind}/{i}" for i, p in enumerate(paths)]
+
+
+def relabel_by_names(records: Records, names: list[str], ignore_unknown: bool = False) -> list[str]:
+    """An ImageFolder tree labelled by a model's class names: the images of folder ``X`` get the index of
+    ``X`` in ``names`` (``label_source`` ``model_class_names``); a folder that is not among them is a
+    ValueError, or with ``ignore_unknown`` its images get no label (-1). Files at the top of the tree
+    keep no label. -> the folders not among ``names`` (in place on ``records``)."""
+    index = {n: i for i, n in enumerate(names)}
+    folders = [Path(i).parts[0] if len(Path(i).parts) > 1 else None for i in records.ids]
+    unknown = sorted({f for f in folders if f is not None and f not in index})
+    if unknown and not ignore_unknown:
+        shown = ", ".join(repr(n) for n in list(names)[:6]) + (" ..." if len(names) > 6 else "")
+        raise ValueError(f"class folder(s) {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''} are not among the "
+                         f"model's {len(names)} class names ({shown}): name the folders by the model's classes, or "
+                         "pass --ignore-unknown-classes to score only the folders that are")
+    records.labels = [index.get(f, -1) if f is not None else -1 for f in folders]
+    records.class_names = list(names)
+    records.label_source = "model_class_names"
+    return unknown
 
 
 def _hf_parquet_files(root: Path, exclude: set[Path]) -> list[str]:
-    """Parquet shards of a data set folder: at the top level or under ``data/`` (the Hub layout)."""
+    """Parquet shards of a data set folder: at the top level or under ``data/`` (the Hub layout); never
+    our own outputs (this run's, or an earlier run's by their metadata)."""
     found = [p for p in sorted(root.glob("*.parquet")) + sorted((root / "data").rglob("*.parquet"))
-             if p.resolve() not in exclude]
+             if p.resolve() not in exclude and not is_our_parquet(p)]
     return [str(p) for p in found]
 
 
+def _holds_images(root: Path) -> bool:
+    """Whether the top level of ``root`` holds image files or folders other than a Hub ``data/`` folder."""
+    for p in root.iterdir():
+        if _hidden(p.name) or (p.is_dir() and (p.name == "data" or output_kind(p))):
+            continue
+        if p.is_dir() or p.suffix.lower() not in NON_IMAGE_SUFFIXES:
+            return True
+    return False
+
+
 def _is_hf(root: Path, exclude: set[Path] = frozenset()) -> bool:
-    """Decided at the top level only: a stray .parquet deep in an image tree is not a data set."""
-    return bool(_hf_parquet_files(root, set(exclude))) or any(root.glob("*.arrow")) \
-        or (root / "dataset_dict.json").exists() or (root / "state.json").exists()
+    """Decided at the top level only: a folder whose top holds parquet shards (not ours) or Arrow files and
+    no images or class folders is a data set; a folder of images with a stray .parquet is a folder of
+    images (the parquet file is listed as ignored)."""
+    if (root / "dataset_dict.json").exists() or (root / "state.json").exists():
+        return True
+    return (bool(_hf_parquet_files(root, set(exclude))) or any(root.glob("*.arrow"))) and not _holds_images(root)
 
 
 def _glob_records(pattern: str, exclude: set[Path]) -> Records:
@@ -175,8 +289,10 @@ def _glob_records(pattern: str, exclude: set[Path]) -> Records:
     for p in sorted(Path(m) for m in glob.glob(pattern, recursive=True)):
         if p.is_dir() or any(_hidden(part) for part in p.parts if part not in (".", "..")):
             continue
-        if _is_output(p, exclude) or any(part.endswith(".parts") for part in p.parts):
+        if _is_output(p, exclude):
             ignored.append((str(p), "output of this run"))
+        elif any(output_kind(parent) for parent in p.parents) or (p.suffix.lower() == ".parquet" and is_our_parquet(p)):
+            ignored.append((str(p), "output of an earlier nested-svit run"))
         elif p.suffix.lower() in NON_IMAGE_SUFFIXES:
             ignored.append((str(p), f"not an image ({p.suffix.lower()} file)"))
         else:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..checkpoint import (BLOCK_EPS, CheckpointError, LoadReport, check_keys, convert, detect_format, file_info,
                           key_listing, load_checkpoint, read, save_checkpoint)
-from ..checkpoint.keys import fit_pos_embed, mis_shaped
+from ..checkpoint.keys import calibration_notes, fit_pos_embed, mis_shaped
 from .config import DetectorConfig
 from .detector import MaskRCNNDetector
 
@@ -73,7 +73,7 @@ def load_detector_checkpoint(model: MaskRCNNDetector, source: str | os.PathLike 
     """Load any format above into ``model`` in place; one error lists every key that does not fit."""
     ckpt = read(source)
     fmt = detector_format(ckpt.top, ckpt.state)
-    report = LoadReport(fmt, ckpt.desc, ckpt.sha256)
+    report = LoadReport(fmt, ckpt.desc, ckpt.sha256, notes=calibration_notes(ckpt.top))
     own = model.state_dict()
     if fmt == "imagenet":
         state, eps = _imagenet_backbone(model, ckpt.state, ckpt.desc, report, strict)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..viz import colour_bar
+from ..viz import colour_bar, font
 from .detector import Detections
 
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -67,14 +67,15 @@ def render(image: np.ndarray, det: Detections, score_thr: float = 0.3) -> Image.
         colour = tuple(int(c) for c in _PALETTE[j % len(_PALETTE)])
         x1, y1, x2, y2 = (v * s for v in det.boxes[i].tolist())
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=max(1, round(min(h, w) / 300)))
-        draw.text((x1 + 2, y1 + 1), f"{det.names[i]} {float(det.scores[i]):.2f}", fill=colour)
+        draw.text((x1 + 2, y1 + 1), f"{det.names[i]} {float(det.scores[i]):.2f}", fill=colour, font=font(12))
     usage = _usage_layer(det, h0, w0)
     legend_h = 30
     panels = 1 if usage is None else 2
     canvas = Image.new("RGB", (panels * w + (panels - 1) * 8, h + legend_h), (255, 255, 255))
     canvas.paste(panel, (0, 0))
     d = ImageDraw.Draw(canvas)
-    d.text((2, h + 3), f"{len(keep)} of {len(det.scores)} detections scoring >= {score_thr:g}", fill=(0, 0, 0))
+    d.text((2, h + 3), f"{len(keep)} of {len(det.scores)} detections scoring >= {score_thr:g}", fill=(0, 0, 0),
+           font=font(12))
     if usage is not None:
         if s > 1:
             usage = np.repeat(np.repeat(usage, s, 0), s, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..devices import kernel_settings
-from ..version import __version__
+from ..version import __version__, source_commit
 
 
 def checkpoint_record(model_name: str, checkpoint: str | None, report) -> dict:
@@ -18,6 +18,7 @@ def checkpoint_record(model_name: str, checkpoint: str | None, report) -> dict:
 
 
 def run_record(device, world_size: int, backend: str) -> dict:
-    """``device``, ``world_size``, ``backend``, ``kernel_settings``, ``torch_version``, ``version``."""
+    """``device``, ``world_size``, ``backend``, ``kernel_settings``, ``torch_version``, ``version``,
+    ``source_commit``."""
     return {"world_size": world_size, "device": str(device), "backend": backend, "kernel_settings": kernel_settings(),
-            "torch_version": torch.__version__, "version": __version__}
+            "torch_version": torch.__version__, "version": __version__, "source_commit": source_commit()}

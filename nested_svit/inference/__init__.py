@@ -8,9 +8,11 @@ from .detect import DetectionJob, DetectionProgress, DetectorStep, run_detection
 from .jobs import DataOptions, Prepared, RunOptions, classifier_job, detector_job, output_names
 from .loop import BatchResult, BatchStep, run_batches, run_local
 from .parts import PartStore, check_manifest, merge_parts, part_path, remove_parts
-from .spec import BuiltModel, ModelSpec, family_of
+from .provenance import provenance
+from .spec import BuiltModel, ModelSpec, family_of, load_detector, load_model
 
-__all__ = ["ModelSpec", "BuiltModel", "family_of", "ClassifierStep", "DetectorStep", "BatchStep", "BatchResult",
+__all__ = ["ModelSpec", "BuiltModel", "family_of", "load_model", "load_detector", "ClassifierStep", "DetectorStep", "BatchStep", "BatchResult",
            "run_batches", "run_local", "PartStore", "check_manifest", "part_path", "merge_parts", "remove_parts",
            "InferenceJob", "run_inference", "Progress", "DetectionJob", "run_detection", "DetectionProgress",
-           "KeepBudget", "DataOptions", "RunOptions", "Prepared", "classifier_job", "detector_job", "output_names"]
+           "KeepBudget", "DataOptions", "RunOptions", "Prepared", "classifier_job", "detector_job", "output_names",
+           "provenance"]

@@ -40,7 +40,7 @@ class ClassifierStep:
     """The classifier's ``BatchStep``. ``class_names``: the MODEL's output classes (not the data's
     folders); ``truth_names``: names of the data's labels; ``transform``: normalises the uint8 crops on
     the device (None: the batch's images are the model's input as they are); ``decoder``: ``--decode
-    gpu`` (the batch's JPEGs arrive undecoded); ``on_batch(batch, images, usage)``: pictures."""
+    gpu`` (the batch's JPEGs arrive undecoded); ``on_batch(batch, images, usage, logits)``: pictures."""
 
     model: SparseViT | None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -50,7 +50,7 @@ class ClassifierStep:
     exif: bool = False
     transform: EvalTransform | None = None
     decoder: DeviceJpegDecoder | None = None
-    on_batch: Callable[[dict, torch.Tensor, object], None] | None = None
+    on_batch: Callable[..., None] | None = None
 
     def counts(self) -> Progress:
         return Progress(0, 0, 0, 0.0)
@@ -85,7 +85,7 @@ class ClassifierStep:
                 logits = self.model.forward_head(feats).cpu()
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:
-                self.on_batch(batch, batch["images"], usage)
+                self.on_batch(batch, batch["images"], usage, logits)
             labels = batch["label"]
             has_label = labels >= 0
             counts.correct1 = int((logits.argmax(-1)[has_label] == labels[has_label]).sum())
@@ -104,7 +104,7 @@ class ClassifierStep:
             for j, idx in enumerate(batch["index"].tolist()):
                 label = int(batch["label"][j])
                 row = {"index": idx, "id": batch["id"][j], "label": label, "status": "ok", "error": "",
-                       "orientation": "exif applied" if self.exif else "as stored", "decoder": batch["decoder"][j],
+                       "orientation": batch["orientation"][j], "exif_applied": self.exif, "decoder": batch["decoder"][j],
                        "label_name": truth[label] if truth and 0 <= label < len(truth) else None}
                 for r in range(k):
                     cls = int(top_i[j, r])
@@ -134,7 +134,7 @@ class InferenceJob:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dist: DistInfo = field(default_factory=DistInfo)
     class_names: list[str] | None = None  # the MODEL's output classes (not the data's folders)
-    on_batch: Callable[[dict, torch.Tensor, object], None] | None = None  # (batch, images, usage): pictures
+    on_batch: Callable[..., None] | None = None  # (batch, images, usage, logits): pictures
     # the dataset's images are uint8 crops (``transform.crop``), normalised by ``transform`` on the
     # device; None: the dataset's images are the model's input as they are
     transform: EvalTransform | None = None

@@ -49,6 +49,7 @@ class DataOptions:
     crop_pct: float | None = None
     interpolation: str | None = None
     exclude: tuple[str, ...] = ()
+    ignore_unknown_classes: bool = False  # class folders that are not among the model's names: unlabelled
 
 
 @dataclass
@@ -91,7 +92,8 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
         if not is_cuda(device) and decode_here:
             messages.append(f"note: --decode gpu on {device}: JPEGs are decoded in this process by {decoder.name} "
                             "(there is no GPU decoder here); --decode cpu decodes in the --workers processes")
-    names = output_names(model, class_names)
+    names, named_by = output_names(model, class_names)
+    messages += label_messages(dataset.records, data, names, named_by, model.config.num_classes)
 
     def images_of(source: str, n: int) -> list:
         return first_decodable(open_dataset(source, transform, split=data.split, exclude=data.exclude), n)
@@ -100,37 +102,84 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
     messages += lines
     if calibration and budget.save_to:
         save_checkpoint(model, budget.save_to, calibration=calibration)
-    if dataset.records.label_source == "sorted_class_dirs" and model.config.num_classes == 1000:
-        messages.append(f"WARNING: {data.path}: class folders are not (all) ImageNet wnids, so labels are the sorted "
-                        "folder order 0..K-1, not ImageNet's class ids: top-1/top-5 against a 1000-class model are "
-                        "meaningless. Name folders by wnid (n01440764, ...) or use a model trained on these classes.")
     report = built.report
     manifest = {"kind": kind, "model": built.name, "checkpoint_sha256": report.sha256 if report else None,
                 "data": str(Path(data.path).resolve()), "num_records": len(dataset), "batch_size": run.batch_size,
                 "topk": topk, "transform": transform.describe(), "precision": spec.precision,
                 "img_size": model.config.img_size, "seed": spec.seed if report is None else None,
                 "files_digest": dataset.records.digest(), "split": data.split, "calibration": calibration,
-                "decode": decoder.name if decoder else "pil", "jpeg_draft": draft}
+                "decode": decoder.name if decoder else "pil", "jpeg_draft": draft, **_row_settings(spec, data, run),
+                "class_names": _digest(names), "labels": _digest(dataset.records.labels)}
     job = InferenceJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, topk, device, info, names,
                        transform=transform, decoder=decoder)
     return Prepared(job, built, messages)
 
 
-def output_names(model, given: list[str] | None) -> list[str] | None:
-    """Names of a classifier's outputs: ``given`` (checked against its class count), else those it
-    carries (a ``train`` file's), else ImageNet's for a 1000-class model, else none (ids only). Never
-    the data's folder names."""
+def output_names(model, given: list[str] | None) -> tuple[list[str] | None, str | None]:
+    """Names of a classifier's outputs and where they come from: ``given`` (``--class-names``, checked
+    against its class count), else those it carries (``checkpoint``: a ``train`` file's), else
+    ImageNet's for a 1000-class model (``imagenet``), else none (ids only). Never the data's folders."""
     from ..data.classes import imagenet_classes
 
     k = model.config.num_classes
     if given:
         if len(given) != k:
             raise ValueError(f"--class-names lists {len(given)} names, the model has {k} classes")
-        return list(given)
+        return list(given), "--class-names"
     carried = getattr(model, "class_names", None)
     if carried:
-        return list(carried)
-    return list(imagenet_classes()[1]) if k == 1000 else None
+        return list(carried), "checkpoint"
+    return (list(imagenet_classes()[1]), "imagenet") if k == 1000 else (None, None)
+
+
+def label_messages(records, data: DataOptions, names: list[str] | None, named_by: str | None,
+                   num_classes: int) -> list[str]:
+    """Label an ImageFolder tree by the model's own class names (``--class-names`` or the checkpoint's;
+    in place on ``records``), and say what a user must know about the labels: the folders left
+    unlabelled, sorted-order labels of a model without names, files outside the class folders."""
+    from ..data.records import relabel_by_names
+
+    from ..data.classes import imagenet_classes
+
+    out = []
+    wnids_right = records.label_source == "imagenet_wnid" and list(names or ()) == list(imagenet_classes()[1])
+    if records.kind == "imagefolder" and named_by in ("--class-names", "checkpoint") and not wnids_right:
+        unknown = relabel_by_names(records, names, data.ignore_unknown_classes)
+        if unknown:
+            out.append(f"note: {data.path}: folders {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} are not "
+                       f"among the model's class names ({named_by}): their images get no label and are not scored")
+    elif records.label_source == "sorted_class_dirs":
+        folders = sorted({Path(i).parts[0] for i in records.ids if len(Path(i).parts) > 1})
+        what = ("class folders are not (all) ImageNet wnids, so labels are the sorted folder order 0..K-1, not "
+                "ImageNet's class ids: top-1/top-5 against a 1000-class model are meaningless. Name folders by wnid "
+                "(n01440764, ...) or use a model trained on these classes." if num_classes == 1000 else
+                f"the model has no class names to match the folders with, so labels are the sorted folder order "
+                f"({', '.join(f'{i}: {f}' for i, f in enumerate(folders[:5]))}{' ...' if len(folders) > 5 else ''}): "
+                "right only if the model was trained on exactly these folders. Give --class-names FILE (the model's "
+                "classes, one a line, in its output order) to label by name.")
+        out.append(f"WARNING: {data.path}: {what}")
+    loose = sum(1 for i, lab in zip(records.ids, records.labels) if lab < 0 and len(Path(i).parts) == 1)
+    if records.kind == "imagefolder" and loose:
+        folders = len({Path(i).parts[0] for i in records.ids if len(Path(i).parts) > 1})
+        out.append(f"note: {data.path} holds {loose} images at its top, outside its {folders} class folder(s): they "
+                   "are predicted but have no label, so top-1/top-5 count only the images in class folders")
+    return out
+
+
+def _digest(values) -> str | None:
+    """A short fingerprint of a list (class names, labels) for the manifest."""
+    import hashlib
+    import json
+
+    return None if values is None else hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
+
+
+def _row_settings(spec: ModelSpec, data: DataOptions | None, run: RunOptions) -> dict:
+    """What else can change a row (a resumed run that differs in these is refused): the attention
+    backend and the CPU threads change floats (and a float can flip a gate near its threshold), the
+    pixel limit which images are read."""
+    return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(),
+            "max_pixels": data.max_pixels if data is not None else None}
 
 
 def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, kind: str, source: str,
@@ -157,6 +206,7 @@ def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, 
                 "data": [str(Path(f).resolve()) for f in data_files], "num_records": len(dataset),
                 "batch_size": run.batch_size, "img_scale": list(model.config.img_scale),
                 "seed": spec.seed if report is None else None, "calibration": calibration,
-                "files_digest": dataset.records.digest(), "precision": spec.precision}
+                "files_digest": dataset.records.digest(), "precision": spec.precision,
+                **_row_settings(spec, None, run), "max_pixels": getattr(dataset, "max_pixels", None)}
     job = DetectionJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, device, info)
     return Prepared(job, built, messages)

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.records import PARTS_MARKER, mark_output_folder
 from ..distributed import DistInfo
 from ..io import atomic_write, atomic_write_bytes, atomic_write_text
 
 MANIFEST = "manifest.json"
+# integer columns of rows (nullable: skipped images leave gaps)
+INTEGER_COLUMNS = ("index", "label", "orientation", "image_id", "height", "width", "num_detections", "total_tokens")
 
 
 def part_path(parts_dir: Path, batch: int) -> Path:
@@ -39,7 +42,7 @@ def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True) -> Non
             raise RuntimeError(f"{parts_dir} holds partial results of a different run (differs in {diff}); "
                                "delete it or choose another --out")
     elif is_main:
-        Path(parts_dir).mkdir(parents=True, exist_ok=True)
+        mark_output_folder(parts_dir, PARTS_MARKER)  # never read back as input by a later run
         atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -49,7 +52,7 @@ def merge_parts(parts_dir: Path, num_records: int) -> pd.DataFrame:
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
     frame = frame.sort_values("index", kind="stable").reset_index(drop=True) if len(frame) else frame
     for col in frame.columns:  # skipped rows leave gaps: keep integer columns integer (nullable)
-        if col in ("index", "label") or (col.startswith("top") and col.endswith("_id")) or col.startswith("kept_b"):
+        if col in INTEGER_COLUMNS or (col.startswith("top") and col.endswith("_id")) or col.startswith("kept_b"):
             frame[col] = frame[col].astype("Int64")
     if len(frame) != num_records or frame["index"].duplicated().any() or \
             (len(frame) and frame["index"].tolist() != list(range(num_records))):

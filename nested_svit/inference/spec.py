@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checkpoint import LoadReport, classifier_from_file, file_info, load_checkpoint, release_model
+from ..checkpoint import CheckpointError, LoadReport, classifier_from_file, file_info, load_checkpoint, release_model
 from ..detection.checkpoint import checkpoint_classes, checkpoint_kind, detector_from_file
 from ..detection.detector import MaskRCNNDetector
 from ..detection.registry import create_detector, is_detector
@@ -115,7 +115,12 @@ def _build_classifier(spec: ModelSpec) -> BuiltModel:
     size = model.config.img_size
     if size % model.config.patch_size:
         raise ValueError(f"--img-size {size} is not a multiple of the patch size {model.config.patch_size}")
-    report = load_checkpoint(model, spec.checkpoint) if spec.checkpoint else None
+    try:
+        report = load_checkpoint(model, spec.checkpoint) if spec.checkpoint else None
+    except CheckpointError as e:
+        if carried or release or spec.name:
+            raise
+        raise CheckpointError(f"--model was not given, so the default {name} was tried: {e}") from None
     return BuiltModel(model, report, messages)
 
 
@@ -162,3 +167,37 @@ def _random_gates_warning(model: nn.Module, report: LoadReport | None) -> list[s
             f"model are random: pruning is arbitrary. Use a {method.title} checkpoint, {fix}, or run the dense model")
     report.notes.append(text)
     return [text]
+
+
+def load_model(checkpoint: str | os.PathLike, name: str | None = None, device: torch.device | str = "cpu",
+               **settings) -> nn.Module:
+    """The classifier a checkpoint file describes, with its weights, in eval mode: a ``train`` file's
+    architecture, classes and class names; a release's configuration (its training args); for a plain
+    state dict, the registered model of its shape (``checkpoint.models_like``; ``name`` chooses).
+    ``settings``: other ``ModelSpec`` fields (precision, backend, img_size, ...). Notes and warnings
+    (random gates, a release's configuration) are Python warnings."""
+    from ..checkpoint import models_like
+
+    if name is None and file_info(checkpoint).kind is None and release_model(checkpoint) is None:
+        like = models_like(checkpoint)
+        if not like:
+            raise ValueError(f"{checkpoint}: no registered classifier has this checkpoint's shape; give name=")
+        name = like[0]
+    return _loaded(ModelSpec("classifier", name, str(checkpoint), **settings), device)
+
+
+def load_detector(checkpoint: str | os.PathLike, name: str | None = None, device: torch.device | str = "cpu",
+                  **settings) -> nn.Module:
+    """The detector a checkpoint file describes (ours: the config with its classes, class names and test
+    scale; an official mmdet file: ``name`` or SViT-Adapter-S, classes from its box head), with its
+    weights, in eval mode. ``settings``: other ``ModelSpec`` fields (precision, img_scale, ...)."""
+    return _loaded(ModelSpec("detector", name, str(checkpoint), **settings), device)
+
+
+def _loaded(spec: ModelSpec, device) -> nn.Module:
+    import warnings
+
+    built = spec.build(device)
+    for line in built.messages:
+        warnings.warn(line.split(": ", 1)[-1] if line.startswith(("note: ", "warning: ")) else line, stacklevel=3)
+    return built.model

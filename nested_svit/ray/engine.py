@@ -15,6 +15,7 @@ from ..inference.loop import BatchResult, run_batches
 from ..inference.parts import PartStore
 from . import require_ray
 from .predictor import FAULT_ENV, Predictor
+from .quiet import without_actor_argument_noise
 from .units import decode_unit, template_of, work_units, write_manifest
 
 
@@ -23,7 +24,7 @@ class RayOptions:
     address: str | None = None  # None: a local Ray instance for this run; "auto" or HOST:PORT: a running cluster
     actors: int | None = None  # model actors (None: one per GPU of the cluster, else 1)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0  # also the actor's torch threads
+    cpus_per_actor: float = 1.0  # also the actor's torch threads (``actor_threads``)
     decode_cpus: float = 1.0  # per decode task of GPU actors (CPU actors decode with their own CPUs)
 
 
@@ -41,6 +42,22 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                          "`ray start --head` there, or leave --ray-address out for a local instance") from e
 
 
+def local_instance_cpus() -> int:
+    """The CPUs of the local Ray instance a run without ``--ray-address`` starts."""
+    return max(2, os.cpu_count() or 2)
+
+
+def actor_threads(options: RayOptions, actors: int, local_threads: int) -> int:
+    """Torch threads per model actor: ``cpus_per_actor`` when given; else, on a local instance, the local
+    run's threads (the same reduction order, so the same floats) as far as the instance's CPUs allow for
+    ``actors`` actors; on a cluster, 1."""
+    if options.cpus_per_actor:
+        return int(max(1, options.cpus_per_actor))
+    if options.address:
+        return 1
+    return max(1, min(local_threads, local_instance_cpus() // max(actors, 1)))
+
+
 def _connect(ray, options: RayOptions) -> bool:
     """Join or start Ray. -> whether this run started it (and so shuts it down)."""
     if ray.is_initialized():
@@ -54,7 +71,7 @@ def _connect(ray, options: RayOptions) -> bool:
             raise ValueError(f"cannot join the Ray cluster at --ray-address {options.address}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     else:  # a local instance sized to this machine, gone at the end of the run
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, **quiet)
+        ray.init(num_cpus=local_instance_cpus(), include_dashboard=False, **quiet)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
@@ -105,6 +122,11 @@ def _ray_results(ray, store: PartStore, dataset, step, spec, options: RayOptions
         write_manifest(manifest, dataset, store.batch_size)
     if not todo:
         return
+    with without_actor_argument_noise():
+        yield from _pipeline(ray, store, dataset, step, spec, options, todo)
+
+
+def _pipeline(ray, store: PartStore, dataset, step, spec, options: RayOptions, todo: list[list[int]]):
     started = _connect(ray, options)
     try:
         context = ray.data.DataContext.get_current()

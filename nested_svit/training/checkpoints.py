@@ -4,7 +4,9 @@ extra, optimizer, scheduler, RNG states, position (epoch, step) and the train co
 ``weights_only=True``."""
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,16 @@ def set_rng_state(state: dict) -> None:
         set_cuda_rng_states(state["cuda"])
 
 
+# train config fields a resumed run may change: where and how fast it runs, and a longer schedule
+MAY_CHANGE_ON_RESUME = ("epochs", "workers", "device", "checkpoint_every")
+
+
 class TrainingCheckpoints:
-    """``save`` / ``resume`` of a trainer (``state_dict()``: the payload), shared by both trainers."""
+    """``save`` / ``resume`` of a trainer (``state_dict()``: the payload), shared by both trainers. A
+    trainer's ``data_record`` (``{"path", "digest", "images"}``, or None) is saved with it, so a resumed
+    run on other data is refused, as one with other settings is."""
+
+    data_record: dict | None = None
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path or self.checkpoint_path)
@@ -51,11 +61,13 @@ class TrainingCheckpoints:
         """The extra entries every trainer's file holds."""
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "data": self.data_record}
 
-    def resume(self, path: str | Path) -> None:
+    def resume(self, path: str | Path) -> list[str]:
         """Restore model, optimizer, scheduler, RNG and position from a file ``save`` wrote (this
-        version's or an older one's). Everything is read on the CPU and copied to the model's device."""
+        version's or an older one's). Everything is read on the CPU and copied to the model's device. A
+        file of a run with other settings or data is refused (``MAY_CHANGE_ON_RESUME`` may change).
+        -> notes for the user (a longer ``epochs``)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
@@ -67,9 +79,35 @@ class TrainingCheckpoints:
         if state.get("model_name") not in (None, self.model.name):
             raise ValueError(f"{path} is a training checkpoint of model {state['model_name']!r}, not {self.model.name!r}; "
                              "use another --out or pass --restart")
+        notes = self._same_run(path, state)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])  # optimizer state moves to its parameters' device
         self.sched.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.skipped = state.get("skipped", 0)
         set_rng_state(state["rng"])
+        return notes
+
+    def _same_run(self, path, state: dict) -> list[str]:
+        """Refuse a file of another run: other train settings (but ``MAY_CHANGE_ON_RESUME``) or other
+        data (by digest). Files older than these records are not checked."""
+        def plain(v):
+            return json.loads(json.dumps(v, default=str))
+
+        old, new = plain(state.get("train_config") or {}), plain(asdict(self.cfg))
+        changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and k not in MAY_CHANGE_ON_RESUME
+                   and old[k] != new[k]]
+        data = state.get("data")
+        if data and self.data_record and data.get("digest") != self.data_record.get("digest"):
+            changed.append(f"data {data.get('path')} ({data.get('images')} images) -> {self.data_record.get('path')} "
+                           f"({self.data_record.get('images')} images)")
+        if changed:
+            raise ValueError(f"{path} is a training checkpoint of another run ({'; '.join(changed)}): resume with its "
+                             "settings and data, pass --restart to start again, or choose another --out")
+        if "epochs" in old and old["epochs"] != new["epochs"]:
+            if new["epochs"] < old["epochs"]:
+                raise ValueError(f"{path} was started for {old['epochs']} epochs; --epochs {new['epochs']} would cut its "
+                                 "schedule short: resume with --epochs >= the file's, or pass --restart")
+            return [f"resuming a run started for {old['epochs']} epochs with --epochs {new['epochs']}: training continues "
+                    f"to epoch {new['epochs']}, and the learning-rate schedule now spans {new['epochs']} epochs"]
+        return []

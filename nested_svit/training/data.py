@@ -28,6 +28,12 @@ class LabelledImages:
     def num_classes(self) -> int:
         return max(self.dataset.records.labels) + 1
 
+    def record(self, path: str) -> dict:
+        """What a training checkpoint records of its data: the path given, a content digest, the count."""
+        from ..data.records import content_digest
+
+        return {"path": str(path), "digest": content_digest(self.dataset.records), "images": len(self)}
+
     def __len__(self) -> int:
         return len(self.positions)
 
