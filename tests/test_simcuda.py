@@ -107,6 +107,7 @@ def test_the_device_refuses_mixing_and_broken_contracts(dev):
     assert rec.total_syncs == 4
 
 
+@pytest.mark.slow  # 10 s; the classifier methods on the device stay in the fast tier
 def test_detector_on_the_device(dev):
     from nested_svit.detection import create_detector
 
