@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets_fixtures import make_image, write_image_folder
+from datasets_fixtures import make_image
 from nested_svit import create_model, load_checkpoint
 from nested_svit.cli import main
 

@@ -58,6 +58,7 @@ def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object]
     numbers summed over the processes. -> (state, summed totals, seconds of this run)."""
     from ..distributed import barrier, sum_over_ranks
 
+    job.store.check_manifest()  # a different run's parts: refused before the bar starts
     todo = sum(len(b) for b in job.store.pending())
     bar = progress_bar(todo, label, enabled=job.dist.is_main)
 

@@ -55,7 +55,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _demo() -> tuple[str, str, str]:
-    """The bundled model and images: (model name, checkpoint, input folder)."""
+    """The bundled model and images: (model name, checkpoint, input folder). Its classes are the digits
+    0-9, the names of the sample folders."""
     from importlib import resources
 
     assets = resources.files("nested_svit.assets")
@@ -80,9 +81,10 @@ def predict_classifier(args: argparse.Namespace) -> int:
     validate_inference_args(args)
     parts = out.with_name(out.name + ".parts")
     spec = model_spec(args, "classifier", name, checkpoint)
+    names = class_names_file(args.class_names) or ([str(d) for d in range(10)] if args.demo else None)
     prepared = classifier_job(spec, data_options(args, source, True, [out, args.save_vis]),
-                              run_options(args), parts, "predict", args.topk,
-                              class_names_file(args.class_names), keep_budget(args), decode_here=args.engine == "local")
+                              run_options(args), parts, "predict", args.topk, names, keep_budget(args),
+                              decode_here=args.engine == "local")
     show(_engine_notes(args) + prepared.messages + _recompute_note(out, parts))
     job = prepared.job
     pictures = picture_names(job.dataset.records.ids) if args.save_vis else None
@@ -134,9 +136,20 @@ def _summary(rows, out: Path, images: float, seconds: float, ignored: list, extr
 
 
 def report_ignored(ignored: list[tuple[str, str]]) -> None:
-    if ignored:
-        print(f"{len(ignored)} files ignored (no row): " + "; ".join(f"{p} ({why})" for p, why in ignored[:10])
-              + (" ..." if len(ignored) > 10 else ""), file=sys.stderr)
+    """The files that got no row, with the reason; a folder's many files of one reason as one entry."""
+    if not ignored:
+        return
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path, why in ignored:
+        groups.setdefault((str(Path(path).parent), why), []).append(path)
+    entries = []
+    for (folder, why), paths in groups.items():
+        if len(paths) > 3 and folder != ".":
+            entries.append(f"{folder}/ ({len(paths)} files: {why})")
+        else:
+            entries += [f"{p} ({why})" for p in paths]
+    print(f"{len(ignored)} files ignored (no row): " + "; ".join(entries[:10]) + (" ..." if len(entries) > 10 else ""),
+          file=sys.stderr)
 
 
 def token_pictures(folder: Path, model, names: dict[str, str], class_names: list[str] | None):

@@ -49,6 +49,21 @@ def output_kind(folder: Path) -> str | None:
     return None
 
 
+def is_our_file(path: Path) -> bool:
+    """An output file of ours: a parquet file carrying ``PARQUET_KEY``, or a ``<out>.meta.json`` sidecar."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return is_our_parquet(path)
+    if name.endswith(".meta.json"):
+        try:
+            import json
+
+            return "nested_svit_version" in json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
+    return False
+
+
 def is_our_parquet(path: Path) -> bool:
     """Whether a parquet file is an output of ours (its schema metadata carries ``PARQUET_KEY``)."""
     try:
@@ -149,8 +164,7 @@ def _walk(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[str, s
         if _is_output(p, exclude):
             ignored.append((str(rel), "output of this run"))
             continue
-        why = earlier_output(rel) or ("output of an earlier nested-svit run" if p.suffix.lower() == ".parquet"
-                                      and is_our_parquet(p) else None)
+        why = earlier_output(rel) or ("output of an earlier nested-svit run" if is_our_file(p) else None)
         if why:
             ignored.append((str(rel), why))
             continue
@@ -291,7 +305,7 @@ def _glob_records(pattern: str, exclude: set[Path]) -> Records:
             continue
         if _is_output(p, exclude):
             ignored.append((str(p), "output of this run"))
-        elif any(output_kind(parent) for parent in p.parents) or (p.suffix.lower() == ".parquet" and is_our_parquet(p)):
+        elif any(output_kind(parent) for parent in p.parents) or is_our_file(p):
             ignored.append((str(p), "output of an earlier nested-svit run"))
         elif p.suffix.lower() in NON_IMAGE_SUFFIXES:
             ignored.append((str(p), f"not an image ({p.suffix.lower()} file)"))
