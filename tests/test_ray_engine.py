@@ -104,13 +104,13 @@ def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_
     out = tmp_path / "ray.parquet"
     parts = tmp_path / "ray.parquet.parts"
     args = ["predict", *TINY[:-1], "2", "--input", str(data), "--out", str(out)]
-    committed = kill_midway(_cli(*args, "--engine", "ray", "--ray-address", cluster, "--actors", "1"), parts, 4,
-                            timeout=120)
+    on_ray = ["--engine", "ray", "--cpus-per-actor", "1"]  # the same actor threads in every run: the same rows
+    committed = kill_midway(_cli(*args, *on_ray, "--ray-address", cluster, "--actors", "1"), parts, 4, timeout=120)
     assert 4 <= len(committed) < 20 and not out.exists(), f"the driver should have been killed midway: {committed}"
 
     (data / "new.jpg").write_bytes((data / "000.jpg").read_bytes())
     capsys.readouterr()
-    assert main([*args, "--engine", "ray"]) == 2  # the input set changed since the parts were written
+    assert main([*args, *on_ray]) == 2  # the input set changed since the parts were written
     assert "partial results of a different run" in capsys.readouterr().err
     (data / "new.jpg").unlink()
 
@@ -125,7 +125,7 @@ def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_
         return units
 
     monkeypatch.setattr(engine, "work_units", recording)
-    assert main([*args, "--engine", "ray"]) == 0
+    assert main([*args, *on_ray]) == 0
     assert sorted(ran) == sorted(set(range(20)) - committed)  # only what was not committed
     assert main([*args[:-1], str(tmp_path / "local.parquet"), *LOCAL]) == 0
     _compare(pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(out))
