@@ -134,6 +134,17 @@ def write_rows(rows, out: Path, meta: dict | None = None) -> None:
                           json.dumps({**meta, "rows": int(len(rows)), "output": str(out)}, indent=1, ensure_ascii=False))
 
 
+def all_skipped(skipped: int, total: int, reasons: list[str] = ()) -> int:
+    """The exit status of a run: 2, with one line, when every image was skipped (the rows or the result
+    say why for each), else 0."""
+    if not total or skipped < total:
+        return 0
+    why = f" ({'; '.join(reasons[:3])}{' ...' if len(reasons) > 3 else ''})" if reasons else ""
+    print(f"error: every one of the {total} images was skipped{why}; the outputs give each one's reason",
+          file=sys.stderr)
+    return 2
+
+
 def note(message: str) -> None:
     """A ``note:`` line on stderr, once per run (rank 0 under torchrun)."""
     if os.environ.get("RANK", "0") == "0":

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options
-from .common import check_suffix, warn
+from .common import all_skipped, check_suffix, warn
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
 
@@ -91,19 +90,11 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
             rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
             print(f"{scores}  skipped {result['num_skipped']}  keep {result['mean_keep_ratio_all_gates']:.3f}  "
                   f"-> {json_out}, {csv_out} in {seconds:.1f} s{rate}")
-            return _all_skipped(result["num_skipped"], len(rows))
+            return all_skipped(result["num_skipped"], len(rows))
     finally:
         shutdown(job.dist)
     return 0
 
-
-def _all_skipped(skipped: int, total: int) -> int:
-    """The exit status of an evaluation: 2 when every image was skipped (the result says why)."""
-    if total and skipped == total:
-        print(f"error: every one of the {total} images was skipped; the result lists each with its reason",
-              file=sys.stderr)
-        return 2
-    return 0
 
 
 def _coco_split(args: argparse.Namespace) -> str:
@@ -206,7 +197,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
             rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
             print(f"{scores}  images {len(ok)}  skipped {len(skipped)}  keep {result['mean_keep_ratio_all_gates']:.3f}"
                   f"  -> {out} in {seconds:.1f} s{rate}")
-            return _all_skipped(len(skipped), len(rows))
+            return all_skipped(len(skipped), len(rows))
     finally:
         shutdown(job.dist)
     return 0

@@ -11,7 +11,7 @@ from typing import Callable
 
 from . import options
 from .arguments import CLS, DET, add_inference_options
-from .common import PREDICT_FORMATS, check_suffix, check_writable, picture_names, write_rows
+from .common import PREDICT_FORMATS, all_skipped, check_suffix, check_writable, picture_names, write_rows
 from .engine import add_engine_options, check_engine_args, ray_run, threads_note
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
@@ -127,12 +127,7 @@ def _summary(rows, out: Path, images: float, seconds: float, ignored: list, extr
     rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
     print(f"{len(rows)} rows ({skipped} skipped) -> {out} in {seconds:.1f} s{rate}{extra}")
     report_ignored(ignored)
-    if len(rows) and skipped == len(rows):
-        reasons = sorted(set(rows["error"].astype(str)))
-        print(f"error: every one of the {len(rows)} images was skipped ({'; '.join(reasons[:3])}"
-              f"{' ...' if len(reasons) > 3 else ''}); the rows say why for each", file=sys.stderr)
-        return 2
-    return 0
+    return all_skipped(skipped, len(rows), sorted(set(rows["error"].astype(str))))
 
 
 def report_ignored(ignored: list[tuple[str, str]]) -> None:

@@ -69,11 +69,6 @@ class ModelSpec:
             raise ValueError(f"family must be one of {FAMILIES}, not {self.family!r}")
         dtype_of(self.precision)  # a bad precision fails here, in one line
 
-    @classmethod
-    def for_checkpoint(cls, checkpoint: str | None, name: str | None = None, **settings) -> "ModelSpec":
-        """The spec of ``checkpoint`` (and ``name``), its family decided by ``family_of``."""
-        return cls(family_of(name, checkpoint), name, checkpoint, **settings)
-
     def build(self, device: torch.device | str = "cpu") -> BuiltModel:
         """The model with its weights (read and checked before any image), on ``device`` in the spec's
         precision, in eval mode and the packed execution with the spec's attention backend."""
@@ -84,9 +79,6 @@ class ModelSpec:
         built.messages += _random_gates_warning(built.model, built.report)
         built.model.to(device, dtype_of(self.precision)).eval().set_execution("packed", self.backend)
         return built
-
-    def replace(self, **changes) -> "ModelSpec":
-        return dataclasses.replace(self, **changes)
 
 
 def _build_classifier(spec: ModelSpec) -> BuiltModel:
