@@ -154,7 +154,8 @@ def run_detection_benchmark(cfg: DetBenchConfig, progress: Callable[[BenchProgre
                 speedup = dense_time / per_image
                 ideal = stats[dense][part] / stats[n][part]
                 rows.append({
-                    "model": n, "part": part, "device": str(device), "batch_size": bs, "img_scale": "x".join(map(str, cfg.img_scale)),
+                    "model": n, "part": part, "device": str(device), "batch_size": bs,
+                    "img_scale": "x".join(map(str, cfg.img_scale)),
                     "pool": ";".join(f"{t.shape[-1]}x{t.shape[-2]}" for t in inputs),
                     "images_per_sec": 1 / per_image, "time_per_image_ms": per_image * 1000,
                     "time_per_image_p10_ms": float(np.percentile(times[(n, part)], 10)) * 1000,

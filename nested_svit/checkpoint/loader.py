@@ -70,8 +70,7 @@ def looks_like(state: dict) -> str:
     """What a converted classification state dict holds, and the registered models of that shape (with
     gates if it has selector weights, dense if not): ``a ViT with embed dim 64, ... (like svit_digits)``."""
     shape = state_shape(state)
-    same = [name for name in list_models() if _same_vit(get_config(name), shape)]
-    like = [name for name in same if bool(get_config(name).gate_blocks) == bool(shape["gates"])] or same
+    like = _registered_like(shape)
     return describe_shape(shape) + (f" (like {' or '.join(like[:4])})" if like else " (no registered model has that shape)")
 
 
@@ -82,14 +81,18 @@ def models_like(source: str | os.PathLike) -> list[str]:
     fmt = detect_format(ckpt.state)
     if fmt.startswith("mmdet"):
         return []
-    shape = state_shape(convert(ckpt.state, fmt))
-    same = [name for name in list_models() if _same_vit(get_config(name), shape)]
+    return _registered_like(state_shape(convert(ckpt.state, fmt)))
+
+
+def _registered_like(shape: dict) -> list[str]:
+    """Registered classifiers of ``shape``'s ViT (embed dim, patch, depth, tokens), those with gates
+    first when it has selector weights (dense ones first when not)."""
+    def same_vit(cfg: ViTConfig) -> bool:
+        return all(shape[k] in (None, v) for k, v in (("embed_dim", cfg.embed_dim), ("patch_size", cfg.patch_size),
+                                                      ("depth", cfg.depth), ("tokens", cfg.num_tokens)))
+
+    same = [name for name in list_models() if same_vit(get_config(name))]
     return sorted(same, key=lambda n: bool(get_config(n).gate_blocks) != bool(shape["gates"]))
-
-
-def _same_vit(cfg: ViTConfig, shape: dict) -> bool:
-    return all(shape[k] in (None, v) for k, v in (("embed_dim", cfg.embed_dim), ("patch_size", cfg.patch_size),
-                                                  ("depth", cfg.depth), ("tokens", cfg.num_tokens)))
 
 
 def check_release(model: SparseViT, top: dict, desc: str) -> None:

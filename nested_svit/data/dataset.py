@@ -3,7 +3,6 @@ data: an undecodable image is an item with the reason, so it gets a row. With ``
 JPEGs a batched decoder takes are passed on undecoded (``device_decode.py``)."""
 from __future__ import annotations
 
-import io
 import os
 from typing import Callable, Iterable
 
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .decode import BadImage, TooLarge, decode_image, exif_orientation, jpeg_for_device
+from .decode import BadImage, TooLarge, decode_image, jpeg_header
 from .records import Records, resolve_records
 from .transforms import EvalTransform
 
@@ -76,10 +75,9 @@ class ImageRecordDataset(Dataset):
                 if isinstance(raw, str):
                     with open(raw, "rb") as f:
                         raw = f.read()
-                orientation, _ = jpeg_for_device(raw, self.max_pixels)
+                orientation, _, found = jpeg_header(raw, self.max_pixels)
                 if orientation:
-                    with Image.open(io.BytesIO(raw)) as header:
-                        item["orientation"] = exif_orientation(header)
+                    item["orientation"] = found
                     item["encoded"] = {"data": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
                                        "orientation": orientation if self.exif else 1, "found": item["orientation"]}
                     return item

@@ -99,17 +99,24 @@ def jpeg_for_device(data: bytes, max_pixels: int | None = None) -> tuple[int, st
     (ends with the EOI marker) baseline or progressive JPEG in YCbCr or grayscale under ``max_pixels``.
     Reads the header only. -> (EXIF orientation 1..8, "") or (0, why not: the file then takes Pillow's
     path, which handles CMYK, other formats, and gives corrupt files their reason)."""
+    orientation, why, _ = jpeg_header(data, max_pixels)
+    return orientation, why
+
+
+def jpeg_header(data: bytes, max_pixels: int | None = None) -> tuple[int, str, int | None]:
+    """``jpeg_for_device``'s answer and the EXIF orientation tag found (1..8, None without one), from one
+    read of the header."""
     if not data.startswith(b"\xff\xd8"):
-        return 0, "not a JPEG"
+        return 0, "not a JPEG", None
     if not data.rstrip(b"\x00\r\n ").endswith(_EOI):
-        return 0, "no end-of-image marker (truncated, or data after the image)"
+        return 0, "no end-of-image marker (truncated, or data after the image)", None
     try:
         with Image.open(io.BytesIO(data)) as img:
+            found = exif_orientation(img)
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                return 0, f"JPEG in {img.mode}"
+                return 0, f"JPEG in {img.mode}", found
             if img.width * img.height > (MAX_IMAGE_PIXELS if max_pixels is None else max_pixels):
-                return 0, "above the pixel limit"
-            orientation = exif_orientation(img) or 1
+                return 0, "above the pixel limit", found
     except Exception as e:  # any header Pillow cannot read: Pillow's decode path reports it
-        return 0, f"unreadable header: {e}"
-    return orientation, ""
+        return 0, f"unreadable header: {e}", None
+    return found or 1, "", found

@@ -81,7 +81,7 @@ class ClassifierStep:
         counts = Progress(0, 0, 0, 0.0, seen=len(batch["all_index"]))
         if batch["images"] is not None:
             with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
-                feats, usage = self.model.eval().forward_features(batch["images"])
+                feats, usage = self.model.forward_features(batch["images"])
                 logits = self.model.forward_head(feats).cpu()
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:

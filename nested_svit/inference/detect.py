@@ -70,8 +70,8 @@ class DetectorStep:
         counts = DetectionProgress(seen=len(batch["all_index"]))
         if batch["inputs"]:
             timer: dict = {}
-            dets = self.model.eval().predict_preprocessed(batch["inputs"], batch["metas"], "rle" if self.masks else None,
-                                                          timer=timer, token_maps=self.on_batch is not None)
+            dets = self.model.predict_preprocessed(batch["inputs"], batch["metas"], "rle" if self.masks else None,
+                                                  timer=timer, token_maps=self.on_batch is not None)
             counts.model_seconds, counts.backbone_seconds = timer["total"], timer["backbone"]
             counts.images = len(dets)
             counts.detections = sum(len(d.scores) for d in dets)

@@ -108,7 +108,8 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
                 "topk": topk, "transform": transform.describe(), "precision": spec.precision,
                 "img_size": model.config.img_size, "seed": spec.seed if report is None else None,
                 "files_digest": dataset.records.digest(), "split": data.split, "calibration": calibration,
-                "decode": decoder.name if decoder else "pil", "jpeg_draft": draft, **_row_settings(spec, data, run),
+                "decode": decoder.name if decoder else "pil", "jpeg_draft": draft,
+                **_row_settings(spec, run, data.max_pixels),
                 "class_names": _digest(names), "labels": _digest(dataset.records.labels)}
     job = InferenceJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, topk, device, info, names,
                        transform=transform, decoder=decoder)
@@ -174,12 +175,11 @@ def _digest(values) -> str | None:
     return None if values is None else hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
 
 
-def _row_settings(spec: ModelSpec, data: DataOptions | None, run: RunOptions) -> dict:
+def _row_settings(spec: ModelSpec, run: RunOptions, max_pixels: int | None) -> dict:
     """What else can change a row (a resumed run that differs in these is refused): the attention
     backend and the CPU threads change floats (and a float can flip a gate near its threshold), the
     pixel limit which images are read."""
-    return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(),
-            "max_pixels": data.max_pixels if data is not None else None}
+    return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(), "max_pixels": max_pixels}
 
 
 def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, kind: str, source: str,
@@ -207,6 +207,6 @@ def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, 
                 "batch_size": run.batch_size, "img_scale": list(model.config.img_scale),
                 "seed": spec.seed if report is None else None, "calibration": calibration,
                 "files_digest": dataset.records.digest(), "precision": spec.precision,
-                **_row_settings(spec, None, run), "max_pixels": getattr(dataset, "max_pixels", None)}
+                **_row_settings(spec, run, dataset.max_pixels)}
     job = DetectionJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, device, info)
     return Prepared(job, built, messages)

@@ -89,5 +89,7 @@ def local_schedule(step: BatchStep, dataset, store: PartStore, workers: int) -> 
 
 def run_local(step: BatchStep, dataset, store: PartStore, workers: int,
               progress: Callable[[Counts], None] | None = None) -> Counts:
-    """``run_batches`` with ``local_schedule``: this process's pending batches, one part file each."""
+    """``run_batches`` with ``local_schedule``: this process's pending batches, one part file each, the
+    step's model in eval mode (a Ray actor's comes so from ``ModelSpec.build``)."""
+    step.model.eval()
     return run_batches(store, local_schedule(step, dataset, store, workers), step.counts(), progress)
