@@ -140,8 +140,8 @@ def all_skipped(skipped: int, total: int, reasons: list[str] = ()) -> int:
     if not total or skipped < total:
         return 0
     why = f" ({'; '.join(reasons[:3])}{' ...' if len(reasons) > 3 else ''})" if reasons else ""
-    print(f"error: every one of the {total} images was skipped{why}; the outputs give each one's reason",
-          file=sys.stderr)
+    what = "the one image was skipped" if total == 1 else f"every one of the {total} images was skipped"
+    print(f"error: {what}{why}; the outputs give the reason", file=sys.stderr)
     return 2
 
 
