@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from classify_reference import MODEL_ARGS, reference_logits, write_checkpoint
 from datasets_fixtures import make_image, write_arrow, write_image_folder, write_parquet
 from procs import cli_command
 from PIL import Image
@@ -18,28 +19,10 @@ from torchvision import transforms as T
 from nested_svit import create_model, load_checkpoint
 from nested_svit.cli import main
 
-IMG = 64
-MODEL_ARGS = ["--model", "svit_tiny", "--img-size", str(IMG), "--workers", "0", "--threads", "2"]
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = create_model("svit_tiny", img_size=IMG)
-    path = tmp_path_factory.mktemp("ckpt") / "svit_tiny.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return path
-
-
-def reference_logits(checkpoint: Path, pil_images: list[Image.Image]) -> torch.Tensor:
-    """Independent pipeline: torchvision transforms (timm/DeiT eval recipe) + per-image reference forward."""
-    model = create_model("svit_tiny", img_size=IMG)
-    load_checkpoint(model, checkpoint)
-    model.eval().set_execution("reference")
-    tf = T.Compose([T.Resize(int(IMG / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(IMG),
-                    T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    with torch.no_grad():
-        return torch.cat([model(tf(img.convert("RGB")).unsqueeze(0)) for img in pil_images])
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "svit_tiny.pth")
 
 
 def topk_accuracy(logits: torch.Tensor, labels: list[int]) -> tuple[float, float]:

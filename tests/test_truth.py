@@ -94,11 +94,30 @@ def test_1_a_folder_that_is_not_a_class_is_an_error_or_unlabelled(tmp_path, name
 
 
 def test_1_sorted_folder_labels_are_warned_for_every_class_count(tmp_path, capsys):
-    data = _digit_folders(tmp_path / "val", ["3", "7"])
+    data = tmp_path / "val"
+    shutil.copytree(DIGITS / "3", data / "three")
+    shutil.copytree(DIGITS / "7", data / "seven")
     assert main(["eval", "imagenet", "--model", "svit_digits", "--checkpoint", DIGITS_PTH, "--data", str(data),
                  "--out", str(tmp_path / "r.json"), *RUN]) == 0
     err = capsys.readouterr().err
-    assert "sorted folder order" in err and "0: 3" in err and "--class-names" in err
+    assert "sorted folder order" in err and "0: seven" in err and "--class-names" in err
+
+
+def test_1_folders_named_by_class_index_are_those_classes(tmp_path, capsys):
+    """Folders that are all class numbers below the class count (ImageNet-V2's 0..999) are those classes
+    (issue 23): 3/ and 7/ of the digits model are classes 3 and 7, not the sorted 0 and 1, and no warning."""
+    data = _digit_folders(tmp_path / "val", ["3", "7"])
+    assert main(["eval", "imagenet", "--model", "svit_digits", "--checkpoint", DIGITS_PTH, "--data", str(data),
+                 "--out", str(tmp_path / "r.json"), *RUN]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    result = json.loads((tmp_path / "r.json").read_text())
+    rows = pd.read_csv(result["per_class_csv"])
+    assert result["label_source"] == "folder_index" and rows["class_index"].tolist() == [3, 7]
+    predicted = tmp_path / "p.csv"
+    assert main(["predict", "--model", "svit_digits", "--checkpoint", DIGITS_PTH, "--input", str(data),
+                 "--out", str(predicted), *RUN]) == 0
+    assert result["top1"] == pytest.approx(_direct_top1(pd.read_csv(predicted), [str(i) for i in range(10)]))
+    assert result["top1"] > 0
 
 
 # ---------------------------------------------------------------- 2. loose photos beside a class folder

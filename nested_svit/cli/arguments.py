@@ -82,6 +82,14 @@ def add_keep_budget_options(p: argparse.ArgumentParser, families: tuple[str, ...
     g.add_argument("--save-calibrated", default=None, help="write the calibrated model (loads with --checkpoint)")
 
 
+def add_valid_labels_option(p: argparse.ArgumentParser, group, families: tuple[str, ...]) -> None:
+    """``--valid-labels``: the classes the softmax and top-k are taken over (timm's ``--valid-labels``)."""
+    options.add(p, group, "--valid-labels", defaults={CLS: None}, families=families, metavar="SET|FILE",
+                help="take the softmax and the top-k over these classes only, as ImageNet-A/-R's authors score: "
+                     "imagenet-a, imagenet-r (their 200 classes) or a text file of class indices, one a line; "
+                     "ids stay the model's (on ImageNet val: the 200-class 'clean' figure timm publishes)")
+
+
 def add_inference_options(p: argparse.ArgumentParser, families: tuple[str, ...], **input_kwargs) -> None:
     """Everything ``predict`` / ``eval`` share, for a parser of ``families``."""
     add_model_options(p, families)

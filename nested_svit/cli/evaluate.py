@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import options
-from .arguments import CLS, DET, add_inference_options
+from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
 from .common import all_skipped, check_suffix, warn
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
@@ -21,10 +23,19 @@ def add_parser(sub, formatter) -> None:
     ei = esub.add_parser("imagenet", help=about, description=about, formatter_class=formatter)
     add_inference_options(ei, (CLS,))
     g = ei.add_argument_group("data and output")
-    g.add_argument("--data", "--input", dest="data", required=True,
-                   help="ImageFolder tree (wnid folders -> ImageNet ids), parquet shards/file or save_to_disk folder")
-    g.add_argument("--out", default="results.json", help="output file (.json, with a one-row .csv beside it; or .csv)")
+    g.add_argument("--data", "--input", dest="data", required=True, action="append", metavar="[NAME=]PATH[:OPTS]",
+                   help="ImageFolder tree (wnid folders -> ImageNet ids; ImageNet-V2's 0..999 folders -> those ids), "
+                        "parquet shards/file or save_to_disk folder. Give it several times as NAME=PATH to evaluate "
+                        "several test sets with the model loaded once; a set's own scoring follows its path: "
+                        "NAME=PATH:valid=imagenet-r, NAME=PATH:real=real.json (:valid=none / :real=none: off for it)")
+    g.add_argument("--real-labels", default=None, metavar="REAL_JSON",
+                   help="ReaL labels (the official real.json, matched by file name ILSVRC2012_val_*.JPEG): adds "
+                        "real_top1 / real_top5 (images without a ReaL label are left out and counted)")
+    g.add_argument("--out", default="results.json",
+                   help="output file (.json, with a .csv in timm's columns beside it, one row per set; or .csv); "
+                        "<stem>[.<set>].per_class.csv and .reliability.png beside it")
     options.add(ei, g, "--topk", type=int, defaults={CLS: 5}, families=(CLS,), help="classes per image in the output")
+    add_valid_labels_option(ei, g, (CLS,))
     ei.set_defaults(func=cmd_eval_imagenet)
 
     about = "detectors: COCO box and mask AP (pycocotools), token usage, FPS^w / FPS^b (resumable, torchrun)"
@@ -39,26 +50,108 @@ def add_parser(sub, formatter) -> None:
     c.set_defaults(func=cmd_eval_coco)
 
 
-def cmd_eval_imagenet(args: argparse.Namespace) -> int:
-    import pandas as pd
+@dataclass(frozen=True)
+class DataSetArg:
+    """One ``--data [NAME=]PATH[:real=FILE][:valid=SET]``: its name (None: a plain PATH), path and
+    scoring flags (None: the run's ``--real-labels`` / ``--valid-labels``; ``none``: off for this set)."""
 
+    name: str | None
+    path: str
+    real: str | None = None
+    valid: str | None = None
+
+
+SET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+SET_OPTION = re.compile(r":(real|valid)=")
+
+
+def parse_data_set(text: str) -> DataSetArg:
+    """``[NAME=]PATH[:real=FILE][:valid=SET]`` -> ``DataSetArg``; an existing path is always a plain PATH."""
+    name = None
+    head, sep, rest = text.partition("=")
+    if sep and SET_NAME.fullmatch(head) and not Path(text).exists():
+        name, text = head, rest
+    found = SET_OPTION.search(text)
+    if not found or Path(text).exists():
+        return DataSetArg(name, text)
+    path, values = text[:found.start()], {}
+    marks = list(SET_OPTION.finditer(text))
+    for mark, after in zip(marks, marks[1:] + [None]):
+        if mark.group(1) in values:
+            raise ValueError(f"--data {text}: :{mark.group(1)}= given twice")
+        values[mark.group(1)] = text[mark.end():after.start() if after else len(text)]
+    if not path:
+        raise ValueError(f"--data {text}: no PATH before :{marks[0].group(1)}=")
+    return DataSetArg(name, path, values.get("real"), values.get("valid"))
+
+
+def data_sets(args: argparse.Namespace) -> list[DataSetArg]:
+    """The ``--data`` sets of a run, each with its names unique (a plain PATH among several is named by
+    its folder) and its scoring resolved (its own, else the run's flags; ``none``: off)."""
+    sets = [parse_data_set(t) for t in args.data]
+    several = len(sets) > 1
+    out, seen = [], set()
+    for s in sets:
+        name = s.name or (Path(s.path.rstrip("/")).name if several else None)
+        if several and not SET_NAME.fullmatch(name or ""):
+            raise ValueError(f"--data {s.path}: name it (--data NAME={s.path}; NAME: letters, digits, _ and -)")
+        if name in seen:
+            raise ValueError(f"two --data sets are named {name!r}: give each its own name (--data NAME=PATH)")
+        seen.add(name)
+        real = s.real if s.real is not None else args.real_labels
+        valid = s.valid if s.valid is not None else args.valid_labels
+        out.append(DataSetArg(name, s.path, None if real == "none" else real, None if valid == "none" else valid))
+    return out
+
+
+def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
-    from ..evaluation import classification_metrics
-    from ..evaluation.results import checkpoint_record, run_record
-    from ..inference import classifier_job, run_inference
-    from ..io import atomic_write_text
+    from ..evaluation.imagenet import SetFiles, write_results
+    from ..inference import Scoring, classifier_job, load_for_runs
 
     args = options.resolve(args, CLS, args.model)
     out = Path(args.out)
     if out.suffix.lower() not in (".json", ".csv"):
-        raise ValueError(f"--out {out}: use .json (full result; a one-row .csv summary is written beside it) or .csv")
+        raise ValueError(f"--out {out}: use .json (full result; a .csv summary, one row per set, is written beside it) "
+                         "or .csv")
     validate_inference_args(args)
+    sets = data_sets(args)
     json_out, csv_out = out.with_suffix(".json"), out.with_suffix(".csv")
-    parts = out.with_name(out.name + ".parts")
-    prepared = classifier_job(model_spec(args, CLS), data_options(args, args.data, False, [out]), run_options(args),
-                              parts, "eval-imagenet", args.topk, class_names_file(args.class_names), keep_budget(args))
-    show(prepared.messages)
-    job, report = prepared.job, prepared.built.report
+    files = {s.name: SetFiles.beside(out, s.name) for s in sets}
+    parts = {s.name: out.with_name(out.name + (f".{s.name}" if s.name else "") + ".parts") for s in sets}
+    ours = [out, json_out, csv_out, *(f for fs in files.values() for f in (fs.per_class, fs.reliability))]
+    spec, run, names = model_spec(args, CLS), run_options(args), class_names_file(args.class_names)
+    loaded = load_for_runs(spec, run)
+    show(loaded.built.messages)
+    try:
+        prepared = []
+        for s in sets:  # every set's data and scoring checked before the first image is read
+            prepared.append(classifier_job(spec, data_options(args, s.path, False, ours), run, parts[s.name],
+                                           "eval-imagenet", args.topk, names, keep_budget(args),
+                                           scoring=Scoring(s.valid, s.real), loaded=loaded))
+            show([f"{s.name}: {m}" if s.name else m for m in prepared[-1].messages])
+        results = []
+        for s, p in zip(sets, prepared):
+            results.append(_eval_set(p, s, args, files[s.name]))
+        if loaded.info.is_main:
+            write_results(results, json_out, csv_out)
+            for p in prepared:
+                p.job.store.remove()
+            if len(results) > 1:
+                print(results_lines(results))
+            print(f"-> {json_out}, {csv_out}, per-class accuracy and reliability diagrams beside them")
+            return max(all_skipped(r["num_skipped"], r["num_skipped"] + r["num_predicted"]) for r in results)
+    finally:
+        shutdown(loaded.info)
+    return 0
+
+
+def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -> dict | None:
+    """Run one set's pending batches (a bar), and on rank 0 its result and the line that tells it."""
+    from ..evaluation.imagenet import set_result
+    from ..inference import run_inference
+
+    job = prepared.job
 
     def postfix(s) -> dict:
         post = {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"}
@@ -66,34 +159,34 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
             post["top1"] = f"{100 * s.correct1 / s.labelled:.2f}"
         return post
 
-    try:
-        _, (images,), seconds = run_with_progress(job, "eval", run_inference, postfix, lambda s: [s.images])
-        if job.dist.is_main:
-            rows = job.store.merge()
-            metrics = classification_metrics(rows, job.model.config, job.model.config.num_tokens, args.topk)
-            manifest = job.manifest
-            result = {**checkpoint_record(prepared.built.name, args.checkpoint, report),
-                      **metrics, "images_per_sec": images / seconds if seconds > 0 else float("nan"),
-                      "images_this_run": int(images), "data": manifest["data"], "data_kind": job.dataset.records.kind,
-                      "label_source": job.dataset.records.label_source,
-                      "ignored_files": [{"path": p, "reason": why} for p, why in job.dataset.records.ignored],
-                      "transform": manifest["transform"], "decode": manifest["decode"],
-                      "jpeg_draft": manifest["jpeg_draft"], "batch_size": args.batch_size, "precision": args.precision,
-                      "calibration": manifest["calibration"], **run_record(job.device, job.dist.world_size, args.backend)}
-            atomic_write_text(json_out, json.dumps(result, indent=1, ensure_ascii=False))
-            flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-            atomic_write_text(csv_out, pd.DataFrame([flat]).to_csv(index=False))
-            job.store.remove()
-            labelled, predicted = result["num_images"], result["num_predicted"]
-            scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
-                      if labelled else f"no labelled images among {predicted}: top-1/top-5 not computed")
-            rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
-            print(f"{scores}  skipped {result['num_skipped']}  keep {result['mean_keep_ratio_all_gates']:.3f}  "
-                  f"-> {json_out}, {csv_out} in {seconds:.1f} s{rate}")
-            return all_skipped(result["num_skipped"], len(rows))
-    finally:
-        shutdown(job.dist)
-    return 0
+    label = f"eval {data_set.name}" if data_set.name else "eval"
+    _, (images,), seconds = run_with_progress(job, label, run_inference, postfix, lambda s: [s.images])
+    if not job.dist.is_main:
+        return None
+    name = data_set.name or Path(str(data_set.path).rstrip("/")).name
+    result = set_result(prepared, job.store.merge(), name, images, seconds, args.checkpoint, args.batch_size,
+                        args.topk, files)
+    labelled, predicted = result["num_images"], result["num_predicted"]
+    scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
+              if labelled else f"no labelled images among {predicted}: top-1/top-5 not computed")
+    if "real_top1" in result:
+        scores += f"  ReaL top1 {result['real_top1']:.2f} on {result['real_num_images']}"
+    if result.get("num_outside_valid_labels"):
+        scores += f"  ({result['num_outside_valid_labels']} labelled outside --valid-labels, not scored)"
+    rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
+    print(f"{data_set.name + ': ' if data_set.name else ''}{scores}  skipped {result['num_skipped']}  "
+          f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {100 * result['ece']:.2f}%  in {seconds:.1f} s{rate}")
+    return result
+
+
+def results_lines(results: list[dict]) -> str:
+    """The sets side by side: top-1 / top-5 and their difference to the first set."""
+    first = results[0]
+    lines = [f"{'set':<14} {'images':>7} {'top1':>7} {'top5':>7} {'top1_diff':>9} {'ece %':>6}"]
+    for r in results:
+        lines.append(f"{r['dataset'][:14]:<14} {r['num_images']:>7} {r['top1']:>7.2f} {r['top5']:>7.2f} "
+                     f"{r['top1'] - first['top1']:>+9.2f} {100 * r['ece']:>6.2f}")
+    return "\n".join(lines)
 
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import options
-from .arguments import CLS, DET, add_inference_options
+from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
 from .common import PREDICT_FORMATS, all_skipped, check_suffix, check_writable, picture_names, write_rows
 from .engine import add_engine_options, check_engine_args, ray_run, threads_note
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
@@ -34,6 +34,7 @@ def add_parser(sub, formatter) -> None:
     g.add_argument("--out", default="predictions.parquet",
                    help=".parquet, .csv, .json or .jsonl (detectors: .parquet, .json, .jsonl)")
     options.add(p, g, "--topk", type=int, defaults={CLS: 5}, help="classes per image in the output")
+    add_valid_labels_option(p, g, (CLS, DET))
     g.add_argument("--save-vis", default=None,
                    help="folder for PNGs, one per input (never read back as input): the kept tokens of each "
                         "selection (classifiers); boxes, masks and kept tokens (detectors)")
@@ -70,7 +71,7 @@ def _run(args: argparse.Namespace, spec, local: Callable) -> Callable:
 
 def predict_classifier(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
-    from ..inference import classifier_job, provenance, run_inference
+    from ..inference import Scoring, classifier_job, provenance, run_inference
 
     name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
     source = args.input or demo_input
@@ -84,7 +85,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
     names = class_names_file(args.class_names) or ([str(d) for d in range(10)] if args.demo else None)
     prepared = classifier_job(spec, data_options(args, source, True, [out, args.save_vis]),
                               run_options(args), parts, "predict", args.topk, names, keep_budget(args),
-                              decode_here=args.engine == "local")
+                              decode_here=args.engine == "local", scoring=Scoring(args.valid_labels))
     show(_engine_notes(args) + prepared.messages + _recompute_note(out, parts))
     job = prepared.job
     pictures = picture_names(job.dataset.records.ids) if args.save_vis else None
@@ -101,7 +102,8 @@ def predict_classifier(args: argparse.Namespace) -> int:
             rows["picture"] = [pictures[i] if ok == "ok" else None for i, ok in zip(rows["id"], rows["status"])]
         meta = provenance(prepared.built, spec, transform=job.manifest["transform"], data=job.manifest["data"],
                           calibration=job.manifest["calibration"], class_names=job.class_names, topk=args.topk,
-                          decode=job.manifest["decode"], engine=args.engine)
+                          decode=job.manifest["decode"], engine=args.engine,
+                          **({"valid_labels": prepared.scoring.valid_name} if prepared.scoring.valid else {}))
         write_rows(rows, out, meta)
         job.store.remove()
         return _summary(rows, out, images, seconds, job.dataset.records.ignored,

@@ -90,7 +90,7 @@ class Records:
     ids: list[str]  # stable per-image identifier: relative path, or "<split>/<row>"
     class_names: list[str] | None
     kind: str
-    label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | model_class_names | dataset_label | none
+    label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | folder_index | model_class_names | dataset_label | none
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that get no row
     image_ids: list[int] | None = None  # COCO image ids
 
@@ -265,6 +265,24 @@ def relabel_by_names(records: Records, names: list[str], ignore_unknown: bool = 
     records.class_names = list(names)
     records.label_source = "model_class_names"
     return unknown
+
+
+def relabel_by_folder_index(records: Records, num_classes: int, names: list[str] | None) -> bool:
+    """ImageNet-V2's layout (class folders ``0`` ... ``999``): when every class folder of an ImageFolder
+    tree is a class index below ``num_classes`` (``testsets.index_folder_labels``), its images get that
+    index (``label_source`` ``folder_index``; the names of the labels: the model's ``names``, else the
+    index itself), in place; -> whether they did (mixed or out-of-range folder names: False, the labels
+    stay as they are)."""
+    from .testsets import index_folder_labels
+
+    folders = [Path(i).parts[0] if len(Path(i).parts) > 1 else None for i in records.ids]
+    index = index_folder_labels(sorted({f for f in folders if f is not None}), num_classes)
+    if records.kind != "imagefolder" or index is None:
+        return False
+    records.labels = [index[f] if f is not None else -1 for f in folders]
+    records.class_names = list(names) if names else [str(i) for i in range(num_classes)]
+    records.label_source = "folder_index"
+    return True
 
 
 def _hf_parquet_files(root: Path, exclude: set[Path]) -> list[str]:

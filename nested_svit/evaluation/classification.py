@@ -5,16 +5,19 @@ import numpy as np
 import pandas as pd
 
 from ..config import ViTConfig
+from .testsets import scored_rows
 from .usage import usage_summary
 
 
-def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_image: int, topk: int = 5) -> dict:
-    """top-1 / top-5 (%) over decodable labelled images, keep ratios and a token-usage histogram.
+def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_image: int, topk: int = 5,
+                           valid: tuple[int, ...] | None = None) -> dict:
+    """top-1 / top-5 (%) over decodable labelled images (``valid``: only those labelled by one of these
+    classes, ``--valid-labels``), keep ratios and a token-usage histogram.
 
     rows: one row per image with ``status``, ``label``, ``top{r}_id`` and ``kept_b{b}`` columns.
     """
     ok = rows[rows["status"] == "ok"]
-    labelled = ok[ok["label"] >= 0]
+    labelled = scored_rows(rows, valid)
     k = min(topk, sum(c.startswith("top") and c.endswith("_id") for c in rows.columns))
     top_ids = labelled[[f"top{r + 1}_id" for r in range(k)]].to_numpy() if k else np.zeros((0, 0))
     labels = labelled["label"].to_numpy()

@@ -40,7 +40,9 @@ class ClassifierStep:
     """The classifier's ``BatchStep``. ``class_names``: the MODEL's output classes (not the data's
     folders); ``truth_names``: names of the data's labels; ``transform``: normalises the uint8 crops on
     the device (None: the batch's images are the model's input as they are); ``decoder``: ``--decode
-    gpu`` (the batch's JPEGs arrive undecoded); ``on_batch(batch, images, usage, logits)``: pictures."""
+    gpu`` (the batch's JPEGs arrive undecoded); ``on_batch(batch, images, usage, logits)``: pictures;
+    ``valid_labels``: the classes the softmax and the top-k are taken over (``--valid-labels``; None:
+    all), the ids staying the model's."""
 
     model: SparseViT | None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -51,6 +53,7 @@ class ClassifierStep:
     transform: EvalTransform | None = None
     decoder: DeviceJpegDecoder | None = None
     on_batch: Callable[..., None] | None = None
+    valid_labels: tuple[int, ...] | None = None
 
     def counts(self) -> Progress:
         return Progress(0, 0, 0, 0.0)
@@ -82,7 +85,7 @@ class ClassifierStep:
         if batch["images"] is not None:
             with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
                 feats, usage = self.model.forward_features(batch["images"])
-                logits = self.model.forward_head(feats).cpu()
+                logits = self.restricted(self.model.forward_head(feats).cpu())
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:
                 self.on_batch(batch, batch["images"], usage, logits)
@@ -93,19 +96,30 @@ class ClassifierStep:
             counts.images = len(labels)
         return self.rows(batch, logits, kept), counts
 
+    def restricted(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` logits with every class outside ``valid_labels`` at -inf (as they are without)."""
+        if self.valid_labels is None:
+            return logits
+        out = torch.full_like(logits, float("-inf"))
+        keep = torch.tensor(self.valid_labels)
+        out[:, keep] = logits[:, keep]
+        return out
+
     def rows(self, batch: dict, logits: torch.Tensor | None, kept: torch.Tensor | None) -> pd.DataFrame:
-        """The output rows of one batch: predicted images, then the skipped ones with their reason."""
+        """The output rows of one batch: predicted images, then the skipped ones with their reason.
+        ``label_prob``: the probability of the image's label (None without one)."""
         names, truth, depth = self.class_names, self.truth_names, self.model.config.depth
         rows: list[dict] = []
         if logits is not None:
             probs = logits.float().softmax(-1)
-            k = min(self.topk, probs.shape[-1])
+            k = min(self.topk, len(self.valid_labels) if self.valid_labels else probs.shape[-1])
             top_p, top_i = probs.topk(k, dim=-1)
             for j, idx in enumerate(batch["index"].tolist()):
                 label = int(batch["label"][j])
                 row = {"index": idx, "id": batch["id"][j], "label": label, "status": "ok", "error": "",
                        "orientation": batch["orientation"][j], "exif_applied": self.exif, "decoder": batch["decoder"][j],
-                       "label_name": truth[label] if truth and 0 <= label < len(truth) else None}
+                       "label_name": truth[label] if truth and 0 <= label < len(truth) else None,
+                       "label_prob": float(probs[j, label]) if 0 <= label < probs.shape[-1] else None}
                 for r in range(k):
                     cls = int(top_i[j, r])
                     row[f"top{r + 1}_id"] = cls
@@ -139,12 +153,13 @@ class InferenceJob:
     # device; None: the dataset's images are the model's input as they are
     transform: EvalTransform | None = None
     decoder: DeviceJpegDecoder | None = None  # --decode gpu: the dataset passes JPEGs on undecoded
+    valid_labels: tuple[int, ...] | None = None  # --valid-labels: the classes the top-k is taken over
 
     @property
     def step(self) -> ClassifierStep:
         return ClassifierStep(self.model, torch.device(self.device), self.topk, self.class_names,
                               self.dataset.class_names, getattr(self.dataset, "exif", False), self.transform,
-                              self.decoder, self.on_batch)
+                              self.decoder, self.on_batch, self.valid_labels)
 
     @property
     def store(self) -> PartStore:

@@ -19,7 +19,12 @@ from ..distributed import DistInfo, init_from_env, rank_device
 from .calibration import KeepBudget, calibrate, first_decodable
 from .classify import InferenceJob
 from .detect import DetectionJob
+from .scoring import ResolvedScoring, Scoring, resolve_scoring
 from .spec import BuiltModel, ModelSpec
+
+
+# the row schema of classifier parts (2: ``label_prob``); parts of another are not resumed into
+ROWS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,31 @@ class DataOptions:
 
 @dataclass
 class Prepared:
-    """A job ready to run, the model it was built with, and what a user should read (whole lines)."""
+    """A job ready to run, the model it was built with, and what a user should read (whole lines);
+    ``scoring``: how a classifier job's rows are scored (``--valid-labels``, ``--real-labels``)."""
 
     job: InferenceJob | DetectionJob
     built: BuiltModel
     messages: list[str] = field(default_factory=list)
+    scoring: ResolvedScoring = field(default_factory=ResolvedScoring)
+
+
+@dataclass
+class LoadedModel:
+    """A model built on this process's device for one run or several (``eval imagenet`` of several test
+    sets: loaded once, its keep budget calibrated once, on the first set's run)."""
+
+    built: BuiltModel
+    device: torch.device
+    info: DistInfo
+    calibration: dict | None = None
+    calibrated: bool = False
+
+
+def load_for_runs(spec: ModelSpec, run: RunOptions) -> LoadedModel:
+    """This process's group and device (``process_group``), and the model of ``spec`` built there."""
+    device, info = process_group(run)
+    return LoadedModel(spec.build(device), device, info)
 
 
 def process_group(run: RunOptions) -> tuple[torch.device, DistInfo]:
@@ -74,13 +99,19 @@ def process_group(run: RunOptions) -> tuple[torch.device, DistInfo]:
 
 def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_dir: Path, kind: str, topk: int = 5,
                    class_names: list[str] | None = None, budget: KeepBudget = KeepBudget(),
-                   decode_here: bool = True) -> Prepared:
+                   decode_here: bool = True, scoring: Scoring = Scoring(), loaded: LoadedModel | None = None
+                   ) -> Prepared:
     """A classifier run: the model first (checkpoint read and checked before any image), then the data.
     ``class_names``: the model's output names (None: those it carries, ImageNet's for 1000 classes, else
-    ids only); ``decode_here``: ``--decode gpu`` decodes in this process (False: in Ray actors)."""
-    device, info = process_group(run)
-    built = spec.build(device)
-    model, messages = built.model, list(built.messages)
+    ids only); ``decode_here``: ``--decode gpu`` decodes in this process (False: in Ray actors);
+    ``scoring``: ``--valid-labels`` / ``--real-labels``; ``loaded``: a model built for several jobs
+    (``load_for_runs``; its loader's lines are not repeated here; None: built here from ``spec``)."""
+    messages = []
+    if loaded is None:
+        loaded = load_for_runs(spec, run)
+        messages += loaded.built.messages  # a given model's are its caller's to show, once
+    device, info, built = loaded.device, loaded.info, loaded.built
+    model = built.model
     transform = EvalTransform.for_model(model.pretrained_cfg, model.config.img_size, data.crop_pct, data.interpolation)
     draft = (transform.resize_to, transform.resize_to) if data.jpeg_draft else None
     dataset = open_dataset(data.path, transform.crop, split=data.split, exclude=[*data.exclude, parts_dir],
@@ -94,15 +125,19 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
                             "(there is no GPU decoder here); --decode cpu decodes in the --workers processes")
     names, named_by = output_names(model, class_names)
     messages += label_messages(dataset.records, data, names, named_by, model.config.num_classes)
+    resolved, lines = resolve_scoring(scoring, model.config.num_classes, dataset.records, data.path)
+    messages += lines
 
     def images_of(source: str, n: int) -> list:
         return first_decodable(open_dataset(source, transform, split=data.split, exclude=data.exclude), n)
 
-    calibration, lines = calibrate(model, budget, images_of, device, data.path, built.name)
-    messages += lines
-    if calibration and budget.save_to:
-        save_checkpoint(model, budget.save_to, calibration=calibration)
-    report = built.report
+    if not loaded.calibrated:
+        loaded.calibration, lines = calibrate(model, budget, images_of, device, data.path, built.name)
+        loaded.calibrated = True
+        messages += lines
+        if loaded.calibration and budget.save_to:
+            save_checkpoint(model, budget.save_to, calibration=loaded.calibration)
+    calibration, report = loaded.calibration, built.report
     manifest = {"kind": kind, "model": built.name, "checkpoint_sha256": report.sha256 if report else None,
                 "data": str(Path(data.path).resolve()), "num_records": len(dataset), "batch_size": run.batch_size,
                 "topk": topk, "transform": transform.describe(), "precision": spec.precision,
@@ -110,10 +145,11 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
                 "files_digest": dataset.records.digest(), "split": data.split, "calibration": calibration,
                 "decode": decoder.name if decoder else "pil", "jpeg_draft": draft,
                 **_row_settings(spec, run, data.max_pixels),
-                "class_names": _digest(names), "labels": _digest(dataset.records.labels)}
+                "class_names": _digest(names), "labels": _digest(dataset.records.labels), "rows": ROWS_VERSION,
+                **({"valid_labels": _digest(resolved.valid)} if resolved.valid else {})}
     job = InferenceJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, topk, device, info, names,
-                       transform=transform, decoder=decoder)
-    return Prepared(job, built, messages)
+                       transform=transform, decoder=decoder, valid_labels=resolved.valid)
+    return Prepared(job, built, messages, resolved)
 
 
 def output_names(model, given: list[str] | None) -> tuple[list[str] | None, str | None]:
@@ -136,11 +172,11 @@ def output_names(model, given: list[str] | None) -> tuple[list[str] | None, str 
 def label_messages(records, data: DataOptions, names: list[str] | None, named_by: str | None,
                    num_classes: int) -> list[str]:
     """Label an ImageFolder tree by the model's own class names (``--class-names`` or the checkpoint's;
-    in place on ``records``), and say what a user must know about the labels: the folders left
+    in place on ``records``), or by the folder numbers when every class folder is a class index (ImageNet-V2's
+    ``0`` ... ``999``), and say what a user must know about the labels: the folders left
     unlabelled, sorted-order labels of a model without names, files outside the class folders."""
-    from ..data.records import relabel_by_names
-
     from ..data.classes import imagenet_classes
+    from ..data.records import relabel_by_folder_index, relabel_by_names
 
     out = []
     wnids_right = records.label_source == "imagenet_wnid" and list(names or ()) == list(imagenet_classes()[1])
@@ -149,7 +185,7 @@ def label_messages(records, data: DataOptions, names: list[str] | None, named_by
         if unknown:
             out.append(f"note: {data.path}: folders {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} are not "
                        f"among the model's class names ({named_by}): their images get no label and are not scored")
-    elif records.label_source == "sorted_class_dirs":
+    elif records.label_source == "sorted_class_dirs" and not relabel_by_folder_index(records, num_classes, names):
         folders = sorted({Path(i).parts[0] for i in records.ids if len(Path(i).parts) > 1})
         what = ("class folders are not (all) ImageNet wnids, so labels are the sorted folder order 0..K-1, not "
                 "ImageNet's class ids: top-1/top-5 against a 1000-class model are meaningless. Name folders by wnid "

@@ -1,0 +1,71 @@
+"""The result of ``eval imagenet`` on one test set (top-1/top-5 and, as the set's authors score it,
+ReaL and the 200-class figures; per-class accuracy, calibration, keep ratios, the run's record), the
+files beside it (``<stem>[.<set>].per_class.csv``, ``<stem>[.<set>].reliability.png``), and the
+result files of one set or several (``<out>.json``, and ``<out>.csv`` in timm's columns)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import atomic_write, atomic_write_text
+from ..viz import reliability_diagram
+from .classification import classification_metrics
+from .results import checkpoint_record, run_record
+from .testsets import calibration_metrics, per_class, real_metrics, reliability_bins, results_table, scored_rows
+
+
+@dataclass(frozen=True)
+class SetFiles:
+    """Where one set's files go: ``per_class`` (CSV), ``reliability`` (PNG)."""
+
+    per_class: Path
+    reliability: Path
+
+    @classmethod
+    def beside(cls, out: Path, name: str | None) -> "SetFiles":
+        """``<stem>.per_class.csv`` / ``<stem>.reliability.png`` beside ``out`` (``name``: of one of
+        several sets, ``<stem>.<name>.…``)."""
+        stem = out.stem + (f".{name}" if name else "")
+        return cls(out.with_name(stem + ".per_class.csv"), out.with_name(stem + ".reliability.png"))
+
+
+def set_result(prepared, rows: pd.DataFrame, name: str, images: float, seconds: float, checkpoint: str | None,
+               batch_size: int, topk: int, files: SetFiles) -> dict:
+    """The result of one set from its merged ``rows`` (``prepared``: the job's ``Prepared``); writes its
+    per-class CSV and reliability diagram to ``files``."""
+    job, scoring = prepared.job, prepared.scoring
+    model, records, manifest = job.model, job.dataset.records, job.manifest
+    metrics = classification_metrics(rows, model.config, model.config.num_tokens, topk, scoring.valid)
+    scored = scored_rows(rows, scoring.valid)
+    table = per_class(scored, records.class_names or job.class_names)
+    calibration = calibration_metrics(scored)
+    atomic_write_text(files.per_class, table.to_csv(index=False))
+    title = f"{prepared.built.name} on {name} ({len(scored)} images" + (
+        f", top-k over {scoring.valid_name if scoring.valid_name in ('imagenet-a', 'imagenet-r') else 'the valid'} "
+        "labels)" if scoring.valid else ")")
+    atomic_write(files.reliability, lambda tmp: reliability_diagram(reliability_bins(scored), tmp, title,
+                                                                    calibration["ece"]))
+    extra = {"num_outside_valid_labels": int(((rows["status"] == "ok") & (rows["label"].fillna(-1) >= 0)).sum()
+                                             - len(scored))} if scoring.valid else {}
+    return {**checkpoint_record(prepared.built.name, checkpoint, prepared.built.report), "dataset": name, **metrics,
+            **(real_metrics(rows, scoring.real) if scoring.real is not None else {}), **extra,
+            "mean_class_top1": float(table["top1"].mean()) if len(table) else float("nan"), **calibration,
+            **scoring.describe(), "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "images_per_sec": images / seconds if seconds > 0 else float("nan"), "images_this_run": int(images),
+            "data": manifest["data"], "data_kind": records.kind, "label_source": records.label_source,
+            "ignored_files": [{"path": p, "reason": why} for p, why in records.ignored],
+            "transform": manifest["transform"], "decode": manifest["decode"], "jpeg_draft": manifest["jpeg_draft"],
+            "batch_size": batch_size, "precision": manifest["precision"], "calibration": manifest["calibration"],
+            "per_class_csv": str(files.per_class), "reliability_png": str(files.reliability),
+            **run_record(job.device, job.dist.world_size, manifest["backend"])}
+
+
+def write_results(results: list[dict], json_out: Path, csv_out: Path) -> None:
+    """``json_out``: the result of the one set (as it is), or ``{"sets": [...]}`` of several;
+    ``csv_out``: one row per set (``testsets.results_table``)."""
+    body = results[0] if len(results) == 1 else {"sets": results}
+    atomic_write_text(json_out, json.dumps(body, indent=1, ensure_ascii=False))
+    atomic_write_text(csv_out, results_table(results).to_csv(index=False))

@@ -1,0 +1,119 @@
+"""The figures the ImageNet test sets' papers and timm's results files report, from per-image rows:
+ReaL top-1/top-5, per-class accuracy, calibration (ECE over 15 equal-width bins, as torchmetrics'
+``CalibrationError(norm="l1", n_bins=15)``; NLL of the true class), and the table of several sets in
+timm's columns (``model, img_size, top1, top1_err, top5, top5_err, param_count, crop_pct,
+interpolation``) with the differences to a base set."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TIMM_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
+                "interpolation")
+# the smallest positive float32: a label probability that underflowed to 0 counts -log of this (103.28)
+TINY_PROB = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def scored_rows(rows: pd.DataFrame, valid: tuple[int, ...] | None = None) -> pd.DataFrame:
+    """The rows top-1/top-5 count: predicted, labelled, and (with ``--valid-labels``) labelled by one
+    of the ``valid`` classes."""
+    ok = rows[(rows["status"] == "ok") & (rows["label"].fillna(-1) >= 0)]
+    return ok[ok["label"].isin(list(valid))] if valid is not None else ok
+
+
+def _top_ids(rows: pd.DataFrame, k: int) -> np.ndarray:
+    """``[n, min(k, topk)]`` predicted class ids of ``rows``."""
+    have = sum(c.startswith("top") and c.endswith("_id") for c in rows.columns)
+    return rows[[f"top{r + 1}_id" for r in range(min(k, have))]].to_numpy(dtype=np.int64)
+
+
+def real_metrics(rows: pd.DataFrame, real: dict[str, tuple[int, ...]]) -> dict:
+    """ReaL (as its reference code scores): an image is right at top-k when any of its top-k ids is among
+    its ReaL labels; images matched by file name, those with no ReaL label left out (and counted)."""
+    ok = rows[rows["status"] == "ok"]
+    names = [Path(str(i)).name for i in ok["id"]]
+    lists = [real.get(n) for n in names]
+    matched = [j for j, labels in enumerate(lists) if labels is not None]
+    scored = [j for j in matched if lists[j]]
+    top = _top_ids(ok, 5)
+    hits = {k: [bool(set(top[j, :k].tolist()) & set(lists[j])) for j in scored] for k in (1, 5)}
+    mean = (lambda v: float(np.mean(v) * 100) if v else float("nan"))
+    return {"real_top1": mean(hits[1]), "real_top5": mean(hits[5]), "real_num_images": len(scored),
+            "real_num_empty": len(matched) - len(scored), "real_num_unmatched": len(ok) - len(matched)}
+
+
+def per_class(rows: pd.DataFrame, names: list[str] | None) -> pd.DataFrame:
+    """``class_index, class_name, images, top1, top5`` (%) of every class the scored ``rows`` hold."""
+    if not len(rows):
+        return pd.DataFrame(columns=["class_index", "class_name", "images", "top1", "top5"])
+    top = _top_ids(rows, 5)
+    labels = rows["label"].to_numpy(dtype=np.int64)
+    frame = pd.DataFrame({"class_index": labels, "hit1": top[:, 0] == labels, "hit5": (top == labels[:, None]).any(1)})
+    table = frame.groupby("class_index").agg(images=("hit1", "size"), top1=("hit1", "mean"), top5=("hit5", "mean"))
+    table[["top1", "top5"]] *= 100
+    table = table.reset_index()
+    table.insert(1, "class_name", [names[i] if names and 0 <= i < len(names) else None for i in table["class_index"]])
+    return table
+
+
+def reliability_bins(rows: pd.DataFrame, n_bins: int = 15) -> pd.DataFrame:
+    """Equal-width bins over the top-1 probability (as torchmetrics: bin ``i`` holds ``[i/n, (i+1)/n)``,
+    a probability of exactly 1 a bin of its own): ``lower, upper, images, accuracy, confidence``."""
+    if not len(rows):  # nothing scored (every image skipped, or none labelled): empty bins
+        confidence = correct = np.zeros(0)
+    else:
+        confidence = rows["top1_prob"].to_numpy(dtype=np.float64)
+        correct = (rows["top1_id"].to_numpy(dtype=np.int64) == rows["label"].to_numpy(dtype=np.int64)).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.searchsorted(edges, confidence, side="right") - 1
+    out = []
+    for b in range(n_bins + 1):
+        inside = which == b
+        n = int(inside.sum())
+        out.append({"lower": float(edges[b]), "upper": float(edges[b + 1]) if b < n_bins else 1.0, "images": n,
+                    "accuracy": float(correct[inside].mean()) if n else float("nan"),
+                    "confidence": float(confidence[inside].mean()) if n else float("nan")})
+    return pd.DataFrame(out)
+
+
+def calibration_metrics(rows: pd.DataFrame, n_bins: int = 15) -> dict:
+    """``ece``: the L1 expected calibration error (a fraction) over ``reliability_bins``; ``nll``: the
+    mean negative log probability of the true class (``label_prob``; an underflowed 0 counts as
+    ``TINY_PROB``). NaN without scored rows."""
+    if not len(rows):
+        return {"ece": float("nan"), "nll": float("nan")}
+    bins = reliability_bins(rows, n_bins)
+    filled = bins[bins["images"] > 0]
+    ece = float((filled["images"] / len(rows) * (filled["accuracy"] - filled["confidence"]).abs()).sum())
+    prob = rows["label_prob"].to_numpy(dtype=np.float64) if "label_prob" in rows else np.full(len(rows), np.nan)
+    nll = float(-np.log(np.maximum(prob, TINY_PROB)).mean())
+    return {"ece": ece, "nll": nll}
+
+
+def results_table(results: list[dict]) -> pd.DataFrame:
+    """One row per evaluated set: timm's columns first, then ``dataset``, then the other flat figures
+    of each result, then ``top1_diff`` / ``top5_diff``: this set's minus those of the first set scored
+    over the same classes (``diff_to``), as timm's files diff V2, ReaL and Sketch against val and A / R
+    against the 200-class "clean" val figure."""
+    rows = []
+    for result in results:
+        transform = result.get("transform") or {}
+        top1, top5 = result["top1"], result["top5"]
+        timm = {"model": result["model"], "img_size": transform.get("img_size"), "top1": top1,
+                "top1_err": 100 - top1 if not math.isnan(top1) else float("nan"), "top5": top5,
+                "top5_err": 100 - top5 if not math.isnan(top5) else float("nan"),
+                "param_count": result.get("param_count"), "crop_pct": transform.get("crop_pct"),
+                "interpolation": transform.get("interpolation")}
+        flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) and k not in timm}
+        rows.append({**timm, "dataset": flat.pop("dataset", None), **flat})
+    table = pd.DataFrame(rows)
+    if len(table):
+        base = [next(j for j, r in enumerate(results) if r.get("valid_labels") == result.get("valid_labels"))
+                for result in results]
+        table["top1_diff"] = table["top1"].to_numpy() - table["top1"].to_numpy()[base]
+        table["top5_diff"] = table["top5"].to_numpy() - table["top5"].to_numpy()[base]
+        table["diff_to"] = table["dataset"].to_numpy()[base]
+    return table
