@@ -60,6 +60,21 @@ def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
 
 
 @pytest.mark.slow
+def test_valid_labels_reach_the_actors(tmp_path, cluster):
+    """--valid-labels restricts the softmax and top-k in the batch step, so the actors' rows are the local ones."""
+    from nested_svit.data.testsets import valid_labels
+
+    write_image_folder(tmp_path / "val", per_class=3)
+    args = ["predict", *TINY, "--input", str(tmp_path / "val"), "--valid-labels", "imagenet-a"]
+    assert main([*args, *LOCAL, "--out", str(tmp_path / "local.parquet")]) == 0
+    assert main([*args, "--engine", "ray", "--actors", "2", "--out", str(tmp_path / "ray.parquet")]) == 0
+    local, remote = pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(tmp_path / "ray.parquet")
+    ids = remote[[f"top{r}_id" for r in range(1, 6)]].to_numpy()
+    assert np.isin(ids, valid_labels("imagenet-a", 1000)).all()
+    _compare(local, remote)
+
+
+@pytest.mark.slow
 def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster, tiny_detector_file):
     from coco_fixtures import make_coco
 

@@ -120,6 +120,7 @@ def test_real_labels_scored_as_timm_scores_them(tmp_path, pool):
         real.append([[top5[k][0]], [top5[k][3], 999 - top5[k][0] % 7], [], [top5[k][5]]][k % 4])
     (tmp_path / "real.json").write_text(json.dumps(real))
     layout = {k: f"{WNIDS[k % 3]}/ILSVRC2012_val_{k + 1:08d}.JPEG" for k in range(n)}
+    layout[5] = f"{WNIDS[5 % 3]}/ILSVRC2012_val_00000006_{WNIDS[5 % 3]}.JPEG"  # Hugging Face's names
     layout[n] = f"{WNIDS[0]}/not_in_real.png"
     order = place(tmp_path / "val", images, layout)
     res = evaluate(ckpt, tmp_path / "val", tmp_path / "r.json", "--real-labels", str(tmp_path / "real.json"))
@@ -131,6 +132,30 @@ def test_real_labels_scored_as_timm_scores_them(tmp_path, pool):
     assert 0 < res["real_top1"] < res["real_top5"] < 100
     assert (res["real_num_images"], res["real_num_empty"], res["real_num_unmatched"]) == (9, 3, 1)
     check_scores(res, expected(logits[order], [WNIDS.index(layout[i].split("/")[0]) for i in order]))
+
+
+@pytest.mark.parametrize("topk, top5_is", [("3", "nan"), ("10", "top5")])
+def test_top5_is_the_top_5_whatever_the_topk(tmp_path, pool, topk, top5_is):
+    """--topk 3 left top5 the top-3 figure and --topk 10 the top-10 one; now NaN, and the top-5."""
+    ckpt, images, logits = pool
+    top = logits.topk(10, -1).indices.tolist()
+    labels = [top[i][[0, 4, 7, 2][i % 4]] for i in range(N)]  # right at top-1, top-5, only top-10, top-3
+    order = place(tmp_path / "val", images, {i: f"{WNIDS[labels[i]]}/{i:02d}.png" for i in range(N)})
+    res = evaluate(ckpt, tmp_path / "val", tmp_path / "t.json", "--topk", topk)
+    want = expected(logits[order], [labels[i] for i in order])
+    assert res["top1"] == pytest.approx(want["top1"])
+    if top5_is == "nan":
+        assert np.isnan(res["top5"]) and pd.read_csv(res["per_class_csv"])["top5"].isna().all()
+    else:
+        assert res["top5"] == pytest.approx(want["top5"]) == 75.0
+
+
+def test_real_names():
+    from nested_svit.data.testsets import real_name
+
+    assert real_name("val/n01440764/ILSVRC2012_val_00000001.JPEG") == "ILSVRC2012_val_00000001.JPEG"
+    assert real_name("ILSVRC2012_val_00049999_n01751748.jpeg") == "ILSVRC2012_val_00049999.JPEG"
+    assert real_name("ILSVRC2012_val_000000011.JPEG") is None and real_name("x/ILSVRC2012_train_1.JPEG") is None
 
 
 def test_the_official_real_json_reads():
@@ -285,3 +310,22 @@ def test_results_table_diffs_against_the_first_set_over_the_same_classes():
     assert table["top1_diff"].tolist() == pytest.approx([0, 0, -11, -76])
     assert table["top5_diff"].tolist() == pytest.approx([0, 0, -6.5, -49])
     assert table["top1_err"].tolist() == pytest.approx([20, 6, 31, 82]) and "nested" not in table
+
+
+@pytest.mark.slow
+def test_several_sets_under_torchrun_equal_one_process(tmp_path, pool, torchrun):
+    ckpt, images, logits = pool
+    place(tmp_path / "val", images, {i: f"{WNIDS[i % 3]}/{i:02d}.png" for i in range(7)})
+    place(tmp_path / "v2", images, {i: f"{(0, 2, 10)[i % 3]}/{i:02d}.png" for i in range(7, N)})
+    args = ["eval", "imagenet", *MODEL_ARGS[:-2], "--threads", "1", "--checkpoint", str(ckpt), "--batch-size", "3",
+            "--data", f"val={tmp_path / 'val'}", "--data", f"v2={tmp_path / 'v2'}:valid={tmp_path / 'valid.txt'}"]
+    (tmp_path / "valid.txt").write_text("\n".join(map(str, range(0, 1000, 2))))
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    run = torchrun("-m", "nested_svit.cli", *args, "--out", str(tmp_path / "two.json"), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["sets"] for n in ("one", "two"))
+    assert [s["world_size"] for s in two] == [2, 2]
+    for a, b in zip(one, two):
+        for key in ("dataset", "top1", "top5", "num_images", "ece", "nll", "mean_class_top1", "mean_keep_ratio"):
+            assert a[key] == pytest.approx(b[key]), key
+    assert pd.read_csv(tmp_path / "two.csv")["dataset"].tolist() == ["val", "v2"]

@@ -5,6 +5,7 @@ name) and ImageNet-V2's index-named class folders (``index_folder_labels``)."""
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -64,6 +65,17 @@ def matching_subset(folders: set[str]) -> str | None:
 def real_file_name(position: int) -> str:
     """The val file entry ``position`` of ``real.json`` describes: ``ILSVRC2012_val_{position+1:08d}.JPEG``."""
     return f"ILSVRC2012_val_{position + 1:08d}.JPEG"
+
+
+VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})(?![0-9])")
+
+
+def real_name(path: str) -> str | None:
+    """The ReaL name of an ImageNet val file wherever it sits and however a copy renamed its tail
+    (``ILSVRC2012_val_00000001.JPEG``, Hugging Face's ``ILSVRC2012_val_00000001_n01751748.JPEG``, a
+    ``.png`` conversion): ``ILSVRC2012_val_{n:08d}.JPEG``; None for any other file name."""
+    found = VAL_FILE.match(Path(str(path)).name)
+    return f"ILSVRC2012_val_{found.group(1)}.JPEG" if found else None
 
 
 def read_real_labels(path: str | Path) -> dict[str, tuple[int, ...]]:

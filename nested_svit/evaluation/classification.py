@@ -1,29 +1,29 @@
 """Classification metrics from per-image prediction rows."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from ..config import ViTConfig
-from .testsets import scored_rows
+from .testsets import scored_rows, top_ids
 from .usage import usage_summary
 
 
 def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_image: int, topk: int = 5,
                            valid: tuple[int, ...] | None = None) -> dict:
-    """top-1 / top-5 (%) over decodable labelled images (``valid``: only those labelled by one of these
+    """top-1 / top-5 (%; top-5 NaN when the rows hold fewer than 5 ids) over decodable labelled images (``valid``: only those labelled by one of these
     classes, ``--valid-labels``), keep ratios and a token-usage histogram.
 
     rows: one row per image with ``status``, ``label``, ``top{r}_id`` and ``kept_b{b}`` columns.
     """
     ok = rows[rows["status"] == "ok"]
     labelled = scored_rows(rows, valid)
-    k = min(topk, sum(c.startswith("top") and c.endswith("_id") for c in rows.columns))
-    top_ids = labelled[[f"top{r + 1}_id" for r in range(k)]].to_numpy() if k else np.zeros((0, 0))
+    classes = len(valid) if valid is not None else config.num_classes
+    ids1, ids5 = top_ids(labelled, 1, classes), top_ids(labelled, 5, classes)
     labels = labelled["label"].to_numpy()
     n = len(labelled)
-    top1 = float((top_ids[:, 0] == labels).mean() * 100) if n else float("nan")
-    top5 = float((top_ids == labels[:, None]).any(1).mean() * 100) if n else float("nan")
+    top1 = float((ids1[:, 0] == labels).mean() * 100) if n else float("nan")
+    # top-5 from the first five ids: NaN when a smaller --topk kept fewer (it was the top-k figure)
+    top5 = float((ids5 == labels[:, None]).any(1).mean() * 100) if n and ids5 is not None else float("nan")
     skipped = rows[rows["status"] != "ok"]
     return {
         "top1": top1, "top5": top5, "num_images": int(n), "num_predicted": int(len(ok)),

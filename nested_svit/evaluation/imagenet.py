@@ -40,7 +40,8 @@ def set_result(prepared, rows: pd.DataFrame, name: str, images: float, seconds: 
     model, records, manifest = job.model, job.dataset.records, job.manifest
     metrics = classification_metrics(rows, model.config, model.config.num_tokens, topk, scoring.valid)
     scored = scored_rows(rows, scoring.valid)
-    table = per_class(scored, records.class_names or job.class_names)
+    classes = len(scoring.valid) if scoring.valid else model.config.num_classes
+    table = per_class(scored, records.class_names or job.class_names, classes)
     calibration = calibration_metrics(scored)
     atomic_write_text(files.per_class, table.to_csv(index=False))
     title = f"{prepared.built.name} on {name} ({len(scored)} images" + (

@@ -6,10 +6,11 @@ interpolation``) with the differences to a base set."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..data.testsets import real_name
 
 TIMM_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
                 "interpolation")
@@ -24,34 +25,41 @@ def scored_rows(rows: pd.DataFrame, valid: tuple[int, ...] | None = None) -> pd.
     return ok[ok["label"].isin(list(valid))] if valid is not None else ok
 
 
-def _top_ids(rows: pd.DataFrame, k: int) -> np.ndarray:
-    """``[n, min(k, topk)]`` predicted class ids of ``rows``."""
+def top_ids(rows: pd.DataFrame, k: int, classes: int) -> np.ndarray | None:
+    """``[n, min(k, classes)]``: the first predicted class ids of ``rows`` (``classes``: how many the
+    top-k was taken over); None when the rows hold fewer (a run with a smaller ``--topk``)."""
     have = sum(c.startswith("top") and c.endswith("_id") for c in rows.columns)
-    return rows[[f"top{r + 1}_id" for r in range(min(k, have))]].to_numpy(dtype=np.int64)
+    need = min(k, classes)
+    if have < need:
+        return None
+    return rows[[f"top{r + 1}_id" for r in range(need)]].to_numpy(dtype=np.int64).reshape(len(rows), need)
 
 
 def real_metrics(rows: pd.DataFrame, real: dict[str, tuple[int, ...]]) -> dict:
     """ReaL (as its reference code scores): an image is right at top-k when any of its top-k ids is among
-    its ReaL labels; images matched by file name, those with no ReaL label left out (and counted)."""
+    its ReaL labels; images matched by val file name (``data.testsets.real_name``), those with no ReaL
+    label left out (and counted)."""
     ok = rows[rows["status"] == "ok"]
-    names = [Path(str(i)).name for i in ok["id"]]
-    lists = [real.get(n) for n in names]
+    lists = [real.get(real_name(i)) for i in ok["id"]]
     matched = [j for j, labels in enumerate(lists) if labels is not None]
     scored = [j for j in matched if lists[j]]
-    top = _top_ids(ok, 5)
-    hits = {k: [bool(set(top[j, :k].tolist()) & set(lists[j])) for j in scored] for k in (1, 5)}
+    top = {k: top_ids(ok, k, 1000) for k in (1, 5)}
+    hits = {k: [bool(set(top[k][j].tolist()) & set(lists[j])) for j in scored] if top[k] is not None else []
+            for k in (1, 5)}
     mean = (lambda v: float(np.mean(v) * 100) if v else float("nan"))
     return {"real_top1": mean(hits[1]), "real_top5": mean(hits[5]), "real_num_images": len(scored),
             "real_num_empty": len(matched) - len(scored), "real_num_unmatched": len(ok) - len(matched)}
 
 
-def per_class(rows: pd.DataFrame, names: list[str] | None) -> pd.DataFrame:
-    """``class_index, class_name, images, top1, top5`` (%) of every class the scored ``rows`` hold."""
+def per_class(rows: pd.DataFrame, names: list[str] | None, classes: int) -> pd.DataFrame:
+    """``class_index, class_name, images, top1, top5`` (%) of every class the scored ``rows`` hold
+    (``classes``: how many the top-k was taken over; top5 NaN where the rows hold fewer than 5 ids)."""
     if not len(rows):
         return pd.DataFrame(columns=["class_index", "class_name", "images", "top1", "top5"])
-    top = _top_ids(rows, 5)
+    top1, top5 = top_ids(rows, 1, classes), top_ids(rows, 5, classes)
     labels = rows["label"].to_numpy(dtype=np.int64)
-    frame = pd.DataFrame({"class_index": labels, "hit1": top[:, 0] == labels, "hit5": (top == labels[:, None]).any(1)})
+    frame = pd.DataFrame({"class_index": labels, "hit1": top1[:, 0] == labels,
+                          "hit5": (top5 == labels[:, None]).any(1) if top5 is not None else np.nan})
     table = frame.groupby("class_index").agg(images=("hit1", "size"), top1=("hit1", "mean"), top5=("hit5", "mean"))
     table[["top1", "top5"]] *= 100
     table = table.reset_index()

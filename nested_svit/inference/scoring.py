@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.records import Records
-from ..data.testsets import NAMED_SUBSETS, matching_subset, read_real_labels, valid_labels
+from ..data.testsets import NAMED_SUBSETS, matching_subset, read_real_labels, real_name, valid_labels
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def resolve_scoring(scoring: Scoring, num_classes: int, records: Records, source
             raise ValueError(f"--real-labels {scoring.real_labels}: ReaL labels are ImageNet-1k class indices, the "
                              f"model has {num_classes} classes")
         real = read_real_labels(scoring.real_labels)
-        if not any(Path(i).name in real for i in records.ids):
+        if not any(real_name(i) in real for i in records.ids):
             raise ValueError(f"--real-labels {scoring.real_labels}: no file of {source} is named as the ReaL labels "
                              f"name val images ({Path(records.ids[0]).name} here; ReaL's are ILSVRC2012_val_00000001.JPEG"
                              " ... ILSVRC2012_val_00050000.JPEG)")
