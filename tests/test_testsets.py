@@ -243,27 +243,28 @@ def _multi_args(tmp_path: Path, ckpt) -> list[str]:
             "--data", f"r={tmp_path / 'r'}:valid=imagenet-r"]
 
 
-def test_several_sets_in_one_run_timm_columns_and_resume(tmp_path, pool, kill_midway):
-    ckpt, images, logits = pool
+def _write_sets(tmp_path: Path, images, logits) -> dict:
+    """val (wnid folders), v2 (index folders), r (R's wnids, scored over R's 200): -> the expected scores."""
     r = valid_labels("imagenet-r", 1000)
     val_labels = {i: i % 3 for i in range(6)}
     v2_labels = {i: int(logits[i].argmax()) if i % 2 else 5 for i in range(6, 12)}
     r_labels = {i: r[i] for i in range(12, N)}
-    sets = {"val": (val_labels, None), "v2": (v2_labels, None), "r": (r_labels, r)}
     want = {}
-    for name, (labels, valid) in sets.items():
+    for name, (labels, valid) in {"val": (val_labels, None), "v2": (v2_labels, None), "r": (r_labels, r)}.items():
         folder = (lambda c: str(c)) if name == "v2" else (lambda c: WNIDS[c])
         order = place(tmp_path / name, images, {i: f"{folder(c)}/{i:02d}.png" for i, c in labels.items()})
         want[name] = expected(logits[order], [labels[i] for i in order], valid)
+    return want
+
+
+def test_several_sets_in_one_run_in_timm_columns(tmp_path, pool):
+    ckpt, images, logits = pool
+    want = _write_sets(tmp_path, images, logits)
     out = tmp_path / "sets.json"
-    parts = tmp_path / "sets.json.v2.parts"
-    killed = kill_midway(cli_command(*_multi_args(tmp_path, ckpt), "--out", str(out)), parts, 1, timeout=120)
-    assert killed and not out.exists(), "the run should have been killed in its second set"
-    assert subprocess.run(cli_command(*_multi_args(tmp_path, ckpt), "--out", str(out)), capture_output=True).returncode == 0
-    resumed = json.loads(out.read_text())["sets"]
-    assert [s["dataset"] for s in resumed] == ["val", "v2", "r"]
-    assert resumed[0]["images_this_run"] == 0  # the first set was finished before the kill: not run again
-    for res in resumed:
+    assert main([*_multi_args(tmp_path, ckpt), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["sets"]
+    assert [s["dataset"] for s in results] == ["val", "v2", "r"]
+    for res in results:
         check_scores(res, want[res["dataset"]])
     table = pd.read_csv(out.with_suffix(".csv"))
     assert list(table.columns[:10]) == ["model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count",
@@ -275,11 +276,30 @@ def test_several_sets_in_one_run_timm_columns_and_resume(tmp_path, pool, kill_mi
     assert table["top1_diff"].tolist() == pytest.approx([want[n]["top1"] - want[b]["top1"] for n, b in base.items()])
     assert (table["param_count"] > 5).all() and (table["img_size"] == 64).all()
     assert not list(tmp_path.glob("sets.json*.parts"))
+
+
+@pytest.mark.slow
+def test_several_sets_resume_after_a_kill(tmp_path, pool, kill_midway):
+    ckpt, images, logits = pool
+    want = _write_sets(tmp_path, images, logits)
+    out = tmp_path / "sets.json"
+    parts = tmp_path / "sets.json.v2.parts"
+    killed = kill_midway(cli_command(*_multi_args(tmp_path, ckpt), "--out", str(out)), parts, 1, timeout=120)
+    assert killed and not out.exists(), "the run should have been killed in its second set"
+    assert subprocess.run(cli_command(*_multi_args(tmp_path, ckpt), "--out", str(out)), capture_output=True).returncode == 0
+    resumed = json.loads(out.read_text())["sets"]
+    assert resumed[0]["images_this_run"] == 0  # the first set was finished before the kill: not run again
+    for res in resumed:
+        check_scores(res, want[res["dataset"]])
+    assert not list(tmp_path.glob("sets.json*.parts"))
     clean = tmp_path / "clean.json"
     assert main([*_multi_args(tmp_path, ckpt), "--out", str(clean)]) == 0
     timing = {"images_per_sec", "images_this_run", "per_class_csv", "reliability_png"}
     for a, b in zip(resumed, json.loads(clean.read_text())["sets"]):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    csv = [pd.read_csv(p.with_suffix(".csv")).drop(columns=["images_per_sec", "images_this_run", "per_class_csv",
+                                                            "reliability_png"]) for p in (out, clean)]
+    pd.testing.assert_frame_equal(*csv)
 
 
 @pytest.mark.parametrize("text, parsed", [

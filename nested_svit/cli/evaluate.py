@@ -29,7 +29,7 @@ def add_parser(sub, formatter) -> None:
                         "several test sets with the model loaded once; a set's own scoring follows its path: "
                         "NAME=PATH:valid=imagenet-r, NAME=PATH:real=real.json (:valid=none / :real=none: off for it)")
     g.add_argument("--real-labels", default=None, metavar="REAL_JSON",
-                   help="ReaL labels (the official real.json, matched by file name ILSVRC2012_val_*.JPEG): adds "
+                   help="ReaL labels (the official real.json; files matched by val number, ILSVRC2012_val_N*): adds "
                         "real_top1 / real_top5 (images without a ReaL label are left out and counted)")
     g.add_argument("--out", default="results.json",
                    help="output file (.json, with a .csv in timm's columns beside it, one row per set; or .csv); "
@@ -180,12 +180,14 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
 
 
 def results_lines(results: list[dict]) -> str:
-    """The sets side by side: top-1 / top-5 and their difference to the first set."""
-    first = results[0]
-    lines = [f"{'set':<14} {'images':>7} {'top1':>7} {'top5':>7} {'top1_diff':>9} {'ece %':>6}"]
-    for r in results:
-        lines.append(f"{r['dataset'][:14]:<14} {r['num_images']:>7} {r['top1']:>7.2f} {r['top5']:>7.2f} "
-                     f"{r['top1'] - first['top1']:>+9.2f} {100 * r['ece']:>6.2f}")
+    """The sets side by side: top-1 / top-5, and the top-1 difference to the set ``diff_to`` names."""
+    from ..evaluation.testsets import results_table
+
+    table = results_table(results)
+    lines = [f"{'set':<14} {'images':>7} {'top1':>7} {'top5':>7} {'top1_diff':>9} {'to':<10} {'ece %':>6}"]
+    for r in table.itertuples():
+        lines.append(f"{str(r.dataset)[:14]:<14} {r.num_images:>7} {r.top1:>7.2f} {r.top5:>7.2f} {r.top1_diff:>+9.2f} "
+                     f"{str(r.diff_to)[:10]:<10} {100 * r.ece:>6.2f}")
     return "\n".join(lines)
 
 

@@ -10,8 +10,9 @@ from .usage import usage_summary
 
 def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_image: int, topk: int = 5,
                            valid: tuple[int, ...] | None = None) -> dict:
-    """top-1 / top-5 (%; top-5 NaN when the rows hold fewer than 5 ids) over decodable labelled images (``valid``: only those labelled by one of these
-    classes, ``--valid-labels``), keep ratios and a token-usage histogram.
+    """top-1 / top-5 (%; top-5 NaN when the rows hold fewer than 5 ids) over decodable labelled images
+    (``valid``: only those labelled by one of these classes, ``--valid-labels``), keep ratios and a
+    token-usage histogram.
 
     rows: one row per image with ``status``, ``label``, ``top{r}_id`` and ``kept_b{b}`` columns.
     """

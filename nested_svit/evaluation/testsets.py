@@ -115,6 +115,7 @@ def results_table(results: list[dict]) -> pd.DataFrame:
                 "top5_err": 100 - top5 if not math.isnan(top5) else float("nan"),
                 "param_count": result.get("param_count"), "crop_pct": transform.get("crop_pct"),
                 "interpolation": transform.get("interpolation")}
+        assert tuple(timm) == TIMM_COLUMNS
         flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) and k not in timm}
         rows.append({**timm, "dataset": flat.pop("dataset", None), **flat})
     table = pd.DataFrame(rows)
