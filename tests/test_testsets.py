@@ -222,6 +222,8 @@ def test_folders_of_exactly_imagenet_r_get_a_note_and_no_mask(tmp_path, pool, ca
     (["--real-labels", "{tmp}/real.json"], "no file of"),
     (["--real-labels", "{tmp}/real.json", "--num-classes", "10"], "ReaL labels are ImageNet-1k class indices"),
     (["--data", "two={tmp}/val:valid=imagenet-y"], "not a named set"),
+    (["--data", "two={tmp}/val:valid="], "the valid-labels value is empty"),
+    (["--valid-labels", ""], "the valid-labels value is empty"),
 ])
 def test_bad_scoring_input_is_one_line_before_any_image(tmp_path, pool, capsys, flags, message):
     ckpt, images, _ = pool
@@ -310,7 +312,7 @@ def test_several_sets_resume_after_a_kill(tmp_path, pool, kill_midway):
     ("/d/a=b/val", (None, "/d/a=b/val", None, None)),
 ])
 def test_data_syntax(text, parsed):
-    from nested_svit.cli.evaluate import parse_data_set
+    from nested_svit.cli.sets import parse_data_set
 
     s = parse_data_set(text)
     assert (s.name, s.path, s.real, s.valid) == parsed
