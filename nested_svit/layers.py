@@ -4,6 +4,7 @@ by the context it is handed (``attention.py``)."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,53 @@ def _layout_of(context: object) -> "Layout | None":
     return None
 
 
+def _qkv_rows(block: "Block", x: Tensor) -> Tensor:
+    """``qkv(norm1(x))`` on rows ``[T, C]`` (the compiled region before attention)."""
+    return block.attn.qkv(block.norm1(x))
+
+
+def _proj_residual_rows(block: "Block", x: Tensor, attended: Tensor) -> Tensor:
+    """``x + proj(attended)`` on rows (the compiled region after attention, when a method selects
+    between the halves)."""
+    return x + block.attn.proj(attended)
+
+
+def _mlp_residual_rows(block: "Block", x: Tensor) -> Tensor:
+    """``x + mlp(norm2(x))`` on rows."""
+    return x + block.mlp(block.norm2(x))
+
+
+def _post_rows(block: "Block", x: Tensor, attended: Tensor) -> Tensor:
+    """``h = x + proj(attended)``, then ``h + mlp(norm2(h))``: the whole block after attention."""
+    h = x + block.attn.proj(attended)
+    return h + block.mlp(block.norm2(h))
+
+
+# One compiled graph per region for every block (dynamo passes a module's parameters as inputs), the
+# row count dynamic; built on first use, so importing the package never touches the compiler.
+_COMPILED: dict[str, Callable] = {}
+REGIONS = {"qkv": _qkv_rows, "proj_residual": _proj_residual_rows, "mlp_residual": _mlp_residual_rows,
+           "post": _post_rows}
+
+
+def compiled_region(name: str) -> Callable:
+    """``torch.compile`` of ``REGIONS[name]`` (``fullgraph``: a graph break is an error, not a slow path)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(REGIONS[name], fullgraph=True)
+    return _COMPILED[name]
+
+
+def _dynamic_rows(*rows: Tensor) -> tuple[Tensor, ...]:
+    """Mark dim 0 (the row count) of each tensor dynamic: batches of any keep count share one graph."""
+    for t in rows:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return rows
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
-    ``x``: ``[B, N, C]`` or packed ``[T, C]``."""
+    ``x``: ``[B, N, C]`` or packed ``[T, C]``. ``compiled``: inference on packed rows runs the dense
+    math around attention as compiled regions (``compiled_region``); attention itself stays eager."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
         super().__init__()
@@ -108,11 +153,21 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = 0.0  # stochastic depth rate in training (``TokenStack.set_drop_path``)
+        self.compiled = False  # ``TokenStack.set_execution(..., compile=True)``
 
     def set_eps(self, eps: float) -> None:
         self.norm1.eps = self.norm2.eps = eps
 
+    def compiles(self, x: Tensor) -> bool:
+        """Whether ``x`` runs the compiled regions: a compiled block in inference (no autograd, eval
+        mode) on packed rows ``[T, C]`` of at least 2 rows (dynamo specialises sizes 0 and 1)."""
+        return self.compiled and not self.training and not torch.is_grad_enabled() and x.dim() == 2 \
+            and x.shape[0] >= 2
+
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
+        if self.compiles(x):
+            qkv = compiled_region("qkv")(self, *_dynamic_rows(x))
+            return compiled_region("post")(self, *_dynamic_rows(x, context(qkv, self.attn.num_heads)))
         return self.mlp_residual(self.attention_residual(x, context), _layout_of(context))
 
     def attention_residual(self, x: Tensor, context: AttentionContext) -> Tensor:
@@ -121,6 +176,8 @@ class Block(nn.Module):
 
     def qkv_of(self, x: Tensor) -> Tensor:
         """``qkv(norm1(x))``: ``[..., 3C]``, what a method may read before the attention runs."""
+        if self.compiles(x):
+            return compiled_region("qkv")(self, *_dynamic_rows(x))
         return self.attn.qkv(self.norm1(x))
 
     def attend(self, x: Tensor, qkv: Tensor, context: AttentionContext,
@@ -131,6 +188,8 @@ class Block(nn.Module):
         row indices and their layout (``tokens.kept_rows``)."""
         heads = self.attn.num_heads
         if queries is None:
+            if self.compiles(x):
+                return compiled_region("proj_residual")(self, *_dynamic_rows(x, context(qkv, heads)))
             out = self.attn.proj(context(qkv, heads))
             return x + drop_path(out, self.drop_path, self.training, _layout_of(context))
         out = self.attn.proj(context.queries(qkv, heads, queries))
@@ -144,6 +203,8 @@ class Block(nn.Module):
         stay cache-sized (<= MLP_CHUNK_BYTES), with GELU in place and the result added into ``x``:
         large hidden tensors otherwise cost page faults, memory traffic and peak memory on every
         call (see bench/README.md)."""
+        if self.compiles(x):
+            return compiled_region("mlp_residual")(self, *_dynamic_rows(x))
         if torch.is_grad_enabled() or (self.training and self.drop_path > 0) or x.device.type != "cpu":
             return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, layout)
         rows = x.numel() // x.shape[-1]

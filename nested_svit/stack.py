@@ -125,13 +125,20 @@ class TokenStack(nn.Module):
             raise ValueError(self.method.train_refusal or f"{self.method.title} cannot be trained here")
         return self.method.train_execution
 
-    def set_execution(self, mode: str, backend: str | None = None) -> "TokenStack":
+    def set_execution(self, mode: str, backend: str | None = None, compile: bool | None = None) -> "TokenStack":
         """``packed`` (inference), ``masked`` (training, Eq. 1) or ``reference`` (per-image loop);
         ``backend``: variable-length attention backend for ``packed`` (``auto`` or one of
-        ``attention.BACKENDS``)."""
+        ``attention.BACKENDS``); ``compile``: run each block's dense math on the packed rows as
+        compiled regions, the row count dynamic (``layers.compiled_region``; inference in ``packed``
+        only; None: as it was)."""
         if mode not in EXECUTIONS:
             raise ValueError(f"unknown execution {mode!r}; choose from {EXECUTIONS}")
+        if compile and mode != "packed":
+            raise ValueError(f"compile=True runs the packed inference execution only, not {mode!r}")
         self.execution = mode
+        if compile is not None or mode != "packed":
+            for block in self.blocks:
+                block.compiled = bool(compile) and mode == "packed"
         if backend is not None:
             resolve_backend(backend, self.pos_embed.device, self.dtype)  # validates
             self.backend = backend
