@@ -4,6 +4,7 @@ by the context it is handed (``attention.py``)."""
 from __future__ import annotations
 
 import math
+import types
 from typing import Callable
 
 import torch
@@ -120,18 +121,25 @@ def _post_rows(block: "Block", x: Tensor, attended: Tensor) -> Tensor:
     return h + block.mlp(block.norm2(h))
 
 
-# One compiled graph per region for every block (dynamo passes a module's parameters as inputs), the
-# row count dynamic; built on first use, so importing the package never touches the compiler.
-_COMPILED: dict[str, Callable] = {}
+# One compiled graph per region for every block of one shape (dynamo passes a module's parameters as
+# inputs), the row count dynamic; built on first use, so importing the package never touches the compiler.
+# Each shape gets its own code object: dynamo counts recompilations per code object, and one process may
+# run models of several widths, precisions and devices.
+_COMPILED: dict[tuple, Callable] = {}
 REGIONS = {"qkv": _qkv_rows, "proj_residual": _proj_residual_rows, "mlp_residual": _mlp_residual_rows,
            "post": _post_rows}
 
 
-def compiled_region(name: str) -> Callable:
-    """``torch.compile`` of ``REGIONS[name]`` (``fullgraph``: a graph break is an error, not a slow path)."""
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(REGIONS[name], fullgraph=True)
-    return _COMPILED[name]
+def compiled_region(name: str, block: "Block", x: Tensor) -> Callable:
+    """``torch.compile`` of ``REGIONS[name]`` for blocks shaped as ``block`` on rows like ``x``
+    (``fullgraph``: a graph break is an error, not a slow path)."""
+    key = (name, x.shape[-1], block.mlp.fc1.out_features, block.attn.num_heads, float(block.norm1.eps), x.dtype,
+           x.device.type)
+    if key not in _COMPILED:
+        fn = REGIONS[name]
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+        _COMPILED[key] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), fullgraph=True)
+    return _COMPILED[key]
 
 
 def _dynamic_rows(*rows: Tensor) -> tuple[Tensor, ...]:
@@ -166,8 +174,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
         if self.compiles(x):
-            qkv = compiled_region("qkv")(self, *_dynamic_rows(x))
-            return compiled_region("post")(self, *_dynamic_rows(x, context(qkv, self.attn.num_heads)))
+            qkv = compiled_region("qkv", self, x)(self, *_dynamic_rows(x))
+            return compiled_region("post", self, x)(self, *_dynamic_rows(x, context(qkv, self.attn.num_heads)))
         return self.mlp_residual(self.attention_residual(x, context), _layout_of(context))
 
     def attention_residual(self, x: Tensor, context: AttentionContext) -> Tensor:
@@ -177,7 +185,7 @@ class Block(nn.Module):
     def qkv_of(self, x: Tensor) -> Tensor:
         """``qkv(norm1(x))``: ``[..., 3C]``, what a method may read before the attention runs."""
         if self.compiles(x):
-            return compiled_region("qkv")(self, *_dynamic_rows(x))
+            return compiled_region("qkv", self, x)(self, *_dynamic_rows(x))
         return self.attn.qkv(self.norm1(x))
 
     def attend(self, x: Tensor, qkv: Tensor, context: AttentionContext,
@@ -189,7 +197,7 @@ class Block(nn.Module):
         heads = self.attn.num_heads
         if queries is None:
             if self.compiles(x):
-                return compiled_region("proj_residual")(self, *_dynamic_rows(x, context(qkv, heads)))
+                return compiled_region("proj_residual", self, x)(self, *_dynamic_rows(x, context(qkv, heads)))
             out = self.attn.proj(context(qkv, heads))
             return x + drop_path(out, self.drop_path, self.training, _layout_of(context))
         out = self.attn.proj(context.queries(qkv, heads, queries))
@@ -204,7 +212,7 @@ class Block(nn.Module):
         large hidden tensors otherwise cost page faults, memory traffic and peak memory on every
         call (see bench/README.md)."""
         if self.compiles(x):
-            return compiled_region("mlp_residual")(self, *_dynamic_rows(x))
+            return compiled_region("mlp_residual", self, x)(self, *_dynamic_rows(x))
         if torch.is_grad_enabled() or (self.training and self.drop_path > 0) or x.device.type != "cpu":
             return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, layout)
         rows = x.numel() // x.shape[-1]

@@ -5,6 +5,7 @@ graph break over varied batches after warm-up (dynamo's own counters). Slow tier
 takes tens of seconds on 2 cores (later processes reuse inductor's cache)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from model_fixtures import lively_model, method_models
@@ -75,3 +76,47 @@ def test_compile_refuses_the_other_executions():
         model.set_execution("masked", compile=True)
     model.set_execution("packed", compile=True).set_execution("reference")
     assert not any(b.compiled for b in model.blocks)
+
+
+def test_predict_and_eval_compile_equal_eager_rows(tmp_path):
+    import json
+
+    import pandas as pd
+    from datasets_fixtures import write_image_folder
+
+    from nested_svit.cli import main
+
+    write_image_folder(tmp_path / "val", per_class=3)
+    args = ["--model", "svit_tiny", "--random-weights", "--img-size", "64", "--workers", "0", "--threads", "2",
+            "--batch-size", "4"]
+    for flags, name in (([], "eager"), (["--compile"], "compiled")):
+        assert main(["predict", *args, *flags, "--input", str(tmp_path / "val"), "--out", str(tmp_path / f"{name}.parquet")]) == 0
+        assert main(["eval", "imagenet", *args, *flags, "--data", str(tmp_path / "val"),
+                     "--out", str(tmp_path / f"{name}.json")]) == 0
+    eager, compiled = (pd.read_parquet(tmp_path / f"{n}.parquet") for n in ("eager", "compiled"))
+    exact = [c for c in eager.columns if not c.endswith("_prob")]
+    pd.testing.assert_frame_equal(eager[exact], compiled[exact])  # ids, labels, kept tokens per block
+    probs = [c for c in eager.columns if c.endswith("_prob")]
+    assert (eager[probs] - compiled[probs]).abs().max().max() <= 1e-5
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "compiled"))
+    assert (a["compile"], b["compile"]) == (False, True)
+    for key in ("top1", "top5", "num_images", "mean_keep_ratio", "token_usage_histogram"):
+        assert a[key] == b[key], key
+
+
+def test_detector_predict_compile_equals_eager(tmp_path, tiny_detector_file):
+    import pandas as pd
+    from coco_fixtures import make_coco
+
+    from nested_svit.cli import main
+
+    _, images = make_coco(tmp_path / "coco")
+    args = ["predict", "--checkpoint", str(tiny_detector_file), "--input", str(images), "--batch-size", "2",
+            "--workers", "0", "--threads", "2"]
+    assert main([*args, "--out", str(tmp_path / "eager.jsonl")]) == 0
+    assert main([*args, "--compile", "--out", str(tmp_path / "compiled.jsonl")]) == 0
+    eager, compiled = (pd.read_json(tmp_path / f"{n}.jsonl", lines=True) for n in ("eager", "compiled"))
+    assert eager["id"].tolist() == compiled["id"].tolist()
+    assert eager["labels"].tolist() == compiled["labels"].tolist()
+    for a, b in zip(eager["boxes"], compiled["boxes"]):
+        assert np.asarray(a).shape == np.asarray(b).shape and np.allclose(a, b, atol=1e-3)  # boxes rounded to 1e-4 px

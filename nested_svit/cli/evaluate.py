@@ -218,7 +218,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
                 "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
                 "bbox": metrics["bbox"], "segm": metrics["segm"], "num_detections": len(results),
                 "categories_note": mapping_note, "size_mismatches": mismatched,
-                "calibration": job.manifest["calibration"],
+                "calibration": job.manifest["calibration"], "compile": bool(job.manifest.get("compile", False)),
                 **usage_summary(ok, model.config.vit.gate_blocks, ok["total_tokens"].astype(float)),
                 "fps_whole": images / model_s if model_s > 0 else None,
                 "fps_backbone": images / backbone_s if backbone_s > 0 else None,

@@ -79,8 +79,8 @@ class MaskRCNNDetector(nn.Module):
         return {"kind": "detector", "model_name": self.name, "model_config": self.config.to_dict(),
                 "block_norm_eps": self.backbone.block_norm_eps}
 
-    def set_execution(self, mode: str, backend: str | None = None) -> "MaskRCNNDetector":
-        self.backbone.set_execution(mode, backend)
+    def set_execution(self, mode: str, backend: str | None = None, compile: bool | None = None) -> "MaskRCNNDetector":
+        self.backbone.set_execution(mode, backend, compile)
         return self
 
     @torch.no_grad()

@@ -60,6 +60,7 @@ def set_result(prepared, rows: pd.DataFrame, name: str, images: float, seconds: 
             "ignored_files": [{"path": p, "reason": why} for p, why in records.ignored],
             "transform": manifest["transform"], "decode": manifest["decode"], "jpeg_draft": manifest["jpeg_draft"],
             "batch_size": batch_size, "precision": manifest["precision"], "calibration": manifest["calibration"],
+            "compile": bool(manifest.get("compile", False)),
             "per_class_csv": str(files.per_class), "reliability_png": str(files.reliability),
             **run_record(job.device, job.dist.world_size, manifest["backend"])}
 

@@ -213,9 +213,10 @@ def _digest(values) -> str | None:
 
 def _row_settings(spec: ModelSpec, run: RunOptions, max_pixels: int | None) -> dict:
     """What else can change a row (a resumed run that differs in these is refused): the attention
-    backend and the CPU threads change floats (and a float can flip a gate near its threshold), the
-    pixel limit which images are read."""
-    return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(), "max_pixels": max_pixels}
+    backend, the CPU threads and compiled blocks change floats (and a float can flip a gate near its
+    threshold), the pixel limit which images are read."""
+    return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(), "max_pixels": max_pixels,
+            **({"compile": True} if spec.compile else {})}
 
 
 def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, kind: str, source: str,
