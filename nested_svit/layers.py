@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .attention import AttentionContext
 from .tokens import Layout
@@ -168,9 +169,10 @@ class Block(nn.Module):
 
     def compiles(self, x: Tensor) -> bool:
         """Whether ``x`` runs the compiled regions: a compiled block in inference (no autograd, eval
-        mode) on packed rows ``[T, C]`` of at least 2 rows (dynamo specialises sizes 0 and 1)."""
+        mode) on packed rows ``[T, C]`` of at least 2 rows (dynamo specialises sizes 0 and 1), with no
+        torch dispatch mode active (FLOP and memory counters use one; compiled code cannot run under it)."""
         return self.compiled and not self.training and not torch.is_grad_enabled() and x.dim() == 2 \
-            and x.shape[0] >= 2
+            and x.shape[0] >= 2 and _get_current_dispatch_mode() is None
 
     def forward(self, x: Tensor, context: AttentionContext) -> Tensor:
         if self.compiles(x):

@@ -120,3 +120,20 @@ def test_detector_predict_compile_equals_eager(tmp_path, tiny_detector_file):
     assert eager["labels"].tolist() == compiled["labels"].tolist()
     for a, b in zip(eager["boxes"], compiled["boxes"]):
         assert np.asarray(a).shape == np.asarray(b).shape and np.allclose(a, b, atol=1e-3)  # boxes rounded to 1e-4 px
+
+
+def test_bench_compile_adds_compiled_peers_compared_with_compiled_dense():
+    from nested_svit.benchmark import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(models=["timm/deit_tiny_patch16_224", "svit_tiny"], batch_sizes=[2, 4], rounds=2, min_time=0.0,
+                      warmup=1, img_size=64, compile=True)
+    df = run_benchmark(cfg)
+    assert len(df) == 2 * 3 * 2  # timm, our dense, svit; eager and compiled; two batch sizes
+    assert df.groupby(["model", "compiled"]).size().to_dict() == {(m, c): 2 for m in set(df.model) for c in (False, True)}
+    for compiled, group in df.groupby("compiled"):
+        dense = group[group.model == "deit_tiny_patch16_224"].set_index("batch_size")
+        svit = group[group.model == "svit_tiny"].set_index("batch_size")
+        assert (dense.speedup == 1.0).all()  # each dense model is its own compile state's reference
+        want = dense.infer_step_time / svit.infer_step_time
+        assert svit.speedup.to_numpy() == pytest.approx(want.to_numpy())
+        assert (svit.mean_kept_tokens < 17).all()

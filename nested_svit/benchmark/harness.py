@@ -37,7 +37,7 @@ COLUMNS = ["model", "backend", "device", "precision", "batch_size", "img_size", 
            "infer_samples_per_sec", "infer_step_time", "infer_step_time_p10", "infer_step_time_p90",
            "mean_kept_tokens", "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb",
            "calibrated_gates", "threads", "rounds", "torch_version", "kernel_settings", "version", "source_commit",
-           "checkpoint"]
+           "checkpoint", "compiled"]
 
 
 @dataclass
@@ -59,6 +59,7 @@ class BenchConfig:
     keep_scale: float | None = None  # ... or to the model's own times this factor (clipped to [0, 1])
     seed: int = 0
     checkpoint: str | None = None  # measure the (trained) model this file describes, beside its dense counterpart
+    compile: bool = False  # also time every runner compiled: timm's whole model, ours its blocks' dense math
 
 
 @dataclass
@@ -71,6 +72,7 @@ class _Runner:
     overrides: dict = field(default_factory=dict)  # config overrides of the dense model it is compared with
     attention: str | None = None  # backend to set on a shared SparseViT before each call
     checkpoint: str | None = None  # the file its weights come from (None: random weights)
+    compiled: bool = False  # torch.compile'd (timm: the whole model; ours: the blocks' regions)
     times: list[float] = field(default_factory=list)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,12 +81,13 @@ class _Runner:
         return self.module(images)
 
 
-def _timm_model(name: str) -> nn.Module:
+def _timm_model(name: str, img_size: int | None = None) -> nn.Module:
+    """timm's model ``name`` (random weights) at ``img_size`` (None: its own)."""
     try:
         import timm
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError(f"{name} needs timm: pip install 'nested-svit[bench]'") from e
-    return timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+    return timm.create_model(name[len(TIMM_PREFIX):], pretrained=False, **({"img_size": img_size} if img_size else {}))
 
 
 def _image_pool(cfg: BenchConfig, count: int) -> torch.Tensor:
@@ -125,7 +128,7 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
     for name in names:
         torch.manual_seed(cfg.seed)
         if name.startswith(TIMM_PREFIX):
-            runners.append(_Runner(name, "dense", _timm_model(name).eval().to(device, dtype),
+            runners.append(_Runner(name, "dense", _timm_model(name, cfg.img_size).eval().to(device, dtype),
                                    name[len(TIMM_PREFIX):], []))
             continue
         model = loaded[name].eval() if name in loaded else create_model(name, **overrides).eval()
@@ -144,7 +147,25 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
             label = backend if backend != "auto" or resolved == "cpu-auto" else f"auto:{resolved}"
             runners.append(_Runner(name, label, model, name, calibrated, overrides, attention=backend,
                                    checkpoint=cfg.checkpoint if name in loaded else None))
-    return runners
+    return runners + (_compiled_twins(runners) if cfg.compile else [])
+
+
+def _compiled_twins(runners: list[_Runner]) -> list[_Runner]:
+    """Each runner compiled, beside it: timm's model by ``torch.compile`` as a whole (what its users
+    run), ours by ``set_execution(compile=True)`` on a copy (the same weights and selectors)."""
+    import copy
+
+    twins, copies = [], {}
+    for r in runners:
+        if isinstance(r.module, SparseViT):
+            if id(r.module) not in copies:
+                copies[id(r.module)] = copy.deepcopy(r.module).set_execution("packed", compile=True)
+            module = copies[id(r.module)]
+        else:
+            module = torch.compile(r.module)
+        twins.append(_Runner(r.model_name, r.backend, module, r.base_name, r.calibrated, r.overrides, r.attention,
+                             r.checkpoint, compiled=True))
+    return twins
 
 
 def _time_once(module: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device) -> float:
@@ -202,7 +223,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
                 report(BenchProgress(bs, i + 1, rounds, position, len(cfg.batch_sizes)))
                 for r in runners:
                     r.times.append(_time_once(r, images, device))
-            dense_time = {r.model_name: statistics.median(r.times) for r in runners
+            dense_time = {(r.model_name, r.compiled): statistics.median(r.times) for r in runners
                           if isinstance(r.module, SparseViT) and not r.module.prunes}
             usage: dict[int, tuple[float, float, float]] = {}  # backends of one model share its usage
             for r in runners:
@@ -210,7 +231,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
                 if id(r.module) not in usage:
                     usage[id(r.module)] = _usage_flops(r, images)
                 kept, gmacs, dense_gmacs = usage[id(r.module)]
-                reference = dense_time.get(dense_counterpart(r.base_name))
+                reference = dense_time.get((dense_counterpart(r.base_name), r.compiled))  # compiled vs compiled
                 speedup = reference / step if reference else float("nan")
                 ideal = dense_gmacs / gmacs
                 rows.append({
@@ -226,6 +247,6 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
                     "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
                     "rounds": rounds, "torch_version": torch.__version__, "kernel_settings": settings,
                     "version": __version__, "source_commit": source_commit(),
-                    "checkpoint": r.checkpoint,
+                    "checkpoint": r.checkpoint, "compiled": r.compiled,
                 })
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -45,6 +45,9 @@ def add_parser(sub, formatter) -> None:
     options.add(b, b, "--keep-targets", defaults={CLS: None},
                 help="calibrate SViT gates to these 9 fractions, or scale the model's by one factor")
     b.add_argument("--seed", type=int, default=0, help="random seed")
+    b.add_argument("--compile", action="store_true",
+                   help="classifiers: also time every model compiled, side by side (timm's by torch.compile of the "
+                        "whole model, ours by compiled blocks); speed-ups compare compiled with compiled dense")
     b.add_argument("--out", default="bench-results.csv", help=".csv or .json")
     b.add_argument("--plot", default="bench-throughput.png", help="PNG path ('' for none)")
     b.set_defaults(func=cmd_bench)
@@ -116,6 +119,7 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
                       threads=args.threads, precision=args.precision, backends=csv_list(args.backend),
                       input=args.input, img_size=args.img_size, rounds=args.rounds, min_time=args.min_time,
                       warmup=args.warmup, calibrate=calibrate, seed=args.seed, checkpoint=args.checkpoint,
+                      compile=args.compile,
                       **_keep_budget(args.keep_targets, [] if args.checkpoint else ours))
     bar = progress_bar(len(batch_sizes), "bench", "batch size")
 
@@ -126,7 +130,7 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     df = run_benchmark(cfg, progress)
     bar.n = len(batch_sizes)
     bar.close()
-    return df, ["model", "backend", "batch_size", "infer_samples_per_sec", "infer_step_time", "mean_kept_tokens",
+    return df, ["model", "backend", "compiled", "batch_size", "infer_samples_per_sec", "infer_step_time", "mean_kept_tokens",
                 "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb"]
 
 
