@@ -20,7 +20,7 @@ from ..registry import create_model, get_config
 
 FAMILIES = ("classifier", "detector")
 COMPILE_NOTE = ("note: --compile: the first batches compile the blocks' dense math (about 30 s on 2 CPU cores; "
-                "inductor caches it for the next run); measured 0.91x eager on a 2-core CPU, not yet timed on a GPU")
+                "inductor caches it for the next run); measured 0.96-0.98x eager on a 2-core CPU (bench/README.md), not yet timed on a GPU")
 DEFAULT_MODEL = {"classifier": "svit_small", "detector": "svit_adapter_small_maskrcnn"}
 
 
