@@ -78,7 +78,7 @@ def test_compile_refuses_the_other_executions():
     assert not any(b.compiled for b in model.blocks)
 
 
-def test_predict_and_eval_compile_equal_eager_rows(tmp_path):
+def test_predict_and_eval_compile_equal_eager_rows(tmp_path, capsys):
     import json
 
     import pandas as pd
@@ -93,6 +93,7 @@ def test_predict_and_eval_compile_equal_eager_rows(tmp_path):
         assert main(["predict", *args, *flags, "--input", str(tmp_path / "val"), "--out", str(tmp_path / f"{name}.parquet")]) == 0
         assert main(["eval", "imagenet", *args, *flags, "--data", str(tmp_path / "val"),
                      "--out", str(tmp_path / f"{name}.json")]) == 0
+    assert "--compile: the blocks' regions compiled in" in capsys.readouterr().err  # timed before any image
     eager, compiled = (pd.read_parquet(tmp_path / f"{n}.parquet") for n in ("eager", "compiled"))
     exact = [c for c in eager.columns if not c.endswith("_prob")]
     pd.testing.assert_frame_equal(eager[exact], compiled[exact])  # ids, labels, kept tokens per block

@@ -50,8 +50,8 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
                    help="variable-length attention backend (auto, loop, padded, nested, varlen)")
     g.add_argument("--compile", action="store_true",
                    help="run each block's dense math (norms, qkv, projection, MLP) as torch.compile'd regions, the "
-                        "token count dynamic, attention eager; the first batches pay the compile (cached for the next "
-                        "run). Same rows within fp32 rounding. Measured 0.96-0.98x eager on a 2-core CPU; not yet timed on "
+                        "token count dynamic, attention eager; compiled when the model is loaded (timed; cached for "
+                        "the next run). Same rows within fp32 rounding. Measured 0.96-0.98x eager on a 2-core CPU; not yet timed on "
                         "a GPU")
 
 
