@@ -108,8 +108,7 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
     _, (images,), seconds = run_with_progress(job, label, run_inference, postfix, lambda s: [s.images])
     if not job.dist.is_main:
         return None
-    name = data_set.name or Path(str(data_set.path).rstrip("/")).name
-    result = set_result(prepared, job.store.merge(), name, images, seconds, args.checkpoint, args.batch_size,
+    result = set_result(prepared, job.store.merge(), data_set.label, images, seconds, args.checkpoint, args.batch_size,
                         args.topk, files)
     labelled, predicted = result["num_images"], result["num_predicted"]
     scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"

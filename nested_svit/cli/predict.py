@@ -196,8 +196,7 @@ def expand_rows(rows):
 
 def predict_detector(args: argparse.Namespace) -> int:
     from ..data.coco import DetectionImages
-    from ..data.records import resolve_records
-    from ..data.records import PICTURES_MARKER, mark_output_folder
+    from ..data.records import PICTURES_MARKER, mark_output_folder, resolve_records
     from ..distributed import shutdown
     from ..inference import detector_job, provenance, run_detection
 

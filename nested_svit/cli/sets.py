@@ -18,6 +18,11 @@ class DataSetArg:
     real: str | None = None
     valid: str | None = None
 
+    @property
+    def label(self) -> str:
+        """What results call the set: its name, else its folder's."""
+        return self.name or Path(self.path.rstrip("/")).name
+
 
 SET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 SET_OPTION = re.compile(r":(real|valid)=")
@@ -50,7 +55,7 @@ def data_sets(args: argparse.Namespace) -> list[DataSetArg]:
     several = len(sets) > 1
     out, seen = [], set()
     for s in sets:
-        name = s.name or (Path(s.path.rstrip("/")).name if several else None)
+        name = s.label if several else s.name
         if several and not SET_NAME.fullmatch(name or ""):
             raise ValueError(f"--data {s.path}: name it (--data NAME={s.path}; NAME: letters, digits, _ and -)")
         if name in seen:

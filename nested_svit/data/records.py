@@ -248,13 +248,19 @@ def _hf_ids(ds, kind: str) -> list[str]:
     return [(p if seen[p] == 1 else f"{p}#{i}") if p else f"{kind}/{i}" for i, p in enumerate(paths)]
 
 
+def class_folders(records: Records) -> list[str | None]:
+    """Each record's class folder: the first part of its id (``<class>/<image>``), None for a file at the
+    top of the tree."""
+    return [Path(i).parts[0] if len(Path(i).parts) > 1 else None for i in records.ids]
+
+
 def relabel_by_names(records: Records, names: list[str], ignore_unknown: bool = False) -> list[str]:
     """An ImageFolder tree labelled by a model's class names: the images of folder ``X`` get the index of
     ``X`` in ``names`` (``label_source`` ``model_class_names``); a folder that is not among them is a
     ValueError, or with ``ignore_unknown`` its images get no label (-1). Files at the top of the tree
     keep no label. -> the folders not among ``names`` (in place on ``records``)."""
     index = {n: i for i, n in enumerate(names)}
-    folders = [Path(i).parts[0] if len(Path(i).parts) > 1 else None for i in records.ids]
+    folders = class_folders(records)
     unknown = sorted({f for f in folders if f is not None and f not in index})
     if unknown and not ignore_unknown:
         shown = ", ".join(repr(n) for n in list(names)[:6]) + (" ..." if len(names) > 6 else "")
@@ -275,7 +281,7 @@ def relabel_by_folder_index(records: Records, num_classes: int, names: list[str]
     stay as they are)."""
     from .testsets import index_folder_labels
 
-    folders = [Path(i).parts[0] if len(Path(i).parts) > 1 else None for i in records.ids]
+    folders = class_folders(records)
     index = index_folder_labels(sorted({f for f in folders if f is not None}), num_classes)
     if records.kind != "imagefolder" or index is None:
         return False

@@ -176,7 +176,7 @@ def label_messages(records, data: DataOptions, names: list[str] | None, named_by
     ``0`` ... ``999``), and say what a user must know about the labels: the folders left
     unlabelled, sorted-order labels of a model without names, files outside the class folders."""
     from ..data.classes import imagenet_classes
-    from ..data.records import relabel_by_folder_index, relabel_by_names
+    from ..data.records import class_folders, relabel_by_folder_index, relabel_by_names
 
     out = []
     wnids_right = records.label_source == "imagenet_wnid" and list(names or ()) == list(imagenet_classes()[1])
@@ -186,7 +186,7 @@ def label_messages(records, data: DataOptions, names: list[str] | None, named_by
             out.append(f"note: {data.path}: folders {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} are not "
                        f"among the model's class names ({named_by}): their images get no label and are not scored")
     elif records.label_source == "sorted_class_dirs" and not relabel_by_folder_index(records, num_classes, names):
-        folders = sorted({Path(i).parts[0] for i in records.ids if len(Path(i).parts) > 1})
+        folders = sorted(set(class_folders(records)) - {None})
         what = ("class folders are not (all) ImageNet wnids, so labels are the sorted folder order 0..K-1, not "
                 "ImageNet's class ids: top-1/top-5 against a 1000-class model are meaningless. Name folders by wnid "
                 "(n01440764, ...) or use a model trained on these classes." if num_classes == 1000 else
@@ -197,7 +197,7 @@ def label_messages(records, data: DataOptions, names: list[str] | None, named_by
         out.append(f"WARNING: {data.path}: {what}")
     loose = sum(1 for i, lab in zip(records.ids, records.labels) if lab < 0 and len(Path(i).parts) == 1)
     if records.kind == "imagefolder" and loose:
-        folders = len({Path(i).parts[0] for i in records.ids if len(Path(i).parts) > 1})
+        folders = len(set(class_folders(records)) - {None})
         out.append(f"note: {data.path} holds {loose} images at its top, outside its {folders} class folder(s): they "
                    "are predicted but have no label, so top-1/top-5 count only the images in class folders")
     return out

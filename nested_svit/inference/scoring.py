@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.records import Records
+from ..data.records import Records, class_folders
 from ..data.testsets import NAMED_SUBSETS, matching_subset, read_real_labels, real_name, valid_labels
 
 
@@ -44,7 +44,7 @@ def resolve_scoring(scoring: Scoring, num_classes: int, records: Records, source
     model's classes, ReaL for a model that is not ImageNet-1k's, a ``real.json`` that names no file."""
     messages = []
     valid = valid_labels(scoring.valid_labels, num_classes) if scoring.valid_labels else None
-    folders = {Path(i).parts[0] for i in records.ids if len(Path(i).parts) > 1} if records.kind == "imagefolder" else set()
+    folders = set(class_folders(records)) - {None} if records.kind == "imagefolder" else set()
     subset = matching_subset(folders) if num_classes == 1000 else None
     if subset and valid is None:
         messages.append(f"note: {source}: its class folders are exactly {subset}'s 200 classes; its authors score "

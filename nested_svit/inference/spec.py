@@ -19,9 +19,10 @@ from ..devices import dtype_of
 from ..registry import create_model, get_config
 
 FAMILIES = ("classifier", "detector")
+# what --compile's speed is, as measured (bench/README.md), said with every compiled run
+COMPILE_MEASURED = "measured 0.96-0.98x eager on a 2-core CPU (bench/README.md), not yet timed on a GPU"
 COMPILE_NOTE = ("note: --compile: the first batches compile the blocks' dense math (about 30 s on 2 CPU cores; "
-                "inductor caches it for the next run); measured 0.96-0.98x eager on a 2-core CPU (bench/README.md), "
-                "not yet timed on a GPU")
+                f"inductor caches it for the next run); {COMPILE_MEASURED}")
 DEFAULT_MODEL = {"classifier": "svit_small", "detector": "svit_adapter_small_maskrcnn"}
 
 
@@ -98,8 +99,7 @@ def _compile_now(model: nn.Module, device: torch.device | str) -> str:
     with torch.no_grad():
         model(torch.zeros(2, 3, size, size, device=device, dtype=model.dtype))
     return (f"note: --compile: the blocks' regions compiled in {time.perf_counter() - start:.1f} s (inductor caches "
-            "them: the next run's is faster); measured 0.96-0.98x eager on a 2-core CPU (bench/README.md), not yet "
-            "timed on a GPU")
+            f"them: the next run's is faster); {COMPILE_MEASURED}")
 
 
 def _build_classifier(spec: ModelSpec) -> BuiltModel:
