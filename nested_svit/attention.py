@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .devices import VARLEN_KERNELS, is_cuda, set_varlen_kernel, varlen_kernel  # noqa: F401 (re-exported)
-from .tokens import Layout, from_nested, pad, padding_mask, to_nested, unpad
+from .tokens import CapacityRows, Layout, from_nested, pad, padding_mask, to_nested, unpad
 
 BACKENDS = ("loop", "padded", "nested", "varlen")
 
@@ -89,15 +89,18 @@ def _nested_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
         return from_nested(F.scaled_dot_product_attention(*nts).transpose(1, 2))
 
 
-def _varlen(q: Tensor, k: Tensor, v: Tensor, q_layout: Layout, k_layout: Layout) -> Tensor:
+def _varlen_kernel(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
     """The CUDA varlen kernel on ``[T, H, D]`` rows: int32 offsets on the device, host max lengths."""
-    cu_q, cu_k = q_layout.offsets.to(torch.int32), k_layout.offsets.to(torch.int32)
     if varlen_kernel() == "flash":
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, q_layout.max_len, k_layout.max_len,
-                                                       0.0, False, False)[0]
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu_q, cu_k, q_layout.max_len, k_layout.max_len)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def _varlen(q: Tensor, k: Tensor, v: Tensor, q_layout: Layout, k_layout: Layout) -> Tensor:
+    return _varlen_kernel(q, k, v, q_layout.offsets.to(torch.int32), k_layout.offsets.to(torch.int32),
+                          q_layout.max_len, k_layout.max_len)
 
 
 def _varlen_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
@@ -226,6 +229,37 @@ def query_subset_attention(qkv: Tensor, num_heads: int, layout: Layout, query_ke
     return out.reshape(-1, c3 // 3)
 
 
+CAPACITY_BACKENDS = ("padded", "varlen")  # offsets on the device, no host lengths
+
+
+def capacity_backend(name: str) -> str:
+    """The attention a capacity forward runs for the resolved backend ``name``: the CUDA varlen kernel
+    (its offsets on the device, a static maximum length), else the masked padded grid. The loop and
+    jagged backends need every image's length on the host."""
+    return "varlen" if name == "varlen" else "padded"
+
+
+def capacity_attention(qkv: Tensor, num_heads: int, rows: CapacityRows, backend: str = "padded") -> Tensor:
+    """``qkv [R, 3C]`` of capacity ``rows`` -> ``[R, C]``: each kept row attends to its image's kept
+    rows; padding rows get values nobody reads. Static shapes, no host read. ``varlen``: the kernel
+    over ``rows.cu_seqlens`` (padding rows are sequences of their own); ``padded``: the rows placed
+    in a ``[B, max_len]`` grid by ``rows.slots``, keys not kept masked (one SDPA call)."""
+    r, c3 = qkv.shape
+    c, b, m = c3 // 3, rows.batch_size, rows.max_len
+    q, k, v = _split_heads(qkv, num_heads)
+    if backend == "varlen" and not _COUNTING.get():
+        return _varlen_kernel(q, k, v, rows.cu_seqlens, rows.cu_seqlens, m, m).reshape(r, c)
+    grid = qkv.new_zeros(b * m + 1, c3)
+    grid[rows.slots] = qkv  # padding rows all land on the spare last place
+    key_keep = torch.zeros(b * m + 1, dtype=torch.bool, device=qkv.device)
+    key_keep[rows.slots] = rows.valid
+    d = c // num_heads
+    qg, kg, vg = grid[:-1].view(b, m, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, M, D]
+    mask = key_keep[:-1].view(b, 1, 1, m)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).transpose(1, 2).reshape(b * m, c)
+    return out[rows.slots.clamp(max=b * m - 1)]
+
+
 def masked_attention(qkv: Tensor, num_heads: int, key_keep: Tensor) -> Tensor:
     """``qkv [B, N, 3C]``, ``key_keep [B, N]`` float in [0, 1] -> ``[B, N, C]``.
 
@@ -290,6 +324,16 @@ class VarlenContext:
 
 
 @dataclass(frozen=True)
+class CapacityContext:
+    """Capacity rows (``tokens.CapacityRows``): attention with the offsets on the device."""
+    rows: CapacityRows
+    backend: str = "padded"
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        return capacity_attention(qkv, num_heads, self.rows, self.backend)
+
+
+@dataclass(frozen=True)
 class KeyMaskedContext:
     key_keep: Tensor  # [B, N]
 
@@ -344,4 +388,4 @@ class RecordingContext:
         return self.inner(qkv, num_heads)
 
 
-AttentionContext = DenseContext | VarlenContext | KeyMaskedContext | RecordingContext
+AttentionContext = DenseContext | VarlenContext | CapacityContext | KeyMaskedContext | RecordingContext

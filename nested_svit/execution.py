@@ -13,10 +13,10 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .attention import (DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext, VarlenContext,
-                        class_attention)
+from .attention import (CapacityContext, DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext,
+                        VarlenContext, class_attention)
 from .layers import Block
-from .tokens import Layout, Packed, gather, kept_rows, scatter
+from .tokens import CapacityRows, Layout, Packed, capacity_rows, gather, kept_rows, scatter, scatter_capacity
 
 EXECUTIONS = ("packed", "masked", "reference")
 
@@ -86,6 +86,18 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, lengt
     active = gather(x, keep, lengths)
     out = block(active.values, VarlenContext(active.layout, backend))
     return scatter(x, active.with_values(out), inplace=not torch.is_grad_enabled())
+
+
+def run_capacity(block: Block, x: Packed, keep: Tensor, capacity: int, slots_of_map: Tensor,
+                 backend: str) -> tuple[Packed, CapacityRows]:
+    """The packed execution with a fixed row count: the first ``capacity`` kept rows of ``keep [T]``
+    and padding run through the block (attention: ``attention.capacity_attention`` with ``backend``),
+    and are written back in place. No host read; static shapes for a given map. -> (the map, the
+    rows, whose ``overflow`` says whether rows were cut)."""
+    rows = capacity_rows(keep, x.layout, capacity, slots_of_map)
+    gathered = x.values.index_select(0, rows.index)
+    out = block(gathered, CapacityContext(rows, backend))
+    return scatter_capacity(x, rows, gathered, out), rows
 
 
 def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,

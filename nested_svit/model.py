@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ViTConfig
-from .stack import Images, RunFactory, TokenStack, TokenUsage  # noqa: F401 (TokenUsage re-exported)
+from .stack import BlockPass, Images, RunFactory, TokenStack, TokenUsage  # noqa: F401 (TokenUsage re-exported)
 from .tokens import Layout, Packed, true_rows
 
 
@@ -50,13 +50,17 @@ class SparseViT(TokenStack):
     # ------------------------------------------------------------------ forward
     def forward_tokens(self, x: Packed, run: RunFactory | None = None) -> tuple[Packed, TokenUsage]:
         """Run every block on the packed feature map; returns the map (before ``norm``) and usage."""
+        x, block_pass = self._run_blocks(x, run)
+        return x, block_pass.usage()
+
+    def _run_blocks(self, x: Packed, run: RunFactory | None = None) -> tuple[Packed, BlockPass]:
         block_pass = self.begin(x, run)
         x = block_pass.readout(block_pass.run(x, 0, self.config.depth))
         if self.slots:  # virtual rows (EViT's fused tokens) are not part of the output map
             real = true_rows(~block_pass.slot_mask, int(block_pass.lengths.sum()))
             x = Packed(x.values[real], Layout.from_counts(x.layout.offsets.diff() - self.slots,
                                                           block_pass.lengths.tolist()))
-        return x, block_pass.usage()
+        return x, block_pass
 
     def forward_features(self, images: Images) -> tuple[Tensor | Packed, TokenUsage]:
         """Images -> (normed features, usage). Features are ``[B, N, C]`` for a tensor batch and a
@@ -68,6 +72,10 @@ class SparseViT(TokenStack):
                                self.config.gate_blocks)
             return images.new_zeros(0, n, self.config.embed_dim), usage
         x, usage = self.forward_tokens(self.embed(images))
+        if usage.overflow:  # the capacity forward cut rows of this batch: it runs again, exactly
+            with self.exact_forward():
+                x, usage = self.forward_tokens(self.embed(images))
+            self.capacity_reruns += 1
         if self.readout == "cls":
             x = x.with_values(self.norm(x.values))
         return (x.to_dense() if isinstance(images, Tensor) else x), usage
@@ -86,6 +94,20 @@ class SparseViT(TokenStack):
         else:
             pooled = feats[:, 0] if isinstance(feats, Tensor) else feats.values[feats.layout.first_rows]
         return pooled if pre_logits else self.head(pooled)
+
+    def forward_device(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The forward with no host read, for capture in a CUDA graph: ``images [B, 3, H, W]`` ->
+        (logits ``[B, num_classes]``, kept ``[B, depth]`` int64, overflow ``[]`` bool), all on the
+        device. Needs the capacity forward (``set_execution(capacity=F)``) or a method with fixed
+        counts; when ``overflow`` is True the logits are not to be used (``forward`` reruns them)."""
+        if self.method.counts_on_device and self.capacity is None:
+            raise ValueError(f"{self.method.title} reads its kept counts from the device in the exact forward: "
+                             "set_execution('packed', capacity=F) first")
+        x, block_pass = self._run_blocks(self.embed(images))
+        if self.readout == "cls":
+            x = x.with_values(self.norm(x.values))
+        kept, _, overflow = block_pass.device_usage()
+        return self.forward_head(x.to_dense()), kept, overflow
 
     def forward(self, images: Images) -> Tensor:
         feats, _ = self.forward_features(images)

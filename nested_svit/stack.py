@@ -8,18 +8,20 @@ back loop as the classifier.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .attention import resolve_backend
+from .attention import CAPACITY_BACKENDS, capacity_backend, resolve_backend
 from .config import ViTConfig
-from .execution import EXECUTIONS, RUNNERS
+from .execution import EXECUTIONS, RUNNERS, run_capacity
 from .layers import Block, PatchEmbed, resize_pos_embed
 from .methods import MethodRun, get_method
-from .tokens import Packed, keep_counts
+from .tokens import Packed, keep_counts, map_slots
 
 Images = Tensor | Sequence[Tensor]
 RunFactory = Callable[["BlockPass"], MethodRun]
@@ -43,6 +45,7 @@ class TokenUsage:
     decided: list[Tensor] = field(default_factory=list, repr=False)
     kept_mlp: Tensor | None = None  # [B, depth] tokens each block's MLP processed, where a method selects
     # between attention and MLP (EViT, ATS); None: as ``kept``
+    overflow: bool = False  # the capacity forward: a block's capacity was too small (the caller reruns exactly)
 
     @property
     def kept_after_selection(self) -> Tensor:
@@ -88,6 +91,9 @@ class TokenStack(nn.Module):
         self.execution = "packed"
         self.backend = "auto"
         self.gates_open = False  # True: every gate keeps every token (dense behaviour, gate cost still paid)
+        self.capacity: float | None = None  # the capacity forward's factor F (``set_execution``); None: exact
+        self.keep_targets_in_use: tuple[float, ...] | None = None  # the targets the thresholds were calibrated to
+        self.capacity_reruns = 0  # forwards whose capacity was too small, rerun in the exact forward
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,24 +131,54 @@ class TokenStack(nn.Module):
             raise ValueError(self.method.train_refusal or f"{self.method.title} cannot be trained here")
         return self.method.train_execution
 
-    def set_execution(self, mode: str, backend: str | None = None, compile: bool | None = None) -> "TokenStack":
+    def set_execution(self, mode: str, backend: str | None = None, compile: bool | None = None,
+                      capacity: float | None = None) -> "TokenStack":
         """``packed`` (inference), ``masked`` (training, Eq. 1) or ``reference`` (per-image loop);
         ``backend``: variable-length attention backend for ``packed`` (``auto`` or one of
         ``attention.BACKENDS``); ``compile``: run each block's dense math on the packed rows as
         compiled regions, the row count dynamic (``layers.compiled_region``; inference in ``packed``
-        only; None: as it was)."""
+        only; None: as it was); ``capacity``: the capacity forward with factor ``F`` (> 0; 0 turns it
+        off; None: as it was): each selecting block processes a fixed ``ceil(F * expected rows)`` rows
+        (``MethodRun.expected_rows``, capped at all rows) with no host read, a too small capacity is
+        found once at the end of the forward and that forward rerun exactly (``capacity_reruns``)."""
         if mode not in EXECUTIONS:
             raise ValueError(f"unknown execution {mode!r}; choose from {EXECUTIONS}")
         if compile and mode != "packed":
             raise ValueError(f"compile=True runs the packed inference execution only, not {mode!r}")
+        if capacity and mode != "packed":
+            raise ValueError(f"capacity runs the packed inference execution only, not {mode!r}")
+        if backend is not None:
+            resolve_backend(backend, self.pos_embed.device, self.dtype)  # validates
+        if capacity is not None and capacity != 0:
+            self._check_capacity(capacity, self.backend if backend is None else backend)
         self.execution = mode
         if compile is not None or mode != "packed":
             for block in self.blocks:
                 block.compiled = bool(compile) and mode == "packed"
         if backend is not None:
-            resolve_backend(backend, self.pos_embed.device, self.dtype)  # validates
             self.backend = backend
+        if capacity is not None or mode != "packed":
+            self.capacity = float(capacity) if capacity and mode == "packed" else None
         return self
+
+    @contextlib.contextmanager
+    def exact_forward(self) -> Iterator[None]:
+        """Within: the exact forward (the capacity forward off), e.g. to rerun a batch that overflowed."""
+        saved, self.capacity = self.capacity, None
+        try:
+            yield
+        finally:
+            self.capacity = saved
+
+    def _check_capacity(self, factor: float, backend: str) -> None:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"capacity must be a factor > 0 (1.2: 20% above the expected rows), got {factor!r}")
+        if self.method.counts_on_device and not self.method.capacity:
+            raise ValueError(f"{self.method.title} chooses its counts inside the block from the attention: the "
+                             "capacity forward runs SViT's gates and the fixed-count methods")
+        if backend not in ("auto",) + CAPACITY_BACKENDS:
+            raise ValueError(f"the capacity forward keeps the offsets on the device: attention backend 'auto', "
+                             f"'padded' or 'varlen', not {backend!r} (it needs every length on the host)")
 
     # ------------------------------------------------------------------ embedding
     def embed_batch(self, images: Tensor) -> Tensor:
@@ -229,6 +265,9 @@ class BlockPass:
         self.mlp_cols: list[Tensor] = []
         self.method: MethodRun = (run or stack.method.run)(self)  # the method's state for this forward
         self.next_block = 0
+        self.capacity = stack.capacity if stack.execution == "packed" else None  # the capacity forward's F
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device)  # [] a capacity was too small
+        self._slots_of_map: Tensor | None = None
 
     def run(self, x: Packed, start: int, stop: int) -> Packed:
         """Blocks ``start .. stop-1`` on ``x`` -> new feature map."""
@@ -236,6 +275,14 @@ class BlockPass:
             raise ValueError(f"blocks must run in order: expected block {self.next_block}, got {start}")
         for i in range(start, stop):
             keep = self.method.before_block(i, x)
+            if self.capacity is not None and keep is not None and self.method.host_counts(keep) is None:
+                x = self._run_capacity(i, x, keep)
+                continue
+            if self.capacity is not None and keep is None:  # the counts stay where the others are
+                self.kept_cols.append(self.layout.offsets.diff() - self.stack.slots)
+                self.mlp_cols.append(self.kept_cols[-1])
+                x = self.runner(self.stack.blocks[i], x, None, self.backend, None, self.method, i)
+                continue
             lengths = None if keep is None else self._host_counts(keep)
             self.kept_cols.append(self.lengths if keep is None else torch.tensor(lengths, dtype=torch.int64))
             x = self.runner(self.stack.blocks[i], x, keep, self.backend, lengths, self.method, i)
@@ -245,6 +292,42 @@ class BlockPass:
                                  torch.tensor(self._host_counts(mlp_rows), dtype=torch.int64))
         self.next_block = stop
         return x
+
+    def _run_capacity(self, i: int, x: Packed, keep: Tensor) -> Packed:
+        """Block ``i`` on a fixed number of rows (``execution.run_capacity``): ``ceil(F * expected rows)``,
+        capped at every row; the kept counts and the overflow stay on the device."""
+        if self.method.records(i) or self.method.has_mid_selection(i) or self.method.selects_queries(i):
+            raise ValueError(f"{self.stack.method.title}'s block {i} selects inside the block: no capacity forward")
+        total = self.layout.total
+        expected = self.method.expected_rows(i)
+        capacity = total if expected is None else min(total, max(1, math.ceil(self.capacity * expected)))
+        if self._slots_of_map is None:
+            self._slots_of_map = map_slots(self.layout)
+        x, rows = run_capacity(self.stack.blocks[i], x, keep, capacity, self._slots_of_map,
+                               capacity_backend(self.backend))
+        self.overflow = self.overflow | rows.overflow
+        self.kept_cols.append(rows.counts)
+        self.mlp_cols.append(rows.counts)
+        return x
+
+    def device_usage(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The capacity forward's usage, not read: ``kept [B, blocks]``, ``kept_mlp [B, blocks]`` (int64)
+        and ``overflow []`` (bool), on the map's device."""
+        device = self.layout.offsets.device
+
+        def on_device(col: Tensor) -> Tensor:
+            if col.device == device:
+                return col
+            if col.numel() and bool((col == col[0]).all()):  # a fill, not a copy: a CUDA graph captures it
+                return torch.full(col.shape, int(col[0]), dtype=torch.int64, device=device)
+            return col.to(device, non_blocking=True)
+
+        def stacked(cols: list[Tensor]) -> Tensor:
+            if not cols:
+                return torch.zeros(self.layout.batch_size, 0, dtype=torch.int64, device=device)
+            return torch.stack([on_device(c) for c in cols], 1)
+
+        return stacked(self.kept_cols), stacked(self.mlp_cols), self.overflow
 
     def _host_counts(self, keep: Tensor) -> list[int]:
         """Rows of each image ``keep`` selects, on the host: from the method when it knows them (fixed
@@ -266,6 +349,15 @@ class BlockPass:
         return x.with_values(x.values * (mask | self.protect).to(x.values.dtype)[:, None])
 
     def usage(self) -> TokenUsage:
+        """What the blocks processed; in the capacity forward this is its one host read (the counts and
+        the overflow flag together)."""
+        if self.capacity is not None:
+            kept, kept_mlp, overflow = self.device_usage()
+            flat = torch.cat([kept.flatten(), kept_mlp.flatten(), overflow.view(1).to(torch.int64)]).cpu()
+            n = kept.numel()
+            return TokenUsage(flat[:n].view(kept.shape), self.lengths, self.stack.config.gate_blocks,
+                              self.method.masks, self.method.decided, flat[n:2 * n].view(kept.shape),
+                              overflow=bool(flat[-1]))
         empty = torch.zeros(len(self.lengths), 0, dtype=torch.int64)
         kept = torch.stack(self.kept_cols, 1) if self.kept_cols else empty
         kept_mlp = torch.stack(self.mlp_cols, 1) if self.mlp_cols else empty

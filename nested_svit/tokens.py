@@ -171,6 +171,69 @@ def scatter(x: Packed, active: Packed, inplace: bool = False) -> Packed:
     return Packed(x.values.index_copy(0, active.index, active.values), x.layout)
 
 
+@dataclass(frozen=True, eq=False)
+class CapacityRows:
+    """The rows one block processes in capacity mode: a fixed number ``R`` of them (a static shape), so
+    no kept count is read on the host. The kept rows come first, in map order; the rest are padding
+    (copies of one row that is not kept, written back unchanged).
+
+    index: ``[R]`` int64 rows of the map; valid: ``[R]`` bool (False: padding); counts: ``[B]`` int64 kept
+    rows per image, on the device; slots: ``[R]`` int64 place of each row in a padded
+    ``[B * max_len + 1]`` grid (image * max_len + position; padding: the spare last place);
+    cu_seqlens: ``[B + 1 + P]`` int32 on the device, every image's kept rows, then the padding rows
+    as sequences of at most ``max_len`` (the varlen kernels' offsets cover every row);
+    overflow: ``[]`` bool on the device, True when more than ``R`` rows were kept (some were then
+    cut: the caller reruns). ``batch_size``, ``max_len`` (the longest image of the map: a static
+    bound) and ``capacity`` are host ints."""
+
+    index: Tensor
+    valid: Tensor
+    counts: Tensor
+    slots: Tensor
+    cu_seqlens: Tensor
+    overflow: Tensor
+    batch_size: int
+    max_len: int
+
+    @property
+    def capacity(self) -> int:
+        return int(self.index.shape[0])
+
+
+def map_slots(layout: Layout) -> Tensor:
+    """``[T]`` int64: each map row's place ``image * max_len + position`` in a padded ``[B, max_len]``
+    grid (computed on the device)."""
+    return layout.image_index * layout.max_len + positions(layout)
+
+
+def capacity_rows(keep: Tensor, layout: Layout, capacity: int, slots_of_map: Tensor) -> CapacityRows:
+    """``keep [T]`` bool over ``layout``'s rows -> its first ``capacity`` kept rows and padding
+    (``CapacityRows``), with no host read. ``slots_of_map``: ``map_slots(layout)``."""
+    device = keep.device
+    counts = keep_counts(keep, layout)
+    total = keep.shape[0]
+    index = torch.nonzero_static(keep, size=capacity, fill_value=total).squeeze(1)  # padding: one past the end
+    valid = index < total
+    spare = (~keep).to(torch.int8).argmax()  # a row not kept: padding copies it and writes it back as it was
+    index = torch.where(valid, index, spare)
+    grid = layout.batch_size * layout.max_len
+    slots = torch.where(valid, slots_of_map[index], grid)
+    ends = counts.cumsum(0).clamp(max=capacity)
+    pads = -(-capacity // max(layout.max_len, 1))  # padding sequences of at most max_len rows
+    pad_ends = (ends[-1:] + layout.max_len * torch.arange(1, pads + 1, device=device)).clamp(max=capacity)
+    cu_seqlens = torch.cat([ends.new_zeros(1), ends, pad_ends]).to(torch.int32)
+    return CapacityRows(index, valid, counts, slots, cu_seqlens, counts.sum() > capacity, layout.batch_size,
+                        layout.max_len)
+
+
+def scatter_capacity(x: Packed, rows: CapacityRows, gathered: Tensor, out: Tensor) -> Packed:
+    """Write the block's output ``out [R, C]`` of ``rows`` into ``x`` in place (inference); padding
+    rows write back the value they were gathered with (``gathered [R, C]``), so the one row they copy
+    is unchanged and every write is deterministic."""
+    x.values.index_copy_(0, rows.index, torch.where(rows.valid[:, None], out, gathered))
+    return x
+
+
 def to_nested(values: Tensor, layout: Layout) -> Tensor:
     """Packed ``[T, ...]`` -> jagged nested tensor ``[B, j, ...]`` sharing ``values``' storage."""
     return torch.nested.nested_tensor_from_jagged(values, layout.offsets, max_seqlen=layout.max_len,

@@ -51,6 +51,7 @@ class Recorder:
     kernels: Counter = field(default_factory=Counter)
     violations: list = field(default_factory=list)
     mixing: list = field(default_factory=list)
+    host_copies: Counter = field(default_factory=Counter)  # host-to-device copies (blocking or not), by project line
 
     @property
     def total_syncs(self) -> int:
@@ -73,6 +74,14 @@ def _sync(kind: str) -> None:
         for r in _recorders:
             r.syncs[kind] += 1
             r.sync_sites[f"{kind} {site}"] += 1
+
+
+def _host_copy() -> None:
+    """A host-to-device copy of host data: legal, but a CUDA graph cannot capture one from pageable memory."""
+    if _recorders:
+        site = _site()
+        for r in _recorders:
+            r.host_copies[site] += 1
 
 
 def _kernel(name: str) -> None:
@@ -150,7 +159,9 @@ class SimTensor(torch.Tensor):
         if func in _SYNC_OPS or (func in _MASK_INDEX_OPS and _bool_index(args)) \
                 or (func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None):
             _sync(func.__name__)
-        if func is aten.nonzero_static.default:  # the caller's host count must be the mask's
+        if func is aten.nonzero_static.default and "fill_value" not in kwargs and len(args) < 3:
+            # without a fill value the caller claims to know the count on the host: it must be the mask's
+            # (the capacity forward pads on purpose, with fill_value)
             actual = int(_unwrap(args[0]).count_nonzero())
             if actual != kwargs.get("size", args[1] if len(args) > 1 else None):
                 _violation(f"nonzero_static: size {kwargs.get('size')} but the mask has {actual} entries ({_site()})")
@@ -201,8 +212,10 @@ def _check_devices(func, args, kwargs) -> None:
 def _copy(func, args, kwargs):
     dst, src = args[0], args[1]
     non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
-    if isinstance(dst, SimTensor) and not isinstance(src, SimTensor) and src.dim() > 0 and not non_blocking:
-        _sync("h2d_blocking")
+    if isinstance(dst, SimTensor) and not isinstance(src, SimTensor) and src.dim() > 0:
+        _host_copy()
+        if not non_blocking:
+            _sync("h2d_blocking")
     if not isinstance(dst, SimTensor) and isinstance(src, SimTensor):
         _sync("d2h_copy")
     _unwrap(dst).copy_(_unwrap(src))
@@ -217,6 +230,8 @@ def _to_copy(func, args, kwargs):
         return func(_unwrap(args[0]), **kw)
     if isinstance(args[0], SimTensor):  # on the device already: a dtype / layout change
         return SimTensor(func(args[0].elem, **kw))
+    if target is not None and args[0].dim() > 0:
+        _host_copy()
     return tree_map(_wrap, func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs)))
 
 
@@ -391,6 +406,8 @@ def setup() -> None:
                       torch.randperm(n, dtype=dtype))):
         lib.impl(name, (lambda f: lambda *a, **k: SimTensor(f(*a, **k)))(fn), "PrivateUse1")
     def _copy_from(src, dst, non_blocking=False):  # torch.tensor(data, device=...) copies in C++
+        if src.dim() > 0:
+            _host_copy()
         if not non_blocking and src.dim() > 0:
             _sync("h2d_blocking")
         _unwrap(dst).copy_(_unwrap(src))

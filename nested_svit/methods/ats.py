@@ -86,5 +86,5 @@ class ATSRun(SubsetRun):
 
 METHOD = Method(
     name="ats", title="ATS", run=ATSRun, selector_flops=class_row_flops, query_subset=True,
-    count_follows_attention=True,
+    count_follows_attention=True, counts_on_device=True,
 )

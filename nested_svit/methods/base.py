@@ -105,6 +105,11 @@ class MethodRun:
     def record_counts(self, mask: Tensor, lengths: list[int]) -> None:
         """Told the counts that were read for ``mask``, so they are not read again."""
 
+    def expected_rows(self, i: int) -> float | None:
+        """Rows of the whole batch block ``i`` is expected to process, for the capacity forward's
+        fixed row count (``TokenStack.set_execution(capacity=F)``); None: every row."""
+        return None
+
 
 @dataclass(frozen=True)
 class NoOptions:
@@ -136,7 +141,9 @@ class Method:
     trains in (None: training is refused with ``train_refusal``); ``calibrate(stack, images, targets)``:
     shifts its thresholds to keep targets (None: it keeps its own counts); ``ratio_loss(usage, targets,
     kind)``: its keep-ratio loss term (None: none); ``count_follows_attention``: its keep count follows
-    trained attention (random weights keep nearly everything); ``query_subset``: it computes attention
+    trained attention (random weights keep nearly everything); ``counts_on_device``: its keep counts depend
+    on the data (one device read per selection in the exact forward); ``capacity``: the capacity forward
+    can run its selections without those reads (``MethodRun.expected_rows`` sizes them); ``query_subset``: it computes attention
     and MLP only for the query rows it keeps (FLOPs); ``selector_flops(config, options, kept [B, depth],
     total [B])``: FLOPs of its selection; ``virtual_rows(config, options)``: extra rows per image it
     writes; ``readout(options)``: what the classifier head reads (``cls`` or ``mean``); ``validate(config,
@@ -153,6 +160,8 @@ class Method:
     calibrate: Callable | None = None
     ratio_loss: Callable | None = None
     count_follows_attention: bool = False
+    counts_on_device: bool = False  # its keep counts depend on the data and are read from the device
+    capacity: bool = False  # the capacity forward runs its ``before_block`` selections with no read (SViT)
     query_subset: bool = False
     selector_flops: Callable[[ViTConfig, Any, Tensor, Tensor], Tensor] = no_selector_flops
     virtual_rows: Callable[[ViTConfig, Any], int] = no_virtual_rows

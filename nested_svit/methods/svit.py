@@ -128,6 +128,18 @@ class SViTRun(MethodRun):
         keep = (margin > 0) | protect
         return keep.to(x.values.dtype) if stack.execution == "masked" else keep
 
+    def expected_rows(self, i: int) -> float | None:
+        """The protected rows plus the gate's keep target (the calibrated one, when calibrated) of the rows
+        it decides on."""
+        k = self.gate_of_block.get(i)
+        if k is None:
+            return None
+        targets = self.stack.keep_targets_in_use or self.stack.config.keep_targets
+        total = self.block_pass.layout.total
+        protected = 0 if (k == len(self.gate_of_block) - 1 and self.options.prune_cls_last) or \
+            self.stack.cls_token is None else self.block_pass.layout.batch_size
+        return protected + targets[k] * (total - protected)
+
     def readout_mask(self) -> Tensor | None:
         if self.prev is None:
             return None
@@ -184,12 +196,13 @@ def calibrate_gates(stack, images, targets: Sequence[float] | None = None) -> li
     targets). Gates are calibrated in order, each on the feature map produced by the already
     calibrated earlier gates. Per-image counts still vary. -> the fractions reached."""
     targets = validate_keep_targets(stack.config.keep_targets if targets is None else targets, stack.num_gates)
-    saved = (stack.execution, stack.gates_open)
-    stack.execution, stack.gates_open = "packed", False
+    saved = (stack.execution, stack.gates_open, stack.capacity)
+    stack.execution, stack.gates_open, stack.capacity = "packed", False, None  # shifts are read per gate
     try:
         usage = stack.forward_usage(images, run=lambda block_pass: SViTRun(block_pass, calibrate=targets))
     finally:
-        stack.execution, stack.gates_open = saved
+        stack.execution, stack.gates_open, stack.capacity = saved
+    stack.keep_targets_in_use = tuple(targets)
     return usage.gate_keep_fraction().tolist()
 
 
@@ -226,5 +239,5 @@ def gate_flops(config: ViTConfig, options: SViTOptions, kept: Tensor, total: Ten
 METHOD = Method(
     name="svit", title="SViT", run=SViTRun, options=SViTOptions, make_selectors=make_gates,
     needs_class_token=False, train_execution="masked", calibrate=calibrate_gates, ratio_loss=keep_ratio_loss,
-    selector_flops=gate_flops,
+    selector_flops=gate_flops, counts_on_device=True, capacity=True,
 )
