@@ -178,3 +178,35 @@ def hand_over(stream, tensors: list[torch.Tensor]) -> None:
     current.wait_stream(stream)
     for t in tensors:
         t.record_stream(current)
+
+
+def capture_graph(fn, example: torch.Tensor, warmup: int = 2, pool=None):
+    """``fn(x)`` (no host read, no host copy, static shapes: ``SparseViT.forward_device``) captured as
+    a CUDA graph for inputs shaped as ``example`` (real CUDA only) -> ``replay(x)``: copies ``x`` into
+    the graph's input and replays it, returning the graph's outputs (overwritten by the next replay).
+    ``warmup`` eager calls on a side stream come first (allocations, compilation); ``pool``: a memory
+    pool shared by several graphs (``torch.cuda.graph_pool_handle()``)."""
+    if not is_real_cuda(example.device):
+        raise ValueError(f"CUDA graphs need a CUDA device, not {example.device}")
+    static = example.clone()
+    stream = torch.cuda.Stream(example.device)
+    stream.wait_stream(torch.cuda.current_stream(example.device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn(static)
+    torch.cuda.current_stream(example.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn(static)
+
+    def replay(x: torch.Tensor):
+        static.copy_(x)
+        graph.replay()
+        return outputs
+
+    return replay
+
+
+def graph_pool(device: torch.device | str):
+    """A memory pool for the CUDA graphs of one model (real CUDA), else None."""
+    return torch.cuda.graph_pool_handle() if is_real_cuda(device) else None

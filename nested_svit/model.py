@@ -57,9 +57,9 @@ class SparseViT(TokenStack):
         block_pass = self.begin(x, run)
         x = block_pass.readout(block_pass.run(x, 0, self.config.depth))
         if self.slots:  # virtual rows (EViT's fused tokens) are not part of the output map
-            real = true_rows(~block_pass.slot_mask, int(block_pass.lengths.sum()))
-            x = Packed(x.values[real], Layout.from_counts(x.layout.offsets.diff() - self.slots,
-                                                          block_pass.lengths.tolist()))
+            lengths = [n - self.slots for n in x.layout.lengths]  # host ints: nothing read, nothing traced
+            real = true_rows(~block_pass.slot_mask, sum(lengths))
+            x = Packed(x.values[real], Layout.from_counts(x.layout.offsets.diff() - self.slots, lengths))
         return x, block_pass
 
     def forward_features(self, images: Images) -> tuple[Tensor | Packed, TokenUsage]:
@@ -95,10 +95,10 @@ class SparseViT(TokenStack):
             pooled = feats[:, 0] if isinstance(feats, Tensor) else feats.values[feats.layout.first_rows]
         return pooled if pre_logits else self.head(pooled)
 
-    def forward_device(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_device(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The forward with no host read, for capture in a CUDA graph: ``images [B, 3, H, W]`` ->
-        (logits ``[B, num_classes]``, kept ``[B, depth]`` int64, overflow ``[]`` bool), all on the
-        device. Needs the capacity forward (``set_execution(capacity=F)``) or a method with fixed
+        (logits ``[B, num_classes]``, kept and kept_mlp ``[B, depth]`` int64 (``TokenUsage``),
+        overflow ``[]`` bool), all on the device. Needs the capacity forward (``set_execution(capacity=F)``) or a method with fixed
         counts; when ``overflow`` is True the logits are not to be used (``forward`` reruns them)."""
         if self.method.counts_on_device and self.capacity is None:
             raise ValueError(f"{self.method.title} reads its kept counts from the device in the exact forward: "
@@ -106,8 +106,8 @@ class SparseViT(TokenStack):
         x, block_pass = self._run_blocks(self.embed(images))
         if self.readout == "cls":
             x = x.with_values(self.norm(x.values))
-        kept, _, overflow = block_pass.device_usage()
-        return self.forward_head(x.to_dense()), kept, overflow
+        kept, kept_mlp, overflow = block_pass.device_usage()
+        return self.forward_head(x.to_dense()), kept, kept_mlp, overflow
 
     def forward(self, images: Images) -> Tensor:
         feats, _ = self.forward_features(images)

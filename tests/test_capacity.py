@@ -59,7 +59,7 @@ def test_a_capacity_too_small_is_found_once_and_the_batch_rerun_exactly():
     want, kept = _exact(model, images)
     model.set_execution("packed", capacity=0.3)
     with torch.no_grad():
-        logits, got_kept, overflow = model.forward_device(images)  # what the cut rows alone give
+        logits, got_kept, _, overflow = model.forward_device(images)  # what the cut rows alone give
     assert bool(overflow)
     assert not torch.allclose(logits, want, rtol=1e-3, atol=1e-3)
     model.set_execution("packed", capacity=0)
@@ -180,7 +180,7 @@ def test_a_trace_of_one_batch_replays_right_on_another():
     model.set_execution("packed", capacity=2.0)
     with torch.no_grad():
         traced = make_fx(lambda im: model.forward_device(im))(a)
-        logits, kept, overflow = traced(b)
+        logits, kept, _, overflow = traced(b)
     assert not bool(overflow) and torch.equal(kept, kept_b)
     _close(logits, want_b)
     model.set_execution("packed", capacity=0)
@@ -216,3 +216,100 @@ def test_shapes_are_static_across_batches():
             model.forward_device(_images(4, seed, scale))
         runs.append(mode.seen)
     assert len(runs[0]) > 100 and runs[0] == runs[1]
+
+
+def _traced_capture(fn, example, pool=None):
+    """The CPU's stand-in for ``devices.capture_graph``: a make_fx trace bakes host values in as a graph does."""
+    return make_fx(lambda x: fn(x))(example)
+
+
+@pytest.mark.parametrize("name", ["svit_small", "evit_small", "deit_small_patch16_224"])
+def test_graphed_classifier_replays_one_graph_per_shape_and_equals_exact(name):
+    from nested_svit.inference.graphs import GraphedClassifier
+
+    model = lively_model(name)
+    graphed = GraphedClassifier(model, max_graphs=2, capture=_traced_capture)
+    batches = [_images(4, 11), _images(4, 12, scale=2.0), _images(2, 13), _images(3, 14)]
+    with torch.no_grad():
+        for images in batches:
+            want, kept = _exact(model, images)
+            logits, usage = graphed(images)
+            assert torch.equal(usage.kept, kept)
+            _close(logits, want)
+    assert len(graphed.graphs) == 2 and graphed.replays == 3 and graphed.eager_calls == 1
+    assert model.capacity_reruns == 0
+
+
+def test_graphed_classifier_reruns_an_overflowed_batch_exactly():
+    from nested_svit.inference.graphs import GraphedClassifier
+
+    model = lively_model("svit_small").set_execution("packed", capacity=0.3)
+    graphed = GraphedClassifier(model, capture=_traced_capture)
+    images = _images(4, 15)
+    want, kept = _exact(model, images)
+    with torch.no_grad():
+        logits, usage = graphed(images)
+    assert model.capacity_reruns == 1 and torch.equal(usage.kept, kept)
+    _close(logits, want)
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run():
+    from nested_svit.inference.graphs import graphs_refusal
+
+    assert "needs a CUDA device, not cpu" in graphs_refusal(lively_model("svit_small"), "cpu")
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        from nested_svit.devices import capture_graph
+
+        capture_graph(lambda x: x, torch.zeros(2))
+
+
+def test_predict_and_eval_capacity_and_graphs_equal_the_exact_rows(tmp_path, capsys, monkeypatch):
+    """End to end: --capacity that suffices, one too small (its batches rerun, and said), and --cuda-graphs
+    (its capture replaced by the trace above: this machine has no GPU) give the exact run's rows and metrics."""
+    import json
+
+    import pandas as pd
+    from datasets_fixtures import write_image_folder
+
+    from nested_svit.cli import main
+    from nested_svit.inference import graphs
+
+    monkeypatch.setattr(graphs, "capture_graph", _traced_capture)
+    monkeypatch.setattr(graphs, "graphs_refusal", lambda model, device: None)
+    write_image_folder(tmp_path / "val", per_class=3)
+    args = ["--model", "svit_tiny", "--random-weights", "--img-size", "64", "--workers", "0", "--batch-size", "4"]
+    runs = {"exact": [], "capacity": ["--capacity", "3"], "small": ["--capacity", "0.2"],
+            "graphs": ["--cuda-graphs", "--capacity", "3"]}
+    for name, flags in runs.items():
+        assert main(["predict", *args, *flags, "--input", str(tmp_path / "val"), "--out", str(tmp_path / f"pred_{name}.csv")]) == 0
+        assert main(["eval", "imagenet", *args, *flags, "--data", str(tmp_path / "val"),
+                     "--out", str(tmp_path / f"{name}.json")]) == 0
+    out = capsys.readouterr().out
+    assert "--capacity 0.2: 3 batch(es) rerun exactly (their capacity" in out and "--capacity 3: 0 batch(es)" in out
+    exact = pd.read_csv(tmp_path / "pred_exact.csv")
+    same = [c for c in exact.columns if not c.endswith("_prob")]
+    probs = [c for c in exact.columns if c.endswith("_prob")]
+    for name in ("capacity", "small", "graphs"):
+        got = pd.read_csv(tmp_path / f"pred_{name}.csv")
+        pd.testing.assert_frame_equal(exact[same], got[same])  # ids, labels, kept tokens per block
+        assert (exact[probs] - got[probs]).abs().max().max() <= 1e-5
+    results = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in runs}
+    for name in ("capacity", "small", "graphs"):
+        for key in ("top1", "top5", "num_images", "mean_keep_ratio", "token_usage_histogram"):
+            assert results[name][key] == results["exact"][key], (name, key)
+    assert results["small"]["capacity_reruns_this_run"] == 3 and results["capacity"]["capacity_reruns_this_run"] == 0
+    assert "capacity_reruns_this_run" not in results["exact"]
+    meta = json.loads((tmp_path / "pred_graphs.csv.meta.json").read_text())
+    assert meta["cuda_graphs"] is True and meta["capacity"] == 3
+
+
+def test_capacity_flags_are_refused_where_they_do_not_apply(tmp_path, capsys, tiny_detector_file):
+    from nested_svit.cli import main
+
+    assert main(["predict", "--demo", "--cuda-graphs", "--out", str(tmp_path / "a.csv")]) == 2
+    assert main(["predict", "--demo", "--capacity", "1.2", "--backend", "nested", "--out", str(tmp_path / "a.csv")]) == 2
+    assert main(["predict", "--checkpoint", str(tiny_detector_file), "--capacity", "1.2", "--input", str(tmp_path),
+                 "--out", str(tmp_path / "d.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graphs needs a CUDA device, not cpu" in err and "not 'nested'" in err
+    assert "--capacity only applies to classifiers" in err

@@ -53,6 +53,13 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
                         "token count dynamic, attention eager; compiled when the model is loaded (timed; cached for "
                         "the next run). Same rows within fp32 rounding. Measured 0.96-0.98x eager on a 2-core CPU; not yet timed on "
                         "a GPU")
+    options.add(p, g, "--capacity", type=float, defaults={CLS: None}, families=families, metavar="F",
+                help="SViT gates: each gated block runs a fixed ceil(F x expected) rows with no host read, the "
+                     "counts read once per batch; a batch that needs more is rerun exactly and counted. For GPUs "
+                     "at small batches (and --cuda-graphs); on a CPU it is slower (its attention is padded)")
+    options.add(p, g, "--cuda-graphs", action="store_true", defaults={CLS: False}, families=families,
+                help="CUDA only: replay a CUDA graph of the forward per batch shape (SViT: with --capacity, "
+                     "default 1.25); not yet timed on a GPU (bench/gpu_check.py measures it)")
 
 
 def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], split: str | None = None,

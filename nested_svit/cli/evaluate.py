@@ -105,11 +105,14 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
         return post
 
     label = f"eval {data_set.name}" if data_set.name else "eval"
+    reruns = job.model.capacity_reruns
     _, (images,), seconds = run_with_progress(job, label, run_inference, postfix, lambda s: [s.images])
     if not job.dist.is_main:
         return None
     result = set_result(prepared, job.store.merge(), data_set.label, images, seconds, args.checkpoint, args.batch_size,
                         args.topk, files)
+    if args.capacity:  # this process's batches of this run whose capacity was too small (rerun exactly)
+        result.update(capacity=args.capacity, capacity_reruns_this_run=job.model.capacity_reruns - reruns)
     labelled, predicted = result["num_images"], result["num_predicted"]
     scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
               if labelled else f"no labelled images among {predicted}: top-1/top-5 not computed")

@@ -17,7 +17,8 @@ def model_spec(args: argparse.Namespace, family: str, name: str | None = None, c
     from ..inference import ModelSpec
 
     values = {"precision": args.precision, "backend": args.backend, "seed": args.seed,
-              "compile": getattr(args, "compile", False),
+              "compile": getattr(args, "compile", False), "capacity": getattr(args, "capacity", None),
+              "cuda_graphs": getattr(args, "cuda_graphs", False),
               "random_weights": args.random_weights, "num_classes": getattr(args, "num_classes", None),
               "img_size": getattr(args, "img_size", None), "img_scale": parse_img_scale(getattr(args, "img_scale", None)),
               **settings}

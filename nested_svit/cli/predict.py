@@ -106,8 +106,12 @@ def predict_classifier(args: argparse.Namespace) -> int:
                           **({"valid_labels": prepared.scoring.valid_name} if prepared.scoring.valid else {}))
         write_rows(rows, out, meta)
         job.store.remove()
-        return _summary(rows, out, images, seconds, job.dataset.records.ignored,
-                        f"; pictures in {args.save_vis}" if args.save_vis else "")
+        extra = f"; pictures in {args.save_vis}" if args.save_vis else ""
+        if spec.capacity and args.engine == "local":
+            reruns = job.model.capacity_reruns
+            extra += f"; --capacity {spec.capacity:g}: {reruns} batch(es) rerun exactly" + \
+                (" (their capacity was too small: a larger F avoids it)" if reruns else "")
+        return _summary(rows, out, images, seconds, job.dataset.records.ignored, extra)
     finally:
         shutdown(job.dist)
 

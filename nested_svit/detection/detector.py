@@ -79,7 +79,12 @@ class MaskRCNNDetector(nn.Module):
         return {"kind": "detector", "model_name": self.name, "model_config": self.config.to_dict(),
                 "block_norm_eps": self.backbone.block_norm_eps}
 
-    def set_execution(self, mode: str, backend: str | None = None, compile: bool | None = None) -> "MaskRCNNDetector":
+    def set_execution(self, mode: str, backend: str | None = None, compile: bool | None = None,
+                      capacity: float | None = None) -> "MaskRCNNDetector":
+        """The backbone's execution (``TokenStack.set_execution``); the capacity forward is for classifiers
+        (an overflowed forward would have to rerun the whole detector)."""
+        if capacity:
+            raise ValueError("the capacity forward runs classifiers only; a detector runs the exact forward")
         self.backbone.set_execution(mode, backend, compile)
         return self
 

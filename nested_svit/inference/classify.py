@@ -54,6 +54,7 @@ class ClassifierStep:
     decoder: DeviceJpegDecoder | None = None
     on_batch: Callable[..., None] | None = None
     valid_labels: tuple[int, ...] | None = None
+    cuda_graphs: bool = False  # replay a CUDA graph of the forward per batch shape (``inference.graphs``)
 
     def counts(self) -> Progress:
         return Progress(0, 0, 0, 0.0)
@@ -84,8 +85,14 @@ class ClassifierStep:
         counts = Progress(0, 0, 0, 0.0, seen=len(batch["all_index"]))
         if batch["images"] is not None:
             with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
-                feats, usage = self.model.forward_features(batch["images"])
-                logits = self.restricted(self.model.forward_head(feats).cpu())
+                if self.cuda_graphs:
+                    from .graphs import graphed
+
+                    logits, usage = graphed(self.model)(batch["images"])
+                else:
+                    feats, usage = self.model.forward_features(batch["images"])
+                    logits = self.model.forward_head(feats)
+                logits = self.restricted(logits.cpu())
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:
                 self.on_batch(batch, batch["images"], usage, logits)
@@ -154,12 +161,13 @@ class InferenceJob:
     transform: EvalTransform | None = None
     decoder: DeviceJpegDecoder | None = None  # --decode gpu: the dataset passes JPEGs on undecoded
     valid_labels: tuple[int, ...] | None = None  # --valid-labels: the classes the top-k is taken over
+    cuda_graphs: bool = False  # --cuda-graphs
 
     @property
     def step(self) -> ClassifierStep:
         return ClassifierStep(self.model, torch.device(self.device), self.topk, self.class_names,
                               self.dataset.class_names, getattr(self.dataset, "exif", False), self.transform,
-                              self.decoder, self.on_batch, self.valid_labels)
+                              self.decoder, self.on_batch, self.valid_labels, self.cuda_graphs)
 
     @property
     def store(self) -> PartStore:

@@ -148,7 +148,8 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
                 "class_names": _digest(names), "labels": _digest(dataset.records.labels), "rows": ROWS_VERSION,
                 **({"valid_labels": _digest(resolved.valid)} if resolved.valid else {})}
     job = InferenceJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, topk, device, info, names,
-                       transform=transform, decoder=decoder, valid_labels=resolved.valid)
+                       transform=transform, decoder=decoder, valid_labels=resolved.valid,
+                       cuda_graphs=spec.cuda_graphs)
     return Prepared(job, built, messages, resolved)
 
 
@@ -213,10 +214,10 @@ def _digest(values) -> str | None:
 
 def _row_settings(spec: ModelSpec, run: RunOptions, max_pixels: int | None) -> dict:
     """What else can change a row (a resumed run that differs in these is refused): the attention
-    backend, the CPU threads and compiled blocks change floats (and a float can flip a gate near its
+    backend, the CPU threads, compiled blocks and the capacity forward (its padded attention) change floats (and a float can flip a gate near its
     threshold), the pixel limit which images are read."""
     return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(), "max_pixels": max_pixels,
-            **({"compile": True} if spec.compile else {})}
+            **({"compile": True} if spec.compile else {}), **({"capacity": spec.capacity} if spec.capacity else {})}
 
 
 def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, kind: str, source: str,

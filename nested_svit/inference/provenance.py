@@ -17,6 +17,6 @@ def provenance(built: BuiltModel, spec: ModelSpec, **extra) -> dict:
     return {"model": built.name, "family": spec.family, "checkpoint": spec.checkpoint,
             "checkpoint_sha256": report.sha256 if report else None, "checkpoint_format": report.format if report else None,
             "random_weights": report is None, "precision": spec.precision, "backend": spec.backend,
-            "compile": spec.compile, **extra,
+            "compile": spec.compile, "capacity": spec.capacity, "cuda_graphs": spec.cuda_graphs, **extra,
             "kernel_settings": kernel_settings(), "nested_svit_version": __version__, "source_commit": source_commit(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -54,7 +54,8 @@ class ModelSpec:
     family's default); ``random_weights``: allow no checkpoint (initialised from ``seed``, so every
     process builds the same). Classifiers: ``num_classes``, ``img_size`` override the config; detectors:
     ``img_scale``, and ``categories`` (an annotation file's class names: predicted unless the checkpoint
-    predicts another number of classes); ``compile``: the blocks' dense math as compiled regions."""
+    predicts another number of classes); ``compile``: the blocks' dense math as compiled regions;
+    ``capacity``, ``cuda_graphs``: the capacity forward and CUDA graphs (classifiers)."""
 
     family: str
     name: str | None = None
@@ -68,6 +69,8 @@ class ModelSpec:
     img_scale: tuple[int, int] | None = None
     categories: tuple[str, ...] | None = None
     compile: bool = False  # the blocks' dense math as compiled regions (``TokenStack.set_execution``)
+    capacity: float | None = None  # the capacity forward's factor (``TokenStack.set_execution``); None: exact
+    cuda_graphs: bool = False  # classifiers on CUDA: a CUDA graph per batch shape (``inference.graphs``)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -82,8 +85,17 @@ class ModelSpec:
         if built.report is None and not self.random_weights:
             raise ValueError("--checkpoint is required (or pass --random-weights to run an untrained model)")
         built.messages += _random_gates_warning(built.model, built.report)
+        if self.family == "detector" and (self.capacity or self.cuda_graphs):
+            raise ValueError("--capacity and --cuda-graphs run classifiers only; a detector runs the exact forward")
         built.model.to(device, dtype_of(self.precision)).eval().set_execution("packed", self.backend,
-                                                                              compile=self.compile)
+                                                                              compile=self.compile,
+                                                                              capacity=self.capacity or 0)
+        if self.cuda_graphs:
+            from .graphs import graphs_refusal
+
+            refusal = graphs_refusal(built.model, device)
+            if refusal:
+                raise ValueError(refusal)
         if self.compile:
             built.messages.append(_compile_now(built.model, device) if self.family == "classifier" else COMPILE_NOTE)
         return built
