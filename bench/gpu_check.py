@@ -1,4 +1,4 @@
-"""One command for a GPU machine: ``python bench/gpu_check.py --out DIR`` (under 8 minutes on one GPU).
+"""One command for a GPU machine: ``python bench/gpu_check.py --out DIR`` (about 8 minutes on one GPU).
 
 Steps, each in its own process with its own time limit, so one failure (an exception, a CUDA error
 that poisons the context, a hang) is recorded and the next step runs:
@@ -10,6 +10,8 @@ that poisons the context, a hang) is recorded and the next step runs:
   throughput      timm DeiT-S, our DeiT-S, SViT-S and the baselines, batch 1-1024, fp32 + bf16, backends
   detection       FPS^w / FPS^b of ViT-Adapter-S vs SViT-Adapter-S Mask R-CNN at 1333x800, batch 1/2/4/8
   input_pipeline  predict's loop with CPU decode workers vs ``--decode gpu``, against the model alone
+  graphs          eager vs capacity forward vs CUDA graphs vs compiled blocks, batch 1-64, dense DeiT-S, SViT-S
+                  and EViT-S (fixed counts): images/s, and each variant's logits and kept tokens against eager
 
 DIR gets ``<step>.json`` (status, seconds, results, ``measured_on``: cuda / simcuda / cpu, and
 ``not_measured``: what the step could not measure there, with the reason), ``<step>.log``, the CSVs and
@@ -33,8 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # step -> seconds allowed on a GPU (sum + process start-ups < 8 minutes), and in a dry run on a CPU
-STEPS = {"environment": (30, 60), "pytest_cuda": (120, 120), "attention": (40, 60), "syncs": (30, 90),
-         "throughput": (130, 120), "detection": (70, 120), "input_pipeline": (45, 90)}
+STEPS = {"environment": (30, 60), "pytest_cuda": (100, 120), "attention": (35, 60), "syncs": (30, 90),
+         "throughput": (95, 120), "detection": (60, 120), "input_pipeline": (45, 90), "graphs": (90, 240)}
 BASELINES = ["dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small"]
 
 
@@ -316,6 +318,85 @@ def step_input_pipeline(ctx: dict) -> dict:
             "not_measured": missing}
 
 
+def step_graphs(ctx: dict) -> dict:
+    """The variants of issue 24 side by side, interleaved per batch: ``eager`` (the exact forward: one host
+    read per gated block), ``capacity`` (F = 1.25: one read per forward), ``graphs`` (a CUDA graph of the
+    capacity forward per batch shape; a dry run replays a make_fx trace instead, which bakes host values in
+    as a graph does), ``compiled`` (compiled blocks, exact) and ``compiled+graphs``."""
+    import statistics as stats
+
+    import pandas as pd
+    import torch
+
+    from nested_svit import create_model
+    from nested_svit.devices import seconds_of
+    from nested_svit.inference.graphs import GraphedClassifier
+
+    device, tiny = ctx["device"], ctx["dry_run"]
+    real = torch.cuda.is_available()
+    dtype = torch.bfloat16 if real else torch.float32
+    size = dict(embed_dim=128, num_heads=2, img_size=64) if tiny else {}
+    side = size.get("img_size", 224)
+    batches, calls, rounds = ([1, 2], 2, 1) if tiny else ([1, 4, 16, 64], 10, 3)
+    capture = None
+    if not real:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        def capture(fn, example, pool=None):  # the CPU's stand-in for a CUDA graph
+            return make_fx(lambda x: fn(x))(example)
+
+    rows = []
+    for name in ("deit_small_patch16_224", "svit_small", "evit_small"):
+        torch.manual_seed(0)
+        model = create_model(name, **size).eval().to(device, dtype)
+        gen = torch.Generator().manual_seed(1)
+        calib = torch.randn(16, 3, side, side, generator=gen).to(device, dtype)
+        if model.method.calibrate is not None and model.prunes:
+            with torch.no_grad():
+                model.calibrate_keep(calib)  # realistic keep counts for random gates
+        for batch in batches:
+            images = torch.randn(batch, 3, side, side, generator=gen).to(device, dtype)
+
+            def setup(compiled: bool, capacity: bool):
+                model.set_execution("packed", "auto", compile=compiled, capacity=1.25 if capacity else 0)
+
+            def plain():
+                feats, usage = model.forward_features(images)
+                return model.forward_head(feats), usage
+
+            setup(False, False)
+            with torch.no_grad():
+                want, want_usage = plain()
+            variants = {"eager": (False, False, None), "capacity": (False, True, None),
+                        "graphs": (False, True, "graphs"), "compiled": (True, False, None),
+                        "compiled+graphs": (True, True, "graphs")}
+            for variant, (compiled, capacity, graphs) in variants.items():
+                setup(compiled, capacity)
+                call = GraphedClassifier(model, capture=capture) if graphs else None
+                fn = (lambda: call(images)) if call else plain
+                reruns = model.capacity_reruns
+                with torch.no_grad():
+                    got, usage = fn()  # warm-up: compiles, captures
+                    fn()
+                    times = [seconds_of(lambda: [fn() for _ in range(calls)], device) / calls for _ in range(rounds)]
+                rows.append({"model": name, "variant": variant, "batch_size": batch, "precision": str(dtype)[6:],
+                             "images_per_sec": batch / stats.median(times),
+                             "max_abs_logit_diff": float((got.float() - want.float()).abs().max()),
+                             "kept_equal": bool(torch.equal(usage.kept.cpu(), want_usage.kept.cpu())),
+                             "capacity_reruns": model.capacity_reruns - reruns})
+                pd.DataFrame(rows).to_csv(ctx["out"] / "graphs.csv", index=False)  # what a timeout leaves is kept
+            setup(False, False)
+    frame = pd.DataFrame(rows)
+    eager = frame[frame.variant == "eager"].set_index(["model", "batch_size"]).images_per_sec
+    frame["speedup_vs_eager"] = [r.images_per_sec / eager[(r.model, r.batch_size)] for r in frame.itertuples()]
+    frame.to_csv(ctx["out"] / "graphs.csv", index=False)
+    missing = [] if real else ["CUDA graphs: no GPU (a make_fx trace replayed instead: right values, no timing "
+                               "meaning); batch sizes above 2 (a dry run times batch 1 and 2 once)"]
+    best = frame[frame.model == "svit_small"].groupby("variant").speedup_vs_eager.min().round(3).to_dict()
+    return {"rows": len(frame), "svit_small_min_speedup_vs_eager": best,
+            "all_kept_equal": bool(frame.kept_equal.all()), "not_measured": missing}
+
+
 # --------------------------------------------------------------------------- the speed goals
 def goals(out: Path, dry_run: bool) -> dict:
     """The speed goals (bench/README.md) from the CSVs: ``met`` / ``missed`` with the figure, or ``unknown``."""
@@ -347,6 +428,10 @@ def goals(out: Path, dry_run: bool) -> dict:
         p = pd.read_csv(out / "input_pipeline.csv").set_index("pipeline")
         judge("gpu_decode_fraction_of_model_alone",
               p.loc["gpu-decode", "fraction_of_model_alone"] if "gpu-decode" in p.index else None, 0.95)
+    if (out / "graphs.csv").exists():
+        g = pd.read_csv(out / "graphs.csv")
+        small = g[(g.model == "svit_small") & (g.variant == "graphs") & (g.batch_size <= 16)]
+        judge("svit_graphs_over_eager_batch_1_16 (min)", small.speedup_vs_eager.min() if len(small) else None, 1.0)
     if dry_run:
         for g in result.values():
             g["status"] = "dry run (tiny CPU figures: not the goal)"

@@ -26,7 +26,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = summary["steps"]
     assert list(steps) == ["environment", "pytest_cuda", "attention", "syncs", "throughput", "detection",
-                           "input_pipeline"]
+                           "input_pipeline", "graphs"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert summary["environment"]["torch"] and summary["environment"]["jpeg_decoder"]
     assert json.loads((tmp_path / "pytest_cuda.json").read_text())["results"]["tests"] >= 1
@@ -39,13 +39,17 @@ def test_dry_run_runs_every_step(tmp_path):
     assert set(throughput.precision) == {"fp32", "bf16"}
     assert len(pd.read_csv(tmp_path / "detection.csv")) and len(pd.read_csv(tmp_path / "input_pipeline.csv")) == 2
     assert (tmp_path / "throughput-fp32.png").exists() and (tmp_path / "detection.png").exists()
+    graphs = pd.read_csv(tmp_path / "graphs.csv")  # eager / capacity / graphs / compiled, each against eager
+    assert set(graphs.variant) == {"eager", "capacity", "graphs", "compiled", "compiled+graphs"}
+    assert {"svit_small", "evit_small", "deit_small_patch16_224"} <= set(graphs.model)
+    assert graphs.kept_equal.all() and (graphs.max_abs_logit_diff < 1e-4).all() and (graphs.capacity_reruns == 0).all()
     syncs = json.loads((tmp_path / "syncs.json").read_text())["results"]
     assert syncs["svit_small"]["cpu_ops"] > 0 and "detector_predict_2_images" in syncs
     assert set(summary["goals"]) and all("dry run" in g["status"] for g in summary["goals"].values())
     # where each step's figures come from, and what it could not measure there
     assert steps["pytest_cuda"]["measured_on"] == "simcuda" and "ran 1 of" in steps["pytest_cuda"]["not_measured"][0]
     assert {s["measured_on"] for n, s in steps.items() if n != "pytest_cuda"} == {"cpu"}
-    assert all(steps[n]["not_measured"] for n in ("syncs", "throughput", "detection", "input_pipeline"))
+    assert all(steps[n]["not_measured"] for n in ("syncs", "throughput", "detection", "input_pipeline", "graphs"))
 
 
 def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
