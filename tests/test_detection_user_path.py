@@ -3,7 +3,6 @@ covers. A small SViT-Adapter (48-d ViT, 16-channel FPN) keeps them fast."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
