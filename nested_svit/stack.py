@@ -171,8 +171,8 @@ class TokenStack(nn.Module):
             self.capacity = saved
 
     def _check_capacity(self, factor: float, backend: str) -> None:
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"capacity must be a factor > 0 (1.2: 20% above the expected rows), got {factor!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ValueError(f"capacity must be a finite factor > 0 (1.2: 20% above the expected rows), got {factor!r}")
         if self.method.counts_on_device and not self.method.capacity:
             raise ValueError(f"{self.method.title} chooses its counts inside the block from the attention: the "
                              "capacity forward runs SViT's gates and the fixed-count methods")

@@ -112,6 +112,8 @@ def test_refusals_are_one_line():
     model = lively_model("svit_small")
     with pytest.raises(ValueError, match="factor > 0"):
         model.set_execution("packed", capacity=-1)
+    with pytest.raises(ValueError, match="finite factor > 0"):
+        model.set_execution("packed", capacity=float("inf"))
     with pytest.raises(ValueError, match="'loop'"):
         model.set_execution("packed", "loop", capacity=1.2)
     with pytest.raises(ValueError, match="packed inference execution only"):
@@ -285,7 +287,9 @@ def test_predict_and_eval_capacity_and_graphs_equal_the_exact_rows(tmp_path, cap
         assert main(["eval", "imagenet", *args, *flags, "--data", str(tmp_path / "val"),
                      "--out", str(tmp_path / f"{name}.json")]) == 0
     out = capsys.readouterr().out
-    assert "--capacity 0.2: 3 batch(es) rerun exactly (their capacity" in out and "--capacity 3: 0 batch(es)" in out
+    # predict's summary and eval's line each say it
+    assert out.count("--capacity 0.2: 3 batch(es) rerun exactly (their capacity") == 2
+    assert out.count("--capacity 3: 0 batch(es)") == 4
     exact = pd.read_csv(tmp_path / "pred_exact.csv")
     same = [c for c in exact.columns if not c.endswith("_prob")]
     probs = [c for c in exact.columns if c.endswith("_prob")]
@@ -307,9 +311,12 @@ def test_capacity_flags_are_refused_where_they_do_not_apply(tmp_path, capsys, ti
     from nested_svit.cli import main
 
     assert main(["predict", "--demo", "--cuda-graphs", "--out", str(tmp_path / "a.csv")]) == 2
+    for factor in ("0", "inf", "nan", "-1"):  # 0 is not a silent 'off' on the command line
+        assert main(["predict", "--demo", "--capacity", factor, "--out", str(tmp_path / "a.csv")]) == 2
     assert main(["predict", "--demo", "--capacity", "1.2", "--backend", "nested", "--out", str(tmp_path / "a.csv")]) == 2
     assert main(["predict", "--checkpoint", str(tiny_detector_file), "--capacity", "1.2", "--input", str(tmp_path),
                  "--out", str(tmp_path / "d.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "--cuda-graphs needs a CUDA device, not cpu" in err and "not 'nested'" in err
     assert "--capacity only applies to classifiers" in err
+    assert err.count("--capacity must be a finite factor > 0") == 4 and "Traceback" not in err

@@ -145,6 +145,12 @@ def all_skipped(skipped: int, total: int, reasons: list[str] = ()) -> int:
     return 2
 
 
+def capacity_note(factor: float, reruns: int) -> str:
+    """What a run's summary line says of ``--capacity F``: how many batches were rerun exactly."""
+    return f"--capacity {factor:g}: {reruns} batch(es) rerun exactly" + \
+        (" (their capacity was too small: a larger F avoids it)" if reruns else "")
+
+
 def note(message: str) -> None:
     """A ``note:`` line on stderr, once per run (rank 0 under torchrun)."""
     if os.environ.get("RANK", "0") == "0":

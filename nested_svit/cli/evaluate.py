@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
-from .common import all_skipped, check_suffix, warn
+from .common import all_skipped, capacity_note, check_suffix, warn
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
 from .sets import DataSetArg, data_sets
@@ -105,14 +105,14 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
         return post
 
     label = f"eval {data_set.name}" if data_set.name else "eval"
-    reruns = job.model.capacity_reruns
-    _, (images,), seconds = run_with_progress(job, label, run_inference, postfix, lambda s: [s.images])
+    _, (images, reruns), seconds = run_with_progress(job, label, run_inference, postfix,
+                                                     lambda s: [s.images, s.capacity_reruns])
     if not job.dist.is_main:
         return None
     result = set_result(prepared, job.store.merge(), data_set.label, images, seconds, args.checkpoint, args.batch_size,
                         args.topk, files)
-    if args.capacity:  # this process's batches of this run whose capacity was too small (rerun exactly)
-        result.update(capacity=args.capacity, capacity_reruns_this_run=job.model.capacity_reruns - reruns)
+    if args.capacity:  # every process's batches of this run whose capacity was too small (rerun exactly)
+        result.update(capacity=args.capacity, capacity_reruns_this_run=int(reruns))
     labelled, predicted = result["num_images"], result["num_predicted"]
     scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
               if labelled else f"no labelled images among {predicted}: top-1/top-5 not computed")
@@ -122,7 +122,8 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
         scores += f"  ({result['num_outside_valid_labels']} labelled outside --valid-labels, not scored)"
     rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
     print(f"{data_set.name + ': ' if data_set.name else ''}{scores}  skipped {result['num_skipped']}  "
-          f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {100 * result['ece']:.2f}%  in {seconds:.1f} s{rate}")
+          f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {100 * result['ece']:.2f}%  in {seconds:.1f} s{rate}"
+          + (f"; {capacity_note(args.capacity, result['capacity_reruns_this_run'])}" if args.capacity else ""))
     return result
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 from . import options
 from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
-from .common import PREDICT_FORMATS, all_skipped, check_suffix, check_writable, picture_names, write_rows
+from .common import PREDICT_FORMATS, all_skipped, capacity_note, check_suffix, check_writable, picture_names, write_rows
 from .engine import add_engine_options, check_engine_args, ray_run, threads_note
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
@@ -92,9 +92,9 @@ def predict_classifier(args: argparse.Namespace) -> int:
     if args.save_vis:
         job.on_batch = token_pictures(Path(args.save_vis), job.model, pictures, job.class_names)
     try:
-        _, (images,), seconds = run_with_progress(job, "predict", _run(args, spec, run_inference),
+        _, (images, reruns), seconds = run_with_progress(job, "predict", _run(args, spec, run_inference),
                                                   lambda s: {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"},
-                                                  lambda s: [s.images])
+                                                  lambda s: [s.images, s.capacity_reruns])
         if not job.dist.is_main:
             return 0
         rows = job.store.merge()
@@ -107,10 +107,8 @@ def predict_classifier(args: argparse.Namespace) -> int:
         write_rows(rows, out, meta)
         job.store.remove()
         extra = f"; pictures in {args.save_vis}" if args.save_vis else ""
-        if spec.capacity and args.engine == "local":
-            reruns = job.model.capacity_reruns
-            extra += f"; --capacity {spec.capacity:g}: {reruns} batch(es) rerun exactly" + \
-                (" (their capacity was too small: a larger F avoids it)" if reruns else "")
+        if spec.capacity:  # every process's and Ray actor's batches of this run
+            extra += "; " + capacity_note(spec.capacity, int(reruns))
         return _summary(rows, out, images, seconds, job.dataset.records.ignored, extra)
     finally:
         shutdown(job.dist)

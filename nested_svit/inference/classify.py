@@ -27,12 +27,14 @@ class Progress:
     labelled: int
     elapsed: float
     seen: int = 0  # predicted or skipped
+    capacity_reruns: int = 0  # batches whose capacity forward was too small, rerun exactly (``--capacity``)
 
     def add(self, other: "Progress") -> None:
         self.images += other.images
         self.correct1 += other.correct1
         self.labelled += other.labelled
         self.seen += other.seen
+        self.capacity_reruns += other.capacity_reruns
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ClassifierStep:
         logits = kept = None
         counts = Progress(0, 0, 0, 0.0, seen=len(batch["all_index"]))
         if batch["images"] is not None:
+            reruns = self.model.capacity_reruns
             with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
                 if self.cuda_graphs:
                     from .graphs import graphed
@@ -93,6 +96,7 @@ class ClassifierStep:
                     feats, usage = self.model.forward_features(batch["images"])
                     logits = self.model.forward_head(feats)
                 logits = self.restricted(logits.cpu())
+            counts.capacity_reruns = self.model.capacity_reruns - reruns
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:
                 self.on_batch(batch, batch["images"], usage, logits)

@@ -5,6 +5,7 @@ place that tells a classifier from a detector."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -80,13 +81,16 @@ class ModelSpec:
     def build(self, device: torch.device | str = "cpu") -> BuiltModel:
         """The model with its weights (read and checked before any image), on ``device`` in the spec's
         precision, in eval mode and the packed execution with the spec's attention backend."""
+        if self.capacity is not None and not (isinstance(self.capacity, (int, float)) and 0 < self.capacity < math.inf):
+            raise ValueError(f"--capacity must be a finite factor > 0 (1.25: 25% above the expected rows), got "
+                             f"{self.capacity!r}; leave it out for the exact forward")
+        if self.family == "detector" and (self.capacity or self.cuda_graphs):
+            raise ValueError("--capacity and --cuda-graphs run classifiers only; a detector runs the exact forward")
         torch.manual_seed(self.seed)  # random weights (and unloaded selectors) are the same in every process
         built = _build_detector(self) if self.family == "detector" else _build_classifier(self)
         if built.report is None and not self.random_weights:
             raise ValueError("--checkpoint is required (or pass --random-weights to run an untrained model)")
         built.messages += _random_gates_warning(built.model, built.report)
-        if self.family == "detector" and (self.capacity or self.cuda_graphs):
-            raise ValueError("--capacity and --cuda-graphs run classifiers only; a detector runs the exact forward")
         built.model.to(device, dtype_of(self.precision)).eval().set_execution("packed", self.backend,
                                                                               compile=self.compile,
                                                                               capacity=self.capacity or 0)
