@@ -14,6 +14,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import procs  # noqa: E402
 import simcuda  # noqa: E402
 
+pytest_plugins = ["s3_fixtures"]  # the loopback S3 server (fixtures s3_endpoint, s3)
+
 simcuda.register()  # before any test's backward: see simcuda.register
 
 

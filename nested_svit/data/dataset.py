@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .decode import BadImage, TooLarge, decode_image, jpeg_header
+from .objectstore import is_uri, read_object
 from .records import Records, resolve_records
 from .transforms import EvalTransform
 
@@ -49,6 +50,11 @@ class ImageRecordDataset(Dataset):
 
     def _existing(self, index: int) -> str | bytes:
         raw = self._raw(index)
+        if isinstance(raw, str) and is_uri(raw):
+            try:
+                return read_object(raw)  # one GET, in the loader worker that decodes it
+            except FileNotFoundError as e:
+                raise BadImage(f"image not found: {e}") from e
         if isinstance(raw, str) and not os.path.exists(raw):
             if os.path.islink(raw):
                 raise BadImage(f"broken symbolic link to {os.readlink(raw)}")

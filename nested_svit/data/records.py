@@ -7,6 +7,8 @@ Inputs (all offline):
   (label -1); so has a file at the top of a class tree.
 * Hugging Face parquet shards (``*.parquet`` with ``image``/``label`` columns), one ``.parquet`` file,
   or a ``save_to_disk`` Arrow folder; class names from the ``label`` feature when it is a ``ClassLabel``.
+* Object storage (``data/objectstore.py``): a prefix (``s3://bucket/val/``) or a quoted glob
+  (``'s3://bucket/val/*/*.JPEG'``), under a folder's rules; the ids are the URIs.
 * One image file, a ``.txt`` / ``.lst`` list of paths (one per line, relative to the list's folder;
   ``#`` comments), or a quoted glob (``'photos/*.jpg'``).
 Rules everywhere: hidden and tool folders (``.git``, ``__MACOSX``) are never data; our own outputs are
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .classes import imagenet_classes, imagenet_index
+from .objectstore import is_uri, list_objects
 
 # what our outputs carry, so no later run reads them back as input (``data/records.py``): a marker file in
 # picture folders (--save-vis) and part folders (<out>.parts), a schema metadata key in parquet outputs
@@ -93,6 +96,8 @@ class Records:
     label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | folder_index | model_class_names | dataset_label | none
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that get no row
     image_ids: list[int] | None = None  # COCO image ids
+    keys: list[str] | None = None  # object store inputs: each key below the listed prefix (``<class>/<image>``)
+    stamps: list[str] | None = None  # object store inputs: each object's size and ETag (what ``digest`` pins)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,7 +106,10 @@ class Records:
         """Pins the exact input: paths, sizes and modification times of every file (or the data set's
         fingerprint); a resumed run with different files is refused."""
         h = hashlib.sha256()
-        if isinstance(self.sources, list):
+        if self.stamps is not None:
+            for src, stamp in zip(self.sources, self.stamps):
+                h.update(f"{src}\0{stamp}\n".encode())
+        elif isinstance(self.sources, list):
             for src in self.sources:
                 try:
                     st = os.stat(src)
@@ -118,9 +126,9 @@ def content_digest(records: "Records") -> str:
     size (or the data set's fingerprint), in order; unchanged by copying the data elsewhere."""
     h = hashlib.sha256()
     if isinstance(records.sources, list):
-        for src, image_id, label in zip(records.sources, records.ids, records.labels):
+        for i, (src, image_id, label) in enumerate(zip(records.sources, records.ids, records.labels)):
             try:
-                size = os.stat(src).st_size
+                size = records.stamps[i].split(":")[0] if records.stamps is not None else os.stat(src).st_size
             except OSError:
                 size = -1
             h.update(f"{image_id}\0{label}\0{size}\n".encode())
@@ -180,21 +188,52 @@ def _folder_records(root: Path, exclude: set[Path] = frozenset()) -> Records:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name) and not output_kind(d)
                      and not _is_output(d, exclude))
     files, ignored = _walk(root, set(exclude))
-    if classes:
-        # ImageNet wnid directories (all 1000 or a subset) get the standard ImageNet indices and names;
-        # other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does. Files at the top of
-        # the tree (no class folder) keep a row with label -1.
-        wnid_index = imagenet_index(classes)
-        index = wnid_index or {name: i for i, name in enumerate(classes)}
-        labels = [index[f.relative_to(root).parts[0]] if len(f.relative_to(root).parts) > 1 else -1 for f in files]
-        class_names = list(imagenet_classes()[1]) if wnid_index else classes
-        kind, source = "imagefolder", ("imagenet_wnid" if wnid_index else "sorted_class_dirs")
-    else:
-        labels, class_names, kind, source = [-1] * len(files), None, "images", "none"
     if not files:
         raise FileNotFoundError(f"no images found under {root}" + (f" ({len(ignored)} non-image files ignored)" if ignored else ""))
+    labels, class_names, kind, source = _tree_labels([f.relative_to(root).parts for f in files], classes)
     return Records([str(f) for f in files], labels, [str(f.relative_to(root)) for f in files], class_names, kind,
                    source, ignored)
+
+
+def _tree_labels(parts: list[tuple[str, ...]], classes: list[str]) -> tuple[list[int], list[str] | None, str, str]:
+    """Labels of a tree's files (each file's path parts below the root) from its class folders ->
+    (labels, class names, kind, label source). ImageNet wnid folders (all 1000 or a subset) get ImageNet's
+    indices and names; other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does. Files
+    at the top of the tree (no class folder) get -1."""
+    if not classes:
+        return [-1] * len(parts), None, "images", "none"
+    wnid_index = imagenet_index(classes)
+    index = wnid_index or {name: i for i, name in enumerate(classes)}
+    labels = [index[p[0]] if len(p) > 1 else -1 for p in parts]
+    class_names = list(imagenet_classes()[1]) if wnid_index else classes
+    return labels, class_names, "imagefolder", ("imagenet_wnid" if wnid_index else "sorted_class_dirs")
+
+
+def _uri_records(uri: str) -> Records:
+    """An object store prefix or glob (``objectstore.list_objects``: no image read), under a folder's
+    rules: class folders from each key's first folder, hidden keys skipped, known non-image files and
+    our own outputs (folders holding one of our markers) listed as ignored. Ids are the URIs."""
+    objects = [o for o in list_objects(uri) if not any(_hidden(part) for part in o.key.split("/")[:-1])]
+    ours = {o.key.rsplit("/", 1)[0] for o in objects if o.key.rsplit("/", 1)[-1] in MARKERS}
+    kept, ignored = [], []
+    for o in objects:
+        name = o.key.rsplit("/", 1)[-1]
+        suffix = Path(name).suffix.lower()
+        if any(o.key.startswith(folder + "/") for folder in ours):
+            ignored.append((o.uri, "output of an earlier nested-svit run"))
+        elif _hidden(name):
+            continue
+        elif suffix in NON_IMAGE_SUFFIXES:
+            ignored.append((o.uri, f"not an image ({suffix} file)"))
+        else:
+            kept.append(o)
+    if not kept:
+        raise FileNotFoundError(f"no images found under {uri}" + (f" ({len(ignored)} other objects ignored)" if ignored else ""))
+    parts = [tuple(o.key.split("/")) for o in kept]
+    labels, class_names, kind, source = _tree_labels(parts, sorted({p[0] for p in parts if len(p) > 1}))
+    uris = [o.uri for o in kept]
+    return Records(uris, labels, list(uris), class_names, kind, source, ignored, keys=[o.key for o in kept],
+                   stamps=[o.stamp for o in kept])
 
 
 def _file_list_records(files: list[Path], base: Path | None, kind: str) -> Records:
@@ -246,49 +285,6 @@ def _hf_ids(ds, kind: str) -> list[str]:
         if p:
             seen[p] = seen.get(p, 0) + 1
     return [(p if seen[p] == 1 else f"{p}#{i}") if p else f"{kind}/{i}" for i, p in enumerate(paths)]
-
-
-def class_folders(records: Records) -> list[str | None]:
-    """Each record's class folder: the first part of its id (``<class>/<image>``), None for a file at the
-    top of the tree."""
-    return [Path(i).parts[0] if len(Path(i).parts) > 1 else None for i in records.ids]
-
-
-def relabel_by_names(records: Records, names: list[str], ignore_unknown: bool = False) -> list[str]:
-    """An ImageFolder tree labelled by a model's class names: the images of folder ``X`` get the index of
-    ``X`` in ``names`` (``label_source`` ``model_class_names``); a folder that is not among them is a
-    ValueError, or with ``ignore_unknown`` its images get no label (-1). Files at the top of the tree
-    keep no label. -> the folders not among ``names`` (in place on ``records``)."""
-    index = {n: i for i, n in enumerate(names)}
-    folders = class_folders(records)
-    unknown = sorted({f for f in folders if f is not None and f not in index})
-    if unknown and not ignore_unknown:
-        shown = ", ".join(repr(n) for n in list(names)[:6]) + (" ..." if len(names) > 6 else "")
-        raise ValueError(f"class folder(s) {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''} are not among the "
-                         f"model's {len(names)} class names ({shown}): name the folders by the model's classes, or "
-                         "pass --ignore-unknown-classes to score only the folders that are")
-    records.labels = [index.get(f, -1) if f is not None else -1 for f in folders]
-    records.class_names = list(names)
-    records.label_source = "model_class_names"
-    return unknown
-
-
-def relabel_by_folder_index(records: Records, num_classes: int, names: list[str] | None) -> bool:
-    """ImageNet-V2's layout (class folders ``0`` ... ``999``): when every class folder of an ImageFolder
-    tree is a class index below ``num_classes`` (``testsets.index_folder_labels``), its images get that
-    index (``label_source`` ``folder_index``; the names of the labels: the model's ``names``, else the
-    index itself), in place; -> whether they did (mixed or out-of-range folder names: False, the labels
-    stay as they are)."""
-    from .testsets import index_folder_labels
-
-    folders = class_folders(records)
-    index = index_folder_labels(sorted({f for f in folders if f is not None}), num_classes)
-    if records.kind != "imagefolder" or index is None:
-        return False
-    records.labels = [index[f] if f is not None else -1 for f in folders]
-    records.class_names = list(names) if names else [str(i) for i in range(num_classes)]
-    records.label_source = "folder_index"
-    return True
 
 
 def _hf_parquet_files(root: Path, exclude: set[Path]) -> list[str]:
@@ -356,8 +352,10 @@ def resolve_records(path: str | os.PathLike, split: str | None = None, exclude: 
                     ) -> Records:
     """Any input of the module docstring -> ``Records``. ``exclude``: our own output files, never
     read back as input; ``split``: of a ``save_to_disk`` ``DatasetDict`` (default validation, else the first)."""
-    excluded = {Path(p).resolve() for p in exclude}
     text = str(path)
+    if is_uri(text):
+        return _uri_records(text)
+    excluded = {Path(p).resolve() for p in exclude}
     if any(ch in text for ch in "*?[") and not Path(text).exists():
         return _glob_records(text, excluded)
     root = Path(path)

@@ -177,7 +177,7 @@ def label_messages(records, data: DataOptions, names: list[str] | None, named_by
     ``0`` ... ``999``), and say what a user must know about the labels: the folders left
     unlabelled, sorted-order labels of a model without names, files outside the class folders."""
     from ..data.classes import imagenet_classes
-    from ..data.records import class_folders, relabel_by_folder_index, relabel_by_names
+    from ..data.labels import class_folders, relabel_by_folder_index, relabel_by_names
 
     out = []
     wnids_right = records.label_source == "imagenet_wnid" and list(names or ()) == list(imagenet_classes()[1])

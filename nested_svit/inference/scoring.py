@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.records import Records, class_folders
+from ..data.labels import class_folders
+from ..data.records import Records
 from ..data.testsets import NAMED_SUBSETS, matching_subset, read_real_labels, real_name, valid_labels
 
 

@@ -1,0 +1,97 @@
+"""Inputs in object storage, against a real S3 server on loopback (``s3_fixtures``: moto's server mode):
+the rows of an uploaded folder are the local rows (ids: the URIs), labels come from the keys' class
+folders, listing reads no image, a vanished object is a skipped row, and a missing bucket or absent
+credentials are one line each."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasets_fixtures import write_awkward_folder, write_image_folder
+from s3_fixtures import s3_client, upload_tree
+from nested_svit.cli.main import main
+
+TINY = ["--model", "svit_tiny", "--random-weights", "--img-size", "64", "--batch-size", "4", "--workers", "2",
+        "--threads", "2"]
+
+
+def _same_rows(local: pd.DataFrame, remote: pd.DataFrame, prefix: str) -> None:
+    """Row for row the local run's, the id being the object's URI."""
+    assert remote["id"].tolist() == [prefix + i for i in local["id"]]
+    rest = [c for c in local.columns if c != "id" and not c.endswith("_prob")]
+    pd.testing.assert_frame_equal(local[rest], remote[rest])
+    probs = [c for c in local.columns if c.endswith("_prob")]
+    np.testing.assert_allclose(local[probs].to_numpy(float), remote[probs].to_numpy(float), atol=1e-6, rtol=0)
+
+
+def test_awkward_folder_on_s3_gives_the_local_rows(tmp_path, s3):
+    kinds = write_awkward_folder(tmp_path / "awk")
+    upload_tree(tmp_path / "awk", f"{s3}/photos")
+    assert main(["predict", *TINY, "--input", str(tmp_path / "awk"), "--out", str(tmp_path / "local.csv")]) == 0
+    assert main(["predict", *TINY, "--input", f"{s3}/photos/", "--out", str(tmp_path / "remote.csv")]) == 0
+    local, remote = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "remote.csv")
+    assert len(local) == len(kinds) - 1  # the text file gets no row
+    assert local.status.tolist().count("skipped") == 3  # corrupt, truncated, and a document named .jpg
+    _same_rows(local, remote, f"{s3}/photos/")
+    meta = json.loads((tmp_path / "remote.csv.meta.json").read_text())
+    assert "testing" not in json.dumps(meta)  # no credential in what a run writes
+
+
+def test_imagenet_labels_from_the_keys_and_a_glob(tmp_path, s3):
+    items = write_image_folder(tmp_path / "val", per_class=3)
+    upload_tree(tmp_path / "val", f"{s3}/imagenet/val")
+    local_args = ["eval", "imagenet", *TINY, "--data", str(tmp_path / "val"), "--out", str(tmp_path / "local.json")]
+    assert main(local_args) == 0
+    assert main(["eval", "imagenet", *TINY, "--data", f"{s3}/imagenet/val/", "--out", str(tmp_path / "remote.json")]) == 0
+    local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
+    for key in ("top1", "top5", "num_images", "label_source", "mean_keep_ratio"):
+        assert remote[key] == local[key], key
+    assert remote["label_source"] == "imagenet_wnid" and remote["num_images"] == len(items)
+    # a quoted glob picks the JPEGs only; labels still from the first folder below the glob's fixed part
+    assert main(["predict", *TINY, "--input", f"{s3}/imagenet/val/*/*.JPEG", "--out", str(tmp_path / "glob.csv")]) == 0
+    rows = pd.read_csv(tmp_path / "glob.csv")
+    want = {f"{s3}/imagenet/val/{rel}": label for rel, label in items if rel.endswith(".JPEG")}
+    assert dict(zip(rows["id"], rows["label"])) == want
+
+
+def test_listing_reads_no_image_and_a_vanished_object_is_a_skipped_row(tmp_path, s3, monkeypatch):
+    from nested_svit.data import objectstore
+    from nested_svit.data.dataset import ImageRecordDataset
+    from nested_svit.data.records import resolve_records
+    from nested_svit.data.transforms import EvalTransform
+
+    write_image_folder(tmp_path / "val", per_class=2)
+    keys = upload_tree(tmp_path / "val", f"{s3}/val")
+    with monkeypatch.context() as m:
+        m.setattr(objectstore, "read_object", lambda uri: pytest.fail(f"listing read {uri}"))
+        fs, _ = objectstore.filesystem(s3)
+        m.setattr(type(fs), "cat_file", lambda *a, **k: pytest.fail("listing read an object"))
+        records = resolve_records(f"{s3}/val/")
+    assert records.ids == [f"{s3}/{k}" for k in keys] and records.keys == [k.split("/", 1)[1] for k in keys]
+    before = records.digest()
+    bucket = s3[len("s3://"):]
+    s3_client().delete_object(Bucket=bucket, Key=keys[0])
+    item = ImageRecordDataset(records, EvalTransform(64))[0]
+    assert item["image"] is None and item["error"].startswith(f"image not found: {s3}/{keys[0]}: not found")
+    assert ImageRecordDataset(records, EvalTransform(64))[1]["error"] is None
+    s3_client().put_object(Bucket=bucket, Key=keys[1], Body=b"changed")  # a resumed run must see this
+    assert resolve_records(f"{s3}/val/").digest() != before
+
+
+def test_a_missing_bucket_and_absent_credentials_are_one_line(tmp_path, s3, monkeypatch, capsys):
+    out = str(tmp_path / "p.csv")
+    assert main(["predict", *TINY, "--input", "s3://no-such-bucket-here/val/", "--out", out]) == 2
+    empty = s3 + "/nothing/"
+    assert main(["predict", *TINY, "--input", empty, "--out", out]) == 2
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert main(["predict", *TINY, "--input", f"{s3}/val/", "--out", out]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 3 and "Traceback" not in err, err
+    assert "s3://no-such-bucket-here/val/: the bucket does not exist" in lines[0]
+    assert f"no images found under {empty}" in lines[1]
+    assert "no credentials found" in lines[2] and "AWS_ACCESS_KEY_ID" in lines[2]
