@@ -95,3 +95,63 @@ def test_a_missing_bucket_and_absent_credentials_are_one_line(tmp_path, s3, monk
     assert "s3://no-such-bucket-here/val/: the bucket does not exist" in lines[0]
     assert f"no images found under {empty}" in lines[1]
     assert "no credentials found" in lines[2] and "AWS_ACCESS_KEY_ID" in lines[2]
+
+
+def test_a_manifest_on_s3_and_a_local_csv_give_the_folder_rows(tmp_path, s3):
+    """A parquet manifest in the bucket (URIs, labels, ids, one object that does not exist) and a local CSV
+    of relative paths under --uri-column: each image's row is the folder run's, the ids and labels the
+    manifest's, the missing object a skipped row with the reason."""
+    import io
+
+    items = write_image_folder(tmp_path / "val", per_class=2)
+    upload_tree(tmp_path / "val", f"{s3}/val")
+    assert main(["predict", *TINY, "--input", str(tmp_path / "val"), "--out", str(tmp_path / "folder.csv")]) == 0
+    folder = pd.read_csv(tmp_path / "folder.csv").set_index("id")
+    manifest = pd.DataFrame({"uri": [f"{s3}/val/{rel}" for rel, _ in items] + [f"{s3}/val/gone.jpg"],
+                             "label": [label for _, label in items] + [-1],
+                             "id": [f"img-{n}" for n in range(len(items))] + ["gone"]})
+    body = io.BytesIO()
+    manifest.to_parquet(body, index=False)
+    s3_client().put_object(Bucket=s3[len("s3://"):], Key="lists/val.parquet", Body=body.getvalue())
+    assert main(["predict", *TINY, "--input", f"{s3}/lists/val.parquet", "--out", str(tmp_path / "m.csv")]) == 0
+    rows = pd.read_csv(tmp_path / "m.csv")
+    assert rows["id"].tolist() == manifest["id"].tolist()
+    assert rows["label"].tolist() == manifest["label"].tolist()
+    gone = rows.set_index("id").loc["gone"]
+    assert gone["status"] == "skipped" and f"{s3}/val/gone.jpg: not found" in gone["error"]
+    for n, (rel, _) in enumerate(items):
+        got, want = rows.set_index("id").loc[f"img-{n}"], folder.loc[rel]
+        assert got["top1_id"] == want["top1_id"] and abs(got["top1_prob"] - want["top1_prob"]) <= 1e-6
+    pd.DataFrame({"path": [rel for rel, _ in items]}).to_csv(tmp_path / "val" / "list.csv", index=False)
+    assert main(["predict", *TINY, "--input", str(tmp_path / "val" / "list.csv"), "--uri-column", "path",
+                 "--out", str(tmp_path / "c.csv")]) == 0
+    local = pd.read_csv(tmp_path / "c.csv").set_index("id")
+    assert sorted(local.index) == sorted(folder.index)
+    assert (local.loc[folder.index, "top1_id"] == folder["top1_id"]).all() and local["label"].eq(-1).all()
+
+
+def test_bad_manifests_are_one_line(tmp_path, capsys):
+    cases = {"nocol.csv": "file,label\na.jpg,1\n", "labels.csv": "uri,label\na.jpg,cat\n",
+             "dupes.csv": "uri,id\na.jpg,x\nb.jpg,x\n", "empty.csv": "uri\na.jpg\n\"\"\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["predict", *TINY, "--input", str(tmp_path / name), "--out", str(tmp_path / "p.csv")]) == 2
+    assert main(["predict", *TINY, "--input", str(tmp_path), "--uri-column", "uri", "--out", str(tmp_path / "p.csv")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 5, err
+    assert "no column 'uri'" in err[0] and "--uri-column" in err[0]
+    assert "class indices" in err[1] and "ids must be unique" in err[2] and "is empty in 1 row" in err[3]
+    assert "is not one" in err[4]
+
+
+def test_hugging_face_shards_at_a_prefix_give_the_local_rows(tmp_path, s3):
+    from datasets_fixtures import write_parquet
+
+    write_parquet(tmp_path / "hf" / "data", n=10, shards=2)
+    upload_tree(tmp_path / "hf", f"{s3}/hf")
+    assert main(["predict", *TINY, "--input", str(tmp_path / "hf"), "--out", str(tmp_path / "local.csv")]) == 0
+    assert main(["predict", *TINY, "--input", f"{s3}/hf/", "--out", str(tmp_path / "remote.csv")]) == 0
+    local, remote = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "remote.csv")
+    assert len(remote) == 10 and remote["label"].tolist() == local["label"].tolist()
+    assert remote["id"].tolist() == local["id"].tolist()  # row numbers of the data set, as locally
+    _same_rows(local, remote, "")

@@ -81,6 +81,10 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
                 help="decode large JPEGs at a reduced DCT scale (1/2..1/8) that still covers the resize: much faster "
                      "for multi-megapixel photos, pixels differ slightly from a full decode (recorded in the outputs)")
     g.add_argument("--split", default=split, help=split_help)
+    g.add_argument("--uri-column", default=None, metavar="COLUMN",
+                   help="the input is a .csv / .parquet manifest (local or s3://...) whose COLUMN holds each image's "
+                        "URI or path, with optional 'label' (class index) and 'id' columns (default: 'uri' for a .csv, "
+                        "or a .parquet without an 'image' column)")
     g.add_argument("--max-image-pixels", type=int, default=None,
                    help="larger images are skipped with the reason (default 1e9; Pillow's own 89 Mpx warning is off)")
 

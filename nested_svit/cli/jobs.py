@@ -48,7 +48,8 @@ def data_options(args: argparse.Namespace, path: str, exif: bool, exclude: list)
     from ..inference import DataOptions
 
     return DataOptions(path, args.split, args.max_image_pixels, exif, args.decode, args.jpeg_draft, args.crop_pct,
-                       args.interpolation, tuple(str(p) for p in exclude if p), args.ignore_unknown_classes)
+                       args.interpolation, tuple(str(p) for p in exclude if p), args.ignore_unknown_classes,
+                       args.uri_column)
 
 
 def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object], dict], totals: Callable[[object], list]

@@ -212,7 +212,7 @@ def predict_detector(args: argparse.Namespace) -> int:
     vis_dir = Path(args.save_vis) if args.save_vis else None
 
     def dataset_of(model) -> DetectionImages:
-        records = resolve_records(args.input, args.split, exclude=[out, parts] + ([vis_dir] if vis_dir else []))
+        records = resolve_records(args.input, args.split, [out, parts] + ([vis_dir] if vis_dir else []), args.uri_column)
         return DetectionImages(records, model.config.img_scale, max_pixels=args.max_image_pixels)
 
     spec = model_spec(args, "detector")

@@ -99,11 +99,12 @@ class ImageRecordDataset(Dataset):
 
 def open_dataset(path: str | os.PathLike, transform: Callable | None = None, split: str | None = None,
                  exclude: Iterable[str | os.PathLike] = (), exif: bool = False, max_pixels: int | None = None,
-                 **options) -> ImageRecordDataset:
+                 uri_column: str | None = None, **options) -> ImageRecordDataset:
     """Any input ``records.resolve_records`` takes, decoded and transformed per item (default: the
-    DeiT eval transform). ``exclude``: our own output files, never read back as input. ``options``:
+    DeiT eval transform). ``exclude``: our own output files, never read back as input; ``uri_column``: a
+    manifest's image column. ``options``:
     ``draft``, ``encoded_jpegs`` (``ImageRecordDataset``)."""
-    return ImageRecordDataset(resolve_records(path, split, exclude), transform or EvalTransform(), exif, max_pixels,
+    return ImageRecordDataset(resolve_records(path, split, exclude, uri_column), transform or EvalTransform(), exif, max_pixels,
                               **options)
 
 

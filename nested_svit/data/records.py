@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .classes import imagenet_classes, imagenet_index
+from .manifest import manifest_column, read_manifest
 from .objectstore import is_uri, list_objects
 
 # what our outputs carry, so no later run reads them back as input (``data/records.py``): a marker file in
@@ -227,6 +228,10 @@ def _uri_records(uri: str) -> Records:
             ignored.append((o.uri, f"not an image ({suffix} file)"))
         else:
             kept.append(o)
+    shards = [o.uri for o in objects if o.key.endswith(".parquet") and (o.uri, "output of an earlier nested-svit run")
+              not in ignored]
+    if not kept and shards:  # Hugging Face parquet shards (datasets reads them through the same fsspec layer)
+        return _hf_records(uri, files=shards)
     if not kept:
         raise FileNotFoundError(f"no images found under {uri}" + (f" ({len(ignored)} other objects ignored)" if ignored else ""))
     parts = [tuple(o.key.split("/")) for o in kept]
@@ -243,10 +248,12 @@ def _file_list_records(files: list[Path], base: Path | None, kind: str) -> Recor
     return Records([str(f) for f in files], [-1] * len(files), ids, None, kind, "none")
 
 
-def _hf_records(root: Path, split: str | None = None, exclude: set[Path] = frozenset()) -> Records:
+def _hf_records(root: Path | str, split: str | None = None, exclude: set[Path] = frozenset(),
+                files: list[str] | None = None) -> Records:
+    """A save_to_disk folder or parquet shards: ``root``'s, or ``files`` (shards in object storage)."""
     import datasets
 
-    if root.is_dir() and ((root / "dataset_info.json").exists() or (root / "state.json").exists()
+    if files is None and root.is_dir() and ((root / "dataset_info.json").exists() or (root / "state.json").exists()
                           or (root / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(root))
         if isinstance(ds, datasets.DatasetDict):
@@ -256,7 +263,7 @@ def _hf_records(root: Path, split: str | None = None, exclude: set[Path] = froze
             ds = ds[split]
         kind = "arrow"
     else:
-        files = [str(root)] if root.is_file() else _hf_parquet_files(root, exclude)
+        files = files or ([str(root)] if root.is_file() else _hf_parquet_files(root, exclude))
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
         kind = "parquet"
     if "image" not in ds.column_names:
@@ -348,11 +355,22 @@ def _list_records(listing: Path) -> Records:
     return _file_list_records(files, listing.parent, "list")
 
 
-def resolve_records(path: str | os.PathLike, split: str | None = None, exclude: Iterable[str | os.PathLike] = ()
-                    ) -> Records:
+def _manifest_records(path: str, column: str) -> Records:
+    """A manifest (``data/manifest.py``): every row gets a row, a missing object or file skipped with the reason."""
+    rows = read_manifest(path, column)
+    return Records(rows.sources, rows.labels, rows.ids, None, "manifest", rows.label_source,
+                   stamps=["listed"] * len(rows.sources) if any(map(is_uri, rows.sources)) else None)
+
+
+def resolve_records(path: str | os.PathLike, split: str | None = None, exclude: Iterable[str | os.PathLike] = (),
+                    uri_column: str | None = None) -> Records:
     """Any input of the module docstring -> ``Records``. ``exclude``: our own output files, never
     read back as input; ``split``: of a ``save_to_disk`` ``DatasetDict`` (default validation, else the first)."""
     text = str(path)
+    if (is_uri(text) or Path(text).is_file()) and (column := manifest_column(text, uri_column)):
+        return _manifest_records(text, column)
+    if uri_column:
+        raise ValueError(f"--uri-column names a column of a .csv or .parquet manifest; {text} is not one")
     if is_uri(text):
         return _uri_records(text)
     excluded = {Path(p).resolve() for p in exclude}

@@ -55,6 +55,7 @@ class DataOptions:
     interpolation: str | None = None
     exclude: tuple[str, ...] = ()
     ignore_unknown_classes: bool = False  # class folders that are not among the model's names: unlabelled
+    uri_column: str | None = None  # a manifest's image column (``data/manifest.py``; default ``uri``)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
     transform = EvalTransform.for_model(model.pretrained_cfg, model.config.img_size, data.crop_pct, data.interpolation)
     draft = (transform.resize_to, transform.resize_to) if data.jpeg_draft else None
     dataset = open_dataset(data.path, transform.crop, split=data.split, exclude=[*data.exclude, parts_dir],
-                           exif=data.exif, max_pixels=data.max_pixels, draft=draft,
+                           uri_column=data.uri_column, exif=data.exif, max_pixels=data.max_pixels, draft=draft,
                            encoded_jpegs=data.decode == "gpu")
     decoder = None
     if data.decode == "gpu":
