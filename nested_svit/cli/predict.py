@@ -28,7 +28,8 @@ def add_parser(sub, formatter) -> None:
     g = p.add_argument_group("input and output")
     g.add_argument("--input", "--data", dest="input", default=None,
                    help="image folder or ImageFolder tree, one image, a .parquet file or shards, an Arrow folder, "
-                        "a .txt list of paths, or a quoted glob ('photos/*.jpg')")
+                        "a .txt list of paths, a quoted glob ('photos/*.jpg'), an object store prefix or glob "
+                        "(s3://bucket/val/), or a .csv/.parquet manifest of URIs (--uri-column)")
     g.add_argument("--demo", action="store_true",
                    help="bundled SViT trained on digits (eval/digits_experiment.py) and bundled sample images")
     g.add_argument("--out", default="predictions.parquet",
