@@ -72,6 +72,7 @@ def test_listing_reads_no_image_and_a_vanished_object_is_a_skipped_row(tmp_path,
         records = resolve_records(f"{s3}/val/")
     assert records.ids == [f"{s3}/{k}" for k in keys] and records.keys == [k.split("/", 1)[1] for k in keys]
     before = records.digest()
+    assert resolve_records(f"{s3}/val/").digest() == before  # what a resumed run compares: stable
     bucket = s3[len("s3://"):]
     s3_client().delete_object(Bucket=bucket, Key=keys[0])
     item = ImageRecordDataset(records, EvalTransform(64))[0]
@@ -84,6 +85,7 @@ def test_listing_reads_no_image_and_a_vanished_object_is_a_skipped_row(tmp_path,
 def test_a_missing_bucket_and_absent_credentials_are_one_line(tmp_path, s3, monkeypatch, capsys):
     out = str(tmp_path / "p.csv")
     assert main(["predict", *TINY, "--input", "s3://no-such-bucket-here/val/", "--out", out]) == 2
+    assert main(["predict", *TINY, "--input", "s3://", "--out", out]) == 2
     empty = s3 + "/nothing/"
     assert main(["predict", *TINY, "--input", empty, "--out", out]) == 2
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
@@ -91,10 +93,11 @@ def test_a_missing_bucket_and_absent_credentials_are_one_line(tmp_path, s3, monk
     assert main(["predict", *TINY, "--input", f"{s3}/val/", "--out", out]) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 3 and "Traceback" not in err, err
+    assert len(lines) == 4 and "Traceback" not in err, err
     assert "s3://no-such-bucket-here/val/: the bucket does not exist" in lines[0]
-    assert f"no images found under {empty}" in lines[1]
-    assert "no credentials found" in lines[2] and "AWS_ACCESS_KEY_ID" in lines[2]
+    assert "s3://: give a bucket and a prefix" in lines[1]
+    assert f"no images found under {empty}" in lines[2]
+    assert "no credentials found" in lines[3] and "AWS_ACCESS_KEY_ID" in lines[3]
 
 
 def test_a_manifest_on_s3_and_a_local_csv_give_the_folder_rows(tmp_path, s3):
@@ -155,3 +158,22 @@ def test_hugging_face_shards_at_a_prefix_give_the_local_rows(tmp_path, s3):
     assert len(remote) == 10 and remote["label"].tolist() == local["label"].tolist()
     assert remote["id"].tolist() == local["id"].tolist()  # row numbers of the data set, as locally
     _same_rows(local, remote, "")
+
+
+@pytest.mark.slow
+def test_a_killed_run_over_s3_inputs_resumes_with_one_row_per_image(tmp_path, s3, kill_midway):
+    """SIGKILL midway (the objects still being read), rerun: the committed batches are kept, every image
+    has exactly one row, and the rows are an uninterrupted run's."""
+    from procs import cli_command
+
+    write_image_folder(tmp_path / "val", per_class=12)  # 36 images, 9 batches of 4
+    upload_tree(tmp_path / "val", f"{s3}/val")
+    args = ["predict", *TINY, "--input", f"{s3}/val/"]
+    assert main([*args, "--out", str(tmp_path / "whole.parquet")]) == 0
+    out = tmp_path / "resumed.parquet"
+    committed = kill_midway(cli_command(*args, "--out", str(out)), tmp_path / "resumed.parquet.parts", at_least=2)
+    assert 2 <= len(committed) < 9 and not out.exists()
+    assert main([*args, "--out", str(out)]) == 0
+    whole, resumed = pd.read_parquet(tmp_path / "whole.parquet"), pd.read_parquet(out)
+    assert resumed["id"].is_unique and len(resumed) == 36
+    _same_rows(whole, resumed, "")

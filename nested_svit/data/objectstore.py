@@ -54,8 +54,10 @@ def filesystem(uri: str):
         if fs is None:
             fs = _filesystems[key] = fsspec.filesystem(scheme, skip_instance_cache=True)
     except ImportError as e:
-        package = _EXTRAS.get(scheme, f"the fsspec package for {scheme}://")
-        raise ValueError(f"{uri}: reading {scheme}:// needs {package} (pip install 'nested-svit[s3]' for S3)") from e
+        package = _EXTRAS.get(scheme)
+        how = "pip install 'nested-svit[s3]'" if package == "s3fs" else f"pip install {package}" if package else \
+            f"install the fsspec package for {scheme}://"
+        raise ValueError(f"{uri}: reading {scheme}:// needs {package or 'an fsspec filesystem'} ({how})") from e
     except ValueError as e:
         raise ValueError(f"{uri}: {e}") from e
     return fs, fs._strip_protocol(uri)
@@ -83,6 +85,8 @@ def list_objects(uri: str) -> list[StoredObject]:
     (``s3://b/val/*/*.JPEG``), sorted by key; no object is read. A missing bucket, absent credentials or
     a refused listing is a ValueError of one line."""
     fs, path = filesystem(uri)
+    if not path.strip("/"):
+        raise ValueError(f"{uri}: give a bucket and a prefix (s3://bucket/val/)")
     globbed = bool(_GLOB.search(path))
     try:
         found = fs.glob(path, detail=True) if globbed else fs.find(path, detail=True)
