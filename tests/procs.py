@@ -28,13 +28,14 @@ def run_torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.C
     return subprocess.run(torchrun_command(*args, nproc=nproc), capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def kill_midway(cmd: list[str], parts: Path, at_least: int, timeout: float = 180) -> set[int]:
-    """Start ``cmd``, SIGKILL it once ``parts`` holds ``at_least`` part files (or when it ended or
-    ``timeout`` passed); -> the ids of the batches it had committed."""
+def kill_midway(cmd: list[str], parts: Path, at_least: int, timeout: float = 180, pattern: str = "batch-*.parquet"
+                ) -> set[int]:
+    """Start ``cmd``, SIGKILL it once ``parts`` holds ``at_least`` part files matching ``pattern`` (or when it
+    ended or ``timeout`` passed); -> the ids of the batches it had committed."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + timeout
-    while time.time() < deadline and len(list(parts.glob("batch-*.parquet"))) < at_least and proc.poll() is None:
+    while time.time() < deadline and len(list(parts.glob(pattern))) < at_least and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.parquet")}
+    return {int(p.stem.split("-")[1]) for p in parts.glob(pattern)}

@@ -54,8 +54,9 @@ def keep_budget_values(value: str | None) -> dict:
     return {"targets": values}
 
 
-def check_writable(out: Path) -> None:
-    """Fail early when ``out`` cannot be written (read-only folder, a file where a folder must be)."""
+def check_writable(out: Path, folder: bool = False) -> None:
+    """Fail early when ``out`` cannot be written (read-only folder, a file where a folder must be);
+    ``folder``: ``out`` is a folder to write into (a data set output)."""
     parent = out.resolve().parent
     probe = parent
     while not probe.exists():
@@ -64,8 +65,8 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"cannot write {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {out}: no write permission in {probe}")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name")
+    if out.is_dir() and not folder:
+        raise ValueError(f"--out {out} is a folder; give a file name (or end it with / for a Parquet data set)")
 
 
 def check_suffix(out: Path, allowed: Sequence[str], what: str) -> str:

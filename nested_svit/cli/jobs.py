@@ -27,7 +27,12 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's default)")
     if args.max_image_pixels is not None and args.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
-    check_writable(Path(args.out))
+    from ..data.objectstore import is_uri
+
+    if is_uri(args.out):
+        raise ValueError(f"--out {args.out}: writing to object storage is not built yet; write a local file or a "
+                         "data set folder (--out DIR/) and copy it there")
+    check_writable(Path(args.out), folder=str(args.out).endswith(("/", "\\")))
 
 
 def run_options(args: argparse.Namespace):

@@ -33,7 +33,8 @@ def add_parser(sub, formatter) -> None:
     g.add_argument("--demo", action="store_true",
                    help="bundled SViT trained on digits (eval/digits_experiment.py) and bundled sample images")
     g.add_argument("--out", default="predictions.parquet",
-                   help=".parquet, .csv, .json or .jsonl (detectors: .parquet, .json, .jsonl)")
+                   help=".parquet, .csv, .json or .jsonl (detectors: .parquet, .json, .jsonl); a folder ending in / "
+                        "(classifiers): a partitioned Parquet data set, one part per batch, _SUCCESS at the end")
     options.add(p, g, "--topk", type=int, defaults={CLS: 5}, help="classes per image in the output")
     add_valid_labels_option(p, g, (CLS, DET))
     g.add_argument("--save-vis", default=None,
@@ -73,21 +74,28 @@ def _run(args: argparse.Namespace, spec, local: Callable) -> Callable:
 def predict_classifier(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
     from ..inference import Scoring, classifier_job, provenance, run_inference
+    from ..inference.dataset_out import is_dataset_out, prepare_dataset_folder
 
     name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
     source = args.input or demo_input
     if not source:
         raise ValueError("--input is required (or --demo)")
-    out = Path(args.out)
-    check_suffix(out, PREDICT_FORMATS, "predict")
+    out, dataset_out = Path(args.out), is_dataset_out(args.out)
     validate_inference_args(args)
-    parts = out.with_name(out.name + ".parts")
+    if dataset_out:
+        if args.save_vis:
+            raise ValueError("--save-vis needs a file --out (its rows name the pictures); a data set --out DIR/ "
+                             "has no picture column")
+        parts, notes = out, prepare_dataset_folder(out)  # the parts are the output
+    else:
+        check_suffix(out, PREDICT_FORMATS, "predict")
+        parts, notes = out.with_name(out.name + ".parts"), []
     spec = model_spec(args, "classifier", name, checkpoint)
     names = class_names_file(args.class_names) or ([str(d) for d in range(10)] if args.demo else None)
     prepared = classifier_job(spec, data_options(args, source, True, [out, args.save_vis]),
                               run_options(args), parts, "predict", args.topk, names, keep_budget(args),
                               decode_here=args.engine == "local", scoring=Scoring(args.valid_labels))
-    show(_engine_notes(args) + prepared.messages + _recompute_note(out, parts))
+    show(_engine_notes(args) + prepared.messages + notes + ([] if dataset_out else _recompute_note(out, parts)))
     job = prepared.job
     pictures = picture_names(job.dataset.records.ids) if args.save_vis else None
     if args.save_vis:
@@ -105,12 +113,15 @@ def predict_classifier(args: argparse.Namespace) -> int:
                           calibration=job.manifest["calibration"], class_names=job.class_names, topk=args.topk,
                           decode=job.manifest["decode"], engine=args.engine,
                           **({"valid_labels": prepared.scoring.valid_name} if prepared.scoring.valid else {}))
-        write_rows(rows, out, meta)
-        job.store.remove()
+        if dataset_out:
+            job.store.finish(meta, len(rows))
+        else:
+            write_rows(rows, out, meta)
+            job.store.remove()
         extra = f"; pictures in {args.save_vis}" if args.save_vis else ""
         if spec.capacity:  # every process's and Ray actor's batches of this run
             extra += "; " + capacity_note(spec.capacity, int(reruns))
-        return _summary(rows, out, images, seconds, job.dataset.records.ignored, extra)
+        return _summary(rows, f"{out}/" if dataset_out else out, images, seconds, job.dataset.records.ignored, extra)
     finally:
         shutdown(job.dist)
 
@@ -206,6 +217,11 @@ def predict_detector(args: argparse.Namespace) -> int:
     if not args.input:
         raise ValueError("--input is required: an image file, a folder of images, a .txt list, a parquet file or a glob")
     validate_inference_args(args)
+    from ..inference.dataset_out import is_dataset_out
+
+    if is_dataset_out(args.out):
+        raise ValueError(f"--out {args.out}: a data set output is built for classifiers so far; give a detector a "
+                         f"file ({', '.join(DETECTOR_FORMATS)})")
     out = Path(args.out)
     check_writable(out)
     check_suffix(out, DETECTOR_FORMATS, "a detector")

@@ -33,13 +33,15 @@ from .objectstore import is_uri, list_objects
 # picture folders (--save-vis) and part folders (<out>.parts), a schema metadata key in parquet outputs
 PICTURES_MARKER = ".nested-svit-pictures"
 PARTS_MARKER = ".nested-svit-parts"
+DATASET_MARKER = ".nested-svit-dataset"  # a folder --out that is a partitioned Parquet data set of rows
 PARQUET_KEY = b"nested_svit"
 MARKERS = {PICTURES_MARKER: "pictures of an earlier nested-svit run (--save-vis)",
-           PARTS_MARKER: "part files of an unfinished nested-svit run"}
+           PARTS_MARKER: "part files of an unfinished nested-svit run",
+           DATASET_MARKER: "a Parquet data set written by nested-svit predict"}
 
 
 def mark_output_folder(folder: str | os.PathLike, marker: str) -> None:
-    """Mark ``folder`` (created if needed) as ours: ``PICTURES_MARKER`` or ``PARTS_MARKER``."""
+    """Mark ``folder`` (created if needed) as ours: one of ``MARKERS``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / marker).touch()

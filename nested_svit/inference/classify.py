@@ -17,6 +17,7 @@ from ..data.transforms import EvalTransform
 from ..distributed import DistInfo
 from ..model import SparseViT
 from .loop import run_local
+from .dataset_out import open_store
 from .parts import PartStore
 
 
@@ -175,7 +176,7 @@ class InferenceJob:
 
     @property
     def store(self) -> PartStore:
-        return PartStore(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
+        return open_store(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
 
 
 def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None = None) -> Progress:

@@ -16,6 +16,7 @@ from ..data.coco import DetectionImages, upload_detection_batch
 from ..detection.detector import Detections, MaskRCNNDetector
 from ..distributed import DistInfo
 from .loop import run_local
+from .dataset_out import open_store
 from .parts import PartStore
 
 
@@ -117,7 +118,7 @@ class DetectionJob:
 
     @property
     def store(self) -> PartStore:
-        return PartStore(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
+        return open_store(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
 
 
 def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], None] | None = None,

@@ -21,9 +21,9 @@ MANIFEST = "manifest.json"
 INTEGER_COLUMNS = ("index", "label", "orientation", "image_id", "height", "width", "num_detections", "total_tokens")
 
 
-def part_path(parts_dir: Path, batch: int) -> Path:
+def part_path(parts_dir: Path, batch: int, prefix: str = "batch-") -> Path:
     """The part file of global batch ``batch``."""
-    return Path(parts_dir) / f"batch-{batch:07d}.parquet"
+    return Path(parts_dir) / f"{prefix}{batch:07d}.parquet"
 
 
 def plain(manifest: dict) -> dict:
@@ -31,10 +31,11 @@ def plain(manifest: dict) -> dict:
     return json.loads(json.dumps(manifest, sort_keys=True))
 
 
-def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True) -> None:
+def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True, name: str = MANIFEST,
+                   marker: str = PARTS_MARKER) -> None:
     """Refuse ``parts_dir`` when it holds parts of another run (naming what differs); else record
-    ``manifest`` there (the main process), creating the folder."""
-    path = Path(parts_dir) / MANIFEST
+    ``manifest`` there (the main process) as ``name``, creating the folder with its ``marker``."""
+    path = Path(parts_dir) / name
     if path.exists():
         old, new = json.loads(path.read_text()), plain(manifest)
         if old != new:
@@ -42,18 +43,24 @@ def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True) -> Non
             raise RuntimeError(f"{parts_dir} holds partial results of a different run (differs in {diff}); "
                                "delete it or choose another --out")
     elif is_main:
-        mark_output_folder(parts_dir, PARTS_MARKER)  # never read back as input by a later run
+        mark_output_folder(parts_dir, marker)  # never read back as input by a later run
         atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def merge_parts(parts_dir: Path, num_records: int) -> pd.DataFrame:
-    """All part files -> one frame sorted by index; checks that every image appears exactly once."""
-    files = sorted(Path(parts_dir).glob("batch-*.parquet"))
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
-    frame = frame.sort_values("index", kind="stable").reset_index(drop=True) if len(frame) else frame
-    for col in frame.columns:  # skipped rows leave gaps: keep integer columns integer (nullable)
+def integer_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its integer columns as nullable integers (skipped rows leave gaps), in place."""
+    for col in frame.columns:
         if col in INTEGER_COLUMNS or (col.startswith("top") and col.endswith("_id")) or col.startswith("kept_b"):
             frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def merge_parts(parts_dir: Path, num_records: int, prefix: str = "batch-") -> pd.DataFrame:
+    """All part files -> one frame sorted by index; checks that every image appears exactly once."""
+    files = sorted(Path(parts_dir).glob(f"{prefix}*.parquet"))
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    frame = frame.sort_values("index", kind="stable").reset_index(drop=True) if len(frame) else frame
+    integer_columns(frame)
     if len(frame) != num_records or frame["index"].duplicated().any() or \
             (len(frame) and frame["index"].tolist() != list(range(num_records))):
         raise RuntimeError(f"{parts_dir}: expected one row for each of {num_records} images, found {len(frame)} rows "
@@ -76,13 +83,20 @@ class PartStore:
     batch_size: int
     num_records: int
     dist: DistInfo = field(default_factory=DistInfo)
+    prefix = "batch-"  # part files: <prefix><batch>.parquet
+    manifest_name = MANIFEST
+    marker = PARTS_MARKER
 
     def check_manifest(self) -> None:
-        check_manifest(self.parts_dir, self.manifest, self.dist.is_main)
+        check_manifest(self.parts_dir, self.manifest, self.dist.is_main, self.manifest_name, self.marker)
         Path(self.parts_dir).mkdir(parents=True, exist_ok=True)
 
     def part_path(self, batch: int) -> Path:
-        return part_path(self.parts_dir, batch)
+        return part_path(self.parts_dir, batch, self.prefix)
+
+    def side_file(self, name: str) -> Path:
+        """A file of the run beside its parts that is not a part (the Ray engine's manifest)."""
+        return Path(self.parts_dir) / name
 
     def batch_of(self, indices) -> int:
         """The global batch the images ``indices`` belong to."""
@@ -103,7 +117,8 @@ class PartStore:
             atomic_write(path, lambda tmp: rows.to_parquet(tmp, index=False))
 
     def merge(self) -> pd.DataFrame:
-        return merge_parts(self.parts_dir, self.num_records)
+        return merge_parts(self.parts_dir, self.num_records, self.prefix)
 
     def remove(self) -> None:
         remove_parts(self.parts_dir)
+

@@ -117,7 +117,7 @@ def run_on_ray(store: PartStore, dataset, step, spec, options: RayOptions, progr
 
 def _ray_results(ray, store: PartStore, dataset, step, spec, options: RayOptions, todo: list[list[int]]):
     """The schedule of ``run_batches``: pending batches -> decode tasks -> model actors -> ``BatchResult``s."""
-    manifest = store.parts_dir / "ray-manifest.parquet"
+    manifest = store.side_file("ray-manifest.parquet")
     if not manifest.exists():
         write_manifest(manifest, dataset, store.batch_size)
     if not todo:

@@ -1,0 +1,105 @@
+"""``predict --out DIR/``: the rows as a partitioned Parquet data set, one part per global batch, read as one
+table by pandas and pyarrow (and Ray Data, slow tier) with exactly the rows of a file output; parts of
+skipped-only batches unified with the rest; a killed run resumes; a finished one is recomputed; the folder
+is never read back as input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasets_fixtures import write_awkward_folder, write_image_folder
+from procs import cli_command
+from nested_svit.cli.main import main
+
+TINY = ["--model", "svit_tiny", "--random-weights", "--img-size", "64", "--workers", "0", "--threads", "2"]
+
+
+def _table(folder) -> pd.DataFrame:
+    return pd.read_parquet(folder).sort_values("index").reset_index(drop=True)
+
+
+def _equal_rows(want: pd.DataFrame, got: pd.DataFrame) -> None:
+    assert list(want.columns) == list(got.columns)
+    exact = [c for c in want.columns if not c.endswith("_prob")]
+    pd.testing.assert_frame_equal(want[exact], got[exact], check_dtype=False)
+    probs = [c for c in want.columns if c.endswith("_prob")]
+    np.testing.assert_allclose(want[probs].to_numpy(float), got[probs].to_numpy(float), atol=1e-6, rtol=0)
+
+
+def test_a_data_set_folder_reads_as_the_file_rows(tmp_path):
+    import pyarrow.dataset as pds
+
+    write_awkward_folder(tmp_path / "in")
+    # the first part holds only a skipped image (5 columns): a reader that took its schema would drop the rest
+    (tmp_path / "in" / "000 broken.jpg").write_bytes(b"\xff\xd8 broken")
+    args = ["predict", *TINY, "--batch-size", "1", "--input", str(tmp_path / "in")]  # skipped images: parts of nulls
+    assert main([*args, "--out", str(tmp_path / "rows.parquet")]) == 0
+    assert main([*args, "--out", f"{tmp_path / 'ds'}/"]) == 0
+    want = pd.read_parquet(tmp_path / "rows.parquet")
+    parts = sorted((tmp_path / "ds").glob("part-*.parquet"))
+    assert len(parts) == len(want) == 14 and (tmp_path / "ds" / "_SUCCESS").exists()
+    _equal_rows(want, _table(tmp_path / "ds"))
+    assert pds.dataset(str(tmp_path / "ds"), format="parquet").to_table().num_rows == 14
+    manifest = json.loads((tmp_path / "ds" / "_manifest.json").read_text())
+    assert manifest["rows"] == 14 and manifest["parts"] == [p.name for p in parts] and "checkpoint_sha256" in manifest
+    assert not (tmp_path / "ds" / "_nested_svit_run.json").exists()
+    # never read back as input: a later run over the parent folder lists it as ignored
+    images = ["--input", str(tmp_path), "--out", str(tmp_path / "again.csv")]
+    assert main(["predict", *TINY, *images]) == 0
+    again = pd.read_csv(tmp_path / "again.csv")
+    assert not again["id"].str.contains("part-").any()
+
+
+def test_a_killed_data_set_run_resumes_and_a_finished_one_is_recomputed(tmp_path, capsys, kill_midway):
+    write_image_folder(tmp_path / "in", per_class=12)  # 36 images, 9 batches of 4
+    args = ["predict", *TINY, "--batch-size", "4", "--input", str(tmp_path / "in")]
+    assert main([*args, "--out", str(tmp_path / "rows.parquet")]) == 0
+    ds = tmp_path / "ds"
+    committed = kill_midway(cli_command(*args, "--out", f"{ds}/"), ds, at_least=2, pattern="part-*.parquet")
+    assert 2 <= len(committed) < 9 and not (ds / "_SUCCESS").exists() and (ds / "_nested_svit_run.json").exists()
+    assert main([*args, "--out", f"{ds}/"]) == 0
+    want = pd.read_parquet(tmp_path / "rows.parquet")
+    _equal_rows(want, _table(ds))
+    capsys.readouterr()
+    assert main([*args, "--topk", "3", "--out", f"{ds}/"]) == 0  # a finished data set: computed again
+    said = capsys.readouterr()
+    assert "holds a finished run's data set: it is computed again" in said.out + said.err
+    assert "top4_id" not in _table(ds).columns and len(_table(ds)) == 36
+
+
+def test_data_set_outputs_refuse_what_they_cannot_do(tmp_path, capsys, tiny_detector_file):
+    write_image_folder(tmp_path / "in", per_class=1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("a user's file")
+    base = ["predict", *TINY, "--input", str(tmp_path / "in")]
+    assert main([*base, "--out", "s3://bucket/preds/"]) == 2
+    assert main([*base, "--out", f"{tmp_path / 'full'}/"]) == 2
+    assert main([*base, "--out", f"{tmp_path / 'v'}/", "--save-vis", str(tmp_path / "pics")]) == 2
+    assert main(["predict", "--checkpoint", str(tiny_detector_file), "--input", str(tmp_path / "in"),
+                 "--out", f"{tmp_path / 'det'}/"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 4, err
+    assert "object storage is not built yet" in err[0] and "holds other files" in err[1]
+    assert "--save-vis needs a file --out" in err[2] and "built for classifiers so far" in err[3]
+    assert (tmp_path / "full" / "mine.txt").exists() and not (tmp_path / "full" / ".nested-svit-dataset").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_writes_the_same_data_set(tmp_path):
+    ray = pytest.importorskip("ray")
+    write_image_folder(tmp_path / "in", per_class=3)
+    model = ["predict", "--model", "svit_tiny", "--random-weights", "--img-size", "64", "--batch-size", "4",
+             "--input", str(tmp_path / "in")]
+    assert main([*model, "--workers", "0", "--threads", "2", "--out", f"{tmp_path / 'local'}/"]) == 0
+    assert main([*model, "--engine", "ray", "--actors", "2", "--out", f"{tmp_path / 'ray'}/"]) == 0
+    _equal_rows(_table(tmp_path / "local"), _table(tmp_path / "ray"))
+    assert not list((tmp_path / "ray").glob("ray-manifest*"))  # Ray's manifest is a side file: _ray-manifest
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert ray.data.read_parquet(str(tmp_path / "ray")).count() == 9
+    finally:
+        ray.shutdown()
