@@ -70,11 +70,16 @@ def test_a_killed_data_set_run_resumes_and_a_finished_one_is_recomputed(tmp_path
     assert "top4_id" not in _table(ds).columns and len(_table(ds)) == 36
 
 
-def test_data_set_outputs_refuse_what_they_cannot_do(tmp_path, capsys, tiny_detector_file):
+def test_data_set_outputs_refuse_what_they_cannot_do(tmp_path, capsys, tiny_detector_file, monkeypatch):
     write_image_folder(tmp_path / "in", per_class=1)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("a user's file")
     base = ["predict", *TINY, "--input", str(tmp_path / "in")]
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert main([*base, "--out", "s3://bucket/preds/"]) == 2
     assert main([*base, "--out", f"{tmp_path / 'full'}/"]) == 2
     assert main([*base, "--out", f"{tmp_path / 'v'}/", "--save-vis", str(tmp_path / "pics")]) == 2
@@ -82,7 +87,7 @@ def test_data_set_outputs_refuse_what_they_cannot_do(tmp_path, capsys, tiny_dete
                  "--out", f"{tmp_path / 'det'}/"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 4, err
-    assert "object storage is not built yet" in err[0] and "holds other files" in err[1]
+    assert "s3://bucket/preds/: no credentials found" in err[0] and "holds other files" in err[1]
     assert "--save-vis needs a file --out" in err[2] and "built for classifiers so far" in err[3]
     assert (tmp_path / "full" / "mine.txt").exists() and not (tmp_path / "full" / ".nested-svit-dataset").exists()
 

@@ -177,3 +177,57 @@ def test_a_killed_run_over_s3_inputs_resumes_with_one_row_per_image(tmp_path, s3
     whole, resumed = pd.read_parquet(tmp_path / "whole.parquet"), pd.read_parquet(out)
     assert resumed["id"].is_unique and len(resumed) == 36
     _same_rows(whole, resumed, "")
+
+
+def _parts_in(uri: str) -> list[str]:
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    listed = s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return sorted(o["Key"].rsplit("/", 1)[-1] for o in listed if o["Key"].rsplit("/", 1)[-1].startswith("part-"))
+
+
+def test_s3_in_s3_out_is_the_local_table(tmp_path, s3):
+    kinds = write_awkward_folder(tmp_path / "awk")
+    (tmp_path / "awk" / "000 broken.jpg").write_bytes(b"\xff\xd8 broken")  # the first part: a skipped image only
+    upload_tree(tmp_path / "awk", f"{s3}/photos")
+    args = ["predict", *TINY, "--batch-size", "2"]
+    assert main([*args, "--input", str(tmp_path / "awk"), "--out", str(tmp_path / "local.parquet")]) == 0
+    assert main([*args, "--input", f"{s3}/photos/", "--out", f"{s3}/preds/"]) == 0
+    local = pd.read_parquet(tmp_path / "local.parquet")
+    remote = pd.read_parquet(f"{s3}/preds/").sort_values("index").reset_index(drop=True)  # one table, by pandas
+    assert len(remote) == len(kinds) and len(_parts_in(f"{s3}/preds/")) == (len(kinds) + 1) // 2
+    exact = [c for c in local.columns if c not in ("id",) and not c.endswith("_prob")]
+    pd.testing.assert_frame_equal(local[exact], remote[exact], check_dtype=False)
+    assert remote["id"].tolist() == [f"{s3}/photos/{i}" for i in local["id"]]
+    bucket = s3[len("s3://"):]
+    names = {o["Key"] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix="preds/")["Contents"]}
+    assert {"preds/_SUCCESS", "preds/_manifest.json"} <= names and "preds/_nested_svit_run.json" not in names
+    manifest = json.loads(s3_client().get_object(Bucket=bucket, Key="preds/_manifest.json")["Body"].read())
+    assert manifest["rows"] == len(kinds) and "testing" not in json.dumps(manifest)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_on_the_object_store(tmp_path, s3):
+    """SIGKILL once two parts are in the bucket, rerun: one row per image, the uninterrupted run's rows."""
+    import signal
+    import subprocess
+    import time
+
+    from procs import cli_command
+
+    write_image_folder(tmp_path / "val", per_class=12)  # 36 images, 9 batches of 4
+    upload_tree(tmp_path / "val", f"{s3}/val")
+    args = ["predict", *TINY, "--input", f"{s3}/val/"]
+    assert main([*args, "--out", str(tmp_path / "whole.parquet")]) == 0
+    out = f"{s3}/preds/"
+    proc = subprocess.Popen(cli_command(*args, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_parts_in(out)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = _parts_in(out)
+    assert 2 <= len(committed) < 9
+    assert main([*args, "--out", out]) == 0
+    resumed = pd.read_parquet(out).sort_values("index").reset_index(drop=True)
+    assert resumed["id"].is_unique and len(resumed) == 36
+    _same_rows(pd.read_parquet(tmp_path / "whole.parquet"), resumed, "")

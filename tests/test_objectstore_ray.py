@@ -47,3 +47,20 @@ def test_ray_rows_from_s3_equal_the_local_rows(tmp_path, s3_cluster):
     assert remote.status.tolist().count("skipped") == 3
     local["id"] = [i[len(f"{s3_cluster}/awk/"):] for i in local["id"]]
     _same_rows(local, remote, f"{s3_cluster}/awk/")
+
+
+def test_ray_from_s3_to_s3_is_the_local_table(tmp_path, s3_cluster):
+    import pandas as pd
+
+    from datasets_fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "val", per_class=3)
+    upload_tree(tmp_path / "val", f"{s3_cluster}/val")
+    model = TINY[:TINY.index("--workers")]
+    assert main(["predict", *model, "--workers", "2", "--threads", "2", "--input", str(tmp_path / "val"),
+                 "--out", str(tmp_path / "local.parquet")]) == 0
+    out = f"{s3_cluster}/preds/"
+    assert main(["predict", *model, "--input", f"{s3_cluster}/val/", "--engine", "ray", "--actors", "2", "--out", out]) == 0
+    local = pd.read_parquet(tmp_path / "local.parquet")
+    remote = pd.read_parquet(out).sort_values("index").reset_index(drop=True)
+    _same_rows(local, remote, f"{s3_cluster}/val/")

@@ -30,9 +30,11 @@ def validate_inference_args(args: argparse.Namespace) -> None:
     from ..data.objectstore import is_uri
 
     if is_uri(args.out):
-        raise ValueError(f"--out {args.out}: writing to object storage is not built yet; write a local file or a "
-                         "data set folder (--out DIR/) and copy it there")
-    check_writable(Path(args.out), folder=str(args.out).endswith(("/", "\\")))
+        if not args.out.endswith("/"):
+            raise ValueError(f"--out {args.out}: in object storage the output is a Parquet data set: end it with / "
+                             "(s3://bucket/preds/)")
+    else:
+        check_writable(Path(args.out), folder=str(args.out).endswith(("/", "\\")))
 
 
 def run_options(args: argparse.Namespace):

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, spec, local: Callable) -> Callable:
 def predict_classifier(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
     from ..inference import Scoring, classifier_job, provenance, run_inference
-    from ..inference.dataset_out import is_dataset_out, prepare_dataset_folder
+    from ..inference.dataset_out import is_dataset_out, prepare_dataset_output
 
     name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
     source = args.input or demo_input
@@ -86,7 +86,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
         if args.save_vis:
             raise ValueError("--save-vis needs a file --out (its rows name the pictures); a data set --out DIR/ "
                              "has no picture column")
-        parts, notes = out, prepare_dataset_folder(out)  # the parts are the output
+        parts, notes = args.out, prepare_dataset_output(args.out)  # the parts are the output
     else:
         check_suffix(out, PREDICT_FORMATS, "predict")
         parts, notes = out.with_name(out.name + ".parts"), []
@@ -121,7 +121,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
         extra = f"; pictures in {args.save_vis}" if args.save_vis else ""
         if spec.capacity:  # every process's and Ray actor's batches of this run
             extra += "; " + capacity_note(spec.capacity, int(reruns))
-        return _summary(rows, f"{out}/" if dataset_out else out, images, seconds, job.dataset.records.ignored, extra)
+        return _summary(rows, args.out if dataset_out else out, images, seconds, job.dataset.records.ignored, extra)
     finally:
         shutdown(job.dist)
 

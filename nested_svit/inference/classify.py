@@ -176,7 +176,7 @@ class InferenceJob:
 
     @property
     def store(self) -> PartStore:
-        return open_store(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
+        return open_store(self.parts_dir, self.manifest, self.batch_size, len(self.dataset), self.dist)
 
 
 def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None = None) -> Progress:

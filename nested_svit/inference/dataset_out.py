@@ -1,21 +1,25 @@
-"""A ``predict`` output that is a partitioned Parquet data set (``--out DIR/``): each finished global
-batch is committed as ``DIR/part-<batch>.parquet`` (atomically: a temporary hidden file renamed), and those
-parts are the output, read as one table by ``pandas.read_parquet(DIR)``, ``pyarrow.dataset``, Ray Data,
-Spark, DuckDB. At the end the parts' schemas are unified (a batch of skipped images only has null
-columns), and ``_manifest.json`` (provenance, rows, parts) and ``_SUCCESS`` are written. The run's record
-(``_nested_svit_run.json``) ties an unfinished folder to its run, so an interrupted run resumes; readers
-skip files whose names start with ``_`` or ``.``."""
+"""A ``predict`` output that is a partitioned Parquet data set (``--out DIR/`` or ``--out s3://bucket/preds/``):
+each finished global batch is committed as ``part-<batch>.parquet``, and those parts are the output, read as
+one table by ``pandas.read_parquet``, ``pyarrow.dataset``, Ray Data, Spark, DuckDB. A part appears whole or
+not at all: in a folder it is a hidden temporary file renamed; in an object store one PUT (an object is
+visible only once complete; stores have no rename, and need none). At the end the parts' schemas are
+unified (a batch of skipped images only has a few columns), and ``_manifest.json`` (provenance, rows,
+parts) and ``_SUCCESS`` are written. The run's record (``_nested_svit_run.json``) ties an unfinished
+output to its run, so an interrupted run resumes; readers skip names that start with ``_`` or ``.``."""
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from ..data.records import DATASET_MARKER, PARQUET_KEY, mark_output_folder
+from ..data.objectstore import describe_error, filesystem, is_uri
+from ..data.records import DATASET_MARKER, PARQUET_KEY
 from ..distributed import DistInfo
-from ..io import atomic_write, atomic_write_text
-from .parts import PartStore, integer_columns
+from ..io import atomic_write_bytes
+from .parts import PartStore, integer_columns, merged, plain
 
 RUN_RECORD = "_nested_svit_run.json"
 SUCCESS = "_SUCCESS"
@@ -23,89 +27,182 @@ DATASET_MANIFEST = "_manifest.json"
 
 
 def is_dataset_out(out: str) -> bool:
-    """Whether ``--out`` asks for a data set (a folder: it ends with ``/``)."""
-    return str(out).endswith(("/", "\\"))
+    """Whether ``--out`` asks for a data set: a folder (ending with ``/``) or an object store prefix."""
+    return str(out).endswith(("/", "\\")) or is_uri(out)
 
 
-def is_dataset_folder(folder: Path | str) -> bool:
-    return (Path(folder) / DATASET_MARKER).exists()
+class Location:
+    """A folder or an object store prefix, by its fsspec filesystem: names under it, read, write whole
+    (atomic: a renamed temporary file, or one PUT), list, delete."""
+
+    def __init__(self, where: str | Path):
+        self.text = str(where).rstrip("/\\")
+        self.remote = is_uri(self.text)
+        if self.remote:
+            self.fs, self.root = filesystem(self.text + "/")
+            self.root = self.root.rstrip("/")
+        else:
+            import fsspec
+
+            self.fs, self.root = fsspec.filesystem("file"), str(Path(self.text).resolve())
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _said(self, error: Exception) -> Exception:
+        """A store's error as one line (local errors pass as they are)."""
+        return ValueError(describe_error(self.text + "/", error)) if self.remote else error
+
+    def names(self) -> list[str]:
+        """The names directly under it (one listing, never a cached one)."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            if not self.fs.exists(self.root):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        except Exception as e:
+            raise self._said(e) from e
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(name))
+        except Exception as e:
+            raise self._said(e) from e
+
+    def write(self, name: str, data: bytes) -> None:
+        if not self.remote:
+            return atomic_write_bytes(self.path(name), data)
+        try:
+            self.fs.pipe_file(self.path(name), data)
+        except Exception as e:
+            raise self._said(e) from e
+
+    def delete(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm_file(self.path(name))
 
 
-def prepare_dataset_folder(folder: Path) -> list[str]:
-    """Make ``folder`` a data set output (created if needed) -> the note lines. A folder that holds
-    anything but ours is refused; a finished data set is cleared, to be computed again (by the main
-    process of a torchrun: every process marks the folder, so every one opens it as a data set)."""
-    import os
-
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder}/ names a data set folder, but {folder} is a file")
-    if folder.exists() and any(folder.iterdir()) and not is_dataset_folder(folder):
-        raise ValueError(f"--out {folder}/ holds other files: a data set output needs an empty or new folder "
+def prepare_dataset_output(out: str) -> list[str]:
+    """Make ``out`` a data set output -> the note lines. A folder or prefix that holds anything but ours
+    is refused; a finished data set is cleared, to be computed again (by the main process of a torchrun;
+    every process marks it, so every one opens it as a data set)."""
+    where = Location(out)
+    if not where.remote and Path(where.root).exists() and not Path(where.root).is_dir():
+        raise ValueError(f"--out {out} names a data set folder, but {where.text} is a file")
+    names = where.names()
+    if names and DATASET_MARKER not in names:
+        raise ValueError(f"--out {out} holds other files: a data set output needs an empty or new folder or prefix "
                          "(or one an earlier predict wrote)")
     notes = []
-    if (folder / SUCCESS).exists() and int(os.environ.get("RANK", "0")) == 0:
-        for f in [*folder.glob("part-*.parquet"), folder / SUCCESS, folder / DATASET_MANIFEST]:
-            f.unlink(missing_ok=True)
-        notes.append(f"note: {folder}/ holds a finished run's data set: it is computed again with these flags and replaced")
-    mark_output_folder(folder, DATASET_MARKER)
+    if SUCCESS in names and int(os.environ.get("RANK", "0")) == 0:
+        for name in [n for n in names if n.startswith("part-")] + [SUCCESS, DATASET_MANIFEST]:
+            where.delete(name)
+        notes.append(f"note: {out} holds a finished run's data set: it is computed again with these flags and replaced")
+    if not where.remote:
+        Path(where.root).mkdir(parents=True, exist_ok=True)
+    where.write(DATASET_MARKER, b"")  # never read back as input by a later run
     return notes
 
 
+def _parquet_bytes(table) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
 class DatasetStore(PartStore):
-    """``PartStore`` whose parts are the output: named ``part-<batch>.parquet``, each with nullable
-    integer columns and the marker that keeps it from being read back as input."""
+    """``PartStore`` whose parts are the output, in a folder or an object store prefix (``parts_dir``:
+    the ``--out`` as given): named ``part-<batch>.parquet``, each with nullable integer columns and the
+    key that keeps it from being read back as input."""
 
     prefix = "part-"
-    manifest_name = RUN_RECORD
-    marker = DATASET_MARKER
+
+    @property
+    def where(self) -> Location:
+        return Location(self.parts_dir)
+
+    def check_manifest(self) -> None:
+        where = self.where
+        if RUN_RECORD in where.names():
+            old, new = json.loads(where.read(RUN_RECORD)), plain(self.manifest)
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise RuntimeError(f"{self.parts_dir} holds partial results of a different run (differs in {diff}); "
+                                   "delete it or choose another --out")
+        elif self.dist.is_main:
+            where.write(RUN_RECORD, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+
+    def part_name(self, batch: int) -> str:
+        return f"{self.prefix}{batch:07d}.parquet"
 
     def side_file(self, name: str) -> Path:
-        return Path(self.parts_dir) / f"_{name}"  # never read as a part of the table
+        """Files of the run that are not parts (the Ray engine's record of its images) stay on this
+        machine, named by the output and the run record (a stale one of another run is never taken)."""
+        import hashlib
+        import tempfile
+
+        key = hashlib.sha1(json.dumps([str(self.parts_dir), plain(self.manifest)]).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"nested-svit-{key}-{name}"
+
+    def pending(self) -> list[list[int]]:
+        done = set(self.where.names())
+        n, b = self.num_records, self.batch_size
+        batches = range(self.dist.rank, (n + b - 1) // b, self.dist.world_size)
+        return [list(range(i * b, min((i + 1) * b, n))) for i in batches if self.part_name(i) not in done]
 
     def commit(self, batch: int, rows: pd.DataFrame | bytes) -> None:
-        import io
-
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         frame = integer_columns(pd.read_parquet(io.BytesIO(rows)) if isinstance(rows, bytes) else rows.copy())
         table = pa.Table.from_pandas(frame, preserve_index=False)
+        # a column with no value in this batch (names of unlabelled images: NaN floats) takes its type from the
+        # parts that have values when the schemas are unified, instead of clashing with them
+        empty = [table.num_rows and table[c].null_count == table.num_rows for c in table.column_names]
+        schema = pa.schema([pa.field(f.name, pa.null()) if e else f for f, e in zip(table.schema, empty)],
+                           metadata=table.schema.metadata)  # pandas' own metadata: its dtypes come back
+        table = pa.Table.from_arrays([pa.nulls(table.num_rows) if e else table[c] for c, e in zip(table.column_names, empty)],
+                                     schema=schema)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_KEY: b'{"part": true}'})
-        atomic_write(self.part_path(batch), lambda tmp: pq.write_table(table, tmp))
+        self.where.write(self.part_name(batch), _parquet_bytes(table))
+
+    def _parts(self) -> list[str]:
+        return [n for n in self.where.names() if n.startswith(self.prefix) and n.endswith(".parquet")]
+
+    def merge(self) -> pd.DataFrame:
+        where = self.where
+        return merged([pd.read_parquet(io.BytesIO(where.read(n))) for n in self._parts()], self.num_records,
+                      self.parts_dir)
 
     def finish(self, meta: dict, rows: int) -> None:
         """Unify the parts' schemas, then write ``_manifest.json`` and ``_SUCCESS``; the run record goes."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        folder = Path(self.parts_dir)
-        files = sorted(folder.glob(f"{self.prefix}*.parquet"))
-        schemas = {f: pq.read_schema(f) for f in files}
-        plain = [s.remove_metadata() for s in schemas.values()]
-        if any(not s.equals(plain[0]) for s in plain):
-            unified = pa.unify_schemas(plain, promote_options="permissive")
-            for f, schema in schemas.items():
-                if not schema.remove_metadata().equals(unified):  # a batch of skipped images has fewer columns
-                    table = pq.read_table(f)
-                    columns = [table[fld.name].cast(fld.type) if fld.name in table.column_names
-                               else pa.nulls(table.num_rows, fld.type) for fld in unified]
-                    fixed = pa.Table.from_arrays(columns, schema=pa.schema(unified, metadata=schema.metadata))
-                    atomic_write(f, lambda tmp, t=fixed: pq.write_table(t, tmp))
-        atomic_write_text(folder / DATASET_MANIFEST, json.dumps(
-            {**meta, "rows": int(rows), "output": f"{folder}/", "parts": [f.name for f in files]}, indent=1,
-            ensure_ascii=False))
-        atomic_write_text(folder / SUCCESS, "")
-        (folder / RUN_RECORD).unlink(missing_ok=True)
+        where, names = self.where, self._parts()
+        tables = {n: pq.read_table(io.BytesIO(where.read(n))) for n in names}
+        plain_schemas = [t.schema.remove_metadata() for t in tables.values()]
+        if any(not s.equals(plain_schemas[0]) for s in plain_schemas):
+            unified = pa.unify_schemas(plain_schemas, promote_options="permissive")
+            for name, table in tables.items():
+                if not table.schema.remove_metadata().equals(unified):  # a batch of skipped images: fewer columns
+                    columns = [table[f.name].cast(f.type) if f.name in table.column_names
+                               else pa.nulls(table.num_rows, f.type) for f in unified]
+                    fixed = pa.Table.from_arrays(columns, schema=pa.schema(unified, metadata=table.schema.metadata))
+                    where.write(name, _parquet_bytes(fixed))
+        record = {**meta, "rows": int(rows), "output": str(self.parts_dir), "parts": names}
+        where.write(DATASET_MANIFEST, json.dumps(record, indent=1, ensure_ascii=False).encode())
+        where.write(SUCCESS, b"")
+        where.delete(RUN_RECORD)
 
     def remove(self) -> None:
         """The parts are the output: nothing to remove."""
 
 
-def open_store(parts_dir: Path, manifest: dict, batch_size: int, num_records: int, dist: DistInfo) -> PartStore:
+def open_store(parts_dir: Path | str, manifest: dict, batch_size: int, num_records: int, dist: DistInfo) -> PartStore:
     """The store of a run's rows: part files under ``<out>.parts/`` that are merged into one file at the
-    end, or, where ``parts_dir`` is marked a data set (``predict --out DIR/``), the parts as the output."""
-    kind = DatasetStore if is_dataset_folder(parts_dir) else PartStore
-    return kind(Path(parts_dir), manifest, batch_size, num_records, dist)
-
-
+    end, or, for a data set output (``predict --out DIR/`` or ``s3://...``), the parts as the output."""
+    if is_dataset_out(str(parts_dir)):
+        return DatasetStore(str(parts_dir), manifest, batch_size, num_records, dist)
+    return PartStore(Path(parts_dir), manifest, batch_size, num_records, dist)

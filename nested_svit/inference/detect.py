@@ -118,7 +118,7 @@ class DetectionJob:
 
     @property
     def store(self) -> PartStore:
-        return open_store(Path(self.parts_dir), self.manifest, self.batch_size, len(self.dataset), self.dist)
+        return open_store(self.parts_dir, self.manifest, self.batch_size, len(self.dataset), self.dist)
 
 
 def run_detection(job: DetectionJob, progress: Callable[[DetectionProgress], None] | None = None,

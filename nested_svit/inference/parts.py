@@ -58,12 +58,17 @@ def integer_columns(frame: pd.DataFrame) -> pd.DataFrame:
 def merge_parts(parts_dir: Path, num_records: int, prefix: str = "batch-") -> pd.DataFrame:
     """All part files -> one frame sorted by index; checks that every image appears exactly once."""
     files = sorted(Path(parts_dir).glob(f"{prefix}*.parquet"))
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    return merged([pd.read_parquet(f) for f in files], num_records, parts_dir)
+
+
+def merged(frames: list[pd.DataFrame], num_records: int, where) -> pd.DataFrame:
+    """The parts' frames -> one frame sorted by index; checks that every image appears exactly once."""
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     frame = frame.sort_values("index", kind="stable").reset_index(drop=True) if len(frame) else frame
     integer_columns(frame)
     if len(frame) != num_records or frame["index"].duplicated().any() or \
             (len(frame) and frame["index"].tolist() != list(range(num_records))):
-        raise RuntimeError(f"{parts_dir}: expected one row for each of {num_records} images, found {len(frame)} rows "
+        raise RuntimeError(f"{where}: expected one row for each of {num_records} images, found {len(frame)} rows "
                            f"({frame['index'].duplicated().sum() if len(frame) else 0} duplicated)")
     return frame
 
