@@ -30,6 +30,11 @@ CONFIGS = {  # name -> extra predict flags
     "ray, 1 actor x 2 CPUs": ["--engine", "ray", "--actors", "1", "--cpus-per-actor", "2"],
     "ray, 2 actors x 1 CPU": ["--engine", "ray", "--actors", "2", "--cpus-per-actor", "1"],
 }
+DECODE_CPUS = {  # name -> the CPUs that decode, recorded with every figure (CPU actors decode inside themselves)
+    "local (2 threads, 2 workers)": "2 loader workers",
+    "ray, 1 actor x 2 CPUs": "in the actor (its 2 CPUs)",
+    "ray, 2 actors x 1 CPU": "in each actor (its 1 CPU)",
+}
 
 
 def whole_run(folder: Path, out: Path, model: str, batch: int, extra: list[str]) -> float:
@@ -93,6 +98,7 @@ def main() -> None:
                    for name in summary.index]
     frame = pd.concat([frame, pd.DataFrame(extra_rows)])
     frame["model"], frame["batch_size"] = args.model, args.batch_size
+    frame["decode_cpus"] = frame["config"].map(DECODE_CPUS)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, index=False)
     print(summary.round(3).to_string())

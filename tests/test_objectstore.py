@@ -1,7 +1,7 @@
 """Inputs in object storage, against a real S3 server on loopback (``s3_fixtures``: moto's server mode):
 the rows of an uploaded folder are the local rows (ids: the URIs), labels come from the keys' class
-folders, listing reads no image, a vanished object is a skipped row, and a missing bucket or absent
-credentials are one line each."""
+folders, listing reads no image, a vanished object is a skipped row, a missing bucket, absent or bad
+credentials are one line each; a data set output in the bucket is the local table, and resumes."""
 from __future__ import annotations
 
 import json
@@ -231,3 +231,34 @@ def test_a_killed_run_resumes_on_the_object_store(tmp_path, s3):
     resumed = pd.read_parquet(out).sort_values("index").reset_index(drop=True)
     assert resumed["id"].is_unique and len(resumed) == 36
     _same_rows(pd.read_parquet(tmp_path / "whole.parquet"), resumed, "")
+
+
+def test_bad_credentials_are_one_line_for_inputs_and_outputs(tmp_path, s3, monkeypatch, capsys):
+    """The server checks signatures (moto's IAM authentication, switched on in its process): a key it does
+    not know is one line naming the URI, for an input prefix (predict, eval) and a data set output; the
+    objects of a manifest are skipped rows with the reason; no credential in what is said."""
+    import moto.settings
+
+    write_image_folder(tmp_path / "val", per_class=1)
+    upload_tree(tmp_path / "val", f"{s3}/val")
+    (tmp_path / "m.csv").write_text("uri\n" + "".join(f"{s3}/val/{p.relative_to(tmp_path / 'val').as_posix()}\n"
+                                                     for p in sorted((tmp_path / "val").rglob("*.*"))))
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # every request from now on signed and checked
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY00000WRONG")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-0123456789")
+    capsys.readouterr()
+    assert main(["predict", *TINY, "--input", f"{s3}/val/", "--out", str(tmp_path / "a.csv")]) == 2
+    assert main(["eval", "imagenet", *TINY, "--data", f"{s3}/val/", "--out", str(tmp_path / "e.json")]) == 2
+    assert main(["predict", *TINY, "--input", str(tmp_path / "val"), "--out", f"{s3}/preds/"]) == 2
+    assert main(["predict", *TINY, "--input", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m.parquet")]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 4 and "Traceback" not in err, err
+    for line, uri in zip(lines, [f"{s3}/val/", f"{s3}/val/", f"{s3}/preds/"]):
+        assert f"{uri}: access denied" in line, line
+    # a manifest lists no prefix: each object it names is refused when read, a skipped row with the reason
+    assert lines[3].startswith("error: every one of the 3 images was skipped") and "access denied" in lines[3]
+    rows = pd.read_parquet(tmp_path / "m.parquet")
+    assert (rows.status == "skipped").all() and rows.error.str.contains(": access denied").all()
+    assert "WRONG" not in err and "not-the-secret" not in err
+    assert not list(tmp_path.glob("a.csv*")) and not (tmp_path / "e.json").exists()

@@ -109,14 +109,16 @@ def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster, tiny_detector_fil
 
 
 @pytest.mark.slow
-def test_killed_actor_is_restarted_and_its_batch_retried(tmp_path, cluster, monkeypatch):
+def test_killed_actor_is_restarted_and_its_batch_retried(tmp_path, cluster, monkeypatch, capsys):
     write_image_folder(tmp_path / "in", per_class=4)
     args = ["predict", *TINY, "--input", str(tmp_path / "in")]
     assert main([*args, *LOCAL, "--out", str(tmp_path / "local.csv")]) == 0
     marker = tmp_path / "actor-died"
     monkeypatch.setenv("NESTED_SVIT_RAY_FAULT", f"exit:1:{marker}")  # the actor's process exits mid-batch 1
+    capsys.readouterr()
     assert main([*args, "--engine", "ray", "--out", str(tmp_path / "ray.csv")]) == 0
     assert marker.exists(), "the fault was not injected"
+    assert "Ray retried batch 1 (" in capsys.readouterr().out  # that batch and no other: the summary says it
     local, remote = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv")
     assert len(remote) == 12 and remote["index"].tolist() == list(range(12))
     _compare(local, remote)
@@ -202,6 +204,8 @@ def test_flags_the_ray_engine_cannot_honour_are_refused(tmp_path, capsys):
                          (["--engine", "ray", "--device", "cuda:1"], "--device is not supported"),
                          (["--engine", "ray", "--threads", "3"], "--threads is not supported"),
                          (["--engine", "ray", "--cpus-per-actor", "0"], "--cpus-per-actor > 0"),
+                         (["--engine", "ray", "--decode-cpus", "nan"], "--decode-cpus must be > 0"),
+                         (["--decode-cpus", "2"], "only apply to --engine ray"),
                          (["--actors", "2"], "only apply to --engine ray"),
                          (["--cpus-per-actor", "1"], "only apply to --engine ray")):  # even the default value
         assert main([*base, *extra]) == 2
@@ -222,3 +226,21 @@ def test_an_address_nothing_listens_on_and_a_missing_extra_are_refused_in_one_li
                  "--engine", "ray"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: --engine ray needs Ray Data: pip install -e '.[ray]' (ray[data]==2.60.0)"
+
+
+def test_decode_cpus_size_the_decode_tasks_of_gpu_actors_only():
+    """GPU actors: decode tasks of --decode-cpus (default 1), counted in the CPUs the run needs; CPU actors
+    decode inside themselves with their own CPUs, and a --decode-cpus given for them is said to be unused."""
+    import warnings
+
+    from nested_svit.ray.engine import RayOptions, _check_decode_cpus, _decode_cpus
+
+    assert _decode_cpus(RayOptions(cpus_per_actor=2), gpus_per_actor=1) == 1.0
+    assert _decode_cpus(RayOptions(cpus_per_actor=2, decode_cpus=3), gpus_per_actor=0.5) == 3
+    assert _decode_cpus(RayOptions(cpus_per_actor=2, decode_cpus=3), gpus_per_actor=0) == 2  # fused into the actor
+    with pytest.warns(UserWarning, match="--decode-cpus 3 is for the decode tasks of GPU actors"):
+        _check_decode_cpus(RayOptions(cpus_per_actor=2, decode_cpus=3), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_decode_cpus(RayOptions(decode_cpus=3), 1)
+        _check_decode_cpus(RayOptions(), 0)

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Callable
 
-ENGINE_FLAGS = ("--ray-address", "--actors", "--gpus-per-actor", "--cpus-per-actor")
+ENGINE_FLAGS = ("--ray-address", "--actors", "--gpus-per-actor", "--cpus-per-actor", "--decode-cpus")
 # flags of the local engine that mean nothing on Ray, and what to use instead
 NOT_ON_RAY = {"save_vis": ("--save-vis", "pictures are drawn by the local engine only"),
               "calibrate": ("--calibrate", "calibrate with the local engine and --save-calibrated, then pass that file"),
@@ -30,6 +30,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-actor", type=float, default=None,
                    help="CPUs per model actor, also its torch threads (default: on a local Ray instance the local "
                         "run's threads, as far as its CPUs allow, so rows equal a local run's; on a cluster 1)")
+    g.add_argument("--decode-cpus", type=float, default=None,
+                   help="CPUs per decode task feeding GPU actors (default 1; CPU actors decode with their own CPUs); "
+                        "Ray runs as many decode tasks at once as the cluster's free CPUs hold")
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -54,8 +57,10 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise ValueError("--engine ray runs from one driver process: start it without torchrun")
     if args.actors is not None and args.actors < 1:
         raise ValueError(f"--actors must be >= 1, got {args.actors}")
-    if (args.gpus_per_actor or 0) < 0 or (args.cpus_per_actor is not None and args.cpus_per_actor <= 0):
+    if (args.gpus_per_actor or 0) < 0 or (args.cpus_per_actor is not None and not args.cpus_per_actor > 0):
         raise ValueError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+    if args.decode_cpus is not None and not args.decode_cpus > 0:
+        raise ValueError(f"--decode-cpus must be > 0, got {args.decode_cpus:g}")
 
 
 def ray_run(args: argparse.Namespace, spec) -> Callable:
@@ -69,8 +74,18 @@ def ray_run(args: argparse.Namespace, spec) -> Callable:
     except ImportError as e:
         raise ValueError(str(e)) from e
     options = RayOptions(address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                         cpus_per_actor=ray_threads(args))
+                         cpus_per_actor=ray_threads(args), decode_cpus=args.decode_cpus)
     return lambda job, progress: run_on_ray(job.store, job.dataset, job.step, spec, options, progress)
+
+
+def retried_note(state) -> str:
+    """The summary's words for the batches of this run that took more than one attempt (a model actor,
+    a decode task or a node's objects lost and the work done again by Ray), or nothing."""
+    if not state.retried:
+        return ""
+    batches = sorted(state.retried)
+    shown = ", ".join(map(str, batches[:20])) + (f" ... ({len(batches)} in all)" if len(batches) > 20 else "")
+    return f"; Ray retried batch{'es' if len(batches) > 1 else ''} {shown} (work lost with an actor or a node, done again)"
 
 
 def ray_threads(args: argparse.Namespace) -> int:

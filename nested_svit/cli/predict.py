@@ -12,7 +12,7 @@ from typing import Callable
 from . import options
 from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
 from .common import PREDICT_FORMATS, all_skipped, capacity_note, check_suffix, check_writable, picture_names, write_rows
-from .engine import add_engine_options, check_engine_args, ray_run, threads_note
+from .engine import add_engine_options, check_engine_args, ray_run, retried_note, threads_note
 from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
 
@@ -34,7 +34,8 @@ def add_parser(sub, formatter) -> None:
                    help="bundled SViT trained on digits (eval/digits_experiment.py) and bundled sample images")
     g.add_argument("--out", default="predictions.parquet",
                    help=".parquet, .csv, .json or .jsonl (detectors: .parquet, .json, .jsonl); a folder ending in / "
-                        "(classifiers): a partitioned Parquet data set, one part per batch, _SUCCESS at the end")
+                        "or an object store prefix (s3://bucket/preds/; classifiers): a partitioned Parquet data "
+                        "set, one part per batch, _manifest.json and _SUCCESS at the end")
     options.add(p, g, "--topk", type=int, defaults={CLS: 5}, help="classes per image in the output")
     add_valid_labels_option(p, g, (CLS, DET))
     g.add_argument("--save-vis", default=None,
@@ -101,7 +102,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
     if args.save_vis:
         job.on_batch = token_pictures(Path(args.save_vis), job.model, pictures, job.class_names)
     try:
-        _, (images, reruns), seconds = run_with_progress(job, "predict", _run(args, spec, run_inference),
+        state, (images, reruns), seconds = run_with_progress(job, "predict", _run(args, spec, run_inference),
                                                   lambda s: {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"},
                                                   lambda s: [s.images, s.capacity_reruns])
         if not job.dist.is_main:
@@ -118,7 +119,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
         else:
             write_rows(rows, out, meta)
             job.store.remove()
-        extra = f"; pictures in {args.save_vis}" if args.save_vis else ""
+        extra = (f"; pictures in {args.save_vis}" if args.save_vis else "") + retried_note(state)
         if spec.capacity:  # every process's and Ray actor's batches of this run
             extra += "; " + capacity_note(spec.capacity, int(reruns))
         return _summary(rows, args.out if dataset_out else out, images, seconds, job.dataset.records.ignored, extra)
@@ -250,7 +251,7 @@ def predict_detector(args: argparse.Namespace) -> int:
 
         job.on_batch = on_batch
     try:
-        _, (images,), seconds = run_with_progress(
+        state, (images,), seconds = run_with_progress(
             job, "predict", _run(args, spec, run_detection),
             lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
             lambda s: [s.images])
@@ -265,6 +266,7 @@ def predict_detector(args: argparse.Namespace) -> int:
                           engine=args.engine)
         write_rows(rows, out, meta)
         job.store.remove()
-        return _summary(rows, out, images, seconds, records.ignored, f"; pictures in {vis_dir}" if vis_dir else "")
+        return _summary(rows, out, images, seconds, records.ignored,
+                        (f"; pictures in {vis_dir}" if vis_dir else "") + retried_note(state))
     finally:
         shutdown(job.dist)

@@ -29,6 +29,7 @@ class Progress:
     elapsed: float
     seen: int = 0  # predicted or skipped
     capacity_reruns: int = 0  # batches whose capacity forward was too small, rerun exactly (``--capacity``)
+    retried: list[int] = field(default_factory=list)  # batches that took more attempts (``run_batches``)
 
     def add(self, other: "Progress") -> None:
         self.images += other.images

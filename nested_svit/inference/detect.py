@@ -28,6 +28,7 @@ class DetectionProgress:
     elapsed: float = 0.0
     model_seconds: float = 0.0  # whole network (FPS^w), this process, this run
     backbone_seconds: float = 0.0  # backbone only (FPS^b)
+    retried: list[int] = field(default_factory=list)  # batches that took more attempts (``run_batches``)
 
     def add(self, other: "DetectionProgress") -> None:
         for name in ("images", "seen", "detections", "model_seconds", "backbone_seconds"):

@@ -22,10 +22,12 @@ from .parts import PartStore
 
 class Counts(Protocol):
     """What a step counts per batch (``Progress``, ``DetectionProgress``): summed with ``add``;
-    ``seen``: images predicted or skipped; ``elapsed``: seconds of the run so far."""
+    ``seen``: images predicted or skipped; ``elapsed``: seconds of the run so far; ``retried``: the
+    batches of this run that took more than one attempt (set by ``run_batches``)."""
 
     seen: int
     elapsed: float
+    retried: list[int]
 
     def add(self, other: "Counts") -> None: ...
 
@@ -47,11 +49,13 @@ class BatchStep(Protocol):
 
 @dataclass
 class BatchResult:
-    """A finished global batch: its id, its rows (a frame, or the parquet bytes of one), its counts."""
+    """A finished global batch: its id, its rows (a frame, or the parquet bytes of one), its counts,
+    the attempts it took (more than 1: its work was lost once at least, with a worker or a node)."""
 
     batch: int
     rows: pd.DataFrame | bytes
     counts: Counts
+    attempts: int = 1
 
 
 Schedule = Callable[[list[list[int]]], Iterable[BatchResult]]
@@ -67,6 +71,8 @@ def run_batches(store: PartStore, schedule: Schedule, state: Counts,
     for result in schedule(todo):
         store.commit(result.batch, result.rows)
         state.add(result.counts)
+        if result.attempts > 1:
+            state.retried.append(result.batch)
         state.elapsed = time.perf_counter() - start
         if progress:
             progress(state)

@@ -14,6 +14,7 @@ from typing import Callable
 from ..inference.loop import BatchResult, run_batches
 from ..inference.parts import PartStore
 from . import require_ray
+from .ledger import start_ledger
 from .predictor import FAULT_ENV, Predictor
 from .quiet import without_actor_argument_noise
 from .units import decode_unit, template_of, work_units, write_manifest
@@ -25,7 +26,7 @@ class RayOptions:
     actors: int | None = None  # model actors (None: one per GPU of the cluster, else 1)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # also the actor's torch threads (``actor_threads``)
-    decode_cpus: float = 1.0  # per decode task of GPU actors (CPU actors decode with their own CPUs)
+    decode_cpus: float | None = None  # per decode task of GPU actors (None: 1; CPU actors decode with their own CPUs)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -84,13 +85,13 @@ def _actors(ray, options: RayOptions, local: bool) -> tuple[int, float]:
     per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = options.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
     # GPU actors run apart from the decode tasks; CPU actors take the decode in (_decode_cpus)
-    need_cpus = actors * options.cpus_per_actor + (options.decode_cpus if per_actor else 0)
+    need_cpus = actors * options.cpus_per_actor + (_decode_cpus(options, per_actor) if per_actor else 0)
     problems = []
     if actors * per_actor > gpus:
         problems.append(f"{actors} actors x {per_actor:g} GPUs but the cluster has {gpus:g} GPUs")
     if need_cpus > cpus:
         problems.append(f"{actors} actors x {options.cpus_per_actor:g} CPUs"
-                        + (f" + {options.decode_cpus:g} for decoding" if per_actor else "")
+                        + (f" + {_decode_cpus(options, per_actor):g} for decoding" if per_actor else "")
                         + f" but the cluster has {cpus:g} CPUs")
     if problems and local:
         raise ValueError("; ".join(problems) + ": lower --actors / --cpus-per-actor / --gpus-per-actor")
@@ -102,7 +103,15 @@ def _actors(ray, options: RayOptions, local: bool) -> tuple[int, float]:
 def _decode_cpus(options: RayOptions, gpus_per_actor: float) -> float:
     """CPUs of one decode task. For CPU actors, the actor's own: Ray fuses two map stages only when their
     resources are equal, and unfused decode tasks would wait for ever for CPUs the actors hold."""
-    return options.decode_cpus if gpus_per_actor else options.cpus_per_actor
+    if gpus_per_actor:
+        return options.decode_cpus or 1.0
+    return options.cpus_per_actor
+
+
+def _check_decode_cpus(options: RayOptions, gpus_per_actor: float) -> None:
+    if options.decode_cpus is not None and not gpus_per_actor:
+        warnings.warn(f"--decode-cpus {options.decode_cpus:g} is for the decode tasks of GPU actors; these actors run "
+                      f"on CPUs and decode inside themselves with their --cpus-per-actor {options.cpus_per_actor:g}")
 
 
 def run_on_ray(store: PartStore, dataset, step, spec, options: RayOptions, progress: Callable | None = None):
@@ -135,19 +144,22 @@ def _pipeline(ray, store: PartStore, dataset, step, spec, options: RayOptions, t
         if hasattr(context, "max_consecutive_actor_init_deaths"):
             context.max_consecutive_actor_init_deaths = 2  # a model that cannot load fails fast
         actors, gpus_per_actor = _actors(ray, options, local=started and not options.address)
+        _check_decode_cpus(options, gpus_per_actor)
         units = work_units(dataset, todo, store.batch_size)
         actors = min(actors, len(units))  # no idle actors for a short run or the tail of a resumed one
         remote_env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
         extra = {"runtime_env": {"env_vars": remote_env}} if remote_env else {}
         ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.map(decode_unit, fn_kwargs={"template": template_of(dataset)},
+        ledger = start_ledger(ray)
+        ds = ds.map(decode_unit, fn_kwargs={"template": template_of(dataset), "ledger": ledger},
                     num_cpus=_decode_cpus(options, gpus_per_actor), **extra)
         ds = ds.map_batches(Predictor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                             fn_constructor_kwargs={"step": step.detached(), "spec": spec,
-                                                   "threads": int(max(1, options.cpus_per_actor))},
+                                                   "threads": int(max(1, options.cpus_per_actor)),
+                                                   "ledger": ledger},
                             num_gpus=gpus_per_actor, num_cpus=options.cpus_per_actor, **extra)
         for row in ds.iter_rows():
-            yield BatchResult(int(row["batch"]), row["rows"], pickle.loads(row["counts"]))
+            yield BatchResult(int(row["batch"]), row["rows"], pickle.loads(row["counts"]), int(row["attempts"]))
     finally:
         if started:
             ray.shutdown()

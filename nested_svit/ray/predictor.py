@@ -7,11 +7,21 @@ import os
 import pickle
 from pathlib import Path
 
-FAULT_ENV = "NESTED_SVIT_RAY_FAULT"  # tests: "exit:<batch>:<marker file>" kills the actor once at that batch
+from .ledger import begin
+
+FAULT_ENV = "NESTED_SVIT_RAY_FAULT"  # tests: "exit:<batch>:<marker file>" kills the actor once at that batch;
+# "sleep:<seconds>:<folder>" makes every batch take that long more, first writing <folder>/started-<batch>
+# (a run slow enough to lose a node in, and a sign of which batch is in the actor's hands)
 
 
 def _maybe_fail(batch: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("sleep:"):
+        import time
+
+        _, seconds, folder = spec.split(":", 2)
+        (Path(folder) / f"started-{batch}").write_text(str(os.getpid()))
+        time.sleep(float(seconds))
     if spec.startswith("exit:"):
         _, at, marker = spec.split(":", 2)
         if int(at) == batch and not Path(marker).exists():
@@ -23,17 +33,19 @@ class Predictor:
     """``map_batches`` actor. ``step``: the job's batch step without its model (``detached()``);
     ``spec``: the ``ModelSpec`` it is built from (once, on the actor's device); ``threads``: torch threads."""
 
-    def __init__(self, step, spec, threads: int):
+    def __init__(self, step, spec, threads: int, ledger=None):
         import ray
         import torch
 
+        self.ledger = ledger  # the run's ``Ledger``: this batch's attempts so far travel with its rows
         torch.set_num_threads(max(1, threads))
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         self.step = step.bind(spec.build(device).model, device)  # its notes were shown once, by the driver
 
     def __call__(self, rows: dict) -> dict:
-        out: dict = {"batch": [], "rows": [], "counts": []}
+        out: dict = {"batch": [], "rows": [], "counts": [], "attempts": []}
         for batch_id, payload in zip(rows["batch"], rows["payload"]):
+            out["attempts"].append(begin(self.ledger, "model", int(batch_id)))
             _maybe_fail(int(batch_id))
             frame, counts = self.step.run(self.step.prepare(pickle.loads(payload)))
             buf = io.BytesIO()

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..data.records import Records
 from ..io import atomic_write
+from .ledger import begin
 
 
 def template_of(dataset):
@@ -50,9 +51,10 @@ def write_manifest(path: Path, dataset, batch_size: int) -> None:
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def decode_unit(unit: dict, template) -> dict:
+def decode_unit(unit: dict, template, ledger=None) -> dict:
     """A unit -> ``{"batch", "payload"}``: the pickled batch exactly as the local loader's workers make it
-    (the data set's own ``collate``)."""
+    (the data set's own ``collate``); its start counted in the run's ``ledger``."""
+    begin(ledger, "decode", int(unit["batch"]))
     dataset = template
     positions = unit["index"]
     if template.records is None:
