@@ -108,3 +108,19 @@ def test_ray_writes_the_same_data_set(tmp_path):
         assert ray.data.read_parquet(str(tmp_path / "ray")).count() == 9
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_torchrun_writes_the_one_process_data_set_and_recomputes_a_finished_one(tmp_path, torchrun):
+    """Two processes commit their own batches into one folder: the table of one process's run. Run again
+    over the finished folder, every rank must see it cleared before it lists what is pending: a rank that
+    listed first would take the old parts as done, and the clearing rank would then delete them."""
+    write_image_folder(tmp_path / "in", per_class=5)  # 15 images, 8 batches of 2
+    args = ["predict", *TINY[:-2], "--threads", "1", "--batch-size", "2", "--input", str(tmp_path / "in")]
+    assert main([*args, "--out", f"{tmp_path / 'one'}/"]) == 0
+    want = _table(tmp_path / "one")
+    for attempt in ("fresh", "over the finished one"):
+        run = torchrun("-m", "nested_svit.cli", *args, "--out", f"{tmp_path / 'two'}/", timeout=300)
+        assert run.returncode == 0, (attempt, run.stderr[-3000:])
+        _equal_rows(want, _table(tmp_path / "two"))
+        assert len(list((tmp_path / "two").glob("part-*.parquet"))) == 8 and (tmp_path / "two" / "_SUCCESS").exists()

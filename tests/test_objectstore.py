@@ -145,6 +145,9 @@ def test_bad_manifests_are_one_line(tmp_path, capsys):
     assert "no column 'uri'" in err[0] and "--uri-column" in err[0]
     assert "class indices" in err[1] and "ids must be unique" in err[2] and "is empty in 1 row" in err[3]
     assert "is not one" in err[4]
+    with pytest.raises(SystemExit) as stop:  # eval coco's images are its annotation file's: no manifest flag
+        main(["eval", "coco", "--model", "svit_adapter_tiny_maskrcnn", "--data", str(tmp_path), "--uri-column", "uri"])
+    assert stop.value.code == 2 and "unrecognized arguments: --uri-column" in capsys.readouterr().err
 
 
 def test_hugging_face_shards_at_a_prefix_give_the_local_rows(tmp_path, s3):

@@ -63,7 +63,10 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
 
 
 def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], split: str | None = None,
-                      split_help: str = "split of a save_to_disk DatasetDict (default: validation, else the first)") -> None:
+                      split_help: str = "split of a save_to_disk DatasetDict (default: validation, else the first)",
+                      manifests: bool = True) -> None:
+    """The input flags; ``manifests``: the input may be a manifest of URIs (not eval coco: its images are
+    the ones its annotation file names)."""
     g = p.add_argument_group("input")
     options.add(p, g, "--img-size", type=int, defaults={CLS: None}, families=families,
                 help="input size (default: the model's, 224 for DeiT/SViT)")
@@ -81,10 +84,11 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
                 help="decode large JPEGs at a reduced DCT scale (1/2..1/8) that still covers the resize: much faster "
                      "for multi-megapixel photos, pixels differ slightly from a full decode (recorded in the outputs)")
     g.add_argument("--split", default=split, help=split_help)
-    g.add_argument("--uri-column", default=None, metavar="COLUMN",
-                   help="the input is a .csv / .parquet manifest (local or s3://...) whose COLUMN holds each image's "
-                        "URI or path, with optional 'label' (class index) and 'id' columns (default: 'uri' for a .csv, "
-                        "or a .parquet without an 'image' column)")
+    if manifests:
+        g.add_argument("--uri-column", default=None, metavar="COLUMN",
+                           help="the input is a .csv / .parquet manifest (local or s3://...) whose COLUMN holds each "
+                            "image's URI or path, with optional 'label' (class index) and 'id' columns (default: "
+                            "'uri' for a .csv, or a .parquet without an 'image' column)")
     g.add_argument("--max-image-pixels", type=int, default=None,
                    help="larger images are skipped with the reason (default 1e9; Pillow's own 89 Mpx warning is off)")
 

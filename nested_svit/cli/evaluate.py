@@ -39,7 +39,8 @@ def add_parser(sub, formatter) -> None:
 
     about = "detectors: COCO box and mask AP (pycocotools), token usage, FPS^w / FPS^b (resumable, torchrun)"
     c = esub.add_parser("coco", help=about, description=about, formatter_class=formatter)
-    add_inference_options(c, (DET,), split=None, split_help="COCO split under --data (default: val2017)")
+    add_inference_options(c, (DET,), split=None, split_help="COCO split under --data (default: val2017)",
+                          manifests=False)
     g = c.add_argument_group("data and output")
     g.add_argument("--data", default=None, help="COCO root with annotations/instances_<split>.json and <split>/")
     g.add_argument("--ann", default=None, help="annotation json (with --images, instead of --data)")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..data.objectstore import describe_error, filesystem, is_uri
 from ..data.records import DATASET_MARKER, PARQUET_KEY
-from ..distributed import DistInfo
+from ..distributed import DistInfo, barrier
 from ..io import atomic_write_bytes
 from .parts import PartStore, integer_columns, merged, plain
 
@@ -84,8 +84,8 @@ class Location:
 
 def prepare_dataset_output(out: str) -> list[str]:
     """Make ``out`` a data set output -> the note lines. A folder or prefix that holds anything but ours
-    is refused; a finished data set is cleared, to be computed again (by the main process of a torchrun;
-    every process marks it, so every one opens it as a data set)."""
+    is refused; a finished data set is said to be computed again (``DatasetStore.check_manifest`` clears
+    it, once the run starts; every process of a torchrun marks it, so every one opens it as a data set)."""
     where = Location(out)
     if not where.remote and Path(where.root).exists() and not Path(where.root).is_dir():
         raise ValueError(f"--out {out} names a data set folder, but {where.text} is a file")
@@ -95,8 +95,6 @@ def prepare_dataset_output(out: str) -> list[str]:
                          "(or one an earlier predict wrote)")
     notes = []
     if SUCCESS in names and int(os.environ.get("RANK", "0")) == 0:
-        for name in [n for n in names if n.startswith("part-")] + [SUCCESS, DATASET_MANIFEST]:
-            where.delete(name)
         notes.append(f"note: {out} holds a finished run's data set: it is computed again with these flags and replaced")
     if not where.remote:
         Path(where.root).mkdir(parents=True, exist_ok=True)
@@ -124,7 +122,15 @@ class DatasetStore(PartStore):
         return Location(self.parts_dir)
 
     def check_manifest(self) -> None:
+        """A finished data set is cleared by the main process, and every process waits for that before it
+        lists what is pending (one that listed first would take the old parts as done); then the run
+        record ties the output to this run, or refuses a different run's parts."""
         where = self.where
+        names = where.names()
+        if SUCCESS in names and self.dist.is_main:
+            for name in [n for n in names if n.startswith(self.prefix)] + [SUCCESS, DATASET_MANIFEST]:
+                where.delete(name)
+        barrier(self.dist)
         if RUN_RECORD in where.names():
             old, new = json.loads(where.read(RUN_RECORD)), plain(self.manifest)
             if old != new:
