@@ -15,7 +15,7 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 17, 64, 256])
+@pytest.mark.parametrize("batch", [1, 2, 3, 17, 64, pytest.param(256, marks=pytest.mark.slow)])
 def test_batch_sizes_and_usage(model, batch):
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():

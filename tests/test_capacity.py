@@ -225,7 +225,8 @@ def _traced_capture(fn, example, pool=None):
     return make_fx(lambda x: fn(x))(example)
 
 
-@pytest.mark.parametrize("name", ["svit_small", "evit_small", "deit_small_patch16_224"])
+@pytest.mark.parametrize("name", ["svit_small", pytest.param("evit_small", marks=pytest.mark.slow),
+                                  pytest.param("deit_small_patch16_224", marks=pytest.mark.slow)])
 def test_graphed_classifier_replays_one_graph_per_shape_and_equals_exact(name):
     from nested_svit.inference.graphs import GraphedClassifier
 
@@ -265,6 +266,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
         capture_graph(lambda x: x, torch.zeros(2))
 
 
+@pytest.mark.slow
 def test_predict_and_eval_capacity_and_graphs_equal_the_exact_rows(tmp_path, capsys, monkeypatch):
     """End to end: --capacity that suffices, one too small (its batches rerun, and said), and --cuda-graphs
     (its capture replaced by the trace above: this machine has no GPU) give the exact run's rows and metrics."""

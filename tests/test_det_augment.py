@@ -119,7 +119,7 @@ def test_train_data_multiscale(tmp_path):
                                                                             (120, 160), (120, 120)]
 
 
-@pytest.mark.parametrize("empty", [0, 1])
+@pytest.mark.parametrize("empty", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_losses_with_an_image_left_without_instances(empty):
     """A crop may leave an image with no instance (allow_negative_crop): the losses stay finite and
     backpropagate; that image contributes negatives only."""

@@ -71,7 +71,8 @@ def test_registry():
 
 
 @pytest.mark.parametrize("name", ["svit_adapter_tiny_maskrcnn", pytest.param("svit_adapter_small_maskrcnn", marks=pytest.mark.slow),
-                                  "vit_adapter_tiny_maskrcnn", pytest.param("vit_adapter_small_maskrcnn", marks=pytest.mark.slow)])
+                                  pytest.param("vit_adapter_tiny_maskrcnn", marks=pytest.mark.slow),
+                                  pytest.param("vit_adapter_small_maskrcnn", marks=pytest.mark.slow)])
 def test_mixed_size_batch_equals_per_image(name):
     model = detector(name)
     images = _images()
@@ -164,7 +165,8 @@ def test_gate_may_keep_nothing():
 
 
 # ---------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("name,gated", [("svit_adapter_tiny_maskrcnn", True), ("vit_adapter_tiny_maskrcnn", False)])
+@pytest.mark.parametrize("name,gated", [("svit_adapter_tiny_maskrcnn", True),
+                                        pytest.param("vit_adapter_tiny_maskrcnn", False, marks=pytest.mark.slow)])
 def test_official_checkpoint_round_trip(tmp_path, name, gated):
     src = detector(name)
     path = tmp_path / "official.pth"

@@ -37,7 +37,8 @@ def _expected_counts(name: str, n0: int) -> list[int] | None:
     return None
 
 
-@pytest.mark.parametrize("name", [n if n.startswith("evit") else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
 def test_batch_of_sizes_equals_single_images_and_the_rules(name):
     det = _detector(name)
     images = [torch.randn(3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(SIZES)]

@@ -117,6 +117,7 @@ def test_torchrun_two_processes_equal_single(tmp_path, checkpoint, torchrun):
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_predict_with_detector_rows_json_and_pictures(tmp_path, checkpoint):
     _, images = make_coco(tmp_path / "coco")
     (images / "broken.jpg").write_bytes(b"\xff\xd8 broken")

@@ -178,6 +178,7 @@ def test_item7_classifier_flags_refused_for_detectors(tmp_path, det_file, coco, 
     assert "--img-scale only applies to detectors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_item7_detector_keep_budget_calibrates_and_bf16_runs(tmp_path, det_file, coco):
     ann, images = coco
     results = {}
@@ -326,6 +327,7 @@ def test_item14_help_and_list(capsys):
     assert "svit_small" in listed and "svit_adapter_small_maskrcnn" in listed and "method    evit" in listed
 
 
+@pytest.mark.slow
 def test_item15_pictures_distinct_not_read_back_threshold_and_small(tmp_path, det_file):
     root = tmp_path / "photos"
     for name, seed in (("a.jpg", 0), ("a.png", 1), ("sub/x.jpg", 2), ("sub__x.jpg", 3)):

@@ -119,6 +119,7 @@ def test_wrong_checkpoint_fails_before_reading_images(tmp_path, capsys):
 _cli = cli_command
 
 
+@pytest.mark.slow
 def test_killed_predict_resumes_exactly_once(tmp_path, checkpoint, kill_midway):
     data = tmp_path / "imgs"
     data.mkdir()

@@ -52,6 +52,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert all(steps[n]["not_measured"] for n in ("syncs", "throughput", "detection", "input_pipeline", "graphs"))
 
 
+@pytest.mark.slow
 def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     proc = _run(tmp_path, "--steps", "attention,environment", env={"GPU_CHECK_FAIL_STEP": "attention"})
     assert proc.returncode == 1
@@ -62,6 +63,7 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     assert _run(tmp_path, "--steps", "nope").returncode == 2  # unknown steps: refused by the parser
 
 
+@pytest.mark.slow
 def test_each_step_says_where_it_measured_and_what_it_could_not(tmp_path):
     """A step that ran on the CPU says so (``measured_on``) and lists what it could not measure there with
     the reason, instead of a bare ``ok``; no issue numbers in what a user reads."""

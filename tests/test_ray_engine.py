@@ -44,6 +44,7 @@ def _compare(local: pd.DataFrame, remote: pd.DataFrame) -> None:
     np.testing.assert_allclose(local[probs].to_numpy(float), remote[probs].to_numpy(float), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
     kinds = write_awkward_folder(tmp_path / "in")
     smooth_image(np.random.default_rng(1), (64, 48)).save(tmp_path / "in" / "日本 photo (1).jpg")

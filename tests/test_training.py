@@ -32,7 +32,7 @@ def keep_fractions(model: SparseViT, images: torch.Tensor) -> torch.Tensor:
     return usage.gate_keep_fraction()
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "fixed"])
+@pytest.mark.parametrize("kind", ["dynamic", pytest.param("fixed", marks=pytest.mark.slow)])
 def test_training_drives_keep_fractions_to_targets(kind):
     model = tiny_model()
     data = tiny_data()

@@ -284,6 +284,7 @@ def test_10_train_files_report_their_own_format(tmp_path, named_digits):
 
 
 # ---------------------------------------------------------------- 11. Ray's noise on stderr
+@pytest.mark.slow
 def test_11_ray_actor_argument_noise_is_filtered_and_nothing_else(tmp_path):
     """The core worker's line (as Ray 2.60 writes it, on the progress bar's line) is dropped; the bar and
     every other line pass through."""
