@@ -6,9 +6,12 @@ size in a fresh process so that its peak memory is its own:
   * ``digest``: ``Records.digest`` (what resume compares),
   * ``pending``: ``PartStore.pending`` with half of the batches already committed (resume's anti-join),
   * ``ray_plan``: the Ray driver's work units and its manifest file (``ray/units.py``),
-and the process's peak RSS above its baseline after imports. Listing a prefix is not timed here (S3 lists
-1,000 keys per request, so 1M keys are 1,000 sequential LIST calls: on paper, about 1-3 minutes at
-60-200 ms each).
+and the process's peak RSS above its baseline after imports. And, in a process of its own, ``list``: the
+driver's side of listing a prefix of N keys (``resolve_records("s3://bucket/val/")``: the listing's N
+entries turned into objects, folder rules, class folders, records), with the store's answer made up in
+memory beforehand (the entries s3fs returns); its peak memory includes that answer, as a real listing's
+would. The LIST requests themselves are not timed (S3 answers 1,000 keys per request, so 1M keys are
+1,000 sequential calls: on paper, about 1-3 minutes at 60-200 ms each).
 
 Run: ``python bench/planning_cost.py [--sizes 10000,100000,1000000] [--out bench/results/planning-cost-<date>.csv]``.
 """
@@ -44,6 +47,40 @@ def write_manifest_of(n: int, path: Path) -> None:
     labels = [i % 1000 for i in range(n)]
     pd.DataFrame({"uri": [f"s3://bucket/val/{wnids[lab]}/{i:08d}.JPEG" for i, lab in enumerate(labels)],
                   "label": labels}).to_parquet(path, index=False)
+
+
+class ListingOnly:
+    """An fsspec filesystem that answers ``find`` with ``n`` made-up entries, as s3fs does after its
+    LIST requests (``name``, ``size``, ``ETag``, ``type``)."""
+
+    def __init__(self, n: int):
+        from nested_svit.data.classes import imagenet_classes
+
+        wnids = list(imagenet_classes()[0])
+        self.answer = {f"bucket/val/{wnids[i % 1000]}/{i:08d}.JPEG": {
+            "name": f"bucket/val/{wnids[i % 1000]}/{i:08d}.JPEG", "size": 110_000 + i % 977,
+            "ETag": f'"{i:032x}"', "type": "file"} for i in range(n)}
+
+    def find(self, path: str, detail: bool = True) -> dict:
+        return self.answer
+
+    def unstrip_protocol(self, name: str) -> str:
+        return "s3://" + name
+
+
+def measure_listing(n: int) -> dict:
+    """The driver's side of listing a prefix of ``n`` keys, in this process -> its figures."""
+    import nested_svit.data.objectstore as objectstore
+    from nested_svit.data.records import resolve_records
+
+    base = _rss_mb()
+    fake = ListingOnly(n)
+    objectstore.filesystem = lambda uri: (fake, uri[len("s3://"):])
+    t0 = time.perf_counter()
+    records = resolve_records("s3://bucket/val/")
+    seconds = time.perf_counter() - t0
+    assert len(records) == n and records.kind == "imagefolder", (len(records), records.kind)
+    return {"images": n, "list_s": seconds, "list_peak_rss_above_baseline_mb": _rss_mb() - base}
 
 
 def measure(n: int, batch_size: int, manifest: Path) -> dict:
@@ -92,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: measure one size
     p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--listing", action="store_true", help=argparse.SUPPRESS)  # a child: the listing stage
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / f"planning-cost-{datetime.date.today()}.csv"))
     args = p.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.batch_size, Path(args.manifest))))
+        figures = measure_listing(args.one) if args.listing else measure(args.one, args.batch_size, Path(args.manifest))
+        print(json.dumps(figures))
         return 0
     import pandas as pd
 
@@ -107,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run([sys.executable, __file__, "--one", str(n), "--batch-size", str(args.batch_size),
                                    "--manifest", str(manifest)], capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        listed = subprocess.run([sys.executable, __file__, "--one", str(n), "--listing"], capture_output=True,
+                                text=True, check=True)
+        rows[-1].update(json.loads(listed.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     for col in [c for c in frame.columns if c.endswith("_s")]:

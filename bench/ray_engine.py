@@ -48,7 +48,7 @@ def whole_run(folder: Path, out: Path, model: str, batch: int, extra: list[str])
 
 
 def ray_start_seconds() -> float:
-    code = "import time, ray; t = time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False); " \
+    code = "import time, ray; t = time.perf_counter(); ray.init(address=\"local\", num_cpus=2, include_dashboard=False); " \
            "print(time.perf_counter() - t); ray.shutdown()"
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
                  .stdout.strip().splitlines()[-1])

@@ -103,7 +103,7 @@ def test_ray_writes_the_same_data_set(tmp_path):
     assert main([*model, "--engine", "ray", "--actors", "2", "--out", f"{tmp_path / 'ray'}/"]) == 0
     _equal_rows(_table(tmp_path / "local"), _table(tmp_path / "ray"))
     assert not list((tmp_path / "ray").glob("ray-manifest*"))  # Ray's manifest is a side file: _ray-manifest
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert ray.data.read_parquet(str(tmp_path / "ray")).count() == 9
     finally:

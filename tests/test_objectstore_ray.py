@@ -23,7 +23,7 @@ def s3_cluster(s3_endpoint):
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint})
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, object_store_memory=256 * 2 ** 20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, object_store_memory=256 * 2 ** 20, include_dashboard=False, log_to_driver=False)
     s3_client().create_bucket(Bucket="ray-inputs")
     yield "s3://ray-inputs"
     ray.shutdown()

@@ -30,7 +30,7 @@ LOCAL = ["--workers", "0", "--threads", "2"]
 def cluster():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, object_store_memory=256 * 2 ** 20, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, object_store_memory=256 * 2 ** 20, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
@@ -245,3 +245,30 @@ def test_decode_cpus_size_the_decode_tasks_of_gpu_actors_only():
         warnings.simplefilter("error")
         _check_decode_cpus(RayOptions(decode_cpus=3), 1)
         _check_decode_cpus(RayOptions(), 0)
+
+
+def test_a_local_instance_is_a_new_one_and_ray_address_is_the_cluster_to_join(tmp_path, capsys, monkeypatch):
+    """Without --ray-address the run starts its own instance (``address="local"``): a plain ``ray.init``
+    joins whatever /tmp/ray/ray_current_cluster names (any cluster once started on the machine, alive or
+    gone) and refused our num_cpus. RAY_ADDRESS (set by ``ray job submit``) is the cluster to join."""
+    from nested_svit.ray.engine import RayOptions, _connect
+
+    calls: list[dict] = []
+
+    class NoRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            calls.append(kwargs)
+
+    assert _connect(NoRay(), RayOptions()) is True and calls[-1]["address"] == "local"
+    write_image_folder(tmp_path / "in", per_class=1)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there
+    capsys.readouterr()
+    assert main(["predict", *TINY, "--input", str(tmp_path / "in"), "--engine", "ray",
+                 "--out", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no Ray cluster answers at --ray-address 127.0.0.1:1" in errors[0], err
+    assert "Traceback" not in err

@@ -86,7 +86,7 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
     g.add_argument("--split", default=split, help=split_help)
     if manifests:
         g.add_argument("--uri-column", default=None, metavar="COLUMN",
-                           help="the input is a .csv / .parquet manifest (local or s3://...) whose COLUMN holds each "
+                       help="the input is a .csv / .parquet manifest (local or s3://...) whose COLUMN holds each "
                             "image's URI or path, with optional 'label' (class index) and 'id' columns (default: "
                             "'uri' for a .csv, or a .parquet without an 'image' column)")
     g.add_argument("--max-image-pixels", type=int, default=None,

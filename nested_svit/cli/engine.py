@@ -23,7 +23,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(pip install -e '.[ray]'): CPU decode tasks feed model actors, lost actors are retried, "
                         "a rerun with the same --out resumes")
     g.add_argument("--ray-address", default=None,
-                   help="a running cluster: auto or HOST:PORT (default: start a local Ray instance for this run)")
+                   help="a running cluster: auto or HOST:PORT (default: RAY_ADDRESS when set, else a local Ray "
+                        "instance started for this run)")
     g.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     g.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
@@ -73,9 +74,15 @@ def ray_run(args: argparse.Namespace, spec) -> Callable:
         require_ray()  # before any work: the extra may not be installed
     except ImportError as e:
         raise ValueError(str(e)) from e
-    options = RayOptions(address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+    options = RayOptions(address=ray_address(args), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                          cpus_per_actor=ray_threads(args), decode_cpus=args.decode_cpus)
     return lambda job, progress: run_on_ray(job.store, job.dataset, job.step, spec, options, progress)
+
+
+def ray_address(args: argparse.Namespace) -> str | None:
+    """The cluster to join: ``--ray-address``, else ``RAY_ADDRESS`` (Ray's own variable: ``ray job submit``
+    sets it for the command it runs), else none (a local instance for this run)."""
+    return args.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
 def retried_note(state) -> str:
@@ -95,7 +102,7 @@ def ray_threads(args: argparse.Namespace) -> int:
 
     from ..ray.engine import RayOptions, actor_threads
 
-    options = RayOptions(address=args.ray_address, cpus_per_actor=args.cpus_per_actor or 0.0)
+    options = RayOptions(address=ray_address(args), cpus_per_actor=args.cpus_per_actor or 0.0)
     return actor_threads(options, args.actors or 1, torch.get_num_threads())
 
 

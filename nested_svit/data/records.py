@@ -230,8 +230,8 @@ def _uri_records(uri: str) -> Records:
             ignored.append((o.uri, f"not an image ({suffix} file)"))
         else:
             kept.append(o)
-    shards = [o.uri for o in objects if o.key.endswith(".parquet") and (o.uri, "output of an earlier nested-svit run")
-              not in ignored]
+    earlier = {u for u, why in ignored if why == "output of an earlier nested-svit run"}
+    shards = [o.uri for o in objects if o.key.endswith(".parquet") and o.uri not in earlier]
     if not kept and shards:  # Hugging Face parquet shards (datasets reads them through the same fsspec layer)
         return _hf_records(uri, files=shards)
     if not kept:

@@ -71,8 +71,9 @@ def _connect(ray, options: RayOptions) -> bool:
         except ConnectionError as e:  # "auto" with no cluster on this machine, a head that went away
             raise ValueError(f"cannot join the Ray cluster at --ray-address {options.address}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    else:  # a local instance sized to this machine, gone at the end of the run
-        ray.init(num_cpus=local_instance_cpus(), include_dashboard=False, **quiet)
+    else:  # a local instance sized to this machine, gone at the end of the run; "local": never the cluster
+        # that /tmp/ray/ray_current_cluster names (any cluster once started here, alive or long gone)
+        ray.init(address="local", num_cpus=local_instance_cpus(), include_dashboard=False, **quiet)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
