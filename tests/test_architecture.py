@@ -167,6 +167,7 @@ def test_modules_stay_small(limit, folder):
     assert {k: n for k, n in sizes.items() if n > limit} == {}
 
 
+@pytest.mark.slow
 def test_core_never_imports_ray():
     """The Ray engine is an optional extra: no module but the CLI's engine switch imports it, and
     importing the library (or running its CLI parser) does not import ray."""

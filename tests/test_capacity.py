@@ -169,6 +169,7 @@ def test_every_capturable_forward_reads_nothing_on_the_device(dev, name):
     assert rec.total_syncs == 0 and not rec.host_copies, (dict(rec.sync_sites), dict(rec.host_copies))
 
 
+@pytest.mark.slow
 def test_a_trace_of_one_batch_replays_right_on_another():
     """make_fx bakes every host value (lengths, maximum lengths, offsets read to the host) into the graph,
     as a CUDA graph bakes kernel arguments. The capacity forward traced on batch A and replayed on batch B

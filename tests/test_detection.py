@@ -155,6 +155,7 @@ def test_backbone_matches_official_algorithm():
     assert usage.kept[:, 3:].float().mean() < usage.kept[:, :3].float().mean()  # the comparison covered pruning
 
 
+@pytest.mark.slow
 def test_gate_may_keep_nothing():
     model = create_detector("svit_adapter_tiny_maskrcnn", img_scale=SCALE).eval()
     model.calibrate_keep(_images(3), [1.0, 0.0, 0.5, 0.0, 0.0, 0.3, 0.0, 0.2, 0.0])

@@ -47,6 +47,7 @@ def _image(path: Path, size=(40, 56), seed=0, fmt=None, **save) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_item1_detector_predict_takes_every_input_kind(tmp_path, det_file, capsys):
     root = tmp_path / "photos"
     for name in ("a.png", "b.jpg", "sub/c.png"):
@@ -89,6 +90,7 @@ def test_item2_classifier_checkpoint_refused_for_detector_inference(tmp_path, co
     assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_item3_evit_release_args_configure_or_refuse(tmp_path):
     from nested_svit import create_model, load_checkpoint
     from nested_svit.checkpoint import CheckpointError
@@ -228,6 +230,7 @@ def test_item9_eval_coco_refuses_data_with_ann(tmp_path, det_file, coco, capsys)
     assert "not both" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_item10_class_count_message_and_coco_subset(tmp_path, capsys):
     from nested_svit.detection.classes import COCO_CLASSES
 

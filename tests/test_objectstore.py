@@ -40,6 +40,7 @@ def test_awkward_folder_on_s3_gives_the_local_rows(tmp_path, s3):
     assert "testing" not in json.dumps(meta)  # no credential in what a run writes
 
 
+@pytest.mark.slow
 def test_imagenet_labels_from_the_keys_and_a_glob(tmp_path, s3):
     items = write_image_folder(tmp_path / "val", per_class=3)
     upload_tree(tmp_path / "val", f"{s3}/imagenet/val")
@@ -150,6 +151,7 @@ def test_bad_manifests_are_one_line(tmp_path, capsys):
     assert stop.value.code == 2 and "unrecognized arguments: --uri-column" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hugging_face_shards_at_a_prefix_give_the_local_rows(tmp_path, s3):
     from datasets_fixtures import write_parquet
 

@@ -171,6 +171,7 @@ def test_3_rerunning_a_finished_out_says_it_recomputes(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- 4. train resume refuses a changed run
+@pytest.mark.slow
 def test_4_train_resume_refuses_other_settings_or_data_and_allows_more_epochs(tmp_path, capsys):
     a = _digit_folders(tmp_path / "a", ["2", "6", "8"])  # 10 images: 5 steps of 2 an epoch
     b = _digit_folders(tmp_path / "b", ["2", "3"])
@@ -433,6 +434,7 @@ def test_20_help_shows_each_default_once_and_no_bare_none(command, capsys):
     assert not [b for b in blocks if "(default: None)" in b or "None:" in b or b.count("default") > 1]
 
 
+@pytest.mark.slow
 def test_20_the_baselines_table_help_explains_every_option():
     script = Path(__file__).resolve().parents[1] / "eval" / "baselines_table.py"
     text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
@@ -443,6 +445,7 @@ def test_20_the_baselines_table_help_explains_every_option():
 
 
 # ---------------------------------------------------------------- 21. JSON precision, unicode, integers
+@pytest.mark.slow
 def test_21_json_keeps_full_precision_unicode_ids_and_integer_columns(tmp_path, tiny_detector_file):
     data = tmp_path / "photos"
     data.mkdir()

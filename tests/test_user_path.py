@@ -302,6 +302,7 @@ def test_calibrate_keep_rejects_bad_targets(targets):
         model.calibrate_keep(torch.randn(2, 3, 32, 32), targets)
 
 
+@pytest.mark.slow
 def test_keep_budget_knob_and_pictures(tmp_path):
     write_image_folder(tmp_path / "val", per_class=3)
     results = {}
