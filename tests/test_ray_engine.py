@@ -265,6 +265,7 @@ def test_a_local_instance_is_a_new_one_and_ray_address_is_the_cluster_to_join(tm
     assert _connect(NoRay(), RayOptions()) is True and calls[-1]["address"] == "local"
     write_image_folder(tmp_path / "in", per_class=1)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, whatever this one joined
     capsys.readouterr()
     assert main(["predict", *TINY, "--input", str(tmp_path / "in"), "--engine", "ray",
                  "--out", str(tmp_path / "o.csv")]) == 2
