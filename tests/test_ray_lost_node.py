@@ -1,5 +1,6 @@
 """A lost node: a Ray cluster of a head and two worker nodes on this machine (``ray.cluster_utils.Cluster``:
-separate raylets, object stores and worker processes, on loopback), the command a user runs against a
+separate raylets, object stores and worker processes, on this machine's own address: a driver cannot
+join a cluster bound to 127.0.0.1), the command a user runs against a
 real cluster (``predict --engine ray --ray-address HOST:PORT``) in its own process, and the worker node
 that hosts the model actor killed mid-run: its raylet, object store and workers, without warning. The
 run must finish with exactly the local rows, and its summary must name the batches Ray did again."""
