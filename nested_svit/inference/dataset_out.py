@@ -19,7 +19,7 @@ from ..data.objectstore import describe_error, filesystem, is_uri
 from ..data.records import DATASET_MARKER, PARQUET_KEY
 from ..distributed import DistInfo, barrier
 from ..io import atomic_write_bytes
-from .parts import PartStore, integer_columns, merged, plain
+from .parts import PartStore, integer_columns, merged, plain, refuse_other_run
 
 RUN_RECORD = "_nested_svit_run.json"
 SUCCESS = "_SUCCESS"
@@ -132,11 +132,7 @@ class DatasetStore(PartStore):
                 where.delete(name)
         barrier(self.dist)
         if RUN_RECORD in where.names():
-            old, new = json.loads(where.read(RUN_RECORD)), plain(self.manifest)
-            if old != new:
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise RuntimeError(f"{self.parts_dir} holds partial results of a different run (differs in {diff}); "
-                                   "delete it or choose another --out")
+            refuse_other_run(self.parts_dir, json.loads(where.read(RUN_RECORD)), self.manifest)
         elif self.dist.is_main:
             where.write(RUN_RECORD, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
 

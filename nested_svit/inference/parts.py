@@ -37,14 +37,19 @@ def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True, name: 
     ``manifest`` there (the main process) as ``name``, creating the folder with its ``marker``."""
     path = Path(parts_dir) / name
     if path.exists():
-        old, new = json.loads(path.read_text()), plain(manifest)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise RuntimeError(f"{parts_dir} holds partial results of a different run (differs in {diff}); "
-                               "delete it or choose another --out")
+        refuse_other_run(parts_dir, json.loads(path.read_text()), manifest)
     elif is_main:
         mark_output_folder(parts_dir, marker)  # never read back as input by a later run
         atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def refuse_other_run(where, recorded: dict, manifest: dict) -> None:
+    """Refuse partial results at ``where`` whose ``recorded`` run record is not ``manifest``, naming what differs."""
+    new = plain(manifest)
+    if recorded != new:
+        diff = sorted(k for k in set(recorded) | set(new) if recorded.get(k) != new.get(k))
+        raise RuntimeError(f"{where} holds partial results of a different run (differs in {diff}); "
+                           "delete it or choose another --out")
 
 
 def integer_columns(frame: pd.DataFrame) -> pd.DataFrame:
