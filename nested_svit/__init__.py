@@ -2,12 +2,13 @@
 from .checkpoint import load_checkpoint
 from .config import Pruning, ViTConfig
 from .model import SparseViT, TokenUsage
+from .precision import set_precision
 from .registry import create_model, list_models
 from .tokens import Layout, Packed
 from .version import __version__
 
 __all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "load_model",
-           "load_detector", "ModelSpec", "SparseViT",
+           "load_detector", "ModelSpec", "SparseViT", "set_precision",
            "TokenUsage", "ViTConfig", "Pruning", "Layout", "Packed", "__version__"]
 
 

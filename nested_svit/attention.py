@@ -8,6 +8,7 @@ same row layout, so ``layers.Attention`` never branches on how rows are grouped:
   one of the variable-length backends (``BACKENDS``).
 * ``KeyMaskedContext``  -- ``qkv [B, N, 3C]`` with a ``[B, N]`` keep mask: pruned keys get zero
   attention weight (training, Eq. 1); gradients flow into the mask.
+Every backend is batch-invariant: an image's values never depend on the other images of its batch.
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ def dense_attention(qkv: Tensor, num_heads: int, key_bias: Tensor | None = None)
 
 # ---------------------------------------------------------------- variable-length backends
 def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Tensor | None = None) -> Tensor:
-    """Per-image SDPA on slices of the packed tensors. Few copies, one kernel per image; 4-D
-    ``[1, H, n, D]`` calls, which CUDA's fused kernels take (3-D ones fall back to the math kernel)."""
+    """Per-image SDPA on slices of the packed tensors: 4-D ``[1, H, n, D]`` calls (CUDA's fused kernels)."""
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D] strided views
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D] contiguous: reshapes to [T, C] free
     for s, n in zip(layout.starts, layout.lengths):
@@ -57,13 +57,32 @@ def _loop_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Ten
     return out
 
 
-def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Tensor | None = None) -> Tensor:
-    """Pad to ``[B, H, max_len, D]`` and mask padded keys."""
-    qp, kp, vp = (pad(t, layout).transpose(1, 2) for t in (q, k, v))
-    key_mask = padding_mask(layout)[:, None, None, :]
+def _padded_backend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_bias: Tensor | None = None,
+                    pad_to: tuple[int, ...] | None = None) -> Tensor:
+    """Pad to ``[B, H, P, D]``, padded keys masked. ``pad_to``: each image's padded length, fixed by the
+    image itself (its token count before selection), never by its batch mates (the kernel's blocking
+    follows ``P``); one call per length. None: the batch's longest sequence."""
+    groups: dict[int, list[int]] = {}
+    for b, p in enumerate(pad_to if pad_to is not None else (layout.max_len,) * layout.batch_size):
+        groups.setdefault(int(p), []).append(b)
+    if len(groups) == 1:
+        return _padded_group(q, k, v, layout, next(iter(groups)), key_bias)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for length, images in groups.items():  # mixed resolutions
+        rows = torch.cat([torch.arange(layout.starts[b], layout.starts[b] + n) for b, n in
+                          ((b, layout.lengths[b]) for b in images)]).to(q.device)
+        part = Layout.from_lengths([layout.lengths[b] for b in images], q.device)
+        sub = (t.index_select(0, rows) for t in (q, k, v))
+        out[rows] = _padded_group(*sub, part, length, None if key_bias is None else key_bias.index_select(0, rows))
+    return out
+
+
+def _padded_group(q: Tensor, k: Tensor, v: Tensor, layout: Layout, length: int, key_bias: Tensor | None) -> Tensor:
+    """``[T, H, D]`` rows of ``layout``, every image padded to ``length`` rows -> ``[T, H, D]``."""
+    qp, kp, vp = (pad(t, layout, length=length).transpose(1, 2) for t in (q, k, v))
+    key_mask = padding_mask(layout, length)[:, None, None, :]
     if key_bias is not None:
-        bias = pad(key_bias.to(q.dtype)[:, None], layout, float("-inf"))[..., 0]
-        key_mask = bias[:, None, None, :]
+        key_mask = pad(key_bias.to(q.dtype)[:, None], layout, float("-inf"), length)[..., 0][:, None, None, :]
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)  # padded query rows are dropped
     return unpad(out.transpose(1, 2), layout)
 
@@ -118,8 +137,6 @@ def backend_available(name: str, device: torch.device | str, dtype: torch.dtype 
     device = torch.device(device)
     if name in ("loop", "padded", "nested"):
         return True
-    if name == "cpu-auto":  # loop or padded, chosen per call from the shapes
-        return device.type == "cpu"
     if name == "varlen":
         if not is_cuda(device) or dtype not in (torch.float16, torch.bfloat16):
             return False
@@ -132,29 +149,17 @@ def backend_available(name: str, device: torch.device | str, dtype: torch.dtype 
 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """``auto`` -> the fastest backend measured for the device (see bench/README.md):
-    CUDA half precision: flash varlen; other CUDA: jagged nested SDPA; CPU: ``cpu-auto``, decided per
-    call from the sequence shapes (``pick_cpu_backend``). NJT SDPA falls back to a slow per-image math
-    path on CPU, so it is never the CPU choice."""
+    """``auto`` -> one backend for the whole run, never per call (a choice that follows the batch's shapes
+    makes an image's values depend on its batch mates): CUDA half precision: flash varlen; other CUDA:
+    jagged nested SDPA; CPU: ``loop`` (per-image SDPA, the image's arithmetic alone; NJT SDPA is a slow
+    per-image math path on CPU)."""
     if name != "auto":
         if not backend_available(name, device, dtype):
             raise ValueError(f"attention backend {name!r} is not available on {device} with {dtype}")
         return name
     if is_cuda(device):
         return "varlen" if backend_available("varlen", device, dtype) else "nested"
-    return "cpu-auto"
-
-
-# padded wins only for many tiny sequences (bench/results/attention-backends-*.csv): one SDPA call
-# then beats one call per image; for anything larger the masked padded kernel is 1.5-3x slower.
-PADDED_MAX_WORK = 1.2e5  # heads * mean_len^2 * head_dim
-PADDED_MIN_BATCH = 16
-
-
-def pick_cpu_backend(layout: Layout, num_heads: int, head_dim: int) -> str:
-    mean_len = layout.total / max(layout.batch_size, 1)
-    small = num_heads * mean_len * mean_len * head_dim <= PADDED_MAX_WORK
-    return "padded" if small and layout.batch_size >= PADDED_MIN_BATCH else "loop"
+    return "loop"
 
 
 _COUNTING = contextvars.ContextVar("nested_svit_counting_flops", default=False)
@@ -162,8 +167,7 @@ _COUNTING = contextvars.ContextVar("nested_svit_counting_flops", default=False)
 
 @contextlib.contextmanager
 def countable():
-    """Run the kernels a FLOP counter can read: jagged and varlen attention as per-image SDPA (the same
-    arithmetic; ``torch.utils.flop_counter`` cannot count nested tensors or the varlen op)."""
+    """Jagged and varlen attention as per-image SDPA, which ``torch.utils.flop_counter`` can count."""
     token = _COUNTING.set(True)
     try:
         yield
@@ -171,26 +175,30 @@ def countable():
         _COUNTING.reset(token)
 
 
-KEY_BIAS_BACKENDS = ("loop", "padded", "cpu-auto")  # the others get a key bias through KeyBiasContext's widening
+KEY_BIAS_BACKENDS = ("loop", "padded")  # the others get a key bias through KeyBiasContext's widening
 
 
 def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str = "loop",
-                     key_bias: Tensor | None = None) -> Tensor:
+                     key_bias: Tensor | None = None, pad_to: tuple[int, ...] | None = None) -> Tensor:
     """Packed ``qkv [T, 3C]`` -> ``[T, C]``; image ``b`` attends within its own rows only.
-    ``key_bias [T]`` (uniform layouts or ``KEY_BIAS_BACKENDS``): added to every logit of that key."""
+    ``key_bias [T]`` (uniform layouts or ``KEY_BIAS_BACKENDS``): added to every logit of that key.
+    ``pad_to``: each image's padded length for ``padded`` (see ``_padded_backend``)."""
     t, c3 = qkv.shape
-    if layout.is_uniform and layout.batch_size > 0:
-        bias = None if key_bias is None else key_bias.view(layout.batch_size, -1)
-        return dense_attention(qkv.view(layout.batch_size, -1, c3), num_heads, bias).view(t, c3 // 3)
     if 0 in layout.lengths:  # images with no active token own no rows: drop them from the layout
+        if pad_to is not None:
+            pad_to = tuple(p for p, n in zip(pad_to, layout.lengths) if n > 0)
         layout = Layout.from_lengths([n for n in layout.lengths if n > 0], qkv.device)
     if t == 0:
         return qkv.new_zeros(0, c3 // 3)
+    # one SDPA call for equal lengths is the per-image arithmetic, except where ``padded`` pads further
+    if layout.is_uniform and (backend != "padded" or pad_to is None or set(pad_to) == {layout.max_len}):
+        bias = None if key_bias is None else key_bias.view(layout.batch_size, -1)
+        return dense_attention(qkv.view(layout.batch_size, -1, c3), num_heads, bias).view(t, c3 // 3)
     q, k, v = _split_heads(qkv, num_heads)
-    if backend == "cpu-auto":
-        backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
     if _COUNTING.get() and backend in ("nested", "varlen"):
         backend = "loop"
+    if backend == "padded":
+        return _padded_backend(q, k, v, layout, key_bias, pad_to).reshape(t, c3 // 3)
     if key_bias is not None:
         if backend not in KEY_BIAS_BACKENDS:
             raise ValueError(f"the {backend} backend takes no key bias (use KeyBiasContext)")
@@ -199,35 +207,38 @@ def varlen_attention(qkv: Tensor, num_heads: int, layout: Layout, backend: str =
 
 
 def query_subset_attention(qkv: Tensor, num_heads: int, layout: Layout, query_keep: "Tensor | tuple[Tensor, Layout]",
-                           backend: str = "loop") -> Tensor:
+                           backend: str = "loop", pad_to: tuple[int, ...] | None = None) -> Tensor:
     """Packed ``qkv [T, 3C]`` of ``layout`` and the kept query rows (``[T]`` bool, or their indices and
-    layout from ``tokens.kept_rows``, which a caller that knows the counts computes without a sync)
-    -> ``[T_q, C]``: the attention output of the kept rows only, each against every row (key, value) of
-    its image (ATS's query subset: the other rows' outputs are never computed)."""
+    layout from ``tokens.kept_rows``, computed without a sync by a caller that knows the counts) -> ``[T_q,
+    C]``: the kept rows' attention against every row of its image (ATS: other rows' outputs are never
+    computed). ``pad_to``: as in ``varlen_attention``."""
     from .tokens import kept_rows
 
     t, c3 = qkv.shape
     q, k, v = _split_heads(qkv, num_heads)
     q_index, q_layout = query_keep if isinstance(query_keep, tuple) else kept_rows(query_keep, layout)
     qs = q.index_select(0, q_index)
-    if backend == "cpu-auto":
-        backend = pick_cpu_backend(layout, num_heads, q.shape[-1])
     if _COUNTING.get() and backend == "varlen":
         backend = "loop"
-    if backend == "padded":
-        qp, kp, vp = pad(qs, q_layout).transpose(1, 2), pad(k, layout).transpose(1, 2), pad(v, layout).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=padding_mask(layout)[:, None, None, :])
+    if backend == "padded" and (pad_to is None or len(set(pad_to)) == 1):
+        length = None if pad_to is None else pad_to[0]
+        qp = pad(qs, q_layout, length=length).transpose(1, 2)
+        kp, vp = (pad(t, layout, length=length).transpose(1, 2) for t in (k, v))
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=padding_mask(layout, length)[:, None, None, :])
         return unpad(out.transpose(1, 2), q_layout).reshape(-1, c3 // 3)
     if backend == "varlen":
         return _varlen(qs, k, v, q_layout, layout).reshape(-1, c3 // 3)
     out = qs.new_empty(qs.shape)  # loop (and nested, whose jagged SDPA would need two layouts): per image
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (qs, k, v))  # 4-D [1, H, T, D], as CUDA's kernels take
-    for sq, nq, s, n in zip(q_layout.starts, q_layout.lengths, layout.starts, layout.lengths):
+    for b, (sq, nq, s, n) in enumerate(zip(q_layout.starts, q_layout.lengths, layout.starts, layout.lengths)):
+        qb, kb, vb, mask = qh[:, :, sq:sq + nq], kh[:, :, s:s + n], vh[:, :, s:s + n], None
+        if nq and backend == "padded":  # mixed padded lengths: each image padded to its own length, as alone
+            p = pad_to[b]  # type: ignore[index]
+            qb, kb, vb = F.pad(qb, (0, 0, 0, p - nq)), F.pad(kb, (0, 0, 0, p - n)), F.pad(vb, (0, 0, 0, p - n))
+            mask = (torch.arange(p, device=q.device) < n)[None, None, None, :]
         if nq:
-            out[sq:sq + nq] = F.scaled_dot_product_attention(qh[:, :, sq:sq + nq], kh[:, :, s:s + n],
-                                                             vh[:, :, s:s + n])[0].transpose(0, 1)
+            out[sq:sq + nq] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)[0, :, :nq].transpose(0, 1)
     return out.reshape(-1, c3 // 3)
-
 
 CAPACITY_BACKENDS = ("padded", "varlen")  # offsets on the device, no host lengths
 
@@ -261,12 +272,9 @@ def capacity_attention(qkv: Tensor, num_heads: int, rows: CapacityRows, backend:
 
 
 def masked_attention(qkv: Tensor, num_heads: int, key_keep: Tensor) -> Tensor:
-    """``qkv [B, N, 3C]``, ``key_keep [B, N]`` float in [0, 1] -> ``[B, N, C]``.
-
-    Weights are ``exp(s - max) * key_keep`` renormalised, i.e. an exact softmax over kept keys
-    for a hard mask, differentiable in ``key_keep`` (straight-through Gumbel masks). A query of
-    an image with no kept key gets zeros (its row is discarded by the caller's mix).
-    """
+    """``qkv [B, N, 3C]``, ``key_keep [B, N]`` float in [0, 1] -> ``[B, N, C]``. Weights ``exp(s - max) *
+    key_keep`` renormalised: an exact softmax over kept keys for a hard mask, differentiable in ``key_keep``
+    (straight-through Gumbel masks). A query of an image with no kept key gets zeros (the caller drops it)."""
     b, n, c3 = qkv.shape
     q, k, v = qkv.view(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
@@ -314,13 +322,14 @@ class DenseContext:
 class VarlenContext:
     layout: Layout
     backend: str = "loop"
+    pad_to: tuple[int, ...] | None = None  # each image's own token count (``padded``: its padded length)
 
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
-        return varlen_attention(qkv, num_heads, self.layout, self.backend)
+        return varlen_attention(qkv, num_heads, self.layout, self.backend, pad_to=self.pad_to)
 
     def queries(self, qkv: Tensor, num_heads: int, query_keep: "Tensor | tuple[Tensor, Layout]") -> Tensor:
         """Packed ``qkv [T, 3C]`` and the kept query rows -> ``[T_q, C]`` (``query_subset_attention``)."""
-        return query_subset_attention(qkv, num_heads, self.layout, query_keep, self.backend)
+        return query_subset_attention(qkv, num_heads, self.layout, query_keep, self.backend, self.pad_to)
 
 
 @dataclass(frozen=True)
@@ -356,7 +365,7 @@ class KeyBiasContext:
         if isinstance(inner, DenseContext):  # SDPA takes the bias as a float mask (nearly free on CPU)
             return dense_attention(qkv, num_heads, self.bias)
         if isinstance(inner, VarlenContext) and (inner.layout.is_uniform or inner.backend in KEY_BIAS_BACKENDS):
-            return varlen_attention(qkv, num_heads, inner.layout, inner.backend, self.bias)
+            return varlen_attention(qkv, num_heads, inner.layout, inner.backend, self.bias, inner.pad_to)
         return self._widened(qkv, num_heads)
 
     def _widened(self, qkv: Tensor, num_heads: int) -> Tensor:

@@ -82,9 +82,9 @@ def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, lengt
         return _run_split(block, x, keep, lengths, method, index,  # type: ignore[arg-type]
                           lambda a, ctx: block.attention_residual(a.values, ctx),
                           lambda a: block.mlp_residual(a.values, a.layout),
-                          lambda layout: VarlenContext(layout, backend))
+                          lambda layout: VarlenContext(layout, backend, x.layout.lengths))
     active = gather(x, keep, lengths)
-    out = block(active.values, VarlenContext(active.layout, backend))
+    out = block(active.values, VarlenContext(active.layout, backend, x.layout.lengths))
     return scatter(x, active.with_values(out), inplace=not torch.is_grad_enabled())
 
 
@@ -156,7 +156,8 @@ def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, lengths: Seq
         q_index, q_layout = kept_rows(query_keep, active.layout, known)
         if known is None:
             method.record_counts(chosen, list(q_layout.lengths))
-        h = block.attend(active.values, qkv, VarlenContext(active.layout, backend), (q_index, q_layout))
+        h = block.attend(active.values, qkv, VarlenContext(active.layout, backend, x.layout.lengths),
+                         (q_index, q_layout))
         out = block.mlp_residual(h, q_layout)
         y = x.values.clone() if torch.is_grad_enabled() else x.values
         y[rows.index_select(0, q_index)] = out

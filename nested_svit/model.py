@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ViTConfig
+from .layers import Linear
 from .stack import BlockPass, Images, RunFactory, TokenStack, TokenUsage  # noqa: F401 (TokenUsage re-exported)
 from .tokens import Layout, Packed, true_rows
 
@@ -25,7 +26,7 @@ class SparseViT(TokenStack):
         super().__init__(config)
         c = config.embed_dim
         self.norm = nn.LayerNorm(c, eps=config.norm_eps)
-        self.head = nn.Linear(c, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.head = Linear(c, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -41,6 +42,14 @@ class SparseViT(TokenStack):
         """What a file of this model records besides its weights (``checkpoint.model_payload``)."""
         return {"kind": "classifier", "model_name": self.name, "model_config": asdict(self.config),
                 "class_names": getattr(self, "class_names", None), "block_norm_eps": self.block_norm_eps}
+
+    def decision_modules(self) -> list[nn.Module]:
+        """The selectors, and the final norm and head (the top-k is a decision too)."""
+        return super().decision_modules() + [self.norm, self.head]
+
+    def _norm(self, values: Tensor) -> Tensor:
+        """The final LayerNorm in its own precision (fp32 under ``set_precision``)."""
+        return self.norm(values.to(self.norm.weight.dtype))
 
     @property
     def readout(self) -> str:
@@ -72,12 +81,14 @@ class SparseViT(TokenStack):
                                self.config.gate_blocks)
             return images.new_zeros(0, n, self.config.embed_dim), usage
         x, usage = self.forward_tokens(self.embed(images))
-        if usage.overflow:  # the capacity forward cut rows of this batch: it runs again, exactly
-            with self.exact_forward():
+        if usage.overflow:  # the capacity forward cut rows of this batch: it runs again with room for every row
+            with self.uncapped_forward():
                 x, usage = self.forward_tokens(self.embed(images))
             self.capacity_reruns += 1
+        if self.capacity is not None and self.method.observe is not None:
+            self.method.observe(self, usage)  # the next batches' capacity follows what the gates keep
         if self.readout == "cls":
-            x = x.with_values(self.norm(x.values))
+            x = x.with_values(self._norm(x.values))
         return (x.to_dense() if isinstance(images, Tensor) else x), usage
 
     def forward_head(self, feats: Tensor | Packed, pre_logits: bool = False) -> Tensor:
@@ -88,12 +99,12 @@ class SparseViT(TokenStack):
             skip = 1 if self.cls_token is not None else 0
             pooled = feats[:, skip:].mean(1) if isinstance(feats, Tensor) else \
                 torch.stack([v[skip:].mean(0) for v in feats.unbind()])
-            pooled = self.norm(pooled)
+            pooled = self._norm(pooled)
         elif self.cls_token is None:
             pooled = feats.mean(1) if isinstance(feats, Tensor) else torch.stack([v.mean(0) for v in feats.unbind()])
         else:
             pooled = feats[:, 0] if isinstance(feats, Tensor) else feats.values[feats.layout.first_rows]
-        return pooled if pre_logits else self.head(pooled)
+        return pooled if pre_logits else self.head(pooled.to(self.norm.weight.dtype))
 
     def forward_device(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The forward with no host read, for capture in a CUDA graph: ``images [B, 3, H, W]`` ->
@@ -105,7 +116,7 @@ class SparseViT(TokenStack):
                              "set_execution('packed', capacity=F) first")
         x, block_pass = self._run_blocks(self.embed(images))
         if self.readout == "cls":
-            x = x.with_values(self.norm(x.values))
+            x = x.with_values(self._norm(x.values))
         kept, kept_mlp, overflow = block_pass.device_usage()
         return self.forward_head(x.to_dense()), kept, kept_mlp, overflow
 

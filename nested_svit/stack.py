@@ -93,11 +93,18 @@ class TokenStack(nn.Module):
         self.gates_open = False  # True: every gate keeps every token (dense behaviour, gate cost still paid)
         self.capacity: float | None = None  # the capacity forward's factor F (``set_execution``); None: exact
         self.keep_targets_in_use: tuple[float, ...] | None = None  # the targets the thresholds were calibrated to
-        self.capacity_reruns = 0  # forwards whose capacity was too small, rerun in the exact forward
+        self.capacity_reruns = 0  # forwards whose capacity was too small, rerun with room for every row
+        self.observed_keep: tuple[float, ...] | None = None  # the capacity forward's estimate (``Method.observe``)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The blocks' compute dtype (inputs are cast to it); decisions may run in fp32 (``set_precision``)."""
         return self.pos_embed.dtype
+
+    def decision_modules(self) -> list[nn.Module]:
+        """The modules whose outputs decide what runs: the method's selectors (SViT's gates, DynamicViT's
+        predictors). ``set_precision`` keeps them in fp32; they cast their input to their own dtype."""
+        return [self.gates]
 
     @property
     def num_gates(self) -> int:
@@ -140,7 +147,7 @@ class TokenStack(nn.Module):
         only; None: as it was); ``capacity``: the capacity forward with factor ``F`` (> 0; 0 turns it
         off; None: as it was): each selecting block processes a fixed ``ceil(F * expected rows)`` rows
         (``MethodRun.expected_rows``, capped at all rows) with no host read, a too small capacity is
-        found once at the end of the forward and that forward rerun exactly (``capacity_reruns``)."""
+        found once at the end of the forward and that forward rerun with room for every row (``capacity_reruns``)."""
         if mode not in EXECUTIONS:
             raise ValueError(f"unknown execution {mode!r}; choose from {EXECUTIONS}")
         if compile and mode != "packed":
@@ -163,8 +170,19 @@ class TokenStack(nn.Module):
 
     @contextlib.contextmanager
     def exact_forward(self) -> Iterator[None]:
-        """Within: the exact forward (the capacity forward off), e.g. to rerun a batch that overflowed."""
+        """Within: the exact forward (the capacity forward off)."""
         saved, self.capacity = self.capacity, None
+        try:
+            yield
+        finally:
+            self.capacity = saved
+
+    @contextlib.contextmanager
+    def uncapped_forward(self) -> Iterator[None]:
+        """Within: the capacity forward with room for every row, to rerun a batch that overflowed: the same
+        arithmetic as a batch that fit (the capacity grid), so an image's values never depend on whether
+        its batch mates made the batch overflow."""
+        saved, self.capacity = self.capacity, math.inf
         try:
             yield
         finally:
@@ -300,7 +318,8 @@ class BlockPass:
             raise ValueError(f"{self.stack.method.title}'s block {i} selects inside the block: no capacity forward")
         total = self.layout.total
         expected = self.method.expected_rows(i)
-        capacity = total if expected is None else min(total, max(1, math.ceil(self.capacity * expected)))
+        uncapped = expected is None or math.isinf(self.capacity)
+        capacity = total if uncapped else min(total, max(1, math.ceil(self.capacity * expected)))
         if self._slots_of_map is None:
             self._slots_of_map = map_slots(self.layout)
         x, rows = run_capacity(self.stack.blocks[i], x, keep, capacity, self._slots_of_map,

@@ -250,18 +250,19 @@ def positions(layout: Layout) -> Tensor:
     return torch.arange(layout.total, device=layout.offsets.device) - layout.offsets[layout.image_index]
 
 
-def pad(values: Tensor, layout: Layout, fill: float = 0.0) -> Tensor:
-    """Packed ``[T, ...]`` -> padded ``[B, max_len, ...]``."""
-    b, m = layout.batch_size, layout.max_len
+def pad(values: Tensor, layout: Layout, fill: float = 0.0, length: int | None = None) -> Tensor:
+    """Packed ``[T, ...]`` -> padded ``[B, length, ...]`` (default length: ``max_len``)."""
+    b, m = layout.batch_size, layout.max_len if length is None else length
     out = values.new_full((b, m) + tuple(values.shape[1:]), fill)
     out[layout.image_index, positions(layout)] = values
     return out
 
 
-def padding_mask(layout: Layout) -> Tensor:
-    """``[B, max_len]`` bool, True where a padded position holds a real token."""
+def padding_mask(layout: Layout, length: int | None = None) -> Tensor:
+    """``[B, length]`` bool (default length: ``max_len``), True where a padded position holds a real token."""
     lengths = layout.offsets.diff()
-    return torch.arange(layout.max_len, device=lengths.device)[None, :] < lengths[:, None]
+    m = layout.max_len if length is None else length
+    return torch.arange(m, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def unpad(padded: Tensor, layout: Layout) -> Tensor:

@@ -22,6 +22,7 @@ LAYERS = [
     {"execution"},
     {"methods"},
     {"stack"},
+    {"precision"},  # which parts run in reduced precision (every decision stays fp32)
     {"model"},
     {"registry"},
     {"checkpoint"},

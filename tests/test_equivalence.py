@@ -162,12 +162,3 @@ def test_chunked_mlp_matches_reference(name, monkeypatch):
     install_masks(model, random_masks(gen, [n] * batch, [[0.9] * batch, [0.6] * batch, [0.3] * batch]))
     images = torch.randn(batch, 3, 64, 64, generator=gen)
     assert_all_match_reference(run_all(model, images))
-
-
-def test_cpu_auto_picks_padded_only_for_many_tiny_sequences():
-    from nested_svit.attention import pick_cpu_backend
-    from nested_svit.tokens import Layout
-
-    assert pick_cpu_backend(Layout.from_lengths([30] * 64), num_heads=2, head_dim=32) == "padded"
-    assert pick_cpu_backend(Layout.from_lengths([30] * 4), num_heads=2, head_dim=32) == "loop"  # few images
-    assert pick_cpu_backend(Layout.from_lengths([100] * 64), num_heads=6, head_dim=64) == "loop"  # svit_small sizes

@@ -147,9 +147,10 @@ def all_skipped(skipped: int, total: int, reasons: list[str] = ()) -> int:
 
 
 def capacity_note(factor: float, reruns: int) -> str:
-    """What a run's summary line says of ``--capacity F``: how many batches were rerun exactly."""
-    return f"--capacity {factor:g}: {reruns} batch(es) rerun exactly" + \
-        (" (their capacity was too small: a larger F avoids it)" if reruns else "")
+    """What a run's summary line says of ``--capacity F``: how many batches were rerun (with room for every
+    row: the same values)."""
+    return f"--capacity {factor:g}: {reruns} batch(es) rerun" + \
+        (" (they kept more tokens than F x what the gates had kept so far: a larger F makes it rarer)" if reruns else "")
 
 
 def note(message: str) -> None:

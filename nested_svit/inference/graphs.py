@@ -5,7 +5,7 @@ What a graph captures is ``SparseViT.forward_device``: the capacity forward for 
 packed forward for dense models and the fixed-count baselines. Neither reads the device nor copies host
 data, and every offset, count and index is computed on the device from the images, so a replay on other
 images cannot use a stale one (tests/test_capacity.py traces one batch and replays it on another). A
-batch whose capacity was too small is rerun in the exact forward and counted (``model.capacity_reruns``).
+batch whose capacity was too small is rerun with room for every row and counted (``model.capacity_reruns``).
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ class GraphedClassifier:
         self.replays += 1
         n = kept.numel()
         flat = torch.cat([kept.flatten(), kept_mlp.flatten(), overflow.view(1).to(torch.int64)]).cpu()  # one read
-        if flat[-1]:  # a capacity was too small for these images: rerun them exactly
-            with self.model.exact_forward():
+        if flat[-1]:  # a capacity was too small for these images: rerun them with room for every row
+            with self.model.uncapped_forward():
                 feats, usage = self.model.forward_features(images)
             self.model.capacity_reruns += 1
             return self.model.forward_head(feats), usage
@@ -71,6 +71,8 @@ class GraphedClassifier:
         tokens = torch.full((images.shape[0],), gh * gw + int(self.model.cls_token is not None), dtype=torch.int64)
         usage = TokenUsage(flat[:n].view(kept.shape), tokens, self.model.config.gate_blocks,
                            kept_mlp=flat[n:2 * n].view(kept.shape))
+        if self.model.method.observe is not None:  # graphs captured later are sized by what the gates keep
+            self.model.method.observe(self.model, usage)
         return logits.clone(), usage
 
 

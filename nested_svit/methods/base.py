@@ -143,7 +143,8 @@ class Method:
     kind)``: its keep-ratio loss term (None: none); ``count_follows_attention``: its keep count follows
     trained attention (random weights keep nearly everything); ``counts_on_device``: its keep counts depend
     on the data (one device read per selection in the exact forward); ``capacity``: the capacity forward
-    can run its selections without those reads (``MethodRun.expected_rows`` sizes them); ``query_subset``: it computes attention
+    can run its selections without those reads (``MethodRun.expected_rows`` sizes them; ``observe(stack,
+    usage)`` keeps the estimate they follow); ``query_subset``: it computes attention
     and MLP only for the query rows it keeps (FLOPs); ``selector_flops(config, options, kept [B, depth],
     total [B])``: FLOPs of its selection; ``virtual_rows(config, options)``: extra rows per image it
     writes; ``readout(options)``: what the classifier head reads (``cls`` or ``mean``); ``validate(config,
@@ -162,6 +163,7 @@ class Method:
     count_follows_attention: bool = False
     counts_on_device: bool = False  # its keep counts depend on the data and are read from the device
     capacity: bool = False  # the capacity forward runs its ``before_block`` selections with no read (SViT)
+    observe: Callable | None = None  # (stack, usage) after a capacity forward: what its selections kept (SViT)
     query_subset: bool = False
     selector_flops: Callable[[ViTConfig, Any, Tensor, Tensor], Tensor] = no_selector_flops
     virtual_rows: Callable[[ViTConfig, Any], int] = no_virtual_rows

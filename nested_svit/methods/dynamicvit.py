@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ViTConfig
+from ..layers import Linear
 from ..tokens import Packed
 from .base import Method
 from .selection import SubsetRun, host_keep_count, keep_count
@@ -29,13 +30,14 @@ class DynamicViTOptions:
 class PredictorLG(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim), nn.GELU())
-        self.out_conv = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
-                                      nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=eps), Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(Linear(dim, dim // 2), nn.GELU(), Linear(dim // 2, dim // 4), nn.GELU(),
+                                      Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
 
     def keep_log_prob(self, values: Tensor, image: Tensor, num_images: int) -> Tensor:
-        """``values [R, C]`` active patch tokens of images ``image [R]`` -> ``[R]`` log p(keep)."""
-        h = self.in_conv(values)
+        """``values [R, C]`` active patch tokens of images ``image [R]`` -> ``[R]`` log p(keep), computed in
+        the predictor's own precision (fp32 under ``set_precision``: the decision is never made in bf16)."""
+        h = self.in_conv(values.to(self.in_conv[1].weight.dtype))
         half = h.shape[-1] // 2
         sums = h.new_zeros(num_images, half).index_add_(0, image, h[:, half:])
         counts = torch.zeros(num_images, device=h.device, dtype=h.dtype).index_add_(

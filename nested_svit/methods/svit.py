@@ -62,8 +62,9 @@ class MlpGate(TokenSelector):
         self.mlp = Mlp(dim, dim // 4, 2)
 
     def logits(self, values: Tensor) -> Tensor:
-        """``[T, C]`` -> ``[T, 2]`` (keep, prune)."""
-        return self.mlp(self.norm(values))
+        """``[T, C]`` -> ``[T, 2]`` (keep, prune), in the gate's own precision (fp32 under ``set_precision``:
+        the feature map may be bf16, the margin is never computed in it)."""
+        return self.mlp(self.norm(values.to(self.norm.weight.dtype)))
 
     def margin(self, values: Tensor) -> Tensor:
         logits = self.logits(values)
@@ -134,7 +135,8 @@ class SViTRun(MethodRun):
         k = self.gate_of_block.get(i)
         if k is None:
             return None
-        targets = self.stack.keep_targets_in_use or self.stack.config.keep_targets
+        stack = self.stack
+        targets = stack.observed_keep or stack.keep_targets_in_use or stack.config.keep_targets
         total = self.block_pass.layout.total
         protected = 0 if (k == len(self.gate_of_block) - 1 and self.options.prune_cls_last) or \
             self.stack.cls_token is None else self.block_pass.layout.batch_size
@@ -144,6 +146,22 @@ class SViTRun(MethodRun):
         if self.prev is None:
             return None
         return self.prev if self.prev.dtype == torch.bool else self.prev > 0.5
+
+
+def observe_keep(stack, usage) -> None:
+    """After a capacity forward: per gate, the largest batch-average fraction of its decided tokens kept so
+    far in this process (``stack.observed_keep``), from the kept counts the forward read anyway; the
+    capacity then follows what the gates keep on the run's data rather than their targets."""
+    gates, b = stack.config.gate_blocks, usage.total.numel()
+    total = int(usage.total.sum())
+    fractions = []
+    for k, block in enumerate(gates):
+        last = k == len(gates) - 1 and stack.options.prune_cls_last
+        protected = 0 if last or stack.cls_token is None else b
+        decided = total - protected
+        fractions.append((int(usage.kept[:, block].sum()) - protected) / decided if decided > 0 else 0.0)
+    seen = stack.observed_keep or fractions
+    stack.observed_keep = tuple(max(a, c) for a, c in zip(seen, fractions))
 
 
 # ---------------------------------------------------------------- keep targets and calibration
@@ -203,6 +221,7 @@ def calibrate_gates(stack, images, targets: Sequence[float] | None = None) -> li
     finally:
         stack.execution, stack.gates_open, stack.capacity = saved
     stack.keep_targets_in_use = tuple(targets)
+    stack.observed_keep = None  # new thresholds: what the gates keep is to be seen again
     return usage.gate_keep_fraction().tolist()
 
 
@@ -239,5 +258,5 @@ def gate_flops(config: ViTConfig, options: SViTOptions, kept: Tensor, total: Ten
 METHOD = Method(
     name="svit", title="SViT", run=SViTRun, options=SViTOptions, make_selectors=make_gates,
     needs_class_token=False, train_execution="masked", calibrate=calibrate_gates, ratio_loss=keep_ratio_loss,
-    selector_flops=gate_flops, counts_on_device=True, capacity=True,
+    selector_flops=gate_flops, counts_on_device=True, capacity=True, observe=observe_keep,
 )
