@@ -46,8 +46,13 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32", DET: "fp32"},
                 families=families, help="compute precision (detectors: box arithmetic and NMS stay fp32)")
+    options.add(p, g, "--agreement-with", choices=["fp32"], defaults={CLS: None}, families=families,
+                help="with --precision bf16/fp16: run each batch through the same weights in fp32 too and report "
+                     "decision agreement (the kept-token decisions and top-1 ids that are the same; per row and in "
+                     "eval's results); about doubles the time")
     g.add_argument("--backend", default="auto",
-                   help="variable-length attention backend (auto, loop, padded, nested, varlen)")
+                   help="variable-length attention backend (auto: loop on CPU, one backend for the whole run; "
+                        "loop, padded, nested, varlen)")
     g.add_argument("--compile", action="store_true",
                    help="run each block's dense math (norms, qkv, projection, MLP) as torch.compile'd regions, the "
                         "token count dynamic, attention eager; compiled when the model is loaded (timed; cached for "
@@ -55,7 +60,7 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
                         "a GPU")
     options.add(p, g, "--capacity", type=float, defaults={CLS: None}, families=families, metavar="F",
                 help="SViT gates: each gated block runs a fixed ceil(F x expected) rows with no host read, the "
-                     "counts read once per batch; a batch that needs more is rerun exactly and counted. For GPUs "
+                     "counts read once per batch; F >= 1, sized by what the gates keep on the run's data (their targets at first); a batch that needs more is rerun and counted. For GPUs "
                      "at small batches (and --cuda-graphs); on a CPU it is slower (its attention is padded)")
     options.add(p, g, "--cuda-graphs", action="store_true", defaults={CLS: False}, families=families,
                 help="CUDA only: replay a CUDA graph of the forward per batch shape (SViT: with --capacity, "

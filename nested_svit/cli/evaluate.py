@@ -112,7 +112,7 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
         return None
     result = set_result(prepared, job.store.merge(), data_set.label, images, seconds, args.checkpoint, args.batch_size,
                         args.topk, files)
-    if args.capacity:  # every process's batches of this run whose capacity was too small (rerun exactly)
+    if args.capacity:  # every process's batches of this run whose capacity was too small (rerun)
         result.update(capacity=args.capacity, capacity_reruns_this_run=int(reruns))
     labelled, predicted = result["num_images"], result["num_predicted"]
     scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
@@ -121,6 +121,10 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
         scores += f"  ReaL top1 {result['real_top1']:.2f} on {result['real_num_images']}"
     if result.get("num_outside_valid_labels"):
         scores += f"  ({result['num_outside_valid_labels']} labelled outside --valid-labels, not scored)"
+    if "agreement" in result:
+        a = result["agreement"]
+        scores += (f"  agreement with {a['with']}: kept tokens {100 * a['kept_tokens']:.2f}%, "
+                   f"top1 {100 * a['top1']:.2f}%")
     rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
     print(f"{data_set.name + ': ' if data_set.name else ''}{scores}  skipped {result['num_skipped']}  "
           f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {100 * result['ece']:.2f}%  in {seconds:.1f} s{rate}"

@@ -18,7 +18,7 @@ def model_spec(args: argparse.Namespace, family: str, name: str | None = None, c
 
     values = {"precision": args.precision, "backend": args.backend, "seed": args.seed,
               "compile": getattr(args, "compile", False), "capacity": getattr(args, "capacity", None),
-              "cuda_graphs": getattr(args, "cuda_graphs", False),
+              "cuda_graphs": getattr(args, "cuda_graphs", False), "agreement_with": getattr(args, "agreement_with", None),
               "random_weights": args.random_weights, "num_classes": getattr(args, "num_classes", None),
               "img_size": getattr(args, "img_size", None), "img_scale": parse_img_scale(getattr(args, "img_scale", None)),
               **settings}

@@ -32,3 +32,18 @@ def classification_metrics(rows: pd.DataFrame, config: ViTConfig, tokens_per_ima
         "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
         **usage_summary(ok, config.gate_blocks, float(tokens_per_image)),
     }
+
+
+def agreement_record(rows: pd.DataFrame, manifest: dict) -> dict:
+    """``--agreement-with``: the run's decision agreement with the reference precision, from the rows'
+    ``agree_*`` columns (exact over any batching or number of processes): ``{"agreement": {"with",
+    "kept_tokens", "top1", "images", "tokens_compared"}}``; {} for a run without it."""
+    if not manifest.get("agreement_with") or "agree_tokens" not in rows:
+        return {}
+    ok = rows[rows["status"] == "ok"]
+    tokens = int(ok["agree_tokens"].astype("int64").sum())
+    equal = int(ok["agree_tokens_equal"].astype("int64").sum())
+    top1 = ok["agree_top1"].astype(bool)
+    return {"agreement": {"with": manifest["agreement_with"], "kept_tokens": equal / tokens if tokens else 1.0,
+                          "top1": float(top1.mean()) if len(top1) else float("nan"), "images": int(len(top1)),
+                          "tokens_compared": tokens}}

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..io import atomic_write, atomic_write_text
 from ..viz import reliability_diagram
-from .classification import classification_metrics
+from .classification import agreement_record, classification_metrics
 from .results import checkpoint_record, run_record
 from .testsets import calibration_metrics, per_class, real_metrics, reliability_bins, results_table, scored_rows
 
@@ -60,7 +60,7 @@ def set_result(prepared, rows: pd.DataFrame, name: str, images: float, seconds: 
             "ignored_files": [{"path": p, "reason": why} for p, why in records.ignored],
             "transform": manifest["transform"], "decode": manifest["decode"], "jpeg_draft": manifest["jpeg_draft"],
             "batch_size": batch_size, "precision": manifest["precision"], "calibration": manifest["calibration"],
-            "compile": bool(manifest.get("compile", False)),
+            "compile": bool(manifest.get("compile", False)), **agreement_record(rows, manifest),
             "per_class_csv": str(files.per_class), "reliability_png": str(files.reliability),
             **run_record(job.device, job.dist.world_size, manifest["backend"])}
 

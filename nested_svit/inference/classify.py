@@ -16,6 +16,7 @@ from ..data.device_decode import DeviceJpegDecoder
 from ..data.transforms import EvalTransform
 from ..distributed import DistInfo
 from ..model import SparseViT
+from .agreement import agreement, decisions_from, decisions_of
 from .loop import run_local
 from .dataset_out import open_store
 from .parts import PartStore
@@ -28,7 +29,7 @@ class Progress:
     labelled: int
     elapsed: float
     seen: int = 0  # predicted or skipped
-    capacity_reruns: int = 0  # batches whose capacity forward was too small, rerun exactly (``--capacity``)
+    capacity_reruns: int = 0  # batches whose capacity forward was too small, rerun (``--capacity``)
     retried: list[int] = field(default_factory=list)  # batches that took more attempts (``run_batches``)
 
     def add(self, other: "Progress") -> None:
@@ -59,17 +60,18 @@ class ClassifierStep:
     on_batch: Callable[..., None] | None = None
     valid_labels: tuple[int, ...] | None = None
     cuda_graphs: bool = False  # replay a CUDA graph of the forward per batch shape (``inference.graphs``)
+    reference: SparseViT | None = None  # the same weights in fp32 (``--agreement-with``): agreement columns
 
     def counts(self) -> Progress:
         return Progress(0, 0, 0, 0.0)
 
-    def bind(self, model: SparseViT, device: torch.device) -> "ClassifierStep":
+    def bind(self, model: SparseViT, device: torch.device, reference: SparseViT | None = None) -> "ClassifierStep":
         decoder = self.decoder and DeviceJpegDecoder(self.decoder.transform, device, self.decoder.exif,
                                                      self.decoder.max_pixels)
-        return dataclasses.replace(self, model=model, device=torch.device(device), decoder=decoder)
+        return dataclasses.replace(self, model=model, device=torch.device(device), decoder=decoder, reference=reference)
 
     def detached(self) -> "ClassifierStep":
-        return dataclasses.replace(self, model=None, on_batch=None)
+        return dataclasses.replace(self, model=None, on_batch=None, reference=None)
 
     def prepare(self, batch: dict) -> dict:
         """A loader batch -> the same with ``images`` the model's input on the device (decoded there
@@ -81,6 +83,10 @@ class ClassifierStep:
         if batch["images"] is not None:
             images, dtype = batch["images"], self.model.dtype
             batch["images"] = self.transform.normalize(images, dtype) if self.transform is not None else images.to(dtype)
+            if self.reference is not None:  # the reference's own input, not a rounded copy of ours
+                ref = self.reference.dtype
+                batch["reference_images"] = self.transform.normalize(images, ref) if self.transform is not None \
+                    else images.to(ref)
         return batch
 
     def run(self, batch: dict) -> tuple[pd.DataFrame, Progress]:
@@ -99,6 +105,8 @@ class ClassifierStep:
                     logits = self.model.forward_head(feats)
                 logits = self.restricted(logits.cpu())
             counts.capacity_reruns = self.model.capacity_reruns - reruns
+            if self.reference is not None:
+                agreed = agreement(decisions_from(usage, logits), decisions_of(self.reference, batch["reference_images"]))
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:
                 self.on_batch(batch, batch["images"], usage, logits)
@@ -107,7 +115,14 @@ class ClassifierStep:
             counts.correct1 = int((logits.argmax(-1)[has_label] == labels[has_label]).sum())
             counts.labelled = int(has_label.sum())
             counts.images = len(labels)
-        return self.rows(batch, logits, kept), counts
+        frame = self.rows(batch, logits, kept)
+        if self.reference is not None and logits is not None:  # predicted rows come first, in batch order
+            n = len(agreed.per_image)
+            columns = {"agree_tokens_equal": agreed.image_tokens_equal, "agree_tokens": agreed.image_tokens,
+                       "agree_top1": agreed.image_top1_equal}
+            for name, values in columns.items():
+                frame[name] = pd.Series(values + [None] * (len(frame) - n), dtype="object")
+        return frame, counts
 
     def restricted(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` logits with every class outside ``valid_labels`` at -inf (as they are without)."""
@@ -130,6 +145,7 @@ class ClassifierStep:
             for j, idx in enumerate(batch["index"].tolist()):
                 label = int(batch["label"][j])
                 row = {"index": idx, "id": batch["id"][j], "label": label, "status": "ok", "error": "",
+                       "precision": getattr(self.model, "precision", "fp32"),
                        "orientation": batch["orientation"][j], "exif_applied": self.exif, "decoder": batch["decoder"][j],
                        "label_name": truth[label] if truth and 0 <= label < len(truth) else None,
                        "label_prob": float(probs[j, label]) if 0 <= label < probs.shape[-1] else None}
@@ -168,12 +184,13 @@ class InferenceJob:
     decoder: DeviceJpegDecoder | None = None  # --decode gpu: the dataset passes JPEGs on undecoded
     valid_labels: tuple[int, ...] | None = None  # --valid-labels: the classes the top-k is taken over
     cuda_graphs: bool = False  # --cuda-graphs
+    reference: SparseViT | None = None  # --agreement-with: the same weights in the reference precision
 
     @property
     def step(self) -> ClassifierStep:
         return ClassifierStep(self.model, torch.device(self.device), self.topk, self.class_names,
                               self.dataset.class_names, getattr(self.dataset, "exif", False), self.transform,
-                              self.decoder, self.on_batch, self.valid_labels, self.cuda_graphs)
+                              self.decoder, self.on_batch, self.valid_labels, self.cuda_graphs, self.reference)
 
     @property
     def store(self) -> PartStore:

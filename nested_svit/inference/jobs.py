@@ -16,6 +16,7 @@ from ..data.device_decode import DeviceJpegDecoder
 from ..data.records import resolve_records
 from ..devices import is_cuda, resolve_device, set_kernel_settings
 from ..distributed import DistInfo, init_from_env, rank_device
+from ..precision import sync_decisions
 from .calibration import KeepBudget, calibrate, first_decodable
 from .classify import InferenceJob
 from .detect import DetectionJob
@@ -24,7 +25,7 @@ from .spec import BuiltModel, ModelSpec
 
 
 # the row schema of classifier parts (2: ``label_prob``); parts of another are not resumed into
-ROWS_VERSION = 2
+ROWS_VERSION = 3  # 3: a precision column (and agree_* columns with --agreement-with)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
         messages += lines
         if loaded.calibration and budget.save_to:
             save_checkpoint(model, budget.save_to, calibration=loaded.calibration)
+    if built.reference is not None:  # the reference decides with the same (calibrated) gates
+        sync_decisions(built.reference, model)
     calibration, report = loaded.calibration, built.report
     manifest = {"kind": kind, "model": built.name, "checkpoint_sha256": report.sha256 if report else None,
                 "data": str(Path(data.path).resolve()), "num_records": len(dataset), "batch_size": run.batch_size,
@@ -145,12 +148,13 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
                 "img_size": model.config.img_size, "seed": spec.seed if report is None else None,
                 "files_digest": dataset.records.digest(), "split": data.split, "calibration": calibration,
                 "decode": decoder.name if decoder else "pil", "jpeg_draft": draft,
-                **_row_settings(spec, run, data.max_pixels),
+                **_row_settings(spec, built, run, data.max_pixels),
                 "class_names": _digest(names), "labels": _digest(dataset.records.labels), "rows": ROWS_VERSION,
-                **({"valid_labels": _digest(resolved.valid)} if resolved.valid else {})}
+                **({"valid_labels": _digest(resolved.valid)} if resolved.valid else {}),
+                **({"agreement_with": spec.agreement_with} if spec.agreement_with else {})}
     job = InferenceJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, topk, device, info, names,
                        transform=transform, decoder=decoder, valid_labels=resolved.valid,
-                       cuda_graphs=spec.cuda_graphs)
+                       cuda_graphs=spec.cuda_graphs, reference=built.reference)
     return Prepared(job, built, messages, resolved)
 
 
@@ -213,11 +217,12 @@ def _digest(values) -> str | None:
     return None if values is None else hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
 
 
-def _row_settings(spec: ModelSpec, run: RunOptions, max_pixels: int | None) -> dict:
-    """What else can change a row (a resumed run that differs in these is refused): the attention
-    backend, the CPU threads, compiled blocks and the capacity forward (its padded attention) change floats (and a float can flip a gate near its
-    threshold), the pixel limit which images are read."""
-    return {"backend": spec.backend, "threads": run.threads or torch.get_num_threads(), "max_pixels": max_pixels,
+def _row_settings(spec: ModelSpec, built: BuiltModel, run: RunOptions, max_pixels: int | None) -> dict:
+    """What else can change a row (a resumed run that differs in these is refused): the attention backend
+    (as resolved for the run), the CPU threads, compiled blocks and the capacity forward (its padded
+    attention) change floats (and a float can flip a gate near its threshold), the pixel limit which
+    images are read."""
+    return {"backend": built.backend, "threads": run.threads or torch.get_num_threads(), "max_pixels": max_pixels,
             **({"compile": True} if spec.compile else {}), **({"capacity": spec.capacity} if spec.capacity else {})}
 
 
@@ -246,6 +251,6 @@ def detector_job(spec: ModelSpec, dataset_of, run: RunOptions, parts_dir: Path, 
                 "batch_size": run.batch_size, "img_scale": list(model.config.img_scale),
                 "seed": spec.seed if report is None else None, "calibration": calibration,
                 "files_digest": dataset.records.digest(), "precision": spec.precision,
-                **_row_settings(spec, run, dataset.max_pixels)}
+                **_row_settings(spec, built, run, dataset.max_pixels)}
     job = DetectionJob(model, dataset, parts_dir, manifest, run.batch_size, run.workers, device, info)
     return Prepared(job, built, messages)

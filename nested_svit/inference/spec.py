@@ -4,6 +4,7 @@ model from it (``build``), so the model is the same everywhere by construction. 
 place that tells a classifier from a detector."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -12,12 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..attention import resolve_backend
 from ..checkpoint import CheckpointError, LoadReport, classifier_from_file, file_info, load_checkpoint, release_model
 from ..detection.checkpoint import checkpoint_classes, checkpoint_kind, detector_from_file
 from ..detection.detector import MaskRCNNDetector
 from ..detection.registry import create_detector, is_detector
 from ..devices import dtype_of
 from ..registry import create_model, get_config
+from ..precision import set_precision
 
 FAMILIES = ("classifier", "detector")
 # what --compile's speed is, as measured (bench/README.md), said with every compiled run
@@ -43,6 +46,8 @@ class BuiltModel:
     model: nn.Module
     report: LoadReport | None
     messages: list[str] = field(default_factory=list)
+    reference: nn.Module | None = None  # ``agreement_with``: the same weights in the reference precision
+    backend: str = "auto"  # the attention backend the run uses, resolved once for the whole run
 
     @property
     def name(self) -> str:
@@ -72,6 +77,7 @@ class ModelSpec:
     compile: bool = False  # the blocks' dense math as compiled regions (``TokenStack.set_execution``)
     capacity: float | None = None  # the capacity forward's factor (``TokenStack.set_execution``); None: exact
     cuda_graphs: bool = False  # classifiers on CUDA: a CUDA graph per batch shape (``inference.graphs``)
+    agreement_with: str | None = None  # classifiers: a reference precision (fp32) whose decisions each batch reports
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -86,14 +92,30 @@ class ModelSpec:
                              f"{self.capacity!r}; leave it out for the exact forward")
         if self.family == "detector" and (self.capacity or self.cuda_graphs):
             raise ValueError("--capacity and --cuda-graphs run classifiers only; a detector runs the exact forward")
+        if self.agreement_with is not None:
+            dtype_of(self.agreement_with)
+            if self.family == "detector":
+                raise ValueError("--agreement-with reports a classifier's decisions; a detector has no top-1")
+            if self.agreement_with == self.precision:
+                raise ValueError(f"--agreement-with {self.agreement_with} compares a reduced precision with it: give "
+                                 f"--precision bf16 (or fp16 on CUDA)")
         torch.manual_seed(self.seed)  # random weights (and unloaded selectors) are the same in every process
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"--capacity {self.capacity}: below 1 a batch's capacity is smaller than what the gates "
+                             "keep on average, so most batches would run twice; give F >= 1 (1.25: 25% above what "
+                             "they keep)")
         built = _build_detector(self) if self.family == "detector" else _build_classifier(self)
+        if self.capacity is not None:
+            _check_capacity_helps(built.model, built.name)
         if built.report is None and not self.random_weights:
             raise ValueError("--checkpoint is required (or pass --random-weights to run an untrained model)")
         built.messages += _random_gates_warning(built.model, built.report)
-        built.model.to(device, dtype_of(self.precision)).eval().set_execution("packed", self.backend,
-                                                                              compile=self.compile,
-                                                                              capacity=self.capacity or 0)
+        if self.agreement_with is not None:  # the same weights, before any rounding, in the reference precision
+            built.reference = set_precision(copy.deepcopy(built.model).to(device), self.agreement_with)
+            built.reference.eval().set_execution("packed", self.backend)
+        set_precision(built.model.to(device), self.precision)  # reduced precision: decisions stay fp32
+        built.model.eval().set_execution("packed", self.backend, compile=self.compile, capacity=self.capacity or 0)
+        built.backend = resolve_backend(self.backend, device, dtype_of(self.precision))
         if self.cuda_graphs:
             from .graphs import graphs_refusal
 
@@ -103,6 +125,18 @@ class ModelSpec:
         if self.compile:
             built.messages.append(_compile_now(built.model, device) if self.family == "classifier" else COMPILE_NOTE)
         return built
+
+
+def _check_capacity_helps(model: nn.Module, name: str) -> None:
+    """``--capacity`` sizes keep counts that depend on the data; a model without them is refused in one line."""
+    if not model.prunes:
+        raise ValueError(f"--capacity sizes the keep counts of a pruned model; {name} keeps every token, so there is "
+                         "nothing to size (leave --capacity out)")
+    method = model.method
+    if not method.counts_on_device:
+        raise ValueError(f"--capacity sizes keep counts that depend on the data; {method.title} keeps counts fixed by "
+                         "its config, which its exact forward knows without reading anything (leave --capacity out; "
+                         "--cuda-graphs captures it as it is)")
 
 
 def _compile_now(model: nn.Module, device: torch.device | str) -> str:

@@ -40,7 +40,8 @@ class Predictor:
         self.ledger = ledger  # the run's ``Ledger``: this batch's attempts so far travel with its rows
         torch.set_num_threads(max(1, threads))
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.step = step.bind(spec.build(device).model, device)  # its notes were shown once, by the driver
+        built = spec.build(device)  # its notes were shown once, by the driver
+        self.step = step.bind(built.model, device, built.reference)
 
     def __call__(self, rows: dict) -> dict:
         out: dict = {"batch": [], "rows": [], "counts": [], "attempts": []}
