@@ -75,22 +75,27 @@ def _ideal(group: pd.DataFrame, rate: str):
 
 
 def plot_throughput(df: pd.DataFrame, path: str | os.PathLike, title: str | None = None) -> None:
-    """Classifier sweep (``benchmark.harness``): images/s vs batch size, one line per model/backend (compiled
-    runners dashed); the pruned models' FLOP ideal (the dense model's images/s times the ideal speed-up) dotted."""
+    """Classifier sweep (``benchmark.harness``): images/s vs batch size, one line per runner (model, runtime,
+    precision, backend; a colour per model and runtime, reduced precisions dash-dotted, compiled runners
+    dashed); the pruned models' FLOP ideal (the dense model's images/s times the ideal speed-up) dotted."""
     first = df.iloc[0]
 
     def band(g):
         return g["batch_size"] / (g["infer_step_time_p90"] / 1000), g["batch_size"] / (g["infer_step_time_p10"] / 1000)
 
-    if "compiled" not in df:
-        df = df.assign(compiled=False)
+    df = df.assign(**{c: v for c, v in (("compiled", False), ("runtime", "nested_svit"), ("precision", "fp32"))
+                      if c not in df})
 
-    def label(m, b, compiled):
-        return (m if b == "dense" else f"{m} [{b}]") + (", compiled" if compiled else "")
+    def label(m, runtime, precision, b, compiled):
+        return (m if b == "dense" else f"{m} [{b}]") + f" {precision}" + (", compiled" if compiled else "")
 
-    _plot(df, path, ["model", "backend", "compiled"], label, lambda m, b, compiled: (m, "--" if compiled else "-"),
+    def style(m, runtime, precision, b, compiled):
+        return (m, "--" if compiled else "-" if precision == "fp32" else "-.")
+
+    precisions = ",".join(dict.fromkeys(df["precision"]))
+    _plot(df, path, ["model", "runtime", "precision", "backend", "compiled"], label, style,
           "infer_samples_per_sec", band, lambda g: _ideal(g, "infer_samples_per_sec"),
-          title or f"{first['device']} {first['precision']}, {first['threads']} threads, {first['img_size']}px, "
+          title or f"{first['device']} {precisions}, {first['threads']} threads, {first['img_size']}px, "
                     f"median of >= {df['rounds'].min()} interleaved rounds")
 
 

@@ -22,26 +22,38 @@ from torch import nn
 from ..attention import resolve_backend
 from ..devices import (PRECISIONS, cuda_available, dtype_of, is_real_cuda, kernel_settings, seconds_of,
                        set_kernel_settings)
+from ..inference.agreement import Agreement, agreement, alone, decisions_of
 from ..methods.svit import keep_budget
 from ..model import SparseViT
 from ..registry import create_model, dense_counterpart, get_config
+from ..precision import set_precision
 from ..version import __version__, source_commit
 from .flops import flops_per_image
 from .memory import peak_memory_mb
+from .peers import PRECISIONS as PEER_PRECISIONS
+from .peers import peer_runner, split_name
 from .stand_ins import stand_in_selectors
 from .timing import BenchProgress
 
 __all__ = ["BenchConfig", "run_benchmark", "PRECISIONS", "TIMM_PREFIX", "COLUMNS"]
 TIMM_PREFIX = "timm/"
-COLUMNS = ["model", "backend", "device", "precision", "batch_size", "img_size", "param_count",
+COLUMNS = ["model", "runtime", "backend", "device", "precision", "batch_size", "img_size", "param_count",
            "infer_samples_per_sec", "infer_step_time", "infer_step_time_p10", "infer_step_time_p90",
-           "mean_kept_tokens", "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb",
+           "mean_kept_tokens", "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "fastest_dense",
+           "speedup_vs_fastest_dense", "efficiency_vs_fastest_dense", "agree_fp32_kept", "agree_fp32_top1",
+           "alone_kept", "alone_top1", "alone_images_equal", "alone_max_logit_diff", "peak_mem_mb",
            "calibrated_gates", "threads", "rounds", "torch_version", "kernel_settings", "version", "source_commit",
            "checkpoint", "compiled"]
 
 
 @dataclass
 class BenchConfig:
+    """``models``: our registry names, ``timm/<name>``, ``openvino/<name>`` / ``onnxruntime/<name>`` (our dense
+    model ``<name>``'s weights exported to that runtime, ``benchmark/peers.py``); ``precision``: one or a
+    comma list (``fp32,bf16``): every runner in each precision it has, side by side; ``agreement``: after
+    the timing, each runner's decisions against the same weights in fp32 and each image's against itself
+    alone (``inference/agreement.py``)."""
+
     models: list[str] = field(default_factory=lambda: ["deit_small_patch16_224", "svit_small"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     device: str = "cpu"
@@ -60,6 +72,16 @@ class BenchConfig:
     seed: int = 0
     checkpoint: str | None = None  # measure the (trained) model this file describes, beside its dense counterpart
     compile: bool = False  # also time every runner compiled: timm's whole model, ours its blocks' dense math
+    agreement: bool = True  # decisions against fp32 and against each image alone, after the timing
+
+    @property
+    def precisions(self) -> list[str]:
+        values = [p.strip() for p in self.precision.split(",") if p.strip()]
+        for p in values:
+            dtype_of(p)  # one line for a bad name
+        if not values:
+            raise ValueError("give at least one precision")
+        return list(dict.fromkeys(values))
 
 
 @dataclass
@@ -67,18 +89,29 @@ class _Runner:
     model_name: str
     backend: str  # label in the output
     module: nn.Module
-    base_name: str  # our registry name (timm models: the matching dense config)
+    base_name: str  # our registry name (timm models and peers: the matching dense config)
     calibrated: list  # gate indices calibrated, or what was calibrated (ATS)
     overrides: dict = field(default_factory=dict)  # config overrides of the dense model it is compared with
     attention: str | None = None  # backend to set on a shared SparseViT before each call
     checkpoint: str | None = None  # the file its weights come from (None: random weights)
     compiled: bool = False  # torch.compile'd (timm: the whole model; ours: the blocks' regions)
+    precision: str = "fp32"
+    runtime: str = "nested_svit"  # or timm, openvino, onnxruntime
+    fp32: nn.Module | None = None  # the same weights in fp32 (decision agreement); None: this runner is fp32
     times: list[float] = field(default_factory=list)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.attention is not None:
             self.module.backend = self.attention
         return self.module(images)
+
+    @property
+    def dense(self) -> bool:
+        return not isinstance(self.module, SparseViT) or not self.module.prunes
+
+    @property
+    def label(self) -> str:
+        return f"{self.runtime}:{self.model_name}:{self.precision}" + (":compiled" if self.compiled else "")
 
 
 def _timm_model(name: str, img_size: int | None = None) -> nn.Module:
@@ -114,26 +147,35 @@ def _from_checkpoint(cfg: BenchConfig) -> tuple[list[str], dict, dict]:
                                                "num_classes": model.config.num_classes}
 
 
-def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, dtype: torch.dtype,
+def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device,
                    from_file: tuple[list[str], dict, dict] | None = None) -> list[_Runner]:
     models, loaded, overrides = from_file or (cfg.models, {}, {})
     names = list(dict.fromkeys(models))
     for name in list(names):  # the dense model of each width is always measured: speedup needs it
+        peer = split_name(name)
         if not name.startswith(TIMM_PREFIX):
-            dense = dense_counterpart(name)
+            dense = dense_counterpart(peer[1] if peer else name)
             if dense not in names:
                 names.insert(0, dense)
     calib_images = pool[:64]
     runners = []
     for name in names:
         torch.manual_seed(cfg.seed)
+        peer = split_name(name)
+        if peer:
+            runners += _peer_runners(cfg, name, peer, device)
+            continue
         if name.startswith(TIMM_PREFIX):
-            runners.append(_Runner(name, "dense", _timm_model(name, cfg.img_size).eval().to(device, dtype),
-                                   name[len(TIMM_PREFIX):], []))
+            base = _timm_model(name, cfg.img_size).eval().to(device)
+            runners += [_Runner(name, "dense", _in_precision(base, p, timm=True), name[len(TIMM_PREFIX):], [],
+                                precision=p, runtime="timm", fp32=None if p == "fp32" else base)
+                        for p in cfg.precisions]
             continue
         model = loaded[name].eval() if name in loaded else create_model(name, **overrides).eval()
         if not model.prunes:
-            runners.append(_Runner(name, "dense", model.to(device, dtype), name, [], overrides))
+            model.to(device)
+            runners += [_Runner(name, "dense", _in_precision(model, p), name, [], overrides, precision=p,
+                                fp32=None if p == "fp32" else model) for p in cfg.precisions]
             continue
         calibrated: list = []
         if cfg.calibrate:
@@ -141,22 +183,51 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device, d
             targets = None if cfg.keep_targets is None and cfg.keep_scale is None else \
                 keep_budget(cfg.keep_targets, cfg.keep_scale, model.config.keep_targets)
             calibrated = stand_in_selectors(model, images, keep_targets=targets)
-        model.to(device, dtype).set_execution("packed")
-        for backend in dict.fromkeys(cfg.backends):
-            resolved = resolve_backend(backend, device, dtype)  # also rejects backends not available here
-            label = backend if backend != "auto" or resolved == "cpu-auto" else f"auto:{resolved}"
-            runners.append(_Runner(name, label, model, name, calibrated, overrides, attention=backend,
-                                   checkpoint=cfg.checkpoint if name in loaded else None))
+        model.to(device).set_execution("packed")
+        for p in cfg.precisions:
+            module = _in_precision(model, p)
+            for backend in dict.fromkeys(cfg.backends):
+                resolved = resolve_backend(backend, device, dtype_of(p))  # also rejects backends not available here
+                label = backend if backend != "auto" else f"auto:{resolved}"
+                runners.append(_Runner(name, label, module, name, calibrated, overrides, attention=backend,
+                                       checkpoint=cfg.checkpoint if name in loaded else None, precision=p,
+                                       fp32=None if p == "fp32" else model))
     return runners + (_compiled_twins(runners) if cfg.compile else [])
 
 
+def _in_precision(model: nn.Module, precision: str, timm: bool = False) -> nn.Module:
+    """``model`` itself in fp32, else a copy in ``precision`` (ours: decisions in fp32, ``set_precision``;
+    timm's: cast whole, as its users do)."""
+    import copy
+
+    if precision == "fp32":
+        return model
+    twin = copy.deepcopy(model)
+    return twin.to(dtype_of(precision)) if timm else set_precision(twin, precision)
+
+
+def _peer_runners(cfg: BenchConfig, name: str, peer: tuple[str, str], device: torch.device) -> list[_Runner]:
+    """``openvino/<dense>`` or ``onnxruntime/<dense>``: the runtime's runner in each of the run's precisions
+    it has (CPU only)."""
+    runtime, base = peer
+    if device.type != "cpu":
+        raise ValueError(f"{name}: the {runtime} runner measures CPUs (run bench with --device cpu)")
+    if dense_counterpart(base) != base:
+        raise ValueError(f"{name}: {runtime} runs a dense model ({dense_counterpart(base)}), not {base}")
+    model = create_model(base, img_size=cfg.img_size).eval()
+    return [_Runner(name, "dense", peer_runner(runtime, model, cfg.img_size, p, cfg.threads), base, [], precision=p,
+                    runtime=runtime, fp32=model) for p in cfg.precisions if p in PEER_PRECISIONS[runtime]]
+
+
 def _compiled_twins(runners: list[_Runner]) -> list[_Runner]:
-    """Each runner compiled, beside it: timm's model by ``torch.compile`` as a whole (what its users
+    """Each torch runner compiled, beside it: timm's model by ``torch.compile`` as a whole (what its users
     run), ours by ``set_execution(compile=True)`` on a copy (the same weights and selectors)."""
     import copy
 
     twins, copies = [], {}
     for r in runners:
+        if r.runtime not in ("nested_svit", "timm"):
+            continue
         if isinstance(r.module, SparseViT):
             if id(r.module) not in copies:
                 copies[id(r.module)] = copy.deepcopy(r.module).set_execution("packed", compile=True)
@@ -164,7 +235,7 @@ def _compiled_twins(runners: list[_Runner]) -> list[_Runner]:
         else:
             module = torch.compile(r.module)
         twins.append(_Runner(r.model_name, r.backend, module, r.base_name, r.calibrated, r.overrides, r.attention,
-                             r.checkpoint, compiled=True))
+                             r.checkpoint, compiled=True, precision=r.precision, runtime=r.runtime, fp32=r.fp32))
     return twins
 
 
@@ -188,10 +259,28 @@ def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, f
     return float(usage.kept_after_selection[:, gated].double().mean()), gmacs, dense
 
 
+def _agreements(r: _Runner, images: torch.Tensor) -> dict:
+    """After the timing: ``r``'s decisions against the same weights in fp32 (reduced precisions) and each
+    image's against itself alone (batches over 1): the agreement columns."""
+    out: dict = {}
+    if r.fp32 is not None:
+        fp32 = agreement(decisions_of(r.module, images), decisions_of(r.fp32, images.float()))
+        out.update(agree_fp32_kept=_kept(fp32, r), agree_fp32_top1=fp32.top1)
+    if images.shape[0] > 1:
+        batch = agreement(decisions_of(r.module, images), alone(r.module, images))
+        out.update(alone_kept=_kept(batch, r), alone_top1=batch.top1, alone_images_equal=batch.images_equal / batch.images,
+                   alone_max_logit_diff=batch.max_logit_diff)
+    return out
+
+
+def _kept(a: Agreement, r: _Runner) -> float:
+    return float("nan") if r.dense else a.kept_tokens
+
+
 def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | None = None) -> pd.DataFrame:
-    """Run the sweep; one row per (model, backend, batch size) with the columns of ``COLUMNS``.
-    ``progress``: called before each timed round with a ``BenchProgress``."""
-    dtype = dtype_of(cfg.precision)
+    """Run the sweep; one row per (model, runtime, precision, backend, batch size) with the columns of
+    ``COLUMNS``. ``progress``: called before each timed round with a ``BenchProgress``."""
+    precisions = cfg.precisions
     if cfg.rounds < 1 or any(b < 1 for b in cfg.batch_sizes):
         raise ValueError("rounds and batch sizes must be positive")
     device = torch.device(cfg.device)
@@ -203,46 +292,53 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
     from_file = _from_checkpoint(cfg) if cfg.checkpoint else None
     if cfg.img_size is None:
         ours = [m for m in cfg.models if not m.startswith(TIMM_PREFIX)]
-        cfg.img_size = from_file[2]["img_size"] if from_file else get_config(ours[0]).img_size if ours else 224
+        first = (split_name(ours[0]) or (None, ours[0]))[1] if ours else None
+        cfg.img_size = from_file[2]["img_size"] if from_file else get_config(first).img_size if first else 224
     set_kernel_settings(cfg.tf32)
     settings = json.dumps(kernel_settings())
     pool = _image_pool(cfg, max(cfg.batch_sizes))
-    runners = _build_runners(cfg, pool, device, dtype, from_file)
+    runners = _build_runners(cfg, pool, device, from_file)
     rows = []
     with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
         for position, bs in enumerate(cfg.batch_sizes):
-            images = pool[:bs].to(device, dtype)
+            inputs = {p: pool[:bs].to(device, dtype_of(p)) for p in precisions}
             fastest = float("inf")
             for r in runners:
                 r.times = []
                 for _ in range(cfg.warmup):
-                    r(images)
-                fastest = min(fastest, _time_once(r, images, device))
+                    r(inputs[r.precision])
+                fastest = min(fastest, _time_once(r, inputs[r.precision], device))
             rounds = min(max(cfg.rounds, math.ceil(cfg.min_time / max(fastest, 1e-6))), 500)
             for i in range(rounds):
                 report(BenchProgress(bs, i + 1, rounds, position, len(cfg.batch_sizes)))
                 for r in runners:
-                    r.times.append(_time_once(r, images, device))
-            dense_time = {(r.model_name, r.compiled): statistics.median(r.times) for r in runners
+                    r.times.append(_time_once(r, inputs[r.precision], device))
+            dense_time = {(r.model_name, r.compiled, r.precision): statistics.median(r.times) for r in runners
                           if isinstance(r.module, SparseViT) and not r.module.prunes}
+            fastest_dense = min((r for r in runners if r.dense), key=lambda r: statistics.median(r.times))
+            fastest_time = statistics.median(fastest_dense.times)
             usage: dict[int, tuple[float, float, float]] = {}  # backends of one model share its usage
             for r in runners:
+                images = inputs[r.precision]
                 step = statistics.median(r.times)
                 if id(r.module) not in usage:
                     usage[id(r.module)] = _usage_flops(r, images)
                 kept, gmacs, dense_gmacs = usage[id(r.module)]
-                reference = dense_time.get((dense_counterpart(r.base_name), r.compiled))  # compiled vs compiled
+                reference = dense_time.get((dense_counterpart(r.base_name), r.compiled, r.precision))
                 speedup = reference / step if reference else float("nan")
                 ideal = dense_gmacs / gmacs
                 rows.append({
-                    "model": r.model_name, "backend": r.backend, "device": str(device), "precision": cfg.precision,
-                    "batch_size": bs, "img_size": images.shape[-1],
-                    "param_count": sum(p.numel() for p in r.module.parameters()),
+                    "model": r.model_name, "runtime": r.runtime, "backend": r.backend, "device": str(device),
+                    "precision": r.precision, "batch_size": bs, "img_size": images.shape[-1],
+                    "param_count": sum(p.numel() for p in (r.fp32 or r.module).parameters()),
                     "infer_samples_per_sec": bs / step, "infer_step_time": step * 1000,
                     "infer_step_time_p10": float(np.percentile(r.times, 10)) * 1000,
                     "infer_step_time_p90": float(np.percentile(r.times, 90)) * 1000,
                     "mean_kept_tokens": kept, "gmacs_per_image": gmacs, "ideal_speedup": ideal,
-                    "speedup": speedup, "efficiency": speedup / ideal,
+                    "speedup": speedup, "efficiency": speedup / ideal, "fastest_dense": fastest_dense.label,
+                    "speedup_vs_fastest_dense": fastest_time / step,
+                    "efficiency_vs_fastest_dense": fastest_time / step / ideal,
+                    **(_agreements(r, images) if cfg.agreement else {}),
                     "peak_mem_mb": peak_memory_mb(lambda: r(images), device),
                     "calibrated_gates": ",".join(map(str, r.calibrated)), "threads": torch.get_num_threads(),
                     "rounds": rounds, "torch_version": torch.__version__, "kernel_settings": settings,

@@ -20,8 +20,9 @@ def add_parser(sub, formatter) -> None:
              "FPS^w / FPS^b sweeps on mixed-size batches")
     b = sub.add_parser("bench", help=about, description=about, formatter_class=formatter)
     b.add_argument("--models", default=None,
-                   help="comma list of classifiers ('timm/<name>' for a timm model, needs timm) or of detectors "
-                        "(default: deit_small_patch16_224,svit_small)")
+                   help="comma list of classifiers ('timm/<name>' for a timm model, needs timm; "
+                        "'openvino/<dense name>', 'onnxruntime/<dense name>' for that dense model's weights on that "
+                        "runtime, needs nested-svit[peers]) or of detectors (default: deit_small_patch16_224,svit_small)")
     b.add_argument("--checkpoint", default=None,
                    help="measure the trained classifier this file describes (its own gates and keep ratios, not "
                         "calibrated unless --keep-targets) beside its dense counterpart, instead of --models")
@@ -29,7 +30,11 @@ def add_parser(sub, formatter) -> None:
                                                  DET: ",".join(map(str, det.batch_sizes))}, help="comma list")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    options.add(b, b, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: cls.precision}, help="compute precision")
+    options.add(b, b, "--precision", defaults={CLS: cls.precision},
+                help="compute precision, or a comma list timed side by side (fp32,bf16): ours run reduced precision "
+                     "with every decision in fp32; each row reports its decision agreement with fp32")
+    options.add(b, b, "--no-agreement", action="store_true", defaults={CLS: False},
+                help="skip the decision agreement columns (against fp32, and each image against itself alone)")
     options.add(b, b, "--backend", defaults={CLS: "auto"},
                 help="comma list of attention backends: auto,loop,padded,nested,varlen")
     b.add_argument("--input", default="synthetic", help="'synthetic' or a directory of images")
@@ -105,10 +110,11 @@ def _keep_budget(value: str | None, models: list[str]) -> dict:
 def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
     from ..benchmark import BenchConfig, run_benchmark
     from ..benchmark.harness import TIMM_PREFIX
+    from ..benchmark.peers import split_name
     from ..registry import get_config
     from .common import progress_bar
 
-    ours = [m for m in models if not m.startswith(TIMM_PREFIX)]
+    ours = [(split_name(m) or (None, m))[1] for m in models if not m.startswith(TIMM_PREFIX)]
     for m in ours:
         get_config(m)  # unknown names fail now, with the list of models
     calibrate = not args.no_calibrate and (not args.checkpoint or args.keep_targets is not None)
@@ -119,8 +125,9 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
                       threads=args.threads, precision=args.precision, backends=csv_list(args.backend),
                       input=args.input, img_size=args.img_size, rounds=args.rounds, min_time=args.min_time,
                       warmup=args.warmup, calibrate=calibrate, seed=args.seed, checkpoint=args.checkpoint,
-                      compile=args.compile,
+                      compile=args.compile, agreement=not args.no_agreement,
                       **_keep_budget(args.keep_targets, [] if args.checkpoint else ours))
+    cfg.precisions  # a bad precision fails here, in one line
     bar = progress_bar(len(batch_sizes), "bench", "batch size")
 
     def progress(event) -> None:  # a BenchProgress before each timed round
@@ -130,8 +137,10 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     df = run_benchmark(cfg, progress)
     bar.n = len(batch_sizes)
     bar.close()
-    return df, ["model", "backend", "compiled", "batch_size", "infer_samples_per_sec", "infer_step_time", "mean_kept_tokens",
-                "gmacs_per_image", "ideal_speedup", "speedup", "efficiency", "peak_mem_mb"]
+    agree = [] if args.no_agreement else ["agree_fp32_kept", "agree_fp32_top1", "alone_kept", "alone_top1"]
+    return df, ["model", "runtime", "precision", "backend", "compiled", "batch_size", "infer_samples_per_sec",
+                "mean_kept_tokens", "gmacs_per_image", "ideal_speedup", "speedup", "efficiency",
+                "speedup_vs_fastest_dense", "efficiency_vs_fastest_dense", *agree]
 
 
 def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
