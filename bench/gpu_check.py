@@ -12,6 +12,9 @@ that poisons the context, a hang) is recorded and the next step runs:
   input_pipeline  predict's loop with CPU decode workers vs ``--decode gpu``, against the model alone
   graphs          eager vs capacity forward vs CUDA graphs vs compiled blocks, batch 1-64, dense DeiT-S, SViT-S
                   and EViT-S (fixed counts): images/s, and each variant's logits and kept tokens against eager
+  precision       DeiT-S, SViT-S and the baselines in fp32, bf16 and fp16 (decisions in fp32) side by side, with
+                  ONNX Runtime's CUDA provider where installed: images/s, decision agreement with fp32 and of each
+                  image in its batch against itself alone
 
 DIR gets ``<step>.json`` (status, seconds, results, ``measured_on``: cuda / simcuda / cpu, and
 ``not_measured``: what the step could not measure there, with the reason), ``<step>.log``, the CSVs and
@@ -36,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # step -> seconds allowed on a GPU (sum 450 s; with process start-ups about 8 minutes), and in a dry run on a CPU
 STEPS = {"environment": (30, 60), "pytest_cuda": (90, 120), "attention": (35, 60), "syncs": (30, 90),
-         "throughput": (85, 120), "detection": (60, 120), "input_pipeline": (45, 90), "graphs": (75, 240)}
+         "throughput": (85, 120), "detection": (60, 120), "input_pipeline": (45, 90), "graphs": (75, 240),
+         "precision": (60, 180)}
 BASELINES = ["dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small"]
 
 
@@ -398,6 +402,37 @@ def step_graphs(ctx: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the speed goals
+def step_precision(ctx: dict) -> dict:
+    """Reduced precision with the decisions in fp32 (``set_precision``) against fp32, and batch against alone,
+    on the device (``bench`` rows' agreement columns); ONNX Runtime's CUDA provider as the dense peer."""
+    from nested_svit.benchmark import BenchConfig, run_benchmark
+
+    tiny = ctx["dry_run"]
+    models = ["deit_small_patch16_224", "svit_small"] + (BASELINES[:1] if tiny else BASELINES)
+    not_measured = []
+    try:
+        import onnxruntime as ort
+
+        provider = "CPUExecutionProvider" if tiny else "CUDAExecutionProvider"
+        if provider in ort.get_available_providers():
+            models.append("onnxruntime/deit_small_patch16_224")
+        else:
+            not_measured.append(f"ONNX Runtime: no {provider} here (onnxruntime-gpu is not installed)")
+    except ImportError:
+        not_measured.append("ONNX Runtime: not installed (nested-svit[peers])")
+    not_measured.append("TensorRT: not installed here")
+    cfg = BenchConfig(models=models, precision="fp32,bf16" if tiny else "fp32,bf16,fp16", device=ctx["device"],
+                      batch_sizes=[1, 2] if tiny else [1, 8, 32, 128], rounds=1 if tiny else 3,
+                      min_time=0.0 if tiny else 0.3, warmup=1, img_size=64 if tiny else None)
+    frame = run_benchmark(cfg, progress=lambda m: print(m, flush=True))
+    frame.to_csv(ctx["out"] / "precision.csv", index=False)
+    if tiny:
+        not_measured.append("fp16 and batch sizes above 2 (a dry run times batch 1 and 2 once, at 64 px)")
+    reduced = frame[(frame.precision != "fp32") & (frame.runtime == "nested_svit")]
+    return {"rows": len(frame), "min_agree_fp32_kept": float(reduced.agree_fp32_kept.min()),
+            "min_alone_images_equal": float(frame.alone_images_equal.min()), "not_measured": not_measured}
+
+
 def goals(out: Path, dry_run: bool) -> dict:
     """The speed goals (bench/README.md) from the CSVs: ``met`` / ``missed`` with the figure, or ``unknown``."""
     import pandas as pd
@@ -428,6 +463,13 @@ def goals(out: Path, dry_run: bool) -> dict:
         p = pd.read_csv(out / "input_pipeline.csv").set_index("pipeline")
         judge("gpu_decode_fraction_of_model_alone",
               p.loc["gpu-decode", "fraction_of_model_alone"] if "gpu-decode" in p.index else None, 0.95)
+    if (out / "precision.csv").exists():
+        p = pd.read_csv(out / "precision.csv")
+        svit = p[(p.model == "svit_small") & (p.precision == "bf16")]
+        judge("svit_bf16_kept_token_agreement_with_fp32 (min)", svit.agree_fp32_kept.min() if len(svit) else None,
+              0.998)
+        ours = p[p.runtime == "nested_svit"].dropna(subset=["alone_images_equal"])
+        judge("images_equal_alone_and_in_batch (min)", ours.alone_images_equal.min() if len(ours) else None, 1.0)
     if (out / "graphs.csv").exists():
         g = pd.read_csv(out / "graphs.csv")
         small = g[(g.model == "svit_small") & (g.variant == "graphs") & (g.batch_size <= 16)]

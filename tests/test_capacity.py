@@ -215,6 +215,8 @@ def test_shapes_are_static_across_batches():
             return out
 
     model = lively_model("svit_small").set_execution("packed", capacity=2.0)
+    with torch.no_grad():  # a first call prepacks the CPU weights once (as a capture's warm-up does)
+        model.forward_device(_images(4, 8))
     runs = []
     for seed, scale in ((9, 1.0), (10, 3.0)):
         with torch.no_grad(), Shapes() as mode:

@@ -26,7 +26,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = summary["steps"]
     assert list(steps) == ["environment", "pytest_cuda", "attention", "syncs", "throughput", "detection",
-                           "input_pipeline", "graphs"]
+                           "input_pipeline", "graphs", "precision"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert summary["environment"]["torch"] and summary["environment"]["jpeg_decoder"]
     assert json.loads((tmp_path / "pytest_cuda.json").read_text())["results"]["tests"] >= 1
@@ -43,13 +43,19 @@ def test_dry_run_runs_every_step(tmp_path):
     assert set(graphs.variant) == {"eager", "capacity", "graphs", "compiled", "compiled+graphs"}
     assert {"svit_small", "evit_small", "deit_small_patch16_224"} <= set(graphs.model)
     assert graphs.kept_equal.all() and (graphs.max_abs_logit_diff < 1e-4).all() and (graphs.capacity_reruns == 0).all()
+    precision = pd.read_csv(tmp_path / "precision.csv")  # bf16 (decisions in fp32) against fp32, batch against alone
+    assert set(precision.precision) == {"fp32", "bf16"} and "onnxruntime" in set(precision.runtime)
+    ours = precision[precision.runtime == "nested_svit"]
+    assert (ours[ours.precision == "bf16"].agree_fp32_kept.dropna() > 0.9).all()
+    assert (ours.alone_images_equal.dropna() == 1.0).all() and ours.alone_images_equal.notna().any()
     syncs = json.loads((tmp_path / "syncs.json").read_text())["results"]
     assert syncs["svit_small"]["cpu_ops"] > 0 and "detector_predict_2_images" in syncs
     assert set(summary["goals"]) and all("dry run" in g["status"] for g in summary["goals"].values())
     # where each step's figures come from, and what it could not measure there
     assert steps["pytest_cuda"]["measured_on"] == "simcuda" and "ran 1 of" in steps["pytest_cuda"]["not_measured"][0]
     assert {s["measured_on"] for n, s in steps.items() if n != "pytest_cuda"} == {"cpu"}
-    assert all(steps[n]["not_measured"] for n in ("syncs", "throughput", "detection", "input_pipeline", "graphs"))
+    assert all(steps[n]["not_measured"] for n in ("syncs", "throughput", "detection", "input_pipeline", "graphs",
+                                                  "precision"))
 
 
 @pytest.mark.slow

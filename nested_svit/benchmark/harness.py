@@ -208,15 +208,14 @@ def _in_precision(model: nn.Module, precision: str, timm: bool = False) -> nn.Mo
 
 def _peer_runners(cfg: BenchConfig, name: str, peer: tuple[str, str], device: torch.device) -> list[_Runner]:
     """``openvino/<dense>`` or ``onnxruntime/<dense>``: the runtime's runner in each of the run's precisions
-    it has (CPU only)."""
+    it has."""
     runtime, base = peer
-    if device.type != "cpu":
-        raise ValueError(f"{name}: the {runtime} runner measures CPUs (run bench with --device cpu)")
     if dense_counterpart(base) != base:
         raise ValueError(f"{name}: {runtime} runs a dense model ({dense_counterpart(base)}), not {base}")
     model = create_model(base, img_size=cfg.img_size).eval()
-    return [_Runner(name, "dense", peer_runner(runtime, model, cfg.img_size, p, cfg.threads), base, [], precision=p,
-                    runtime=runtime, fp32=model) for p in cfg.precisions if p in PEER_PRECISIONS[runtime]]
+    return [_Runner(name, "dense", peer_runner(runtime, model, cfg.img_size, p, cfg.threads, str(device)), base, [],
+                    precision=p, runtime=runtime, fp32=model.to(device))
+            for p in cfg.precisions if p in PEER_PRECISIONS[runtime]]
 
 
 def _compiled_twins(runners: list[_Runner]) -> list[_Runner]:

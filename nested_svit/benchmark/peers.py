@@ -5,7 +5,8 @@
 user exports it: timm's ``VisionTransformer`` with the same weights (our parameter names are timm's),
 at the bench's image size, with a dynamic batch dimension; OpenVINO through ``openvino.convert_model``
 (f32, or bf16 by ``INFERENCE_PRECISION_HINT`` where the processor has native bf16), ONNX Runtime from
-``torch.onnx.export`` (fp32; its CPU provider has no bf16 path). Both use the bench's thread count.
+``torch.onnx.export`` (fp32; its CPU provider has no bf16 path; its CUDA provider where installed). Both
+use the bench's thread count.
 Needs ``pip install 'nested-svit[peers]'``.
 """
 from __future__ import annotations
@@ -84,12 +85,16 @@ class OpenVINORunner(nn.Module):
 class OnnxRuntimeRunner(nn.Module):
     """``images [B, 3, H, W]`` -> logits ``[B, K]`` float32 from ONNX Runtime's CPU provider (fp32)."""
 
-    def __init__(self, model: SparseViT, img_size: int, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model: SparseViT, img_size: int, precision: str = "fp32", threads: int | None = None,
+                 device: str = "cpu"):
         super().__init__()
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise RuntimeError(f"onnxruntime/... runners need ONNX Runtime: {EXTRA}") from e
+        provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+        if provider not in ort.get_available_providers():
+            raise ValueError(f"this ONNX Runtime has no {provider} (install onnxruntime-gpu for CUDA)")
         if precision not in PRECISIONS["onnxruntime"]:
             raise ValueError(f"ONNX Runtime's CPU provider runs {PRECISIONS['onnxruntime']}, not {precision!r}")
         twin = timm_twin(model)
@@ -100,15 +105,21 @@ class OnnxRuntimeRunner(nn.Module):
                               dynamo=True, verbose=False)
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = _threads(threads), 1
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=[provider])
         self.input_name = self.session.get_inputs()[0].name
         self.precision = precision
 
     def forward(self, images: Tensor) -> Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: images.float().numpy()})[0])
+        logits = self.session.run(None, {self.input_name: images.float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(images.device)
 
 
-def peer_runner(runtime: str, model: SparseViT, img_size: int, precision: str, threads: int | None) -> nn.Module:
-    """The runner of ``runtime`` for the dense ``model`` (see the module's docstring)."""
-    cls = {"openvino": OpenVINORunner, "onnxruntime": OnnxRuntimeRunner}[runtime]
-    return cls(model, img_size, precision, threads)
+def peer_runner(runtime: str, model: SparseViT, img_size: int, precision: str, threads: int | None,
+                device: str = "cpu") -> nn.Module:
+    """The runner of ``runtime`` for the dense ``model`` (see the module's docstring): OpenVINO on the CPU,
+    ONNX Runtime on the CPU or, where its CUDA provider is installed, on CUDA (inputs copied from the host)."""
+    if runtime == "openvino":
+        if device != "cpu":
+            raise ValueError("the openvino runner measures CPUs (bench --device cpu)")
+        return OpenVINORunner(model, img_size, precision, threads)
+    return OnnxRuntimeRunner(model, img_size, precision, threads, device)
