@@ -24,6 +24,17 @@ def dtype_of(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CPU with AVX512-BF16 or AMX (oneDNN otherwise emulates
+    bf16, slower than fp32), or a CUDA device (Ampere and later)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return is_real_cuda(device) and torch.cuda.is_bf16_supported()
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given."""
     if name == "auto":

@@ -55,6 +55,8 @@ class Linear(nn.Linear):
     values are recorded as compiled)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.weight.dtype:  # a bf16 linear in an fp32 stream (``precision.set_precision``)
+            x = x.to(self.weight.dtype)
         width = x.shape[-1]
         rows = x.numel() // width if width else 0
         if x.device.type != "cpu" or rows == 0 or torch.compiler.is_compiling():

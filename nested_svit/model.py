@@ -43,6 +43,10 @@ class SparseViT(TokenStack):
         return {"kind": "classifier", "model_name": self.name, "model_config": asdict(self.config),
                 "class_names": getattr(self, "class_names", None), "block_norm_eps": self.block_norm_eps}
 
+    def reduced_precision_modules(self) -> list[nn.Module]:
+        """The blocks' linears: qkv, projection, MLP (and so the attention between them)."""
+        return [m for block in self.blocks for m in block.modules() if isinstance(m, Linear)]
+
     def decision_modules(self) -> list[nn.Module]:
         """The selectors, and the final norm and head (the top-k is a decision too)."""
         return super().decision_modules() + [self.norm, self.head]

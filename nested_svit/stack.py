@@ -98,8 +98,13 @@ class TokenStack(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The blocks' compute dtype (inputs are cast to it); decisions may run in fp32 (``set_precision``)."""
+        """The input dtype (images are cast to it); under ``set_precision`` parts may run in another."""
         return self.pos_embed.dtype
+
+    def reduced_precision_modules(self) -> list[nn.Module] | None:
+        """What ``set_precision`` casts to a reduced precision: None, the whole module except its
+        ``decision_modules`` (a detector backbone's default); a classifier names its blocks' linears."""
+        return None
 
     def decision_modules(self) -> list[nn.Module]:
         """The modules whose outputs decide what runs: the method's selectors (SViT's gates, DynamicViT's

@@ -61,7 +61,7 @@ def test_every_method_alone_equals_batched_in_bf16(name):
 def test_padded_backend_pads_each_image_to_its_own_length_with_mixed_resolutions():
     model = set_precision(lively_model("svit_small"), "bf16").set_execution("packed", "padded")
     gen = torch.Generator().manual_seed(2)
-    images = [torch.randn(3, s, s, generator=gen).bfloat16() for s in (64, 48, 64, 32, 48)]
+    images = [torch.randn(3, s, s, generator=gen) for s in (64, 48, 64, 32, 48)]
     with torch.no_grad():
         feats, usage = model.forward_features(images)
         logits = model.forward_head(feats)

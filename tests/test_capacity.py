@@ -330,3 +330,41 @@ def test_capacity_flags_are_refused_where_they_do_not_apply(tmp_path, capsys, ti
     assert "--cuda-graphs needs a CUDA device, not cpu" in err and "not 'nested'" in err
     assert "--capacity only applies to classifiers" in err
     assert err.count("--capacity must be a finite factor > 0") == 4 and "Traceback" not in err
+
+
+def test_the_capacity_follows_what_the_gates_keep():
+    """After a batch, each gate's capacity is sized by the largest batch-average keep fraction seen (hand-
+    computed here from the kept counts), not the targets: a batch that overflowed at F = 1 fits when it
+    comes again, and its values are those of the first run (which was rerun with room for every row)."""
+    model = lively_model("svit_small")
+    images = _images(8, 3, scale=3.0)  # keeps more than the gates were calibrated to
+    model.set_execution("packed", capacity=1.0)
+    with torch.no_grad():
+        first = model.forward_head(model.forward_features(images)[0])
+        assert model.capacity_reruns == 1
+        _, usage = model.forward_features(images)
+        assert model.capacity_reruns == 1  # sized by what was seen: no rerun
+        second = model.forward_head(model.forward_features(images)[0])
+    assert torch.equal(first, second)
+    gates, b = model.config.gate_blocks, images.shape[0]
+    total = int(usage.total.sum())
+    want = []
+    for k, block in enumerate(gates):
+        protected = 0 if k == len(gates) - 1 else b  # the last gate may prune the class token
+        want.append((int(usage.kept[:, block].sum()) - protected) / (total - protected))
+    assert model.observed_keep == pytest.approx(tuple(want))
+    assert max(a - t for a, t in zip(want, model.keep_targets_in_use)) > 0.05  # the targets would not do
+
+
+def test_the_command_line_refuses_a_capacity_that_cannot_help(tmp_path, capsys):
+    from nested_svit.cli import main
+
+    demo = ["predict", "--demo", "--out", str(tmp_path / "a.csv")]
+    assert main([*demo, "--capacity", "0.5"]) == 2
+    assert main(["predict", "--model", "deit_tiny_patch16_224", "--random-weights", "--capacity", "1.2", "--input",
+                 str(tmp_path), "--out", str(tmp_path / "b.csv")]) == 2
+    assert main(["predict", "--model", "evit_small", "--random-weights", "--capacity", "1.2", "--input",
+                 str(tmp_path), "--out", str(tmp_path / "c.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "give F >= 1" in err and "keeps every token" in err and "EViT keeps counts fixed by its config" in err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 3

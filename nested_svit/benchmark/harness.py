@@ -110,6 +110,13 @@ class _Runner:
         return not isinstance(self.module, SparseViT) or not self.module.prunes
 
     @property
+    def input_dtype(self) -> torch.dtype:
+        """Ours: the model's input dtype (fp32 under ``set_precision``); timm's: the precision's."""
+        if self.runtime in ("openvino", "onnxruntime"):
+            return torch.float32  # they take fp32 arrays whatever they compute in
+        return self.module.dtype if isinstance(self.module, SparseViT) else dtype_of(self.precision)
+
+    @property
     def label(self) -> str:
         return f"{self.runtime}:{self.model_name}:{self.precision}" + (":compiled" if self.compiled else "")
 
@@ -300,25 +307,25 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
     rows = []
     with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
         for position, bs in enumerate(cfg.batch_sizes):
-            inputs = {p: pool[:bs].to(device, dtype_of(p)) for p in precisions}
+            inputs = {dtype: pool[:bs].to(device, dtype) for dtype in {r.input_dtype for r in runners}}
             fastest = float("inf")
             for r in runners:
                 r.times = []
                 for _ in range(cfg.warmup):
-                    r(inputs[r.precision])
-                fastest = min(fastest, _time_once(r, inputs[r.precision], device))
+                    r(inputs[r.input_dtype])
+                fastest = min(fastest, _time_once(r, inputs[r.input_dtype], device))
             rounds = min(max(cfg.rounds, math.ceil(cfg.min_time / max(fastest, 1e-6))), 500)
             for i in range(rounds):
                 report(BenchProgress(bs, i + 1, rounds, position, len(cfg.batch_sizes)))
                 for r in runners:
-                    r.times.append(_time_once(r, inputs[r.precision], device))
+                    r.times.append(_time_once(r, inputs[r.input_dtype], device))
             dense_time = {(r.model_name, r.compiled, r.precision): statistics.median(r.times) for r in runners
                           if isinstance(r.module, SparseViT) and not r.module.prunes}
             fastest_dense = min((r for r in runners if r.dense), key=lambda r: statistics.median(r.times))
             fastest_time = statistics.median(fastest_dense.times)
             usage: dict[int, tuple[float, float, float]] = {}  # backends of one model share its usage
             for r in runners:
-                images = inputs[r.precision]
+                images = inputs[r.input_dtype]
                 step = statistics.median(r.times)
                 if id(r.module) not in usage:
                     usage[id(r.module)] = _usage_flops(r, images)

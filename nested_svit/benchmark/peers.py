@@ -105,6 +105,8 @@ class OnnxRuntimeRunner(nn.Module):
                               dynamo=True, verbose=False)
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = _threads(threads), 1
+            # its threads would otherwise spin after each call and slow the next runner of an interleaved round
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(path), options, providers=[provider])
         self.input_name = self.session.get_inputs()[0].name
         self.precision = precision

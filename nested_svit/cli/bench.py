@@ -111,6 +111,8 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     from ..benchmark import BenchConfig, run_benchmark
     from ..benchmark.harness import TIMM_PREFIX
     from ..benchmark.peers import split_name
+    from ..devices import native_bf16
+    from ..inference.spec import BF16_MEASURED
     from ..registry import get_config
     from .common import progress_bar
 
@@ -134,6 +136,8 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
         bar.n = event.step
         bar.set_postfix_str(str(event))
 
+    if cfg.precisions == ["fp32"] and native_bf16(args.device):
+        note(f"this CPU computes bf16 natively: {BF16_MEASURED} (--precision fp32,bf16 times both)")
     df = run_benchmark(cfg, progress)
     bar.n = len(batch_sizes)
     bar.close()

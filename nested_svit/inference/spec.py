@@ -18,13 +18,15 @@ from ..checkpoint import CheckpointError, LoadReport, classifier_from_file, file
 from ..detection.checkpoint import checkpoint_classes, checkpoint_kind, detector_from_file
 from ..detection.detector import MaskRCNNDetector
 from ..detection.registry import create_detector, is_detector
-from ..devices import dtype_of
+from ..devices import dtype_of, native_bf16
 from ..registry import create_model, get_config
 from ..precision import set_precision
 
 FAMILIES = ("classifier", "detector")
 # what --compile's speed is, as measured (bench/README.md), said with every compiled run
 COMPILE_MEASURED = "measured 0.96-0.98x eager on a 2-core CPU (bench/README.md), not yet timed on a GPU"
+BF16_MEASURED = ("--precision bf16 ran SViT-S 1.5-1.6x faster than fp32 on a 2-core AVX512-BF16 CPU, "
+                 "every decision still made in fp32 (bench/README.md); --agreement-with fp32 reports what changes")
 COMPILE_NOTE = ("note: --compile: the first batches compile the blocks' dense math (about 30 s on 2 CPU cores; "
                 f"inductor caches it for the next run); {COMPILE_MEASURED}")
 DEFAULT_MODEL = {"classifier": "svit_small", "detector": "svit_adapter_small_maskrcnn"}
@@ -122,6 +124,9 @@ class ModelSpec:
             refusal = graphs_refusal(built.model, device)
             if refusal:
                 raise ValueError(refusal)
+        if self.family == "classifier" and self.precision == "fp32" and torch.device(device).type == "cpu" \
+                and native_bf16(device):
+            built.messages.append(f"note: this CPU computes bf16 natively: {BF16_MEASURED}")
         if self.compile:
             built.messages.append(_compile_now(built.model, device) if self.family == "classifier" else COMPILE_NOTE)
         return built
