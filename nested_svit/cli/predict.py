@@ -75,6 +75,7 @@ def _run(args: argparse.Namespace, spec, local: Callable) -> Callable:
 def predict_classifier(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
     from ..inference import Scoring, classifier_job, provenance, run_inference
+    from ..inference.spec import bf16_note
     from ..inference.dataset_out import is_dataset_out, prepare_dataset_output
 
     name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
@@ -96,7 +97,8 @@ def predict_classifier(args: argparse.Namespace) -> int:
     prepared = classifier_job(spec, data_options(args, source, True, [out, args.save_vis]),
                               run_options(args), parts, "predict", args.topk, names, keep_budget(args),
                               decode_here=args.engine == "local", scoring=Scoring(args.valid_labels))
-    show(_engine_notes(args) + prepared.messages + notes + ([] if dataset_out else _recompute_note(out, parts)))
+    show(_engine_notes(args) + prepared.messages + bf16_note(spec, prepared.job.device) + notes
+         + ([] if dataset_out else _recompute_note(out, parts)))
     job = prepared.job
     pictures = picture_names(job.dataset.records.ids) if args.save_vis else None
     if args.save_vis:

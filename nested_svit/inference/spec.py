@@ -124,12 +124,17 @@ class ModelSpec:
             refusal = graphs_refusal(built.model, device)
             if refusal:
                 raise ValueError(refusal)
-        if self.family == "classifier" and self.precision == "fp32" and torch.device(device).type == "cpu" \
-                and native_bf16(device):
-            built.messages.append(f"note: this CPU computes bf16 natively: {BF16_MEASURED}")
         if self.compile:
             built.messages.append(_compile_now(built.model, device) if self.family == "classifier" else COMPILE_NOTE)
         return built
+
+
+def bf16_note(spec: ModelSpec, device: torch.device | str) -> list[str]:
+    """The line a command shows once when a classifier runs in fp32 on a CPU that computes bf16 natively."""
+    if spec.family == "classifier" and spec.precision == "fp32" and torch.device(device).type == "cpu" \
+            and native_bf16(device):
+        return [f"note: this CPU computes bf16 natively: {BF16_MEASURED}"]
+    return []
 
 
 def _check_capacity_helps(model: nn.Module, name: str) -> None:
