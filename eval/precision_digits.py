@@ -1,7 +1,7 @@
 """Reduced precision on a trained model: the digits SViT (``nested_svit/assets/svit_digits.pth``, the
-calibrated model of ``digits_experiment.py``) on its 360 test images in fp32 and in bf16 (the blocks' linears
-and attention in bf16, every decision in fp32: ``set_precision``), with the decision agreement of bf16 against
-fp32 and of every image in a batch of 64 against itself alone, in both precisions.
+calibrated model of ``digits_experiment.py``) on its 360 test images in fp32, bf16 and int8 (the blocks'
+linears, and in bf16 the attention, in the reduced precision; every decision in fp32: ``set_precision``), with
+the decision agreement of each against fp32 and of every image in a batch of 64 against itself alone.
 
 Run: ``python eval/precision_digits.py --out eval/results/precision-digits`` (under a minute on 2 CPU cores;
 needs ``pip install -e '.[experiment]'`` for scikit-learn's digits).
@@ -35,20 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     _, test = load_digits()
     images, labels = test.tensors
     fp32 = load_model(str(resources.files("nested_svit.assets") / "svit_digits.pth")).eval()
-    bf16 = set_precision(copy.deepcopy(fp32), "bf16")
+    models = {"fp32": fp32, **{p: set_precision(copy.deepcopy(fp32), p) for p in ("bf16", "int8")}}
     result: dict = {"model": "svit_digits (nested_svit/assets/svit_digits.pth)", "test_images": len(labels),
                     "batch_size": args.batch_size, "threads": args.threads, "torch": torch.__version__}
-    precision, batch = Agreement(), {"fp32": Agreement(), "bf16": Agreement()}
-    correct = {"fp32": 0, "bf16": 0}
+    versus = {p: Agreement() for p in models if p != "fp32"}
+    batch = {p: Agreement() for p in models}
+    correct = dict.fromkeys(models, 0)
     for start in range(0, len(labels), args.batch_size):
         x, y = images[start:start + args.batch_size], labels[start:start + args.batch_size]
-        runs = {"fp32": decisions_of(fp32, x), "bf16": decisions_of(bf16, x)}
-        precision.add(agreement(runs["bf16"], runs["fp32"]))
-        for name, model in (("fp32", fp32), ("bf16", bf16)):
-            correct[name] += int((runs[name].top1 == y).sum())
-            batch[name].add(agreement(runs[name], alone(model, x)))
+        runs = {p: decisions_of(model, x) for p, model in models.items()}
+        for p, model in models.items():
+            correct[p] += int((runs[p].top1 == y).sum())
+            batch[p].add(agreement(runs[p], alone(model, x)))
+            if p != "fp32":
+                versus[p].add(agreement(runs[p], runs["fp32"]))
     result.update({f"top1_{k}": 100 * v / len(labels) for k, v in correct.items()})
-    result["bf16_vs_fp32"] = precision.summary()
+    result.update({f"{p}_vs_fp32": a.summary() for p, a in versus.items()})
     result["batch_vs_alone"] = {k: v.summary() for k, v in batch.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ import time
 import torch
 
 CUDA_LIKE: set[str] = {"cuda"}
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision -> the dtype a model's input and stream are in; int8 runs a classifier's block linears in int8
+# (``precision.set_precision``) and everything else, its input included, in fp32
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 def dtype_of(precision: str) -> torch.dtype:

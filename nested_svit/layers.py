@@ -54,9 +54,11 @@ class Linear(nn.Linear):
     in bf16, in-process and interleaved (bench/README.md). Compiled regions call the plain kernel (their
     values are recorded as compiled)."""
 
+    int8: tuple[Tensor, Tensor] | None = None  # ``quantize_int8``: the weight as int8 ``[K, N]`` and its ``[N]`` scales
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != self.weight.dtype:  # a bf16 linear in an fp32 stream (``precision.set_precision``)
-            x = x.to(self.weight.dtype)
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype)  # a bf16 linear in an fp32 stream (``precision.set_precision``)
         width = x.shape[-1]
         rows = x.numel() // width if width else 0
         if x.device.type != "cpu" or rows == 0 or torch.compiler.is_compiling():
@@ -64,11 +66,30 @@ class Linear(nn.Linear):
         flat = x.reshape(rows, width)
         if rows < INVARIANT_MIN_ROWS:
             flat = torch.cat([flat, flat.new_zeros(INVARIANT_MIN_ROWS - rows, width)])
-        if PREPACKED and not torch.is_grad_enabled() and flat.dtype in (torch.float32, torch.bfloat16):
+        if self.int8 is not None and not torch.is_grad_enabled():
+            out = self._int8_matmul(flat)
+        elif PREPACKED and not torch.is_grad_enabled() and flat.dtype in (torch.float32, torch.bfloat16):
             out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)
         return out[:rows].view(*x.shape[:-1], out.shape[-1])
+
+    def quantize_int8(self) -> None:
+        """Inference in int8: the weight quantised once, symmetric per output channel; each call quantises
+        its input per row (per token, so a row never depends on the other rows of its call: the integer
+        matmul is exact, the scales are the row's own) and dequantises the int32 result to fp32."""
+        w = self.weight.detach().float()
+        scale = w.abs().amax(1).clamp_min(1e-12) / 127  # [N]
+        self.int8 = (torch.round(w / scale[:, None]).to(torch.int8).t().contiguous(), scale)
+
+    def _int8_matmul(self, flat: Tensor) -> Tensor:
+        """``flat [M, K]`` fp32 -> ``[M, N]`` fp32 through ``torch._int_mm`` (VNNI on x86)."""
+        weight, w_scale = self.int8  # type: ignore[misc]
+        x = flat.float()
+        scale = x.abs().amax(1, keepdim=True).clamp_min_(1e-12).div_(127)  # [M, 1]
+        q = torch.round(x / scale).to(torch.int8)
+        out = torch._int_mm(q, weight).float().mul_(scale).mul_(w_scale)
+        return out if self.bias is None else out.add_(self.bias)
 
     def _packed_weight(self) -> Tensor:
         """The weight in oneDNN's blocked layout, reordered once (again when the weight changes)."""
@@ -93,8 +114,6 @@ class _PackedWeight:
 
     def __reduce__(self):
         return (_PackedWeight, ())
-
-
 
 
 class Mlp(nn.Module):

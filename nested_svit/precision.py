@@ -9,7 +9,9 @@ from .stack import TokenStack
 
 
 def set_precision(module: nn.Module, precision: str) -> nn.Module:
-    """Run ``module`` in ``precision`` (``fp32``, ``bf16``, ``fp16``) for inference with every decision in fp32.
+    """Run ``module`` in ``precision`` (``fp32``, ``bf16``, ``fp16``, ``int8``) for inference with every decision
+    in fp32. ``int8`` (CPU, classifiers): the same scope in int8 (``layers.Linear.quantize_int8``: weights per
+    output channel, activations per token), everything else fp32.
 
     A token stack that names its ``reduced_precision_modules()`` (the classifier: its blocks' linears) casts
     only those: qkv, projection and MLP matmuls and the attention between them run in ``precision``, while
@@ -22,10 +24,15 @@ def set_precision(module: nn.Module, precision: str) -> nn.Module:
     -> ``module``."""
     dtype = dtype_of(precision)
     scope = module.reduced_precision_modules() if isinstance(module, TokenStack) else None
+    if precision == "int8":
+        _check_int8(module, scope)
     if scope is not None:
         module.float()
         for part in scope:
+            part.int8 = None
             part.to(dtype)
+            if precision == "int8":
+                part.quantize_int8()
     else:
         deciders = [d for stack in module.modules() if isinstance(stack, TokenStack) for d in stack.decision_modules()]
         keep = {id(t) for d in deciders for t in [*d.parameters(), *d.buffers()]}  # never rounded through bf16
@@ -34,6 +41,16 @@ def set_precision(module: nn.Module, precision: str) -> nn.Module:
             decider.float()
     module.precision = precision  # type: ignore[assignment]
     return module
+
+
+def _check_int8(module: nn.Module, scope: list[nn.Module] | None) -> None:
+    """int8 is built for a classifier's block linears on a CPU (``torch._int_mm``; VNNI on x86)."""
+    if scope is None:
+        raise ValueError("--precision int8 runs a classifier's block linears in int8; a detector runs fp32, bf16 "
+                         "or fp16")
+    device = next(module.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"--precision int8 is built for CPUs (torch._int_mm), not {device}; use bf16 or fp16")
 
 
 def sync_decisions(reference: nn.Module, model: nn.Module) -> None:

@@ -122,3 +122,35 @@ def test_predict_and_eval_in_bf16_carry_the_precision_and_the_agreement(tmp_path
     assert "agreement with fp32: kept tokens" in capsys.readouterr().out
     assert main(["predict", "--demo", "--agreement-with", "fp32", "--out", str(tmp_path / "q.csv")]) == 2
     assert "give --precision bf16" in capsys.readouterr().err
+
+
+def test_int8_linears_stay_within_their_bound_and_decide_in_fp32():
+    """int8 (CPU): each block linear quantised per output channel, its input per token, equals a hand-written
+    dequantised matmul exactly, and its output is within 2% of the fp32 linear's scale (8-bit weights and
+    activations: the bound stated in bench/README.md); gates and head stay fp32; an image alone gives its
+    row in a batch (integer accumulation is exact, every scale is the row's own)."""
+    model = lively_model("svit_small")
+    ref = _copy(model)
+    set_precision(model, "int8")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    lin, ref_lin = model.blocks[4].mlp.fc1, ref.blocks[4].mlp.fc1
+    assert lin.int8 is not None and model.gates[0].mlp.fc1.int8 is None and model.head.int8 is None
+    x = torch.randn(50, lin.in_features, generator=torch.Generator().manual_seed(3))
+    w = ref_lin.weight.detach()
+    w_scale = w.abs().amax(1) / 127
+    x_scale = x.abs().amax(1, keepdim=True) / 127
+    want = (torch.round(x / x_scale) @ torch.round(w / w_scale[:, None]).t()) * x_scale * w_scale + ref_lin.bias
+    with torch.no_grad():
+        got, fp32 = lin(x), ref_lin(x)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    assert (got - fp32).abs().max() <= 0.02 * fp32.abs().max()
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        batched = model(images)
+        assert all(torch.equal(model(images[i:i + 1])[0], batched[i]) for i in range(6))
+        logits = ref(images)
+    assert (batched - logits).abs().max() <= 0.1 * logits.abs().max()
+    with pytest.raises(ValueError, match="int8 runs a classifier's block linears"):
+        from nested_svit import create_detector
+
+        set_precision(create_detector("svit_adapter_tiny_maskrcnn"), "int8")

@@ -44,8 +44,11 @@ def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> No
     g.add_argument("--workers", type=int, default=WORKERS, help="DataLoader processes decoding images")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16"], defaults={CLS: "fp32", DET: "fp32"},
-                families=families, help="compute precision (detectors: box arithmetic and NMS stay fp32)")
+    options.add(p, g, "--precision", choices=["fp32", "bf16", "fp16", "int8"], defaults={CLS: "fp32", DET: "fp32"},
+                families=families, help="compute precision of the blocks' linears and attention; every decision "
+                "(gates, predictors, the top-k) and the stream the gates read stay fp32 (classifiers; detectors: "
+                "the whole network, box arithmetic and NMS fp32). int8: classifiers on a CPU, weights per channel "
+                "and activations per token (bench/README.md says what it costs and gains)")
     options.add(p, g, "--agreement-with", choices=["fp32"], defaults={CLS: None}, families=families,
                 help="with --precision bf16/fp16: run each batch through the same weights in fp32 too and report "
                      "decision agreement (the kept-token decisions and top-1 ids that are the same; per row and in "

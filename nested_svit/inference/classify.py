@@ -105,8 +105,11 @@ class ClassifierStep:
                     logits = self.model.forward_head(feats)
                 logits = self.restricted(logits.cpu())
             counts.capacity_reruns = self.model.capacity_reruns - reruns
-            if self.reference is not None:
-                agreed = agreement(decisions_from(usage, logits), decisions_of(self.reference, batch["reference_images"]))
+            if self.reference is not None:  # the reference's top-1 over the same (valid) classes
+                ref = decisions_of(self.reference, batch["reference_images"])
+                ref_logits = self.restricted(ref.logits)
+                ref = dataclasses.replace(ref, logits=ref_logits, top1=ref_logits.argmax(-1))
+                agreed = agreement(decisions_from(usage, logits), ref)
             kept = usage.kept_after_selection.cpu()
             if self.on_batch is not None:
                 self.on_batch(batch, batch["images"], usage, logits)

@@ -98,6 +98,9 @@ class ModelSpec:
             dtype_of(self.agreement_with)
             if self.family == "detector":
                 raise ValueError("--agreement-with reports a classifier's decisions; a detector has no top-1")
+            if self.cuda_graphs:
+                raise ValueError("--agreement-with compares each image's kept tokens, which a CUDA graph's replay does "
+                                 "not keep: leave --cuda-graphs out for that run")
             if self.agreement_with == self.precision:
                 raise ValueError(f"--agreement-with {self.agreement_with} compares a reduced precision with it: give "
                                  f"--precision bf16 (or fp16 on CUDA)")
