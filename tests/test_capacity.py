@@ -334,8 +334,8 @@ def test_capacity_flags_are_refused_where_they_do_not_apply(tmp_path, capsys, ti
 
 def test_the_capacity_follows_what_the_gates_keep():
     """After a batch, each gate's capacity is sized by the largest batch-average keep fraction seen (hand-
-    computed here from the kept counts), not the targets: a batch that overflowed at F = 1 fits when it
-    comes again, and its values are those of the first run (which was rerun with room for every row)."""
+    computed here from the kept counts), never below its target: a batch that overflowed at F = 1 fits when
+    it comes again, and its values are those of the first run (which was rerun with room for every row)."""
     model = lively_model("svit_small")
     images = _images(8, 3, scale=3.0)  # keeps more than the gates were calibrated to
     model.set_execution("packed", capacity=1.0)
@@ -352,8 +352,9 @@ def test_the_capacity_follows_what_the_gates_keep():
     for k, block in enumerate(gates):
         protected = 0 if k == len(gates) - 1 else b  # the last gate may prune the class token
         want.append((int(usage.kept[:, block].sum()) - protected) / (total - protected))
-    assert model.observed_keep == pytest.approx(tuple(want))
-    assert max(a - t for a, t in zip(want, model.keep_targets_in_use)) > 0.05  # the targets would not do
+    targets = model.keep_targets_in_use
+    assert model.observed_keep == pytest.approx(tuple(max(w, t) for w, t in zip(want, targets)))
+    assert max(w - t for w, t in zip(want, targets)) > 0.05  # the targets alone would not do
 
 
 def test_the_command_line_refuses_a_capacity_that_cannot_help(tmp_path, capsys):

@@ -56,7 +56,8 @@ class DetectorStep:
     def counts(self) -> DetectionProgress:
         return DetectionProgress()
 
-    def bind(self, model: MaskRCNNDetector, device: torch.device) -> "DetectorStep":
+    def bind(self, model: MaskRCNNDetector, device: torch.device, reference: None = None) -> "DetectorStep":
+        """``reference``: always None (a detector reports no decision agreement; ``ModelSpec`` refuses one)."""
         return dataclasses.replace(self, model=model, device=torch.device(device))
 
     def detached(self) -> "DetectorStep":

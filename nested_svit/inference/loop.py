@@ -35,8 +35,9 @@ class Counts(Protocol):
 class BatchStep(Protocol):
     """One job's work on one batch. ``prepare``: a loader batch -> the same on ``device`` (uploaded,
     decoded, normalised); ``run``: a prepared batch -> (its rows, its counts). ``counts()``: zero
-    counts of this step's kind; ``bind(model, device)``: the same step on another model and device
-    (a Ray actor's), ``detached()``: the step without its model and callbacks (to ship to one)."""
+    counts of this step's kind; ``bind(model, device, reference)``: the same step on another model and device
+    (a Ray actor's; ``reference``: the model in ``--agreement-with``'s precision, or None), ``detached()``:
+    the step without its model and callbacks (to ship to one)."""
 
     device: torch.device
 

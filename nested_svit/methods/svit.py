@@ -150,8 +150,9 @@ class SViTRun(MethodRun):
 
 def observe_keep(stack, usage) -> None:
     """After a capacity forward: per gate, the largest batch-average fraction of its decided tokens kept so
-    far in this process (``stack.observed_keep``), from the kept counts the forward read anyway; the
-    capacity then follows what the gates keep on the run's data rather than their targets."""
+    far in this process (``stack.observed_keep``), from the kept counts the forward read anyway, and never
+    less than the gate's keep target: the capacity grows with what the gates keep on the run's data (a small
+    first batch that keeps little cannot shrink it below the targets)."""
     gates, b = stack.config.gate_blocks, usage.total.numel()
     total = int(usage.total.sum())
     fractions = []
@@ -160,7 +161,7 @@ def observe_keep(stack, usage) -> None:
         protected = 0 if last or stack.cls_token is None else b
         decided = total - protected
         fractions.append((int(usage.kept[:, block].sum()) - protected) / decided if decided > 0 else 0.0)
-    seen = stack.observed_keep or fractions
+    seen = stack.observed_keep or stack.keep_targets_in_use or stack.config.keep_targets
     stack.observed_keep = tuple(max(a, c) for a, c in zip(seen, fractions))
 
 
