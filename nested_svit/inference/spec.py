@@ -25,8 +25,9 @@ from ..precision import set_precision
 FAMILIES = ("classifier", "detector")
 # what --compile's speed is, as measured (bench/README.md), said with every compiled run
 COMPILE_MEASURED = "measured 0.96-0.98x eager on a 2-core CPU (bench/README.md), not yet timed on a GPU"
-BF16_MEASURED = ("--precision bf16 ran SViT-S 1.5-1.6x faster than fp32 on a 2-core AVX512-BF16 CPU, "
-                 "every decision still made in fp32 (bench/README.md); --agreement-with fp32 reports what changes")
+BF16_MEASURED = ("--precision bf16 ran SViT-S 1.4-1.5x faster than fp32 on a 2-core AVX512-BF16 CPU (int8: "
+                 "1.5-1.8x), every decision still made in fp32 (bench/README.md); --agreement-with fp32 reports "
+                 "what changes")
 COMPILE_NOTE = ("note: --compile: the first batches compile the blocks' dense math (about 30 s on 2 CPU cores; "
                 f"inductor caches it for the next run); {COMPILE_MEASURED}")
 DEFAULT_MODEL = {"classifier": "svit_small", "detector": "svit_adapter_small_maskrcnn"}
