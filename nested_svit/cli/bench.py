@@ -31,8 +31,9 @@ def add_parser(sub, formatter) -> None:
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     options.add(b, b, "--precision", defaults={CLS: cls.precision},
-                help="compute precision, or a comma list timed side by side (fp32,bf16): ours run reduced precision "
-                     "with every decision in fp32; each row reports its decision agreement with fp32")
+                help="fp32, bf16, fp16, int8 (CPU, ours only), or a comma list timed side by side (fp32,bf16,int8): "
+                     "ours run reduced precision with every decision in fp32; each row reports its decision "
+                     "agreement with fp32")
     options.add(b, b, "--no-agreement", action="store_true", defaults={CLS: False},
                 help="skip the decision agreement columns (against fp32, and each image against itself alone)")
     options.add(b, b, "--backend", defaults={CLS: "auto"},
