@@ -269,11 +269,12 @@ def _agreements(r: _Runner, images: torch.Tensor) -> dict:
     """After the timing: ``r``'s decisions against the same weights in fp32 (reduced precisions) and each
     image's against itself alone (batches over 1): the agreement columns."""
     out: dict = {}
+    own = decisions_of(r.module, images)
     if r.fp32 is not None:
-        fp32 = agreement(decisions_of(r.module, images), decisions_of(r.fp32, images.float()))
+        fp32 = agreement(own, decisions_of(r.fp32, images.float()))
         out.update(agree_fp32_kept=_kept(fp32, r), agree_fp32_top1=fp32.top1)
     if images.shape[0] > 1:
-        batch = agreement(decisions_of(r.module, images), alone(r.module, images))
+        batch = agreement(own, alone(r.module, images))
         out.update(alone_kept=_kept(batch, r), alone_top1=batch.top1, alone_images_equal=batch.images_equal / batch.images,
                    alone_max_logit_diff=batch.max_logit_diff)
     return out
