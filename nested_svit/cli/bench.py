@@ -130,15 +130,15 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
                       warmup=args.warmup, calibrate=calibrate, seed=args.seed, checkpoint=args.checkpoint,
                       compile=args.compile, agreement=not args.no_agreement,
                       **_keep_budget(args.keep_targets, [] if args.checkpoint else ours))
-    cfg.precisions  # a bad precision fails here, in one line
+    # cfg.precisions refuses a bad name in one line, before the progress bar
+    if cfg.precisions == ["fp32"] and native_bf16(args.device):
+        note(f"this CPU computes bf16 natively: {BF16_MEASURED} (--precision fp32,bf16 times both)")
     bar = progress_bar(len(batch_sizes), "bench", "batch size")
 
     def progress(event) -> None:  # a BenchProgress before each timed round
         bar.n = event.step
         bar.set_postfix_str(str(event))
 
-    if cfg.precisions == ["fp32"] and native_bf16(args.device):
-        note(f"this CPU computes bf16 natively: {BF16_MEASURED} (--precision fp32,bf16 times both)")
     df = run_benchmark(cfg, progress)
     bar.n = len(batch_sizes)
     bar.close()

@@ -4,7 +4,7 @@ A run's decisions on one image are its kept tokens (every selecting stage's keep
 that stage decided on: SViT's gates, DynamicViT's predictors, EViT/Evo-ViT/ATS's selections) and its
 top-1 class. Two comparisons use them:
 
-* precision: the model in ``bf16`` (decisions made in fp32, ``stack.set_precision``) against the same
+* precision: the model in ``bf16`` (decisions made in fp32, ``precision.set_precision``) against the same
   weights in fp32, on the same images;
 * batch: each image in its batch against the same image alone (batch of one), in the same precision.
 
@@ -77,7 +77,6 @@ class Agreement:
     images: int = 0
     images_equal: int = 0
     max_logit_diff: float = 0.0
-    per_image: list[bool] = field(default_factory=list, repr=False)  # every decision of the image equal
     image_tokens_equal: list[int] = field(default_factory=list, repr=False)
     image_tokens: list[int] = field(default_factory=list, repr=False)
     image_top1_equal: list[bool] = field(default_factory=list, repr=False)
@@ -89,7 +88,6 @@ class Agreement:
         self.images += other.images
         self.images_equal += other.images_equal
         self.max_logit_diff = max(self.max_logit_diff, other.max_logit_diff)
-        self.per_image += other.per_image
         self.image_tokens_equal += other.image_tokens_equal
         self.image_tokens += other.image_tokens
         self.image_top1_equal += other.image_top1_equal
@@ -114,7 +112,8 @@ def agreement(a: Decisions, b: Decisions) -> Agreement:
     where either run decided on it."""
     if a.top1.shape != b.top1.shape or len(a.keep) != len(b.keep):
         raise ValueError("the two runs did not see the same images with the same stages")
-    equal_image = a.top1 == b.top1
+    top1_equal = a.top1 == b.top1
+    equal_image = top1_equal.clone()
     tokens_equal = torch.zeros(a.top1.shape, dtype=torch.int64)
     tokens = torch.zeros(a.top1.shape, dtype=torch.int64)
     for ka, kb, da, db in zip(a.keep, b.keep, a.decided, b.decided):
@@ -124,6 +123,5 @@ def agreement(a: Decisions, b: Decisions) -> Agreement:
         tokens += decided.sum(-1)
         equal_image &= same.all(-1)
     diff = float((a.logits - b.logits).abs().max()) if a.logits.numel() else 0.0
-    return Agreement(int(tokens_equal.sum()), int(tokens.sum()), int((a.top1 == b.top1).sum()), int(a.top1.numel()),
-                     int(equal_image.sum()), diff, equal_image.tolist(), tokens_equal.tolist(), tokens.tolist(),
-                     (a.top1 == b.top1).tolist())
+    return Agreement(int(tokens_equal.sum()), int(tokens.sum()), int(top1_equal.sum()), int(a.top1.numel()),
+                     int(equal_image.sum()), diff, tokens_equal.tolist(), tokens.tolist(), top1_equal.tolist())

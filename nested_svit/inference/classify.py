@@ -120,7 +120,7 @@ class ClassifierStep:
             counts.images = len(labels)
         frame = self.rows(batch, logits, kept)
         if self.reference is not None and logits is not None:  # predicted rows come first, in batch order
-            n = len(agreed.per_image)
+            n = agreed.images
             columns = {"agree_tokens_equal": agreed.image_tokens_equal, "agree_tokens": agreed.image_tokens,
                        "agree_top1": agreed.image_top1_equal}
             for name, values in columns.items():

@@ -136,7 +136,7 @@ class SViTRun(MethodRun):
         if k is None:
             return None
         stack = self.stack
-        targets = stack.observed_keep or stack.keep_targets_in_use or stack.config.keep_targets
+        targets = stack.observed_keep or keep_targets_of(stack)
         total = self.block_pass.layout.total
         protected = 0 if (k == len(self.gate_of_block) - 1 and self.options.prune_cls_last) or \
             self.stack.cls_token is None else self.block_pass.layout.batch_size
@@ -146,6 +146,11 @@ class SViTRun(MethodRun):
         if self.prev is None:
             return None
         return self.prev if self.prev.dtype == torch.bool else self.prev > 0.5
+
+
+def keep_targets_of(stack) -> tuple[float, ...]:
+    """The gates' keep targets: those they were calibrated to, else the config's."""
+    return tuple(stack.keep_targets_in_use or stack.config.keep_targets)
 
 
 def observe_keep(stack, usage) -> None:
@@ -161,7 +166,7 @@ def observe_keep(stack, usage) -> None:
         protected = 0 if last or stack.cls_token is None else b
         decided = total - protected
         fractions.append((int(usage.kept[:, block].sum()) - protected) / decided if decided > 0 else 0.0)
-    seen = stack.observed_keep or stack.keep_targets_in_use or stack.config.keep_targets
+    seen = stack.observed_keep or keep_targets_of(stack)
     stack.observed_keep = tuple(max(a, c) for a, c in zip(seen, fractions))
 
 
