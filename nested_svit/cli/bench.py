@@ -112,7 +112,7 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     from ..benchmark import BenchConfig, run_benchmark
     from ..benchmark.harness import TIMM_PREFIX
     from ..benchmark.peers import split_name
-    from ..devices import native_bf16
+    from ..devices import native_bf16, resolve_device
     from ..inference.spec import BF16_MEASURED
     from ..registry import get_config
     from .common import progress_bar
@@ -124,14 +124,14 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
     if args.checkpoint and args.input == "synthetic":
         note("--checkpoint on synthetic noise: its keep ratios (and so its speed) are the model's on noise; "
              "--input DIR measures them on your images")
-    cfg = BenchConfig(models=models, batch_sizes=batch_sizes, device=args.device,
+    cfg = BenchConfig(models=models, batch_sizes=batch_sizes, device=resolve_device(args.device),
                       threads=args.threads, precision=args.precision, backends=csv_list(args.backend),
                       input=args.input, img_size=args.img_size, rounds=args.rounds, min_time=args.min_time,
                       warmup=args.warmup, calibrate=calibrate, seed=args.seed, checkpoint=args.checkpoint,
                       compile=args.compile, agreement=not args.no_agreement,
                       **_keep_budget(args.keep_targets, [] if args.checkpoint else ours))
     # cfg.precisions refuses a bad name in one line, before the progress bar
-    if cfg.precisions == ["fp32"] and native_bf16(args.device):
+    if cfg.precisions == ["fp32"] and native_bf16(cfg.device):
         note(f"this CPU computes bf16 natively: {BF16_MEASURED} (--precision fp32,bf16 times both)")
     bar = progress_bar(len(batch_sizes), "bench", "batch size")
 
@@ -151,6 +151,7 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
 def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: list[int]):
     from ..benchmark.detection import DetBenchConfig, run_detection_benchmark
     from ..detection.registry import dense_detector
+    from ..devices import resolve_device
     from .common import progress_bar
 
     if args.compile:
@@ -158,8 +159,8 @@ def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: l
                          "tests (predict/eval --compile), not yet benchmarked")
 
     cfg = DetBenchConfig(models=models, batch_sizes=batch_sizes, img_scale=parse_img_scale(args.img_scale),
-                         device=args.device, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                         calibrate=not args.no_calibrate, seed=args.seed, input=args.input)
+                         device=resolve_device(args.device), threads=args.threads, rounds=args.rounds,
+                         warmup=args.warmup, calibrate=not args.no_calibrate, seed=args.seed, input=args.input)
     total = len(cfg.batch_sizes) * cfg.rounds * 2 * len(set(models) | {dense_detector(m) for m in models})
     bar = progress_bar(total, "bench", "call")
 
