@@ -39,7 +39,7 @@ def main() -> int:
     cfg = model.config
     rows = []
     with torch.inference_mode():
-        _, usage = model.forward_features(image)
+        _, usage = model.forward_features(image, return_usage=True)
         kept = usage.kept[0].tolist()
         x = model.embed(image)
         full = torch.randn(197, cfg.embed_dim)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in modes:  # warm-up, and the values compared
                 model.set_execution("packed", capacity=f)
                 model.capacity_reruns = 0
-                outputs[f] = model.forward_features(images)
+                outputs[f] = model.forward_features(images, return_usage=True)
             reruns = {f: 0 for f in modes}
             for _ in range(args.rounds):
                 for f in modes:

@@ -365,7 +365,7 @@ def step_graphs(ctx: dict) -> dict:
                 model.set_execution("packed", "auto", compile=compiled, capacity=1.25 if capacity else 0)
 
             def plain():
-                feats, usage = model.forward_features(images)
+                feats, usage = model.forward_features(images, return_usage=True)
                 return model.forward_head(feats), usage
 
             setup(False, False)

@@ -92,7 +92,7 @@ def model_alone(model, images: torch.Tensor, n: int) -> float:
         for _ in range(n):
             synchronize(images.device)
             t = time.perf_counter()
-            model.forward_head(model.forward_features(images)[0])
+            model.forward_head(model.forward_features(images))
             synchronize(images.device)
             times.append(time.perf_counter() - t)
     return statistics.median(times)

@@ -55,7 +55,7 @@ def accuracy(model: SparseViT, data: TensorDataset) -> tuple[float, list[float]]
     model.eval().set_execution("packed")
     images, labels = data.tensors
     with torch.inference_mode():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         top1 = float((model.forward_head(feats).argmax(-1) == labels).float().mean() * 100)
     return top1, usage.gate_keep_fraction().tolist()
 

@@ -55,7 +55,7 @@ def main() -> None:
         targets = [min(1.0, t * scale) for t in SVIT_KEEP_TARGETS]
         reached = model.calibrate_keep(train.tensors[0], targets)
         with torch.inference_mode():
-            feats, usage = model.forward_features(images)
+            feats, usage = model.forward_features(images, return_usage=True)
             top1 = float((model.forward_head(feats).argmax(-1) == labels).float().mean() * 100)
         gmacs = float(flops_per_image(model.config, usage.kept, usage.total).mean()) / 2e9  # multiply-adds
         models[scale] = model

@@ -1,13 +1,15 @@
 """nested_svit: token-pruned Vision Transformers (SViT) on ragged token batches."""
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_pretrained
+from .checkpoint.factory import create_model
 from .config import Pruning, ViTConfig
 from .model import SparseViT, TokenUsage
 from .precision import set_precision
-from .registry import create_model, list_models
+from .registry import list_models
 from .tokens import Layout, Packed
 from .version import __version__
 
-__all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "load_model",
+__all__ = ["create_model", "list_models", "create_detector", "list_detectors", "load_checkpoint", "save_pretrained",
+           "load_model",
            "load_detector", "ModelSpec", "SparseViT", "set_precision",
            "TokenUsage", "ViTConfig", "Pruning", "Layout", "Packed", "__version__"]
 

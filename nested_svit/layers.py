@@ -43,6 +43,10 @@ class PatchEmbed(nn.Module):
 # A block that processes 5 tokens of one image alone must give the values it gives in a batch of 64.
 INVARIANT_MIN_ROWS = 12
 PREPACKED = torch.backends.mkldnn.is_available()  # CPU inference on oneDNN's prepacked weights (``Linear``)
+# the dtypes oneDNN's prepacked linear runs on this CPU: bf16 needs AVX512BW/VL/DQ or AVX-NE-CONVERT (an
+# AVX2-only CPU refuses it: such calls take F.linear)
+PREPACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if PREPACKED and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                       else ())
 
 
 class Linear(nn.Linear):
@@ -69,8 +73,7 @@ class Linear(nn.Linear):
             flat = torch.cat([flat, flat.new_zeros(INVARIANT_MIN_ROWS - rows, width)])
         if self.int8 is not None and not torch.is_grad_enabled():
             out = self._int8_matmul(flat)
-        elif PREPACKED and not torch.is_grad_enabled() and not counted and flat.dtype in (torch.float32,
-                                                                                           torch.bfloat16):
+        elif PREPACKED and not torch.is_grad_enabled() and not counted and flat.dtype in PREPACKED_DTYPES:
             out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)

@@ -1,4 +1,6 @@
-"""Named model configurations: ``create_model(name, **overrides)`` and ``list_models()``."""
+"""Named model configurations: ``build_model(name, **overrides)`` (random weights; the public
+``create_model``, with timm's keyword arguments and checkpoints, is ``checkpoint.factory``'s) and
+``list_models(pattern)``."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +13,8 @@ SVIT_GATE_BLOCKS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
 SVIT_KEEP_TARGETS = (0.7,) * 3 + (0.49,) * 3 + (0.343,) * 3
 
 WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # (embed dim, heads); detectors use them too
+# a ViT's attention heads by its width, as timm's and DeiT's models have them (a file that does not say)
+HEADS_BY_WIDTH = {**{dim: heads for dim, heads in WIDTHS.values()}, 64: 2, 1024: 16, 1280: 16}
 
 _MODELS: dict[str, ViTConfig] = {}
 _DENSE: dict[str, str] = {}  # model -> the dense model of the same width (speed-ups are measured against it)
@@ -60,8 +64,11 @@ def eval_config(name: str | None) -> dict:
             **_EVAL_DEFAULTS.get(name or "", {})}
 
 
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+def list_models(pattern: str = "") -> list[str]:
+    """Registered classifier names, those matching ``pattern`` (a shell wildcard, as timm's) if given."""
+    import fnmatch
+
+    return sorted(n for n in _MODELS if not pattern or fnmatch.fnmatch(n, pattern))
 
 
 def get_config(name: str, **overrides) -> ViTConfig:
@@ -102,7 +109,7 @@ def model_for(pruning: Pruning, embed_dim: int) -> tuple[str | None, dict]:
     return name, overrides
 
 
-def create_model(name: str, **overrides) -> SparseViT:
+def build_model(name: str, **overrides) -> SparseViT:
     """Build a model with random weights; load weights with ``nested_svit.load_checkpoint``."""
     model = SparseViT(get_config(name, **overrides))
     model.name = name

@@ -39,7 +39,7 @@ def test_packed_batch_equals_the_authors_algorithm_per_image(name):
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, 224, 224, generator=gen)
     with torch.no_grad():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         logits = model.forward_head(feats)
         state = model.state_dict()
         n = usage.total[0].item()
@@ -61,11 +61,11 @@ def test_mixed_resolutions_packed_equals_reference_and_single_images(name):
     images = [torch.randn(3, 224, 224, generator=gen), torch.randn(3, 160, 208, generator=gen),
               torch.randn(3, 128, 128, generator=gen)]
     with torch.no_grad():
-        packed = model.forward_head(model.forward_features(images)[0])
+        packed = model.forward_head(model.forward_features(images))
         model.set_execution("reference")
-        reference = model.forward_head(model.forward_features(images)[0])
+        reference = model.forward_head(model.forward_features(images))
         model.set_execution("packed")
-        single = torch.cat([model.forward_head(model.forward_features([img])[0]) for img in images])
+        single = torch.cat([model.forward_head(model.forward_features([img])) for img in images])
         state = model.state_dict()
         independent = torch.stack([CASES[name](state, img)[0] for img in images])
     torch.testing.assert_close(packed, reference, atol=1e-5, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_release_token_counts_of_deit_small():
     for name, counts in expected.items():
         model = _model(name)
         with torch.no_grad():
-            usage = model.forward_features(images)[1]
+            usage = model.forward_features(images, return_usage=True)[1]
         assert usage.kept_mlp.tolist() == [counts, counts], name
 
 
@@ -295,7 +295,7 @@ def test_ats_benchmark_sharpening_reaches_the_flop_target():
     images = torch.randn(6, 3, 224, 224)
     with torch.no_grad():
         factor = sharpen_for_benchmark(model, images, target_ratio=0.7)
-        usage = model.forward_features(images)[1]
+        usage = model.forward_features(images, return_usage=True)[1]
     dense_cfg = create_model("deit_small_patch16_224", **SMALL).config
     full = usage.total[:, None].expand(-1, 12)
     ratio = flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean() / \
@@ -313,9 +313,9 @@ def test_every_method_agrees_across_attention_backends(backend):
         model = _model(name)
         with torch.inference_mode():
             model.set_execution("packed", backend="loop")
-            expected = model.forward_head(model.forward_features(images)[0])
+            expected = model.forward_head(model.forward_features(images))
             model.set_execution("packed", backend=backend)
-            got = model.forward_head(model.forward_features(images)[0])
+            got = model.forward_head(model.forward_features(images))
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
 
 

@@ -63,10 +63,10 @@ def test_padded_backend_pads_each_image_to_its_own_length_with_mixed_resolutions
     gen = torch.Generator().manual_seed(2)
     images = [torch.randn(3, s, s, generator=gen) for s in (64, 48, 64, 32, 48)]
     with torch.no_grad():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         logits = model.forward_head(feats)
         for i, image in enumerate(images):
-            f1, u1 = model.forward_features([image])
+            f1, u1 = model.forward_features([image], return_usage=True)
             assert torch.equal(model.forward_head(f1)[0], logits[i])
             assert torch.equal(u1.kept[0], usage.kept[i])
 

@@ -19,7 +19,7 @@ def model():
 def test_batch_sizes_and_usage(model, batch):
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         logits = model.forward_head(feats)
     assert logits.shape == (batch, 1000) and torch.isfinite(logits).all()
     assert usage.kept.shape == (batch, 12) and usage.kept.dtype == torch.int64

@@ -37,7 +37,7 @@ def test_calibration_hits_targets(targets):
     reached = model.calibrate_keep(images, targets)
     targets = targets or list(model.config.keep_targets)
     with torch.no_grad():
-        _, usage = model.forward_features(images)
+        _, usage = model.forward_features(images, return_usage=True)
     n = 197
     for k, block in enumerate(model.config.gate_blocks):
         kept = usage.kept[:, block].double()

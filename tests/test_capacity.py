@@ -25,7 +25,7 @@ def _images(n: int, seed: int, scale: float = 1.0, size: int = 64) -> torch.Tens
 def _exact(model, images):
     """Logits and kept counts of the exact forward (one read per gated block)."""
     with model.exact_forward(), torch.no_grad():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         return model.forward_head(feats), usage.kept
 
 
@@ -33,7 +33,7 @@ def _capacity(model, images, factor: float, backend: str = "auto"):
     model.set_execution("packed", backend, capacity=factor)
     try:
         with torch.no_grad():
-            feats, usage = model.forward_features(images)
+            feats, usage = model.forward_features(images, return_usage=True)
             return model.forward_head(feats), usage.kept
     finally:
         model.set_execution("packed", "auto", capacity=0)
@@ -146,7 +146,7 @@ def test_one_host_sync_per_forward_on_the_simulated_device(dev, dtype, backend):
         model(x)
     model.set_execution("packed", backend, capacity=1.5)
     with torch.no_grad(), simcuda.recording() as rec:
-        feats, usage = model.forward_features(x)
+        feats, usage = model.forward_features(x, return_usage=True)
         logits = model.forward_head(feats)
     with torch.no_grad(), simcuda.recording() as device_part:
         model.forward_device(x)
@@ -190,7 +190,7 @@ def test_a_trace_of_one_batch_replays_right_on_another():
     _close(logits, want_b)
     model.set_execution("packed", capacity=0)
     with torch.no_grad():
-        stale = make_fx(lambda im: model.forward_head(model.forward_features(im)[0]))(a)
+        stale = make_fx(lambda im: model.forward_head(model.forward_features(im)))(a)
         try:
             replayed = stale(b)
         except (IndexError, RuntimeError):
@@ -340,11 +340,11 @@ def test_the_capacity_follows_what_the_gates_keep():
     images = _images(8, 3, scale=3.0)  # keeps more than the gates were calibrated to
     model.set_execution("packed", capacity=1.0)
     with torch.no_grad():
-        first = model.forward_head(model.forward_features(images)[0])
+        first = model.forward_head(model.forward_features(images))
         assert model.capacity_reruns == 1
-        _, usage = model.forward_features(images)
+        _, usage = model.forward_features(images, return_usage=True)
         assert model.capacity_reruns == 1  # sized by what was seen: no rerun
-        second = model.forward_head(model.forward_features(images)[0])
+        second = model.forward_head(model.forward_features(images))
     assert torch.equal(first, second)
     gates, b = model.config.gate_blocks, images.shape[0]
     total = int(usage.total.sum())

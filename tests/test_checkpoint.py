@@ -40,7 +40,7 @@ def test_timm_deit_small_logits(timm_deit_small, images, tmp_path):
     with torch.no_grad():
         expected = timm_deit_small(images)
         assert rel_err(ours(images), expected) <= 1e-5
-        feats, _ = ours.forward_features(images)
+        feats = ours.forward_features(images)  # a tensor, as timm's
         assert rel_err(feats, timm_deit_small.forward_features(images)) <= 1e-5
 
 
@@ -55,7 +55,7 @@ def test_timm_weights_in_svit_with_open_gates(timm_deit_small, images):
             svit.set_execution("packed", backend)
             logits = svit(images)
             assert rel_err(logits, expected) <= 1e-5, backend
-        _, usage = svit.forward_features(images)
+        _, usage = svit.forward_features(images, return_usage=True)
     assert usage.kept.eq(197).all()
 
 
@@ -128,7 +128,7 @@ def test_official_svit_layout(images):
     with torch.no_grad():
         expected = [official_forward(sd, img) for img in images]
         model.set_execution("packed")
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         logits = model.forward_head(feats)
     assert usage.kept.tolist() == [k for _, k in expected]
     assert len({tuple(k) for _, k in expected}) > 1, "images should keep different counts"

@@ -23,7 +23,7 @@ def _pair(name: str, backend: str = "auto"):
 
 def _run(model, images):
     with torch.no_grad():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         return model.forward_head(feats), usage.kept_after_selection
 
 

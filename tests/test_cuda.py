@@ -60,7 +60,7 @@ def test_classifier_packed_equals_reference_and_single_images(device, name):
     images = [torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1)),
               torch.randn(3, 48, 80, generator=torch.Generator().manual_seed(2))]
     with torch.no_grad():
-        expected, cpu_usage = cpu(images), cpu.forward_features(images)[1]
+        expected, cpu_usage = cpu(images), cpu.forward_features(images, return_usage=True)[1]
     model = cpu.to(device)
     on_device = [i.to(device) for i in images]
     for label, dtype in (("fp32", torch.float32), *HALF.items()):
@@ -72,7 +72,7 @@ def test_classifier_packed_equals_reference_and_single_images(device, name):
             single = torch.cat([_to_cpu(model([i])).float() for i in x])
             for backend in _backends(dtype):
                 model.set_execution("packed", backend)
-                feats, usage = model.forward_features(x)
+                feats, usage = model.forward_features(x, return_usage=True)
                 got = _to_cpu(model.forward_head(feats)).float()
                 if dtype == torch.float32:
                     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4, msg=f"{name} {backend}")

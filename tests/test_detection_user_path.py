@@ -110,7 +110,7 @@ def test_item3_evit_release_args_configure_or_refuse(tmp_path):
                  "--out", str(out)]) == 0
     rows = pd.read_csv(out)
     with torch.no_grad():  # the file's own configuration: 16 patches, ceil(0.5 * n) kept at 3, 6, 9
-        expected = source.eval().forward_features(torch.zeros(1, 3, 64, 64))[1].kept_mlp[0].tolist()
+        expected = source.eval().forward_features(torch.zeros(1, 3, 64, 64), return_usage=True)[1].kept_mlp[0].tolist()
     assert rows[[f"kept_b{b}" for b in range(12)]].iloc[0].tolist() == expected == [17] * 3 + [9] * 3 + [5] * 3 + [3] * 3
     assert main(["predict", "--model", "evit_small", "--checkpoint", str(path), *RUN, "--img-size", "64",
                  "--input", str(folder), "--out", str(tmp_path / "q.csv")]) == 2

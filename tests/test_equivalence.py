@@ -37,12 +37,12 @@ def run_all(model, images):
     out = {}
     with torch.no_grad():
         model.set_execution("reference")
-        out["reference"] = model.forward_features(images)
+        out["reference"] = model.forward_features(images, return_usage=True)
         model.set_execution("masked")
-        out["masked"] = model.forward_features(images)
+        out["masked"] = model.forward_features(images, return_usage=True)
         for backend in CPU_BACKENDS:
             model.set_execution("packed", backend)
-            out[f"packed/{backend}"] = model.forward_features(images)
+            out[f"packed/{backend}"] = model.forward_features(images, return_usage=True)
     return out
 
 
@@ -111,11 +111,11 @@ def test_mixed_resolutions_equal_separate_runs(backend):
     model.set_execution("packed", backend)
     images = [torch.randn(3, 48, 64), torch.randn(3, 64, 64), torch.randn(3, 32, 96), torch.randn(3, 64, 64)]
     with torch.no_grad():
-        feats, usage = model.forward_features(images)
+        feats, usage = model.forward_features(images, return_usage=True)
         logits = model.forward_head(feats)
         assert feats.layout.lengths == (13, 17, 13, 17)
         for i, img in enumerate(images):
-            f1, u1 = model.forward_features(img.unsqueeze(0))
+            f1, u1 = model.forward_features(img.unsqueeze(0), return_usage=True)
             assert torch.equal(u1.kept[0], usage.kept[i])
             assert rel_err(feats.unbind()[i], f1[0]) <= 1e-5
             assert rel_err(logits[i], model.forward_head(f1)[0]) <= 1e-5

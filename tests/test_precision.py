@@ -68,8 +68,8 @@ def test_agreement_counts_equal_an_image_by_image_comparison():
     tokens_equal = tokens = top1_equal = 0
     with torch.no_grad():
         for image in images:
-            _, u32 = model.forward_features(image[None])
-            _, u16 = half.forward_features(image[None])
+            _, u32 = model.forward_features(image[None], return_usage=True)
+            _, u16 = half.forward_features(image[None], return_usage=True)
             for m32, m16, d32, d16 in zip(u32.masks, u16.masks, u32.decided, u16.decided):
                 decided = d32 | d16
                 tokens += int(decided.sum())

@@ -33,7 +33,7 @@ def test_methods_on_the_device_equal_the_cpu_within_the_sync_budget(dev, name):
     model = lively_model(name)
     images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected, usage = model(images), model.forward_features(images)[1]
+        expected, usage = model(images), model.forward_features(images, return_usage=True)[1]
     model.to(dev)
     runs = [(torch.float32, b) for b in ("auto", "loop", "padded", "nested")] + \
         [(torch.bfloat16, b) for b in ("auto", "loop", "nested", "varlen")]
@@ -41,7 +41,7 @@ def test_methods_on_the_device_equal_the_cpu_within_the_sync_budget(dev, name):
         model.to(dtype).set_execution("packed", backend)
         x = images.to(dev).to(dtype)
         with torch.no_grad(), simcuda.recording() as rec:
-            feats, got_usage = model.forward_features(x)
+            feats, got_usage = model.forward_features(x, return_usage=True)
             logits = model.forward_head(feats)
         assert rec.violations == [] and rec.mixing == []
         assert rec.total_syncs <= BUDGET[name], (name, dtype, dict(rec.sync_sites))

@@ -28,7 +28,7 @@ def tiny_data(n: int = 64, seed: int = 0) -> TensorDataset:
 def keep_fractions(model: SparseViT, images: torch.Tensor) -> torch.Tensor:
     model.eval().set_execution("packed")
     with torch.no_grad():
-        _, usage = model.forward_features(images)
+        _, usage = model.forward_features(images, return_usage=True)
     return usage.gate_keep_fraction()
 
 
@@ -62,14 +62,14 @@ def test_fixed_loss_is_per_image_and_dynamic_is_batch_average():
 def test_straight_through_gradients_reach_gates_and_backbone():
     model = tiny_model().train().set_execution("masked")
     images, labels = tiny_data(16).tensors
-    feats, usage = model.forward_features(images)
+    feats, usage = model.forward_features(images, return_usage=True)
     task = torch.nn.functional.cross_entropy(model.forward_head(feats), labels)
     task.backward()  # task loss alone: gates get gradient through masked attention and the output mix
     for k in range(3):
         assert model.gates[k].mlp.fc1.weight.grad.abs().sum() > 0, k
     assert model.blocks[3].attn.qkv.weight.grad.abs().sum() > 0
     model.zero_grad()
-    _, usage = model.forward_features(images)
+    _, usage = model.forward_features(images, return_usage=True)
     keep_ratio_loss(usage, TARGETS).backward()  # ratio loss alone reaches every gate
     for k in range(3):
         assert model.gates[k].mlp.fc2.weight.grad.abs().sum() > 0, k
@@ -78,7 +78,7 @@ def test_straight_through_gradients_reach_gates_and_backbone():
 def test_no_reactivation_masks_are_monotone():
     model = tiny_model(reactivation=False).train().set_execution("masked")
     images, _ = tiny_data(16).tensors
-    _, usage = model.forward_features(images)
+    _, usage = model.forward_features(images, return_usage=True)
     masks = [m.detach() for m in usage.masks]
     assert any(bool((m > 0).any() and (m == 0).any()) for m in masks)
     for prev, cur in zip(masks, masks[1:]):
@@ -86,7 +86,7 @@ def test_no_reactivation_masks_are_monotone():
     # with reactivation the same model may re-pick tokens: the constraint is what makes it monotone
     model_r = tiny_model().train().set_execution("masked")
     torch.manual_seed(1)
-    _, usage_r = model_r.forward_features(images)
+    _, usage_r = model_r.forward_features(images, return_usage=True)
     assert any(bool((c > p).any()) for p, c in zip(usage_r.masks, usage_r.masks[1:]))
 
 

@@ -382,18 +382,22 @@ def test_16_bench_checkpoint_measures_the_model_with_its_own_gates(tmp_path, nam
 
     model = nested_svit.load_model(named_digits)
     with torch.no_grad():
-        _, usage = model.forward_features(load_images_from_dir(DIGITS, 4, 32))
+        _, usage = model.forward_features(load_images_from_dir(DIGITS, 4, 32), return_usage=True)
     gated = list(model.config.gate_blocks)
     assert rows.loc["svit_digits", "mean_kept_tokens"] == pytest.approx(float(usage.kept[:, gated].double().mean()))
 
 
 # ---------------------------------------------------------------- 17. a plain state dict without --model
-def test_17_a_plain_state_dict_without_model_says_what_it_holds(tmp_path, capsys):
+def test_17_a_plain_state_dict_without_model_runs_the_model_of_its_shape_and_says_so(tmp_path, capsys):
     data = _digit_folders(tmp_path / "val", ["1"])
-    assert main(["predict", "--checkpoint", DIGITS_PTH, "--input", str(data), "--out", str(tmp_path / "p.csv")]) == 2
-    first = capsys.readouterr().err.splitlines()[0]
-    assert "--model was not given" in first and "svit_small" in first
-    assert "embed dim 64, patch 4" in first and "10 classes" in first and "like svit_digits" in first
+    assert main(["predict", "--checkpoint", DIGITS_PTH, "--input", str(data), "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "state dict of svit_digits's shape: running svit_digits at 32 px, 10 classes" in err
+    assert main(["predict", "--checkpoint", DIGITS_PTH, "--model", "svit_digits", "--input", str(data),
+                 "--out", str(tmp_path / "q.csv")]) == 0
+    found, named = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "q.csv")
+    assert len(found) == 1 and found.drop(columns=["seconds"], errors="ignore").equals(
+        named.drop(columns=["seconds"], errors="ignore"))
 
 
 # ---------------------------------------------------------------- 18. train from random weights says so

@@ -146,7 +146,7 @@ def test_out_under_a_file_or_read_only(tmp_path, capsys):
 def test_empty_batch_gives_empty_outputs():
     """Item 7."""
     model = create_model("svit_tiny").eval()
-    feats, usage = model.forward_features(torch.zeros(0, 3, 224, 224))
+    feats, usage = model.forward_features(torch.zeros(0, 3, 224, 224), return_usage=True)
     assert feats.shape == (0, 197, 192) and usage.kept.shape == (0, 12)
     assert model.forward_head(feats).shape == (0, 1000)
 

@@ -25,12 +25,12 @@ from ..devices import (PRECISIONS, cuda_available, dtype_of, is_real_cuda, kerne
 from ..inference.agreement import Agreement, agreement, alone, decisions_of
 from ..methods.svit import keep_budget
 from ..model import SparseViT
-from ..registry import create_model, dense_counterpart, get_config
+from ..registry import build_model, dense_counterpart, get_config
 from ..precision import set_precision
 from ..version import __version__, source_commit
 from .flops import flops_per_image
 from .memory import peak_memory_mb
-from .peers import PRECISIONS as PEER_PRECISIONS
+from .peers import precisions_here
 from .peers import peer_runner, split_name
 from .stand_ins import stand_in_selectors
 from .timing import BenchProgress
@@ -178,7 +178,7 @@ def _build_runners(cfg: BenchConfig, pool: torch.Tensor, device: torch.device,
                                 precision=p, runtime="timm", fp32=None if p == "fp32" else base)
                         for p in cfg.precisions if p != "int8"]  # timm's model has no int8 path here
             continue
-        model = loaded[name].eval() if name in loaded else create_model(name, **overrides).eval()
+        model = loaded[name].eval() if name in loaded else build_model(name, **overrides).eval()
         if not model.prunes:
             model.to(device)
             runners += [_Runner(name, "dense", _in_precision(model, p), name, [], overrides, precision=p,
@@ -219,10 +219,10 @@ def _peer_runners(cfg: BenchConfig, name: str, peer: tuple[str, str], device: to
     runtime, base = peer
     if dense_counterpart(base) != base:
         raise ValueError(f"{name}: {runtime} runs a dense model ({dense_counterpart(base)}), not {base}")
-    model = create_model(base, img_size=cfg.img_size).eval()
+    model = build_model(base, img_size=cfg.img_size).eval()
     return [_Runner(name, "dense", peer_runner(runtime, model, cfg.img_size, p, cfg.threads, str(device)), base, [],
                     precision=p, runtime=runtime, fp32=model.to(device))
-            for p in cfg.precisions if p in PEER_PRECISIONS[runtime]]
+            for p in cfg.precisions if p in precisions_here(runtime, str(device))]
 
 
 def _compiled_twins(runners: list[_Runner]) -> list[_Runner]:
@@ -259,7 +259,7 @@ def _usage_flops(runner: _Runner, images: torch.Tensor) -> tuple[float, float, f
     model = runner.module
     if not isinstance(model, SparseViT) or not model.prunes:
         return float(n), dense, dense
-    _, usage = model.forward_features(images)
+    _, usage = model.forward_features(images, return_usage=True)
     gated = list(model.config.gate_blocks)
     gmacs = float(flops_per_image(model.config, usage.kept, usage.total, usage.kept_mlp).mean()) / 2e9
     return float(usage.kept_after_selection[:, gated].double().mean()), gmacs, dense

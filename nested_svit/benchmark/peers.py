@@ -25,6 +25,14 @@ PRECISIONS = {"openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
 EXTRA = "pip install 'nested-svit[peers]'"
 
 
+def precisions_here(runtime: str, device: str = "cpu") -> tuple[str, ...]:
+    """The precisions ``runtime`` runs natively here: OpenVINO's bf16 only on a CPU that computes bf16
+    (elsewhere it would run it in f32 and call it bf16)."""
+    from ..devices import native_bf16
+
+    return tuple(p for p in PRECISIONS[runtime] if p != "bf16" or native_bf16(device))
+
+
 def split_name(name: str) -> tuple[str, str] | None:
     """``openvino/deit_small_patch16_224`` -> (``openvino``, ``deit_small_patch16_224``); None for others."""
     runtime, sep, model = name.partition("/")

@@ -85,7 +85,8 @@ def state_shape(state: dict[str, Tensor]) -> dict:
     gates = {k.split(".")[1] for k in state if k.startswith("gates.")}
     return {"embed_dim": dim("pos_embed", -1) or dim("patch_embed.proj.weight", 0),
             "patch_size": dim("patch_embed.proj.weight", -1), "tokens": dim("pos_embed", 1),
-            "depth": len(blocks) or None, "num_classes": dim("head.weight", 0), "gates": len(gates)}
+            "depth": len(blocks) or None, "num_classes": dim("head.weight", 0), "gates": len(gates),
+            "mlp_hidden": dim("blocks.0.mlp.fc1.weight", 0)}
 
 
 def describe_shape(shape: dict) -> str:

@@ -10,23 +10,26 @@ from functools import singledispatch
 from torch import nn
 
 from ..config import ViTConfig
+from ..data.transforms import SETTINGS as TRANSFORM_SETTINGS
 from ..model import SparseViT
 from ..registry import eval_config, get_config, list_models, model_for
 from .convert import BLOCK_EPS, convert, detect_format
+from .describe import refuse_variants
 from .keys import calibration_notes, check_keys, describe_shape, drop_unused, fit_pos_embed, state_shape
-from .reader import CheckpointError, LoadReport, read
+from .reader import Checkpoint, CheckpointError, LoadReport, read
 from .release import release_pruning, same_pruning
 from .writer import file_info
 
 
 @singledispatch
-def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
-    """Load ``source`` (path or state dict) into ``model`` in place; -> what was read and noted."""
+def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict | Checkpoint, strict: bool = True) -> LoadReport:
+    """Load ``source`` (a file, a folder, ``hf-hub:ORG/NAME`` from the local cache, a state dict, or a
+    ``Checkpoint`` already read) into ``model`` in place; -> what was read and noted."""
     raise TypeError(f"cannot load a checkpoint into {type(model).__name__}")
 
 
 @load_checkpoint.register
-def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
+def _load_classifier(model: SparseViT, source: str | os.PathLike | dict | Checkpoint, strict: bool = True) -> LoadReport:
     """Classifier weights from any layout of ``convert.py``. Selector parameters missing from a dense
     (timm/DeiT) checkpoint keep their initialisation (fine-tuning starts there) and are noted; every
     other missing, unexpected or mis-shaped key is an error listing all of them. A ``pos_embed`` of
@@ -38,9 +41,10 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
                               f"(nested_svit.create_detector), not the classifier {model.name!r}")
     check_release(model, ckpt.top, ckpt.desc)
     state = convert(ckpt.state, fmt)
+    refuse_variants(state, ckpt.desc)
     # the key layout is timm's for files of ours too; the report names what the file is
-    report = LoadReport("nested_svit" if file_info(ckpt.top).kind == "classifier" else fmt, ckpt.desc, ckpt.sha256,
-                        notes=calibration_notes(ckpt.top))
+    report = LoadReport("nested_svit" if file_info(ckpt.meta).kind == "classifier" else fmt, ckpt.desc, ckpt.sha256,
+                        notes=calibration_notes(ckpt.meta))
     own = model.state_dict()
     drop_unused(state, own, report)
     fit_pos_embed(state, own, "pos_embed", report)
@@ -58,11 +62,15 @@ def _load_classifier(model: SparseViT, source: str | os.PathLike | dict, strict:
             raise CheckpointError(f"checkpoint {ckpt.desc} holds {looks_like(state)}, which does not fit model "
                                   f"{model.name!r} ({fmt} format):\n{listing}") from None
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
-    eps = float(ckpt.top.get("block_norm_eps", BLOCK_EPS[fmt]))
+    hf_config = (ckpt.location.config if ckpt.location else None) or {}
+    eps = float(ckpt.meta.get("block_norm_eps", hf_config.get("layer_norm_eps", BLOCK_EPS[fmt])))
     for block in model.blocks:
         block.set_eps(eps)
     if eps != model.config.block_norm_eps:
         report.notes.append(f"block LayerNorm eps set to {eps} ({fmt} format)")
+    if fmt == "transformers" and model.norm.eps != eps:  # transformers' final LayerNorm has the blocks' eps
+        model.norm.eps = eps
+        report.notes.append(f"final LayerNorm eps set to {eps} (transformers layout)")
     return report
 
 
@@ -74,14 +82,16 @@ def looks_like(state: dict) -> str:
     return describe_shape(shape) + (f" (like {' or '.join(like[:4])})" if like else " (no registered model has that shape)")
 
 
-def models_like(source: str | os.PathLike) -> list[str]:
-    """Registered classifiers whose shape a plain (timm-layout or a release's) checkpoint file has, those
-    with gates first when it carries selector weights."""
+def models_like(source: str | os.PathLike | Checkpoint) -> list[str]:
+    """Registered classifiers whose shape a plain (timm-layout or a release's) checkpoint has, those
+    with gates first when it carries selector weights; of the same input size first, then of any (a
+    384-px fine-tune of a registered model runs at its own size)."""
     ckpt = read(source)
     fmt = detect_format(ckpt.state)
     if fmt.startswith("mmdet"):
         return []
-    return _registered_like(state_shape(convert(ckpt.state, fmt)))
+    shape = state_shape(convert(ckpt.state, fmt))
+    return _registered_like(shape) or _registered_like({**shape, "tokens": None})
 
 
 def _registered_like(shape: dict) -> list[str]:
@@ -140,7 +150,10 @@ def classifier_from_file(source: str | os.PathLike | None, **overrides) -> Spars
         return None
     model = SparseViT(dataclasses.replace(ViTConfig.from_dict(info.model_config), **overrides))
     model.name = info.model_name or "custom"
-    model.pretrained_cfg = eval_config(info.model_name)
+    carried = info.extra.get("pretrained_cfg")
+    model.pretrained_cfg = {**eval_config(info.model_name), **(carried or {})}
+    if carried:  # the file's own eval settings (written by this library since it records them)
+        model.pretrained_given = {k: str(source) for k in carried if k in TRANSFORM_SETTINGS}
     if info.class_names and len(info.class_names) == model.config.num_classes:
         model.class_names = list(info.class_names)
     return model

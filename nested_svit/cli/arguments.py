@@ -79,9 +79,15 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
     options.add(p, g, "--img-size", type=int, defaults={CLS: None}, families=families,
                 help="input size (default: the model's, 224 for DeiT/SViT)")
     options.add(p, g, "--crop-pct", type=float, defaults={CLS: None}, families=families,
-                help="resize to img_size / crop_pct, then center-crop (default: the model's, DeiT 0.875)")
-    options.add(p, g, "--interpolation", choices=["bicubic", "bilinear", "nearest"], defaults={CLS: "bicubic"},
-                families=families, help="resize interpolation of the eval transform")
+                help="resize to img_size / crop_pct, then center-crop (default: the model's: its checkpoint's "
+                     "config where the file has one, else DeiT's 0.875)")
+    options.add(p, g, "--interpolation", choices=["bicubic", "bilinear", "nearest"], defaults={CLS: None},
+                families=families, help="resize interpolation of the eval transform (default: the model's, as "
+                                        "--crop-pct; DeiT bicubic)")
+    for flag, what in (("--mean", "mean"), ("--std", "standard deviation")):
+        options.add(p, g, flag, type=parse_triple, defaults={CLS: None}, families=families, metavar="R,G,B",
+                    help=f"per-channel {what} the eval transform normalises with, in [0, 1] units (default: the "
+                         "model's, as --crop-pct; ImageNet's for DeiT; 0.5,0.5,0.5 for timm's augreg ViTs)")
     options.add(p, g, "--img-scale", defaults={DET: None}, families=families,
                 help="W,H test scale (default: the model's, 1333,800)")
     options.add(p, g, "--decode", choices=["cpu", "gpu"], defaults={CLS: "cpu"}, families=families,
@@ -99,6 +105,18 @@ def add_input_options(p: argparse.ArgumentParser, families: tuple[str, ...], spl
                             "'uri' for a .csv, or a .parquet without an 'image' column)")
     g.add_argument("--max-image-pixels", type=int, default=None,
                    help="larger images are skipped with the reason (default 1e9; Pillow's own 89 Mpx warning is off)")
+
+
+def parse_triple(text: str) -> tuple[float, float, float]:
+    """``0.5,0.5,0.5`` (or one value for all three channels) -> a 3-tuple of floats."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}") from None
+    values = values * 3 if len(values) == 1 else values
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}")
+    return values
 
 
 def add_keep_budget_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:

@@ -19,6 +19,8 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     if getattr(args, "crop_pct", None) is not None and not 0 < args.crop_pct <= 1:
         raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if getattr(args, "std", None) is not None and not all(v > 0 for v in args.std):
+        raise ValueError(f"--std must be positive, got {','.join(map(str, args.std))}")
     if getattr(args, "img_size", None) is not None and args.img_size < 1:
         raise ValueError(f"--img-size must be positive, got {args.img_size}")
     if args.workers < 0:
@@ -56,7 +58,7 @@ def data_options(args: argparse.Namespace, path: str, exif: bool, exclude: list)
 
     return DataOptions(path, args.split, args.max_image_pixels, exif, args.decode, args.jpeg_draft, args.crop_pct,
                        args.interpolation, tuple(str(p) for p in exclude if p), args.ignore_unknown_classes,
-                       args.uri_column)
+                       args.uri_column, args.mean, args.std)
 
 
 def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object], dict], totals: Callable[[object], list]

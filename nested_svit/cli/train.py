@@ -122,7 +122,7 @@ def train_classifier(args: argparse.Namespace) -> int:
 
     from ..checkpoint import file_info
     from ..data import open_dataset
-    from ..registry import create_model
+    from ..registry import build_model
     from ..training import LabelledImages, TrainConfig, Trainer, load_init, train_augment
 
     if not args.data:
@@ -136,7 +136,7 @@ def train_classifier(args: argparse.Namespace) -> int:
     init_cfg = file_info(args.init).model_config if args.init else None
     num_classes = args.num_classes or (init_cfg or {}).get("num_classes") or data.num_classes
     torch.manual_seed(args.seed)  # the initialisation (head, gates without --init) depends on --seed only
-    model = create_model(args.model, reactivation=not args.no_reactivation, gate_tau=args.tau, num_classes=num_classes,
+    model = build_model(args.model, reactivation=not args.no_reactivation, gate_tau=args.tau, num_classes=num_classes,
                          **({"img_size": args.img_size} if args.img_size else {}))
     img_size = model.config.img_size
     folders = data.dataset.records.class_names

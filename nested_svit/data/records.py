@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .classes import imagenet_classes, imagenet_index
+from .classes import imagenet_classes, imagenet_index, wnids_in_names
 from .manifest import manifest_column, read_manifest
 from .objectstore import is_uri, list_objects
 
@@ -96,7 +96,8 @@ class Records:
     ids: list[str]  # stable per-image identifier: relative path, or "<split>/<row>"
     class_names: list[str] | None
     kind: str
-    label_source: str = "none"  # imagenet_wnid | sorted_class_dirs | folder_index | model_class_names | dataset_label | none
+    label_source: str = "none"  # imagenet_wnid | imagenet_wnid_in_name | sorted_class_dirs | folder_index |
+    # model_class_names | dataset_label | none
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files that get no row
     image_ids: list[int] | None = None  # COCO image ids
     keys: list[str] | None = None  # object store inputs: each key below the listed prefix (``<class>/<image>``)
@@ -204,6 +205,9 @@ def _tree_labels(parts: list[tuple[str, ...]], classes: list[str]) -> tuple[list
     indices and names; other trees get 0..K-1 in sorted order, as torchvision's ImageFolder does. Files
     at the top of the tree (no class folder) get -1."""
     if not classes:
+        named = wnids_in_names([p[-1] for p in parts])
+        if named is not None:  # Hugging Face's flat ImageNet val: ILSVRC2012_val_00000001_n01440764.JPEG
+            return named, list(imagenet_classes()[1]), "images", "imagenet_wnid_in_name"
         return [-1] * len(parts), None, "images", "none"
     wnid_index = imagenet_index(classes)
     index = wnid_index or {name: i for i, name in enumerate(classes)}

@@ -52,7 +52,7 @@ def decisions_of(model: SparseViT | Callable[[Tensor], Tensor], images: Tensor) 
             logits = model(images).float().cpu()
         return Decisions([], [], logits.argmax(-1), logits)
     with torch.no_grad():
-        feats, usage = model.forward_features(images.to(model.dtype))
+        feats, usage = model.forward_features(images.to(model.dtype), return_usage=True)
         return decisions_from(usage, model.forward_head(feats))
 
 

@@ -101,7 +101,7 @@ class ClassifierStep:
 
                     logits, usage = graphed(self.model)(batch["images"])
                 else:
-                    feats, usage = self.model.forward_features(batch["images"])
+                    feats, usage = self.model.forward_features(batch["images"], return_usage=True)
                     logits = self.model.forward_head(feats)
                 logits = self.restricted(logits.cpu())
             counts.capacity_reruns = self.model.capacity_reruns - reruns

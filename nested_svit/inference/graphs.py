@@ -56,7 +56,7 @@ class GraphedClassifier:
             replay = self.graphs[key] = self.capture(self.model.forward_device, images, pool=self.pool)
         if replay is None:
             self.eager_calls += 1
-            feats, usage = self.model.forward_features(images)
+            feats, usage = self.model.forward_features(images, return_usage=True)
             return self.model.forward_head(feats), usage
         logits, kept, kept_mlp, overflow = replay(images)
         self.replays += 1
@@ -64,7 +64,7 @@ class GraphedClassifier:
         flat = torch.cat([kept.flatten(), kept_mlp.flatten(), overflow.view(1).to(torch.int64)]).cpu()  # one read
         if flat[-1]:  # a capacity was too small for these images: rerun them with room for every row
             with self.model.uncapped_forward():
-                feats, usage = self.model.forward_features(images)
+                feats, usage = self.model.forward_features(images, return_usage=True)
             self.model.capacity_reruns += 1
             return self.model.forward_head(feats), usage
         gh, gw = self.model.patch_embed.grid(images.shape[-2], images.shape[-1])

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import save_checkpoint
 from ..data import EvalTransform, open_dataset
+from ..data.transforms import settings_from
 from ..data.coco import DetectionImages
 from ..data.device_decode import DeviceJpegDecoder
 from ..data.records import resolve_records
@@ -43,8 +44,8 @@ class RunOptions:
 class DataOptions:
     """Where a classifier run's images come from and how they are read: any input of
     ``data.resolve_records`` at ``path``; ``exif``: apply EXIF orientation (predict); ``decode``: ``cpu``
-    or ``gpu`` (JPEGs decoded on the device); ``crop_pct`` / ``interpolation``: override the model's eval
-    transform; ``exclude``: our own outputs, never read back."""
+    or ``gpu`` (JPEGs decoded on the device); ``crop_pct`` / ``interpolation`` / ``mean`` / ``std``: override
+    the model's eval transform (its ``pretrained_cfg``, from its checkpoint where the file has one); ``exclude``: our own outputs, never read back."""
 
     path: str
     split: str | None = None
@@ -57,6 +58,13 @@ class DataOptions:
     exclude: tuple[str, ...] = ()
     ignore_unknown_classes: bool = False  # class folders that are not among the model's names: unlabelled
     uri_column: str | None = None  # a manifest's image column (``data/manifest.py``; default ``uri``)
+    mean: tuple[float, float, float] | None = None  # override the model's normalisation (--mean / --std)
+    std: tuple[float, float, float] | None = None
+
+    @property
+    def transform_overrides(self) -> dict:
+        """The eval transform settings the flags give (None: the model's own)."""
+        return {"crop_pct": self.crop_pct, "interpolation": self.interpolation, "mean": self.mean, "std": self.std}
 
 
 @dataclass
@@ -114,7 +122,9 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
         messages += loaded.built.messages  # a given model's are its caller's to show, once
     device, info, built = loaded.device, loaded.info, loaded.built
     model = built.model
-    transform = EvalTransform.for_model(model.pretrained_cfg, model.config.img_size, data.crop_pct, data.interpolation)
+    transform = EvalTransform.for_model(model.pretrained_cfg, model.config.img_size, **data.transform_overrides)
+    transform_record = {**transform.describe(),
+                        "from": settings_from(getattr(model, "pretrained_given", None), data.transform_overrides)}
     draft = (transform.resize_to, transform.resize_to) if data.jpeg_draft else None
     dataset = open_dataset(data.path, transform.crop, split=data.split, exclude=[*data.exclude, parts_dir],
                            uri_column=data.uri_column, exif=data.exif, max_pixels=data.max_pixels, draft=draft,
@@ -126,7 +136,7 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
             messages.append(f"note: --decode gpu on {device}: JPEGs are decoded in this process by {decoder.name} "
                             "(there is no GPU decoder here); --decode cpu decodes in the --workers processes")
     names, named_by = output_names(model, class_names)
-    messages += label_messages(dataset.records, data, names, named_by, model.config.num_classes)
+    messages += label_messages(dataset.records, data, names, named_by, model.config.num_classes, scored=kind != "predict")
     resolved, lines = resolve_scoring(scoring, model.config.num_classes, dataset.records, data.path)
     messages += lines
 
@@ -144,7 +154,7 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
     calibration, report = loaded.calibration, built.report
     manifest = {"kind": kind, "model": built.name, "checkpoint_sha256": report.sha256 if report else None,
                 "data": str(Path(data.path).resolve()), "num_records": len(dataset), "batch_size": run.batch_size,
-                "topk": topk, "transform": transform.describe(), "precision": spec.precision,
+                "topk": topk, "transform": transform_record, "precision": spec.precision,
                 "img_size": model.config.img_size, "seed": spec.seed if report is None else None,
                 "files_digest": dataset.records.digest(), "split": data.split, "calibration": calibration,
                 "decode": decoder.name if decoder else "pil", "jpeg_draft": draft,
@@ -176,7 +186,7 @@ def output_names(model, given: list[str] | None) -> tuple[list[str] | None, str 
 
 
 def label_messages(records, data: DataOptions, names: list[str] | None, named_by: str | None,
-                   num_classes: int) -> list[str]:
+                   num_classes: int, scored: bool = True) -> list[str]:
     """Label an ImageFolder tree by the model's own class names (``--class-names`` or the checkpoint's;
     in place on ``records``), or by the folder numbers when every class folder is a class index (ImageNet-V2's
     ``0`` ... ``999``), and say what a user must know about the labels: the folders left
@@ -201,6 +211,16 @@ def label_messages(records, data: DataOptions, names: list[str] | None, named_by
                 "right only if the model was trained on exactly these folders. Give --class-names FILE (the model's "
                 "classes, one a line, in its output order) to label by name.")
         out.append(f"WARNING: {data.path}: {what}")
+    beyond = sorted({lab for lab in records.labels if lab >= num_classes})
+    if beyond:  # scored, they would all count as wrong: refused (eval), or left unlabelled, loudly (predict)
+        what = (f"{data.path}: its labels ({records.label_source}) include class ids "
+                f"{', '.join(map(str, beyond[:5]))}{' ...' if len(beyond) > 5 else ''}, which a model of {num_classes} "
+                "classes cannot output. Give --class-names FILE (the model's classes, one a line, in its output order: "
+                "e.g. the wnids it was fine-tuned on) to label the folders by name")
+        if scored:
+            raise ValueError(what)
+        records.labels = [lab if lab < num_classes else -1 for lab in records.labels]
+        out.append(f"WARNING: {what}; their images get no label here")
     loose = sum(1 for i, lab in zip(records.ids, records.labels) if lab < 0 and len(Path(i).parts) == 1)
     if records.kind == "imagefolder" and loose:
         folders = len(set(class_folders(records)) - {None})

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from ..attention import resolve_backend
-from ..checkpoint import CheckpointError, LoadReport, classifier_from_file, file_info, load_checkpoint, release_model
+from ..checkpoint import LoadReport, load_checkpoint
+from ..checkpoint.factory import DEFAULT_CLASSIFIER, classifier_for
 from ..detection.checkpoint import checkpoint_classes, checkpoint_kind, detector_from_file
 from ..detection.detector import MaskRCNNDetector
 from ..detection.registry import create_detector, is_detector
 from ..devices import dtype_of, native_bf16
-from ..registry import create_model, get_config
 from ..precision import set_precision
 
 FAMILIES = ("classifier", "detector")
@@ -30,7 +30,7 @@ BF16_MEASURED = ("--precision bf16 ran SViT-S 1.4-1.5x faster than fp32 on a 2-c
                  "what changes")
 COMPILE_NOTE = ("note: --compile: the first batches compile the blocks' dense math (about 30 s on 2 CPU cores; "
                 f"inductor caches it for the next run); {COMPILE_MEASURED}")
-DEFAULT_MODEL = {"classifier": "svit_small", "detector": "svit_adapter_small_maskrcnn"}
+DEFAULT_MODEL = {"classifier": DEFAULT_CLASSIFIER, "detector": "svit_adapter_small_maskrcnn"}
 
 
 def family_of(name: str | None, checkpoint: str | os.PathLike | None) -> str:
@@ -167,37 +167,9 @@ def _compile_now(model: nn.Module, device: torch.device | str) -> str:
 
 
 def _build_classifier(spec: ModelSpec) -> BuiltModel:
-    """A ``train`` file's model name and config win over a name not given; a baseline's release file
-    configures its method's model as its training args say."""
-    info = file_info(spec.checkpoint)
-    carried = info.kind == "classifier"
-    if carried and spec.name and info.model_name and spec.name != info.model_name:
-        raise ValueError(f"--model {spec.name} but {spec.checkpoint} holds a trained {info.model_name}; drop --model")
-    release = release_model(spec.checkpoint) if not carried and spec.name is None else None
-    name = (info.model_name if carried else None) or spec.name or (release[0] if release else DEFAULT_MODEL["classifier"])
-    messages = []
-    overrides: dict = dict(release[1]) if release else {}
-    if release:
-        messages.append(f"note: {spec.checkpoint} is {release[2]} (its training args): running {name} configured so")
-    if spec.img_size is not None:
-        overrides["img_size"] = spec.img_size
-    if spec.num_classes is not None:
-        overrides["num_classes"] = spec.num_classes
-    if carried:
-        model = classifier_from_file(spec.checkpoint, **overrides)
-        model.name = name
-    else:
-        get_config(name)  # unknown names fail here with the list of models
-        model = create_model(name, **overrides)
-    size = model.config.img_size
-    if size % model.config.patch_size:
-        raise ValueError(f"--img-size {size} is not a multiple of the patch size {model.config.patch_size}")
-    try:
-        report = load_checkpoint(model, spec.checkpoint) if spec.checkpoint else None
-    except CheckpointError as e:
-        if carried or release or spec.name:
-            raise
-        raise CheckpointError(f"--model was not given, so the default {name} was tried: {e}") from None
+    """The model the checkpoint describes (``checkpoint.classifier_for``), the spec's name and fields over it."""
+    model, report, messages = classifier_for(spec.checkpoint, spec.name, img_size=spec.img_size,
+                                             num_classes=spec.num_classes)
     return BuiltModel(model, report, messages)
 
 
@@ -252,14 +224,8 @@ def load_model(checkpoint: str | os.PathLike, name: str | None = None, device: t
     architecture, classes and class names; a release's configuration (its training args); for a plain
     state dict, the registered model of its shape (``checkpoint.models_like``; ``name`` chooses).
     ``settings``: other ``ModelSpec`` fields (precision, backend, img_size, ...). Notes and warnings
-    (random gates, a release's configuration) are Python warnings."""
-    from ..checkpoint import models_like
-
-    if name is None and file_info(checkpoint).kind is None and release_model(checkpoint) is None:
-        like = models_like(checkpoint)
-        if not like:
-            raise ValueError(f"{checkpoint}: no registered classifier has this checkpoint's shape; give name=")
-        name = like[0]
+    (random gates, a release's configuration) are Python warnings. ``checkpoint``: a file, a folder
+    (``config.json`` + weights), ``local-dir:PATH`` or ``hf-hub:ORG/NAME[@REV]`` (the local cache)."""
     return _loaded(ModelSpec("classifier", name, str(checkpoint), **settings), device)
 
 

@@ -112,7 +112,7 @@ class Trainer(TrainingCheckpoints):
             return StepLog(self.epoch, self.global_step, nan, nan, nan, [], self.opt.param_groups[0]["lr"], skipped)
         images, labels = images.to(cfg.device), labels.to(cfg.device)
         with autocast(cfg.amp, cfg.device):
-            feats, usage = model.forward_features(images)
+            feats, usage = model.forward_features(images, return_usage=True)
             logits = model.forward_head(feats)
             task = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             ratio_loss = model.method.ratio_loss
