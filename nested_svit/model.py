@@ -167,7 +167,8 @@ class SparseViT(TokenStack):
             f"model.set_execution(model.training_execution()) ({self.method.train_execution}: straight-through masks), "
             "logits, usage = model(x, return_usage=True), and loss = task + weight * "
             "model.method.ratio_loss(usage, model.config.keep_targets) (nested_svit.training.Trainer and "
-            "'nested-svit train' do this); or freeze the gates (model.gates.requires_grad_(False))")
+            "'nested-svit train' do this); or freeze the gates (model.gates.requires_grad_(False)). For inference: "
+            "model.eval() or torch.no_grad()")
 
     def forward_head(self, feats: Tensor | Packed, pre_logits: bool = False) -> Tensor:
         """Class token (or the mean token without one) -> logits ``[B, num_classes]``. With

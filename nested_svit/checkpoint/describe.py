@@ -8,6 +8,7 @@ name. Files this library wrote and baselines' release files are described by ``w
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -116,6 +117,15 @@ def _labels(names: object) -> list[str] | None:
     return None
 
 
+def _arch_fits(arch: str, shape: dict) -> bool:
+    """Whether a timm name's width and patch (``vit_small_patch32_224``) are the file's: a folder may
+    name timm's generic entry point with every size in ``model_args`` (``save_pretrained`` of a ViT timm
+    does not register), which then does not describe the weights."""
+    m = re.search(r"_(tiny|small|base|large|huge)_patch(\d+)", arch)
+    widths = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280}
+    return m is None or (widths[m.group(1)], int(m.group(2))) == (shape["embed_dim"], shape["patch_size"])
+
+
 def _registered(arch: str | None, shape: dict) -> str | None:
     """``arch`` (a timm name, its ``.tag`` left out) when it is registered here with ``shape``'s width,
     patch and depth."""
@@ -162,6 +172,7 @@ def describe(ckpt: Checkpoint, like: list[str], name: str | None = None) -> Desc
         arch = arch if isinstance(arch, str) else None
         pre, pre_source = timm_preprocessing(config.get("pretrained_cfg")), location and location.config_source
         names = _labels(config.get("label_names"))
+        arch = arch if arch and _arch_fits(arch, shape) else None
         registered = name or _registered(arch, shape) or (None if arch else next(iter(like), None))
         if registered:
             built = _registered_config(registered, shape)

@@ -63,6 +63,9 @@ def classifier_for(source: str | os.PathLike | None, name: str | None = None, **
     if size % model.config.patch_size:
         raise ValueError(f"--img-size {size} is not a multiple of the patch size {model.config.patch_size}")
     report = load_checkpoint(model, ckpt or source) if source else None
+    if report is not None and described is not None:
+        report.notes.insert(0, f"read as {described.how}; eval settings from the file: "
+                               f"{', '.join(sorted(described.given)) or 'none'}")
     if report is not None:  # a position table resized is said on the console too, not only in the report
         messages += [f"note: {source}: {n} (the checkpoint's input size is not {size} px)"
                      for n in report.notes if n.startswith("pos_embed interpolated")]

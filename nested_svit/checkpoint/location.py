@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the weights a folder may hold, in timm's order of preference (timm ``_hub.load_state_dict_from_hf``)
-WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
-                "model.pth", "checkpoint.pth", "model.pt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin", "model.pth", "checkpoint.pth", "model.pt")
 HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
 
 
@@ -103,8 +103,8 @@ def hub_snapshot(name: str) -> Path:
     repo, _, revision = name.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise LocationError(f"hf-hub:{name}: give the repository as hf-hub:ORG/NAME[@REVISION]")
+    where = hub_cache()
     try:
-        where = hub_cache()
         return Path(snapshot_download(repo, revision=revision or None, cache_dir=where, local_files_only=True))
     except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError and its relatives
         raise LocationError(f"hf-hub:{name} is not in the Hugging Face cache (looked in {where}, set by HF_HUB_CACHE / "

@@ -111,12 +111,26 @@ def _load_safetensors(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: not a complete .safetensors file ({e})") from None
 
 
+def _load_shards(index: Path) -> dict:
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a shard index (a JSON object with a weight_map): {e}") from None
+    state: dict = {}
+    for name in shards:
+        obj, _, _ = read_file(index.parent / name)
+        state.update(unwrap(obj, str(index.parent / name)))
+    return state
+
+
 def read_file(source: str | os.PathLike) -> tuple[object, str, str]:
     """Path, folder or ``hf-hub:`` name -> (loaded top-level object, description, sha256 of the weights
     file). Pickles load with ``weights_only=True``; ``.safetensors`` with ``safetensors``."""
     location = _located(source)
     path = location.weights
     desc = str(path) if location.folder is None else f"{location.desc} ({path.name})"
+    if path.name.endswith(".index.json"):  # a sharded save: every shard its index lists, merged
+        return _load_shards(path), desc, sha256_of(path)
     head = _head(path)
     what = _not_a_checkpoint(head)
     if what:

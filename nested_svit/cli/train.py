@@ -26,6 +26,10 @@ def add_parser(sub, formatter) -> None:
     t.add_argument("--out", default="svit-finetuned.pth", help="training checkpoint (resumed if it exists)")
     t.add_argument("--resume", default=None, help="training checkpoint to resume from (default: --out if it exists)")
     t.add_argument("--restart", action="store_true", help="ignore an existing --out checkpoint")
+    options.add(t, t, "--export", defaults={CLS: None}, metavar="DIR",
+                help="after training, also write the model as DIR/model.safetensors + a timm-style config.json "
+                     "(loads with --checkpoint DIR; a dense model also with timm.create_model('local-dir:DIR', "
+                     "pretrained=True))")
     s = t.add_argument_group("schedule")
     options.add(t, s, "--epochs", type=int, defaults={CLS: TrainConfig.epochs, DET: DetTrainConfig.epochs},
                 help="training epochs")
@@ -127,6 +131,8 @@ def train_classifier(args: argparse.Namespace) -> int:
 
     if not args.data:
         raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise ValueError(f"--export {args.export} exists and is not a folder")
     data = LabelledImages(open_dataset(args.data), args.data)
     if data.unlabelled:
         note(f"{data.unlabelled} files outside class folders have no label and are not trained on")
@@ -250,6 +256,10 @@ def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
             else:
                 where = f" (steps {first + 1}-{trainer.global_step} of {trainer.global_step})" if first else ""
                 print(f"trained {done} steps{where}{world} ({trainer.skipped} unreadable images skipped) -> {args.out}")
+            if getattr(args, "export", None):
+                from ..checkpoint import save_pretrained
+
+                print(f"exported -> {save_pretrained(trainer.model, args.export)} (model.safetensors, config.json)")
     finally:
         shutdown(trainer.dist)
     return 0

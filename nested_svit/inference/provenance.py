@@ -16,6 +16,7 @@ def provenance(built: BuiltModel, spec: ModelSpec, **extra) -> dict:
     report = built.report
     return {"model": built.name, "family": spec.family, "checkpoint": spec.checkpoint,
             "checkpoint_sha256": report.sha256 if report else None, "checkpoint_format": report.format if report else None,
+            "checkpoint_notes": list(report.notes) if report else [],
             "random_weights": report is None, "precision": spec.precision, "backend": built.backend,
             "agreement_with": spec.agreement_with,
             "compile": spec.compile, "capacity": spec.capacity, "cuda_graphs": spec.cuda_graphs, **extra,
