@@ -35,8 +35,11 @@ def test_the_export_source_holds_our_weights_exactly(digits):
         torch.testing.assert_close(twin(images), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("runtime, precision, tolerance", [("openvino", "fp32", 1e-5), ("onnxruntime", "fp32", 1e-5),
-                                                          ("openvino", "bf16", 3e-2)])
+@pytest.mark.parametrize("runtime, precision, tolerance", [
+    ("openvino", "fp32", 1e-5),
+    # ONNX Runtime's export takes ~13 s; the fast tier's bench test runs its runner beside ours
+    pytest.param("onnxruntime", "fp32", 1e-5, marks=pytest.mark.slow),
+    ("openvino", "bf16", 3e-2)])
 def test_runtime_logits_are_the_dense_models(digits, runtime, precision, tolerance):
     """f32 within float rounding; bf16 (OpenVINO's INFERENCE_PRECISION_HINT) within bf16's 8 bits, relative
     to the logits' scale; a dynamic batch: any batch size, and an image alone gives its row."""
