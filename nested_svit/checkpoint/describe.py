@@ -137,6 +137,14 @@ def _registered(arch: str | None, shape: dict) -> str | None:
     return base if same and bool(cfg.gate_blocks) == bool(shape["gates"]) else None
 
 
+def _source_name(location) -> str | None:
+    """A model's name from where it was found: ``ORG/NAME`` of an ``hf-hub:`` name, else its folder's name."""
+    if location is None or location.folder is None:
+        return None
+    text = location.desc
+    return text.split(":", 1)[1].split("@")[0] if text.startswith("hf-hub:") else location.folder.name
+
+
 def _registered_config(name: str, shape: dict, **extra) -> ViTConfig:
     """Registered ``name`` with the file's head size and the input size its position table was trained at."""
     base = get_config(name)
@@ -166,7 +174,7 @@ def describe(ckpt: Checkpoint, like: list[str], name: str | None = None) -> Desc
         pre_source = f"{location.desc} preprocessor_config.json" if pre else None
         names = _labels(config.get("id2label"))
         how = f"a transformers {arch} ({heads or built.num_heads} heads, LayerNorm eps {eps:g})"
-        name = name or config.get("_name_or_path") or arch
+        name = name or config.get("_name_or_path") or _source_name(location) or arch
     else:
         arch = config.get("architecture") or ckpt.top.get("arch")
         arch = arch if isinstance(arch, str) else None
