@@ -344,6 +344,11 @@ def test_save_pretrained_round_trips_through_timm_and_through_us(tmp_path):
     back = quiet_load(tmp_path / "pruned")
     with torch.no_grad():
         assert back.name == "svit_digits" and rel(back(x), expected) <= 1e-6
+    # the weights file alone, copied out of its folder, still describes its model (its metadata)
+    shutil.copy(tmp_path / "pruned" / "model.safetensors", tmp_path / "alone.safetensors")
+    alone = quiet_load(tmp_path / "alone.safetensors")
+    with torch.no_grad():
+        assert alone.name == "svit_digits" and alone.config == pruned.config and rel(alone(x), expected) <= 1e-6
 
 
 def test_train_export_writes_a_folder_predict_reads(tmp_path, digits_folder):

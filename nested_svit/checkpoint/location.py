@@ -37,10 +37,6 @@ class Location:
         return f"{self.desc} config.json" if self.config is not None else None
 
 
-def is_hub_name(source: object) -> bool:
-    return isinstance(source, str) and source.startswith(HUB_PREFIX)
-
-
 def is_folder_source(source: object) -> bool:
     """A source whose weights come with a ``config.json`` (a folder, ``local-dir:``, ``hf-hub:``)."""
     if source is None or isinstance(source, dict):

@@ -61,7 +61,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
              for k, v in state.items()}  # safetensors refuses views into shared storage
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    # the weights file carries our description too, so it describes its model when copied out of the folder
+    metadata = {"format": "pt", META_KEY: json.dumps(config[META_KEY])}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=metadata))
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder
 

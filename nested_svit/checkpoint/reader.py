@@ -190,7 +190,7 @@ def strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def unwrap(obj: object, desc: str = "<state dict>") -> dict[str, Tensor]:
     """The state dict inside a checkpoint's top-level object: the first of ``WRAPPERS`` that is a
-    dict (recursively), else the object itself; its tensors, a DDP ``module.`` prefix removed."""
+    dict (recursively), else the object itself; its tensors, the ``PREFIXES`` all its keys share removed."""
     if isinstance(obj, dict):
         for key in WRAPPERS:
             if isinstance(obj.get(key), dict):

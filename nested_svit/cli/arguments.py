@@ -19,8 +19,12 @@ def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> 
                           "svit_adapter_small_maskrcnn"}[families]
     g.add_argument("--model", default=None, help=model_help)
     g.add_argument("--checkpoint", default=None,
-                   help={(CLS, DET): "timm/DeiT, official SViT/ViT-Adapter, a baseline's release or a nested-svit .pth",
-                         (CLS,): "timm/DeiT, official SViT, a baseline's release or 'nested-svit train' .pth",
+                   help={(CLS, DET): "timm/DeiT, official SViT/ViT-Adapter, a baseline's release or a nested-svit .pth; "
+                                     "classifiers also .safetensors, a folder (config.json + weights: timm, "
+                                     "transformers), local-dir:DIR or hf-hub:ORG/NAME from the local cache",
+                         (CLS,): "timm/DeiT, official SViT, a baseline's release or 'nested-svit train' .pth; "
+                                 ".safetensors; a folder (config.json + weights: timm, transformers), local-dir:DIR "
+                                 "or hf-hub:ORG/NAME[@REV] from the local Hugging Face cache (README 'Checkpoints')",
                          (DET,): "official SViT/ViT-Adapter mmdet .pth, or a nested-svit detector file"}[families])
     g.add_argument("--random-weights", action="store_true", help="allow running without a checkpoint")
     g.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-weights")
