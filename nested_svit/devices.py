@@ -38,9 +38,21 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given."""
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given, checked: a name
+    torch does not know, or a CUDA device torch does not see, is one line (not the driver's message)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA device here (no GPU, or no driver); use --device "
+                             "cpu, or auto (a GPU when there is one)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: torch sees {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
     return name
 
 
