@@ -25,8 +25,8 @@ def subset_wnids(name: str) -> tuple[str, ...]:
 
 def valid_labels(spec: str, num_classes: int) -> tuple[int, ...]:
     """``--valid-labels``: a named set (``imagenet-a``, ``imagenet-r``: ImageNet-1k indices) or a text
-    file of class indices, one a line (``#`` comments) -> the sorted distinct indices; a ValueError (one
-    line) for an unknown name, a line that is no index, or an index outside the model's classes."""
+    file of class indices, one a line (``#`` comments) -> the sorted indices; a ValueError (one line) for
+    an unknown name, a line that is no index, an index outside the model's classes, or one given twice."""
     if spec in NAMED_SUBSETS:
         indices = sorted(imagenet_index(list(subset_wnids(spec))).values())
         if num_classes != 1000:
@@ -36,7 +36,7 @@ def valid_labels(spec: str, num_classes: int) -> tuple[int, ...]:
     if not path.is_file():
         raise ValueError(f"--valid-labels {spec!r}: not a named set ({', '.join(NAMED_SUBSETS)}) and no such file "
                          "(a text file of class indices, one a line)")
-    indices = set()
+    indices: dict[int, int] = {}  # index -> the line it is on
     for number, line in enumerate(path.read_text().splitlines(), 1):
         text = line.split("#")[0].strip()
         if not text:
@@ -48,7 +48,10 @@ def valid_labels(spec: str, num_classes: int) -> tuple[int, ...]:
         if not 0 <= index < num_classes:
             raise ValueError(f"--valid-labels {spec}: index {index} (line {number}) is outside the model's "
                              f"{num_classes} classes (0..{num_classes - 1})")
-        indices.add(index)
+        if index in indices:  # a list with a class twice is not the list its author meant: said, not merged
+            raise ValueError(f"--valid-labels {spec}: index {index} is on lines {indices[index]} and {number}; give each "
+                             "class once")
+        indices[index] = number
     if not indices:
         raise ValueError(f"--valid-labels {spec}: the file lists no class index")
     return tuple(sorted(indices))
