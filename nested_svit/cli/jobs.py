@@ -4,6 +4,7 @@ detector jobs alike (rank 0)."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -70,16 +71,20 @@ def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object]
 
     job.store.check_manifest()  # a different run's parts: refused before the bar starts
     todo = sum(len(b) for b in job.store.pending())
-    bar = progress_bar(todo, label, enabled=job.dist.is_main)
+    done = sum(len(b) for b in job.store.owned()) - todo
+    if done and job.dist.is_main:  # a resumed run says so, and its bar starts where the parts end
+        print(f"resuming {job.store.parts_dir}: {done} of {job.store.num_records} images already done, {todo} to go",
+              file=sys.stderr)
+    bar = progress_bar(done + todo, label, enabled=job.dist.is_main, initial=done)
 
     def progress(state) -> None:
-        bar.update(state.seen - bar.n)
+        bar.update(done + state.seen - bar.n)
         bar.set_postfix(postfix(state))
 
     start = time.perf_counter()
     state = run(job, progress)
     barrier(job.dist)
     seconds = time.perf_counter() - start
-    bar.update(todo - bar.n)
+    bar.update(done + todo - bar.n)
     bar.close()
     return state, sum_over_ranks(totals(state), job.dist, job.device), seconds

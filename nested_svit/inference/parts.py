@@ -112,11 +112,15 @@ class PartStore:
         """The global batch the images ``indices`` belong to."""
         return min(int(i) for i in indices) // self.batch_size
 
+    def owned(self) -> list[list[int]]:
+        """Index lists of this process's global batches."""
+        n, b = self.num_records, self.batch_size
+        return [list(range(i * b, min((i + 1) * b, n))) for i in range(self.dist.rank, (n + b - 1) // b,
+                                                                       self.dist.world_size)]
+
     def pending(self) -> list[list[int]]:
         """Index lists of this process's global batches that have no part file yet."""
-        n, b = self.num_records, self.batch_size
-        batches = range(self.dist.rank, (n + b - 1) // b, self.dist.world_size)
-        return [list(range(i * b, min((i + 1) * b, n))) for i in batches if not self.part_path(i).exists()]
+        return [batch for batch in self.owned() if not self.part_path(self.batch_of(batch)).exists()]
 
     def commit(self, batch: int, rows: pd.DataFrame | bytes) -> None:
         """Write batch ``batch``'s rows (a frame, or the parquet bytes of one) atomically as its part."""
