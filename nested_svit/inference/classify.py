@@ -62,6 +62,11 @@ class ClassifierStep:
     cuda_graphs: bool = False  # replay a CUDA graph of the forward per batch shape (``inference.graphs``)
     reference: SparseViT | None = None  # the same weights in fp32 (``--agreement-with``): agreement columns
 
+    def _rotated(self, orientation) -> bool:
+        """Whether this image was turned by its EXIF orientation: the run applies EXIF and the file had a
+        tag other than 1 (normal)."""
+        return bool(self.exif) and orientation is not None and orientation == orientation and int(orientation) != 1
+
     def counts(self) -> Progress:
         return Progress(0, 0, 0, 0.0)
 
@@ -149,7 +154,8 @@ class ClassifierStep:
                 label = int(batch["label"][j])
                 row = {"index": idx, "id": batch["id"][j], "label": label, "status": "ok", "error": "",
                        "precision": getattr(self.model, "precision", "fp32"),
-                       "orientation": batch["orientation"][j], "exif_applied": self.exif, "decoder": batch["decoder"][j],
+                       "orientation": batch["orientation"][j], "exif_applied": self._rotated(batch["orientation"][j]),
+                       "decoder": batch["decoder"][j],
                        "label_name": truth[label] if truth and 0 <= label < len(truth) else None,
                        "label_prob": float(probs[j, label]) if 0 <= label < probs.shape[-1] else None}
                 for r in range(k):

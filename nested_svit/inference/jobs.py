@@ -26,7 +26,7 @@ from .spec import BuiltModel, ModelSpec
 
 
 # the row schema of classifier parts (2: ``label_prob``); parts of another are not resumed into
-ROWS_VERSION = 3  # 3: a precision column (and agree_* columns with --agreement-with)
+ROWS_VERSION = 4  # 3: a precision column (and agree_* columns with --agreement-with); 4: exif_applied per image
 
 
 @dataclass(frozen=True)
