@@ -139,6 +139,10 @@ def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, parts_di
     messages += label_messages(dataset.records, data, names, named_by, model.config.num_classes, scored=kind != "predict")
     resolved, lines = resolve_scoring(scoring, model.config.num_classes, dataset.records, data.path)
     messages += lines
+    classes = len(resolved.valid) if resolved.valid else model.config.num_classes
+    if topk > classes:  # the rows hold every class, ranked: said, not silently fewer columns than asked
+        messages.append(f"note: --topk {topk} is more than the {classes} classes "
+                        f"{'--valid-labels leaves' if resolved.valid else 'the model has'}: rows hold the top {classes}")
 
     def images_of(source: str, n: int) -> list:
         return first_decodable(open_dataset(source, transform, split=data.split, exclude=data.exclude), n)
