@@ -273,9 +273,10 @@ def test_several_sets_in_one_run_in_timm_columns(tmp_path, pool):
                                         "crop_pct", "interpolation", "dataset"]
     assert table["dataset"].tolist() == ["val", "v2", "r"] and table["top1_err"].tolist() == pytest.approx(
         [100 - want[n]["top1"] for n in ("val", "v2", "r")])
-    base = {"val": "val", "v2": "val", "r": "r"}  # diffs against the first set over the same classes, as timm's
-    assert table["diff_to"].tolist() == list(base.values())
-    assert table["top1_diff"].tolist() == pytest.approx([want[n]["top1"] - want[b]["top1"] for n, b in base.items()])
+    # diffs against the first set over the same classes, as timm's; none for that set itself
+    assert table["diff_to"].fillna("").tolist() == ["", "val", ""]
+    assert table["top1_diff"].isna().tolist() == [True, False, True]
+    assert table["top1_diff"][1] == pytest.approx(want["v2"]["top1"] - want["val"]["top1"])
     assert (table["param_count"] > 5).all() and (table["img_size"] == 64).all()
     assert not list(tmp_path.glob("sets.json*.parts"))
 
@@ -326,12 +327,15 @@ def test_results_table_diffs_against_the_first_set_over_the_same_classes():
         return {"model": "m", "dataset": name, "top1": top1, "top5": top5, "valid_labels": valid, "param_count": 1.5,
                 "transform": {"img_size": 224, "crop_pct": 0.875, "interpolation": "bicubic"}, "nested": {"x": 1}}
 
-    table = results_table([result("val", 80.0, 95.0), result("a-clean", 94.0, 99.0, "imagenet-a"),
-                           result("v2", 69.0, 88.5), result("a", 18.0, 50.0, "imagenet-a")])
-    assert table["diff_to"].tolist() == ["val", "a-clean", "val", "a-clean"]
-    assert table["top1_diff"].tolist() == pytest.approx([0, 0, -11, -76])
-    assert table["top5_diff"].tolist() == pytest.approx([0, 0, -6.5, -49])
-    assert table["top1_err"].tolist() == pytest.approx([20, 6, 31, 82]) and "nested" not in table
+    nan = float("nan")
+    table = results_table([result("unlabelled", nan, nan), result("val", 80.0, 95.0),
+                           result("a-clean", 94.0, 99.0, "imagenet-a"), result("v2", 69.0, 88.5),
+                           result("a", 18.0, 50.0, "imagenet-a")])
+    # a set is not diffed against itself, and a set without labelled images (top-1 NaN) is no base
+    assert table["diff_to"].fillna("").tolist() == ["", "", "", "val", "a-clean"]
+    assert table["top1_diff"].tolist()[3:] == pytest.approx([-11, -76]) and table["top1_diff"][:3].isna().all()
+    assert table["top5_diff"].tolist()[3:] == pytest.approx([-6.5, -49])
+    assert table["top1_err"].tolist()[1:] == pytest.approx([20, 6, 31, 82]) and "nested" not in table
 
 
 @pytest.mark.slow

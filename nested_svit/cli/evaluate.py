@@ -127,7 +127,7 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
                    f"top1 {100 * a['top1']:.2f}%")
     rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
     print(f"{data_set.name + ': ' if data_set.name else ''}{scores}  skipped {result['num_skipped']}  "
-          f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {100 * result['ece']:.2f}%  in {seconds:.1f} s{rate}"
+          f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {_percent(result['ece'])}  in {seconds:.1f} s{rate}"
           + (f"; {capacity_note(args.capacity, result['capacity_reruns_this_run'])}" if args.capacity else ""))
     return result
 
@@ -139,9 +139,16 @@ def results_lines(results: list[dict]) -> str:
     table = results_table(results)
     lines = [f"{'set':<14} {'images':>7} {'top1':>7} {'top5':>7} {'top1_diff':>9} {'to':<10} {'ece %':>6}"]
     for r in table.itertuples():
-        lines.append(f"{str(r.dataset)[:14]:<14} {r.num_images:>7} {r.top1:>7.2f} {r.top5:>7.2f} {r.top1_diff:>+9.2f} "
-                     f"{str(r.diff_to)[:10]:<10} {100 * r.ece:>6.2f}")
+        diff = f"{r.top1_diff:>+9.2f}" if r.top1_diff == r.top1_diff else f"{'':>9}"
+        ece = f"{100 * r.ece:>6.2f}" if r.ece == r.ece else f"{'n/a':>6}"
+        lines.append(f"{str(r.dataset)[:14]:<14} {r.num_images:>7} {r.top1:>7.2f} {r.top5:>7.2f} {diff} "
+                     f"{str(r.diff_to or '')[:10]:<10} {ece}")
     return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+    """``1.23%``, or ``n/a`` for a figure a set without labelled images does not have."""
+    return "n/a (no labelled images)" if value != value else f"{100 * value:.2f}%"
 
 
 

@@ -105,7 +105,8 @@ def results_table(results: list[dict]) -> pd.DataFrame:
     """One row per evaluated set: timm's columns first, then ``dataset``, then the other flat figures
     of each result, then ``top1_diff`` / ``top5_diff``: this set's minus those of the first set scored
     over the same classes (``diff_to``), as timm's files diff V2, ReaL and Sketch against val and A / R
-    against the 200-class "clean" val figure."""
+    against the 200-class "clean" val figure; empty for that first set itself, and against a set with no
+    labelled images (its top-1 is NaN)."""
     rows = []
     for result in results:
         transform = result.get("transform") or {}
@@ -120,9 +121,14 @@ def results_table(results: list[dict]) -> pd.DataFrame:
         rows.append({**timm, "dataset": flat.pop("dataset", None), **flat})
     table = pd.DataFrame(rows)
     if len(table):
-        base = [next(j for j, r in enumerate(results) if r.get("valid_labels") == result.get("valid_labels"))
-                for result in results]
-        table["top1_diff"] = table["top1"].to_numpy() - table["top1"].to_numpy()[base]
-        table["top5_diff"] = table["top5"].to_numpy() - table["top5"].to_numpy()[base]
-        table["diff_to"] = table["dataset"].to_numpy()[base]
+        def base_of(i: int) -> int | None:  # the first other set over the same classes that has a top-1
+            same = [j for j, r in enumerate(results) if r.get("valid_labels") == results[i].get("valid_labels")
+                    and not math.isnan(r["top1"])]
+            return same[0] if same and same[0] != i and not math.isnan(results[i]["top1"]) else None
+
+        base = [base_of(i) for i in range(len(results))]
+        for column in ("top1", "top5"):  # a set is not diffed against itself, nor against one without labels
+            table[f"{column}_diff"] = [table[column][i] - table[column][b] if b is not None else float("nan")
+                                       for i, b in enumerate(base)]
+        table["diff_to"] = [table["dataset"][b] if b is not None else None for b in base]
     return table
