@@ -1,0 +1,78 @@
+"""What a run says to a new user (issue 35, point 6): each case in one line, on stderr, before or
+beside the rows; nothing clipped, resumed or refused silently."""
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from nested_svit.cli import main
+
+DIGITS = Path(str(resources.files("nested_svit.assets") / "digits_samples"))
+DIGITS_PTH = str(resources.files("nested_svit.assets") / "svit_digits.pth")
+RUN = ["--workers", "0", "--threads", "1"]
+
+
+def test_topk_above_the_class_count_is_said_not_clipped_silently(tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--demo", "--topk", "20", "--out", str(out), *RUN]) == 0
+    assert "--topk 20 is more than the 10 classes the model has: rows hold the top 10" in capsys.readouterr().err
+    assert [c for c in pd.read_csv(out).columns if c.startswith("top") and c.endswith("_id")][-1] == "top10_id"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize("device, says", [("cuda", "torch sees no CUDA device here"), ("gpu0", "not a device name")])
+def test_a_device_torch_does_not_have_is_one_line(tmp_path, capsys, device, says):
+    assert main(["predict", "--demo", "--device", device, "--out", str(tmp_path / "p.csv"), *RUN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "nvidia.com" not in err[0]
+
+
+def test_a_valid_labels_file_with_a_class_twice_is_refused(tmp_path, capsys):
+    listed = tmp_path / "valid.txt"
+    listed.write_text("1\n3\n# comment\n3\n")
+    assert main(["predict", "--demo", "--valid-labels", str(listed), "--out", str(tmp_path / "p.csv"), *RUN]) == 2
+    assert "index 3 is on lines 2 and 4" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_so_and_ends_with_the_rows_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    from nested_svit.inference.parts import PartStore
+
+    data = tmp_path / "val"
+    for d in ("2", "6", "8"):  # 10 images, 5 batches of 2
+        shutil.copytree(DIGITS / d, data / d)
+    full, resumed = tmp_path / "full.csv", tmp_path / "resumed.csv"
+    args = ["predict", "--checkpoint", DIGITS_PTH, "--input", str(data), "--batch-size", "2", *RUN]
+    assert main([*args, "--out", str(full)]) == 0
+    assert "resuming" not in capsys.readouterr().err  # a fresh run does not say it resumed
+    commit = PartStore.commit
+
+    def interrupted_after_two(self, batch, rows):
+        if len(list(Path(self.parts_dir).glob("batch-*"))) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C between two batches
+        commit(self, batch, rows)
+
+    monkeypatch.setattr(PartStore, "commit", interrupted_after_two)
+    assert main([*args, "--out", str(resumed)]) != 0
+    monkeypatch.setattr(PartStore, "commit", commit)
+    capsys.readouterr()
+    assert main([*args, "--out", str(resumed)]) == 0
+    assert "resuming " + str(tmp_path / "resumed.csv.parts") + ": 4 of 10 images already done, 6 to go" in \
+        capsys.readouterr().err
+    keep = [c for c in pd.read_csv(full).columns if c != "seconds"]
+    assert pd.read_csv(resumed)[keep].equals(pd.read_csv(full)[keep])
+
+
+def test_a_set_without_labelled_images_says_so_instead_of_nan(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((DIGITS / "2").iterdir()):
+        shutil.copy(f, flat / f.name)
+    assert main(["eval", "imagenet", "--checkpoint", DIGITS_PTH, "--data", str(flat), "--out", str(tmp_path / "r.json"),
+                 *RUN]) == 0
+    out = capsys.readouterr().out
+    assert "ece n/a (no labelled images)" in out and "nan%" not in out
