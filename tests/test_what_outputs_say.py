@@ -76,3 +76,24 @@ def test_a_set_without_labelled_images_says_so_instead_of_nan(tmp_path, capsys):
                  *RUN]) == 0
     out = capsys.readouterr().out
     assert "ece n/a (no labelled images)" in out and "nan%" not in out
+
+
+def test_the_reliability_diagram_never_draws_over_an_accuracy_bar():
+    """An underconfident bin (accuracy 1.0, mean top-1 probability 0.54) reads 1.0: nothing filled lies on
+    its bar, and the probability is a mark at 0.54."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nested_svit.viz import reliability_axes
+
+    bins = pd.DataFrame({"lower": [0.5, 0.9], "upper": [0.6, 1.0], "images": [4, 6], "accuracy": [1.0, 0.5],
+                         "confidence": [0.54, 0.95]})
+    fig, ax = plt.subplots()
+    reliability_axes(ax, bins, (bins["upper"] - bins["lower"]).to_numpy())
+    filled = [p for p in ax.patches if p.get_fill() and p.get_facecolor()[3] > 0]
+    assert sorted(round(p.get_height(), 6) for p in filled) == [0.5, 1.0]  # the bars, and only they
+    marks = [c for c in ax.collections if c.get_label() == "its mean top-1 probability"][0]
+    assert sorted(round(float(seg[0][1]), 6) for seg in marks.get_segments()) == [0.54, 0.95]
+    plt.close(fig)
