@@ -97,3 +97,12 @@ def test_the_reliability_diagram_never_draws_over_an_accuracy_bar():
     marks = [c for c in ax.collections if c.get_label() == "its mean top-1 probability"][0]
     assert sorted(round(float(seg[0][1]), 6) for seg in marks.get_segments()) == [0.54, 0.95]
     plt.close(fig)
+
+
+def test_param_count_is_millions_in_bench_as_in_eval_and_timm():
+    from nested_svit import create_model
+    from nested_svit.benchmark import BenchConfig, run_benchmark
+
+    df = run_benchmark(BenchConfig(models=["vit_digits"], batch_sizes=[1], rounds=1, min_time=0.0, warmup=0))
+    expected = round(sum(p.numel() for p in create_model("vit_digits").parameters()) / 1e6, 2)
+    assert df["param_count"].tolist() == [expected] and 0 < expected < 1

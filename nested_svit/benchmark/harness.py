@@ -337,7 +337,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[BenchProgress], None] | 
                 rows.append({
                     "model": r.model_name, "runtime": r.runtime, "backend": r.backend, "device": str(device),
                     "precision": r.precision, "batch_size": bs, "img_size": images.shape[-1],
-                    "param_count": sum(p.numel() for p in (r.fp32 or r.module).parameters()),
+                    "param_count": round(sum(p.numel() for p in (r.fp32 or r.module).parameters()) / 1e6, 2),
                     "infer_samples_per_sec": bs / step, "infer_step_time": step * 1000,
                     "infer_step_time_p10": float(np.percentile(r.times, 10)) * 1000,
                     "infer_step_time_p90": float(np.percentile(r.times, 90)) * 1000,
