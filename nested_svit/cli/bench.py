@@ -137,7 +137,8 @@ def _bench_classifiers(args: argparse.Namespace, models: list[str], batch_sizes:
 
     def progress(event) -> None:  # a BenchProgress before each timed round
         bar.n = event.step
-        bar.set_postfix_str(str(event))
+        bar.set_postfix_str(str(event), refresh=False)
+        bar.update(0)  # drawn at the bar's pace: a log file gets a line every 30 s, not one per round
 
     df = run_benchmark(cfg, progress)
     bar.n = len(batch_sizes)
@@ -167,7 +168,8 @@ def _bench_detectors(args: argparse.Namespace, models: list[str], batch_sizes: l
     def progress(event) -> None:  # a BenchProgress before each timed call
         bar.total = event.steps
         bar.n = event.step + 1
-        bar.set_postfix_str(str(event))
+        bar.set_postfix_str(str(event), refresh=False)
+        bar.update(0)
 
     df = run_detection_benchmark(cfg, progress)
     bar.close()

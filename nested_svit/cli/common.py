@@ -172,9 +172,12 @@ def close_bars() -> None:
 
 
 def progress_bar(total: int, label: str, unit: str = "img", enabled: bool = True, initial: int = 0):
+    """A tqdm bar on stderr (rank 0): redrawn as it goes on a terminal; into a file or a pipe (a log), a
+    line every 30 s at most, and the final one."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=label, unit=unit, file=sys.stderr, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=label, unit=unit, file=sys.stderr, disable=not enabled,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 def picture_names(ids: list[str]) -> dict[str, str]:

@@ -78,8 +78,8 @@ def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object]
     bar = progress_bar(done + todo, label, enabled=job.dist.is_main, initial=done)
 
     def progress(state) -> None:
+        bar.set_postfix(postfix(state), refresh=False)  # shown with the update, at the bar's pace
         bar.update(done + state.seen - bar.n)
-        bar.set_postfix(postfix(state))
 
     start = time.perf_counter()
     state = run(job, progress)

@@ -237,10 +237,10 @@ def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
         bar = progress_bar(trainer.cfg.epochs * trainer.steps_per_epoch, "train", "step", main_rank, trainer.global_step)
 
         def log(entry) -> None:
-            bar.update(1)
             post = postfix(entry)
-            if post:
-                bar.set_postfix(**post, skipped=trainer.skipped)
+            if post:  # shown with the update, at the bar's pace (a log file gets a line every 30 s)
+                bar.set_postfix(**post, skipped=trainer.skipped, refresh=False)
+            bar.update(1)
             if main_rank and entry.step % args.log_every == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(entry.__dict__) + "\n")
