@@ -113,3 +113,16 @@ def test_bench_into_a_log_writes_its_bar_once_not_a_line_per_round(tmp_path, cap
                  "--out", str(tmp_path / "b.csv")]) == 0
     drawn = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.startswith("bench:")]
     assert len(drawn) <= 3 and drawn[-1].startswith("bench: 100%")  # 10 rounds, drawn at the start and the end
+
+
+@pytest.mark.slow  # a cold inductor compile, ~12 s
+def test_compile_on_a_cpu_prints_no_cuda_home_warning(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # cold: the warning came then
+    out = subprocess.run([sys.executable, "-m", "nested_svit.cli", "predict", "--demo", "--compile", "--device", "cpu",
+                          "--out", str(tmp_path / "p.csv"), *RUN], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CUDA_HOME" not in out.stderr and "--compile: the blocks' regions compiled" in out.stderr

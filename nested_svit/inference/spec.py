@@ -156,8 +156,11 @@ def _check_capacity_helps(model: nn.Module, name: str) -> None:
 def _compile_now(model: nn.Module, device: torch.device | str) -> str:
     """Compile a classifier's block regions before any image is read (one forward of two blank images:
     the row count is dynamic, so every later batch reuses the graphs) -> the line that says how long."""
+    import logging
     import time
 
+    if torch.device(device).type == "cpu":  # inductor's "No CUDA runtime is found, using CUDA_HOME" is no news here
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     size = model.config.img_size
     start = time.perf_counter()
     with torch.no_grad():
