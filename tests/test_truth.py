@@ -471,7 +471,7 @@ def test_21_json_keeps_full_precision_unicode_ids_and_integer_columns(tmp_path, 
     assert all(isinstance(ok[k], int) for k in ("height", "width", "num_detections", "total_tokens", "image_id"))
 
 
-def test_21_parquet_inputs_use_the_image_path_as_the_id(tmp_path):
+def test_21_parquet_inputs_use_the_image_path_or_its_shard_and_row_as_the_id(tmp_path):
     import datasets
 
     rng = np.random.default_rng(0)
@@ -483,4 +483,14 @@ def test_21_parquet_inputs_use_the_image_path_as_the_id(tmp_path):
     ds = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image())
     ds.to_parquet(str(tmp_path / "shard.parquet"))
     assert main(["predict", *TINY, "--input", str(tmp_path / "shard.parquet"), "--out", str(tmp_path / "p.csv")]) == 0
-    assert pd.read_csv(tmp_path / "p.csv")["id"].tolist() == ["cat/a.jpg", "dog/b.jpg", "parquet/2"]
+    # a row without a path is named by its shard and its row there
+    assert pd.read_csv(tmp_path / "p.csv")["id"].tolist() == ["cat/a.jpg", "dog/b.jpg", "shard.parquet/2"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    plain = datasets.Dataset.from_dict({"image": [{"bytes": c["bytes"], "path": None} for c in cells]}).cast_column(
+        "image", datasets.Image())
+    plain.select([0, 1]).to_parquet(str(shards / "train-00000-of-00002.parquet"))
+    plain.select([2]).to_parquet(str(shards / "train-00001-of-00002.parquet"))
+    assert main(["predict", *TINY, "--input", str(shards), "--out", str(tmp_path / "q.csv")]) == 0
+    assert pd.read_csv(tmp_path / "q.csv")["id"].tolist() == [
+        "train-00000-of-00002.parquet/0", "train-00000-of-00002.parquet/1", "train-00001-of-00002.parquet/0"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .classes import imagenet_classes, imagenet_index, wnids_in_names
+from .hf_ids import row_ids
 from .manifest import manifest_column, read_manifest
 from .objectstore import is_uri, list_objects
 
@@ -283,21 +284,7 @@ def _hf_records(root: Path | str, split: str | None = None, exclude: set[Path] =
     else:
         labels = [-1] * len(ds)
     source = "dataset_label" if "label" in ds.column_names else "none"
-    return Records(ds, labels, _hf_ids(ds, kind), names, kind, source)
-
-
-def _hf_ids(ds, kind: str) -> list[str]:
-    """Row ids: the image struct's ``path`` where the data set has one (unique: a repeated path gets
-    ``#<row>``), else ``<kind>/<row>``. Read from the Arrow table, no image bytes."""
-    import pyarrow.compute as pc
-
-    column = ds.data.column("image")
-    paths = pc.struct_field(column, "path").to_pylist() if "path" in {f.name for f in column.type} else [None] * len(ds)
-    seen: dict[str, int] = {}
-    for p in paths:
-        if p:
-            seen[p] = seen.get(p, 0) + 1
-    return [(p if seen[p] == 1 else f"{p}#{i}") if p else f"{kind}/{i}" for i, p in enumerate(paths)]
+    return Records(ds, labels, row_ids(ds, kind, files if kind == "parquet" else None), names, kind, source)
 
 
 def _hf_parquet_files(root: Path, exclude: set[Path]) -> list[str]:
