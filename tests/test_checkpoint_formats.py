@@ -86,14 +86,14 @@ def timm_deit(tmp_path_factory):
 # ---------------------------------------------------------------- readers
 def test_safetensors_of_every_header_length_loads_exactly(tmp_path):
     """The reader once decoded a file's first 16 bytes as UTF-8 and called about half of all safetensors
-    files 'a text file': headers of 20 lengths over a 320-byte span all load, to the source's logits."""
+    files 'a text file': headers of 10 lengths over a 320-byte span all load, to the source's logits."""
     from safetensors.torch import save_file
 
     source = create_model("vit_digits").eval()
     x, expected = logits_of(source, 32)
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     texty = 0
-    for pad in range(0, 320, 16):
+    for pad in range(0, 320, 32):
         path = tmp_path / f"m{pad}.safetensors"
         save_file(state, str(path), metadata={"pad": "x" * pad})
         try:
