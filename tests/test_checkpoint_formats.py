@@ -535,3 +535,16 @@ def test_a_sharded_transformers_folder_loads(tmp_path):
     source.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
     assert same_weights(quiet_load(tmp_path), source, 32, key="pixel_values") <= 1e-12
+
+
+def test_a_processors_resize_is_the_transforms_for_every_size_pair():
+    """crop_pct = crop / size in floats floors back to size - 1 for ~4% of pairs (224 / (224 / 256) is fine,
+    others are not): the transform resizes to the processor's own size for all of them."""
+    from nested_svit.checkpoint.describe import transformers_preprocessing
+    from nested_svit.data import EvalTransform
+
+    for side in range(8, 600):
+        for crop in range(4, side + 1, 11):
+            cfg = transformers_preprocessing({"size": {"height": side, "width": side}, "do_center_crop": True,
+                                              "crop_size": {"height": crop, "width": crop}})
+            assert EvalTransform(img_size=crop, crop_pct=cfg["crop_pct"], crop_mode="squash").resize_to == side

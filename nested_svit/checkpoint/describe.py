@@ -96,7 +96,10 @@ def transformers_preprocessing(proc: dict | None) -> dict:
     cropped = (crop.get("height") if isinstance(crop, dict) else crop) if proc.get("do_center_crop") else None
     if side:
         final = cropped or side
-        out.update(input_size=(3, final, final), crop_pct=final / side,
+        crop_pct = final / side
+        while math.floor(final / crop_pct) < side:  # resize_to = floor(final / crop_pct) must be the processor's size
+            crop_pct = math.nextafter(crop_pct, 0.0)
+        out.update(input_size=(3, final, final), crop_pct=crop_pct,
                    crop_mode="center" if isinstance(size, dict) and "shortest_edge" in size else "squash")
     if proc.get("resample") in _RESAMPLE:
         out["interpolation"] = _RESAMPLE[proc["resample"]]
