@@ -104,7 +104,7 @@ def test_bench_into_a_log_writes_its_bar_once_and_counts_parameters_in_millions(
 
     out = tmp_path / "b.csv"
     assert main(["bench", "--models", "vit_digits", "--batch-sizes", "1,2", "--rounds", "5", "--min-time", "0",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--plot", str(tmp_path / "b.png")]) == 0
     drawn = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.startswith("bench:")]
     assert len(drawn) <= 3 and drawn[-1].startswith("bench: 100%")  # 10 rounds, drawn at the start and the end
     # param_count in millions, as timm's benchmark and results files and our eval (it was a raw count)
