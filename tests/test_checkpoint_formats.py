@@ -242,7 +242,8 @@ def test_timm_variants_are_refused_by_name(tmp_path):
                                ("vit_small_patch16_224", {"reg_tokens": 4}, "register tokens"),
                                ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}, "without a class token")]:
         path = tmp_path / f"{name}.pth"
-        torch.save(timm.create_model(name, pretrained=False, img_size=32, **kwargs).state_dict(), path)
+        small = dict(embed_dim=64, depth=2, num_heads=2)  # the layout is what is refused, not the size
+        torch.save(timm.create_model(name, pretrained=False, img_size=32, **small, **kwargs).state_dict(), path)
         with pytest.raises(CheckpointError, match=what):
             load_model(path)
 
@@ -251,7 +252,7 @@ def test_timm_train_file_with_its_own_head_needs_no_flags(tmp_path, digits_folde
     """timm's train.py layout: arch, state_dict, state_dict_ema, args; a 10-class head from the file."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(1)
-    source = timm.create_model("vit_small_patch32_224", pretrained=False, num_classes=10, img_size=64).eval()
+    source = timm.create_model("vit_small_patch32_224", pretrained=False, num_classes=10, img_size=64, depth=3).eval()
     path = tmp_path / "model_best.pth.tar"
     torch.save({"epoch": 3, "arch": "vit_small_patch32_224", "state_dict": source.state_dict(),
                 "state_dict_ema": source.state_dict(), "args": argparse.Namespace(model="vit_small_patch32_224", lr=1e-3),
