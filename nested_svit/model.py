@@ -41,11 +41,10 @@ class SparseViT(TokenStack):
         model's), ``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``, ``std`` (set by
         ``create_model`` and the checkpoint loaders: the file's where it has them, else
         ``registry.eval_config``), and ``num_classes``, ``first_conv``, ``classifier``."""
-        from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from .data.transforms import DEIT_EVAL
 
         size = self.config.img_size
-        return {"crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic", "mean": IMAGENET_MEAN,
-                "std": IMAGENET_STD, **self._pretrained_cfg, "input_size": (self.config.in_chans, size, size),
+        return {**DEIT_EVAL, **self._pretrained_cfg, "input_size": (self.config.in_chans, size, size),
                 "fixed_input_size": False, "num_classes": self.num_classes, "first_conv": "patch_embed.proj",
                 "classifier": "head"}
 

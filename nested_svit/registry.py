@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import LEGACY_OPTION_DEFAULTS, LEGACY_PRUNING_FIELDS, Pruning, ViTConfig
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.transforms import DEIT_EVAL
 from .model import SparseViT
 
 SVIT_GATE_BLOCKS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
@@ -60,8 +60,7 @@ def eval_config(name: str | None) -> dict:
     """The eval preprocessing a model of this name was trained for, as timm's ``pretrained_cfg``:
     ``crop_pct``, ``interpolation``, ``mean``, ``std`` (DeiT's: 0.875, bicubic, ImageNet's; any other
     name, or none: the same). The input size is the model's ``config.img_size``."""
-    return {"crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            **_EVAL_DEFAULTS.get(name or "", {})}
+    return {**DEIT_EVAL, **_EVAL_DEFAULTS.get(name or "", {})}
 
 
 def list_models(pattern: str = "") -> list[str]:

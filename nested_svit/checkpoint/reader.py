@@ -126,7 +126,10 @@ def _load_shards(index: Path) -> dict:
 def read_file(source: str | os.PathLike) -> tuple[object, str, str]:
     """Path, folder or ``hf-hub:`` name -> (loaded top-level object, description, sha256 of the weights
     file). Pickles load with ``weights_only=True``; ``.safetensors`` with ``safetensors``."""
-    location = _located(source)
+    return _read_located(_located(source))
+
+
+def _read_located(location: Location) -> tuple[object, str, str]:
     path = location.weights
     desc = str(path) if location.folder is None else f"{location.desc} ({path.name})"
     if path.name.endswith(".index.json"):  # a sharded save: every shard its index lists, merged
@@ -160,13 +163,17 @@ def peek(source: str | os.PathLike | None) -> dict | None:
         location = locate(source)
         if not location.weights.is_file():
             return None
-        if location.folder is not None:
-            return dict((location.config or {}).get(META_KEY) or {})
-        if is_safetensors(_head(location.weights)):
-            return _safetensors_meta(location.weights)
-        obj = _load_allowing_namespace(location.weights, mmap=True)
+        return _peek_located(location)
     except Exception:  # noqa: BLE001 - unreadable, legacy or not a checkpoint: the loader says why
         return None
+
+
+def _peek_located(location: Location) -> dict | None:
+    if location.folder is not None:
+        return dict((location.config or {}).get(META_KEY) or {})
+    if is_safetensors(_head(location.weights)):
+        return _safetensors_meta(location.weights)
+    obj = _load_allowing_namespace(location.weights, mmap=True)
     return obj if isinstance(obj, dict) else None
 
 
@@ -225,11 +232,14 @@ def read(source: str | os.PathLike | dict | Checkpoint) -> Checkpoint:
     if isinstance(source, dict):
         top, desc, digest = source, "<state dict>", None
     else:
-        location = _located(source)
-        top, desc, digest = read_file(source)
+        location = _located(source)  # found once: read and described from the same place
+        top, desc, digest = _read_located(location)
     if not isinstance(top, dict):
         raise CheckpointError(f"checkpoint {desc} is not a dict of tensors (found {type(top).__name__})")
     meta = top
     if location is not None and (location.folder is not None or is_safetensors(_head(location.weights))):
-        meta = peek(source) or {}
+        try:
+            meta = _peek_located(location) or {}
+        except ValueError:  # metadata that is not ours (not JSON): the weights load, described by their shapes
+            meta = {}
     return Checkpoint(top, unwrap(top, desc), desc, digest, location, meta)

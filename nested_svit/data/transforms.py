@@ -19,6 +19,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("center", "squash")
 # the settings an eval transform takes from a model's ``pretrained_cfg`` (and the flags that override them)
 SETTINGS = ("crop_pct", "crop_mode", "interpolation", "mean", "std")
+# DeiT's eval settings: what a model whose checkpoint says nothing runs with
+DEIT_EVAL = {"crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+             "std": IMAGENET_STD}
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,8 @@ class EvalTransform:
         bad = sorted(set(overrides) - set(SETTINGS))
         if bad:
             raise TypeError(f"unknown eval transform setting(s) {bad}; known: {SETTINGS}")
-        defaults = {"crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic", "mean": IMAGENET_MEAN,
-                    "std": IMAGENET_STD}
         cfg = {k: v for k, v in (pretrained_cfg or {}).items() if k in SETTINGS and v is not None}
-        values = {**defaults, **cfg, **{k: v for k, v in overrides.items() if v is not None}}
+        values = {**DEIT_EVAL, **cfg, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(img_size=img_size, **{k: tuple(v) if k in ("mean", "std") else v for k, v in values.items()})
 
     def describe(self) -> dict:
