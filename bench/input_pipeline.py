@@ -5,7 +5,7 @@ Measured, in one process, rounds interleaved (the machine's speed drifts by 10-3
 * decode + transform images/s: per image in one core (Pillow decode, then the eval crop; torchvision's
   decoder + the device-side crop that ``--decode gpu`` runs), and a DataLoader alone with 0/1/2 workers;
 * the model alone: images/s of ``forward_features + forward_head`` on a fixed batch;
-* ``predict``'s loop (``run_inference``, as the CLI runs it) per pipeline: where each batch's time goes
+* ``predict``'s loop (``Job.run``, as the CLI runs it) per pipeline: where each batch's time goes
   (forward, writing the part, the rest: waiting for the loader, upload/normalise, rows) and its
   steady-state images/s as a fraction of the model alone measured around it.
 
@@ -100,7 +100,7 @@ def model_alone(model, images: torch.Tensor, n: int) -> float:
 
 def predict_loop(model, folder: Path, transform: EvalTransform, pipeline: str, workers: int, batch: int,
                  parts: Path, device: str = "cpu") -> dict:
-    """``run_inference`` as ``predict`` runs it; seconds per batch in steady state (first batch out) and
+    """``Job.run`` as ``predict`` runs it; seconds per batch in steady state (first batch out) and
     its parts. ``pipeline``: float (normalised float batches from the workers: before), uint8 (crops
     from the workers, normalised by the model's device), gpu-decode (``--decode gpu``'s code path)."""
     if pipeline == "float":
@@ -111,8 +111,9 @@ def predict_loop(model, folder: Path, transform: EvalTransform, pipeline: str, w
         if pipeline == "gpu-decode":
             extra["decoder"] = DeviceJpegDecoder(transform, device, exif=True)
     shutil.rmtree(parts, ignore_errors=True)
-    job = inference.InferenceJob(model, ds, parts, {"bench": pipeline}, batch, workers, 5, torch.device(device),
-                                 **extra)
+    step = inference.ClassifierStep(model, torch.device(device), 5, exif=True, **extra)
+    job = inference.Job(step, ds, PartStore(parts, {"bench": pipeline}, batch, len(ds)),
+                        inference.BuiltModel(model, None), inference.ModelSpec("classifier"), workers)
     forward, writing, stamps = [], [], []
     plain_forward, plain_write = model.forward_features, PartStore.commit
 
@@ -131,7 +132,7 @@ def predict_loop(model, folder: Path, transform: EvalTransform, pipeline: str, w
 
     model.forward_features, PartStore.commit = timed_forward, timed_write
     try:
-        inference.run_inference(job, lambda s: stamps.append(time.perf_counter()))
+        job.run(lambda s: stamps.append(time.perf_counter()))
     finally:
         del model.forward_features
         PartStore.commit = plain_write

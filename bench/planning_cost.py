@@ -89,7 +89,7 @@ def measure(n: int, batch_size: int, manifest: Path) -> dict:
     from nested_svit.data.records import resolve_records
     from nested_svit.distributed import DistInfo
     from nested_svit.inference.parts import PartStore
-    from nested_svit.ray.units import work_units, write_manifest
+    from nested_svit.ray.units import work_units, write_image_table
 
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +105,7 @@ def measure(n: int, batch_size: int, manifest: Path) -> dict:
         dataset = ImageRecordDataset(records, transform=None)
         parts = tmp / "out.parquet.parts"
         store = PartStore(parts, {"run": 1}, batch_size, n, DistInfo())
-        store.check_manifest()
+        store.open()
         batches = (n + batch_size - 1) // batch_size
         for b in range(0, batches, 2):  # half committed: empty part files are enough to be seen as done
             store.part_path(b).touch()
@@ -115,7 +115,7 @@ def measure(n: int, batch_size: int, manifest: Path) -> dict:
         out["pending_batches"] = len(todo)
         t0 = time.perf_counter()
         units = work_units(dataset, todo, batch_size)
-        write_manifest(tmp / "ray-manifest.parquet", dataset, batch_size)
+        write_image_table(tmp / "ray-images.parquet", dataset, batch_size)
         out["ray_plan_s"] = time.perf_counter() - t0
         out["ray_units"] = len(units)
         out["peak_rss_above_baseline_mb"] = _rss_mb() - base

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .devices import set_cuda_device
+from .devices import resolve_device, set_cuda_device, set_kernel_settings
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,18 @@ def rank_device(device: str, info: DistInfo) -> str:
         return device
     first = int(device.split(":", 1)[1]) if ":" in device else 0
     return f"cuda:{first + info.local_rank}"
+
+
+def process_setup(device: str = "auto", threads: int | None = None) -> tuple[torch.device, DistInfo]:
+    """The one set-up of a training or inference process -> (its device, ``DistInfo``): ``device`` resolved
+    (``auto``: CUDA when torch sees a GPU), the torchrun group joined when there is one, the math settings
+    (TF32 off) that outputs record, ``threads`` torch CPU threads (None: torch's default)."""
+    set_kernel_settings(False)
+    resolved = resolve_device(device)
+    info = init_from_env(resolved)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device(rank_device(resolved, info)), info
 
 
 def current() -> DistInfo:

@@ -21,7 +21,7 @@ from .tokens import CapacityRows, Layout, Packed, capacity_rows, gather, kept_ro
 EXECUTIONS = ("packed", "masked", "reference")
 
 
-class MethodRun(Protocol):
+class MethodHooks(Protocol):
     """What an execution asks a pruning method's per-forward state (``methods.base.MethodRun``
     implements it; see there for the meaning of each hook)."""
 
@@ -70,7 +70,7 @@ class AttentionRecord:
 
 
 def run_packed(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,
-               method: MethodRun | None = None, index: int = -1) -> Packed:
+               method: MethodHooks | None = None, index: int = -1) -> Packed:
     """Gather the active tokens of all images, run the block once on ``[T_active, C]`` with
     variable-length attention, scatter back. No compute on pruned tokens. With a pruning ``method``
     that reads block ``index``'s attention or selects between attention and MLP, the block runs in
@@ -101,7 +101,7 @@ def run_capacity(block: Block, x: Packed, keep: Tensor, capacity: int, slots_of_
 
 
 def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,
-                  method: MethodRun | None = None, index: int = -1) -> Packed:
+                  method: MethodHooks | None = None, index: int = -1) -> Packed:
     """Per-image loop: each image's kept tokens through the plain block as a batch of one."""
     if method is not None and method.selects_queries(index):
         return _run_query_subset(block, x, keep, lengths, method, index, None)
@@ -121,13 +121,13 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, le
     return Packed(out, x.layout)
 
 
-def _splits(method: MethodRun | None, index: int) -> bool:
+def _splits(method: MethodHooks | None, index: int) -> bool:
     return method is not None and (method.records(index) or method.has_mid_selection(index)
                                    or method.selects_queries(index))
 
 
 def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[int] | None,
-                      method: MethodRun, index: int, backend: str | None) -> Packed:
+                      method: MethodHooks, index: int, backend: str | None) -> Packed:
     """ATS's block: ``qkv`` of the active rows, the method picks the query rows from it, attention and
     the MLP run for those rows only (keys and values: every active row). Packed (``backend``) or,
     with ``backend=None``, one image at a time (the reference). Other rows keep their values."""
@@ -193,7 +193,7 @@ class _PerImageRecording:
         return torch.cat(self.parts, 0)
 
 
-def _run_split(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[int] | None, method: MethodRun,
+def _run_split(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[int] | None, method: MethodHooks,
                index: int, attention: Callable, mlp: Callable[[Packed], Tensor], context: Callable[[Layout], object],
                per_image: bool = False) -> Packed:
     """Attention half on the active rows, the method's record / selection, MLP half on the rows it
@@ -233,7 +233,7 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[i
 
 
 def run_masked(block: Block, x: Packed, keep: Tensor | None, backend: str, lengths: Sequence[int] | None = None,
-               method: MethodRun | None = None, index: int = -1) -> Packed:
+               method: MethodHooks | None = None, index: int = -1) -> Packed:
     """Training path (Eq. 1): dense ``[B, N, C]``; pruned keys masked out of every softmax;
     output ``M * block(x) + (1 - M) * x`` (differentiable in ``M``). Images of different token
     counts (mixed resolutions) run as one dense batch per image."""

@@ -168,13 +168,17 @@ def test_modules_stay_small(limit, folder):
     assert {k: n for k, n in sizes.items() if n > limit} == {}
 
 
-@pytest.mark.slow
-def test_core_never_imports_ray():
-    """The Ray engine is an optional extra: no module but the CLI's engine switch imports it, and
-    importing the library (or running its CLI parser) does not import ray."""
+def test_no_module_but_the_engine_switch_imports_ray():
+    """The Ray engine is an optional extra: no module but the CLI's engine switch imports it (statically,
+    at any depth)."""
     importers = sorted(name for name, imported in graph().items() if not name.startswith("nested_svit.ray")
                        and any(m == "nested_svit.ray" or m.startswith("nested_svit.ray.") for m in imported))
     assert importers == ["nested_svit.cli.engine"], importers
+
+
+@pytest.mark.slow
+def test_core_never_imports_ray():
+    """Importing the library (or running its CLI parser) does not import ray."""
     code = ("import sys, importlib, nested_svit; importlib.import_module('nested_svit.cli.main').build_parser(); "
             "print(any(k == 'ray' or k.startswith('ray.') for k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -193,11 +197,11 @@ def argparse_imports(source: str) -> list[int]:
             or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "argparse")]
 
 
-def private_imports(path: Path) -> list[str]:
-    """``from <another nested_svit module> import _name`` in ``path`` (its own package's modules count as
+def private_imports(source: str) -> list[str]:
+    """``from <another nested_svit module> import _name`` in ``source`` (its own package's modules count as
     other modules too: a private name stays in its module)."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("nested_svit")):
             found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
     return found
@@ -219,7 +223,8 @@ def test_the_library_below_the_cli_takes_no_argparse_no_private_names_and_the_cl
     ``cli/``)."""
     assert {str(p.relative_to(ROOT)): argparse_imports(p.read_text()) for p in _outside_cli()
             if argparse_imports(p.read_text())} == {}
-    assert {str(p.relative_to(ROOT)): private_imports(p) for p in ROOT.rglob("*.py") if private_imports(p)} == {}
+    assert {str(p.relative_to(ROOT)): private_imports(p.read_text()) for p in ROOT.rglob("*.py")
+            if private_imports(p.read_text())} == {}
     assert {str(p.relative_to(ROOT)): torch_saves(p.read_text()) for p in (ROOT / "cli").rglob("*.py")
             if torch_saves(p.read_text())} == {}
     # the checks see what they look for
@@ -227,9 +232,50 @@ def test_the_library_below_the_cli_takes_no_argparse_no_private_names_and_the_cl
     assert argparse_imports("from argparse import Namespace\n") == [1]
     assert torch_saves("import torch\ntorch.save(x, p)\n") == [2]
     assert torch_saves("from torch import save as s\ns(x, p)\n") == [2]
-    probe = ROOT / "_probe_private_import.py"
-    try:
-        probe.write_text("from .inference.parts import _hidden\n")
-        assert private_imports(probe) == ["inference.parts._hidden"]
-    finally:
-        probe.unlink()
+    assert private_imports("from .inference.parts import _hidden\n") == ["inference.parts._hidden"]
+
+
+# what writes files, draws pictures or builds an output's record: the library's modules, never the CLI's
+WRITERS = {"nested_svit.io", "nested_svit.viz", "nested_svit.detection.vis", "nested_svit.inference.writers",
+           "nested_svit.inference.pictures", "nested_svit.inference.provenance", "nested_svit.evaluation.results"}
+WRITING_LIBRARIES = {"pyarrow", "PIL", "matplotlib"}
+WRITING_CALLS = {"to_parquet", "to_csv", "to_json", "write_text", "write_bytes", "savefig", "write_table", "dump"}
+RUN_INTERNALS = {"store", "rows", "finish", "merge"}  # a job's parts: the library's to merge and write
+
+
+def writing_in(source: str) -> list[str]:
+    """What in ``source`` writes a file or reaches into a job's parts: imports of writing libraries,
+    calls that write, ``open`` for writing, attributes of a run's store."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in WRITING_LIBRARIES]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in WRITING_LIBRARIES:
+            found.append(node.module)
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name in WRITING_CALLS or (name == "open" and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
+                                                                 and set(a.value) & set("wax") for a in node.args[1:])):
+                found.append(f"{name}() line {node.lineno}")
+        elif isinstance(node, ast.Attribute) and node.attr in RUN_INTERNALS:
+            found.append(f".{node.attr} line {node.lineno}")
+    return found
+
+
+def test_the_cli_parses_and_prints_and_the_library_writes_every_output():
+    """``cli/`` holds no writer, no record builder and no picture code: it imports none of the modules
+    that write, draw or build records, calls nothing that writes a file, and never touches a job's parts
+    (a ``predict`` hands the library one job, ``inference.predict``, and prints the summary it gets back)."""
+    edges = graph()
+    cli = {name: sorted(imported & WRITERS) for name, imported in edges.items() if name.startswith("nested_svit.cli")}
+    assert {k: v for k, v in cli.items() if v} == {}
+    assert {str(p.relative_to(ROOT)): writing_in(p.read_text()) for p in (ROOT / "cli").rglob("*.py")
+            if writing_in(p.read_text())} == {}
+    predict = (ROOT / "cli" / "predict.py").read_text()
+    assert predict.count("predict(job,") == 1 and "summary = predict(" in predict
+    # the check sees what it looks for
+    assert writing_in("import pyarrow.parquet as pq\n") == ["pyarrow.parquet"]
+    assert writing_in("rows.to_csv(out)\n") == ["to_csv() line 1"]
+    assert writing_in("with open(p, 'a') as f:\n    pass\n") == ["open() line 1"]
+    assert writing_in("open(p).read()\n") == []
+    assert writing_in("job.store.remove()\n") == [".store line 1"]

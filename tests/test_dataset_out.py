@@ -84,11 +84,11 @@ def test_data_set_outputs_refuse_what_they_cannot_do(tmp_path, capsys, tiny_dete
     assert main([*base, "--out", f"{tmp_path / 'full'}/"]) == 2
     assert main([*base, "--out", f"{tmp_path / 'v'}/", "--save-vis", str(tmp_path / "pics")]) == 2
     assert main(["predict", "--checkpoint", str(tiny_detector_file), "--input", str(tmp_path / "in"),
-                 "--out", f"{tmp_path / 'det'}/"]) == 2
+                 "--out", f"{tmp_path / 'det'}/", "--save-vis", str(tmp_path / "pics")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 4, err
     assert "s3://bucket/preds/: no credentials found" in err[0] and "holds other files" in err[1]
-    assert "--save-vis needs a file --out" in err[2] and "built for classifiers so far" in err[3]
+    assert "--save-vis needs a file --out" in err[2] and "--save-vis needs a file --out" in err[3]
     assert (tmp_path / "full" / "mine.txt").exists() and not (tmp_path / "full" / ".nested-svit-dataset").exists()
 
 
@@ -102,7 +102,7 @@ def test_ray_writes_the_same_data_set(tmp_path):
     assert main([*model, "--workers", "0", "--threads", "2", "--out", f"{tmp_path / 'local'}/"]) == 0
     assert main([*model, "--engine", "ray", "--actors", "2", "--out", f"{tmp_path / 'ray'}/"]) == 0
     _equal_rows(_table(tmp_path / "local"), _table(tmp_path / "ray"))
-    assert not list((tmp_path / "ray").glob("ray-manifest*"))  # Ray's manifest is a side file: _ray-manifest
+    assert not list((tmp_path / "ray").glob("*ray-images*"))  # Ray's table of the run's images is a side file
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert ray.data.read_parquet(str(tmp_path / "ray")).count() == 9
@@ -124,3 +124,68 @@ def test_torchrun_writes_the_one_process_data_set_and_recomputes_a_finished_one(
         assert run.returncode == 0, (attempt, run.stderr[-3000:])
         _equal_rows(want, _table(tmp_path / "two"))
         assert len(list((tmp_path / "two").glob("part-*.parquet"))) == 8 and (tmp_path / "two" / "_SUCCESS").exists()
+
+
+def test_a_run_checks_its_record_and_lists_its_output_once(tmp_path, monkeypatch):
+    """The run record is checked, and a data set's folder or prefix listed, once per run: a fresh run, a
+    resumed one, a finished one computed again, and a file output's parts."""
+    from nested_svit.inference import dataset_out, parts
+
+    calls = {"listings": 0, "records": 0}
+    listing, record = dataset_out.Location.names, parts.check_run_record
+
+    def counted_listing(self):
+        calls["listings"] += 1
+        return listing(self)
+
+    def counted_record(*a, **k):
+        calls["records"] += 1
+        return record(*a, **k)
+
+    monkeypatch.setattr(dataset_out.Location, "names", counted_listing)
+    monkeypatch.setattr(parts, "check_run_record", counted_record)
+    real_refuse = dataset_out.refuse_other_run
+    monkeypatch.setattr(dataset_out, "refuse_other_run",
+                        lambda *a: (calls.__setitem__("records", calls["records"] + 1), real_refuse(*a)))
+    write_image_folder(tmp_path / "in", per_class=2)  # 6 images, 3 batches of 2
+    args = ["predict", *TINY, "--batch-size", "2", "--input", str(tmp_path / "in")]
+    ds = tmp_path / "ds"
+    assert main([*args, "--out", f"{ds}/"]) == 0
+    assert calls == {"listings": 1, "records": 0}  # a new run: nothing to check, its record written
+    calls.update(listings=0, records=0)
+    assert main([*args, "--out", f"{ds}/"]) == 0  # a finished data set, computed again
+    assert calls == {"listings": 1, "records": 0} and len(list(ds.glob("part-*.parquet"))) == 3
+    (ds / "_SUCCESS").unlink()  # the parts of an unfinished run of other flags
+    (ds / "_nested_svit_run.json").write_text(json.dumps({"kind": "predict", "model": "another"}))
+    calls.update(listings=0, records=0)
+    assert main([*args, "--out", f"{ds}/"]) == 2  # refused
+    assert calls == {"listings": 1, "records": 1}
+    calls.update(listings=0, records=0)
+    assert main([*args, "--out", str(tmp_path / "rows.csv")]) == 0
+    assert calls == {"listings": 0, "records": 1}
+
+
+def test_a_detector_writes_a_data_set_with_the_file_rows(tmp_path):
+    """Detectors' rows (list columns: boxes, scores, labels, names, masks) as a data set read back as the
+    file output's rows, a skipped image among them."""
+    import torch
+    from coco_fixtures import make_coco
+    from nested_svit.inference.writers import plain_records
+    from nested_svit.detection import create_detector
+    from nested_svit.detection.adapter import AdapterConfig
+    from nested_svit.detection.checkpoint import save_detector_checkpoint
+
+    torch.manual_seed(0)
+    det = create_detector("svit_adapter_tiny_maskrcnn", embed_dim=48, num_heads=2, num_classes=2,
+                          adapter=AdapterConfig(conv_inplane=8, deform_heads=2), fpn_channels=16, img_scale=(96, 64),
+                          class_names=("square", "bar"))
+    save_detector_checkpoint(det, tmp_path / "det.pth")
+    _, images = make_coco(tmp_path / "coco", sizes=[(40, 56), (48, 40), (40, 40)], corrupt=1)
+    args = ["predict", "--checkpoint", str(tmp_path / "det.pth"), "--input", str(images), "--batch-size", "1",
+            "--workers", "0", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "rows.parquet")]) == 0
+    assert main([*args, "--out", f"{tmp_path / 'ds'}/"]) == 0
+    want, got = pd.read_parquet(tmp_path / "rows.parquet"), _table(tmp_path / "ds")
+    assert list(want.columns) == list(got.columns) and want["status"].tolist() == ["ok", "skipped", "ok"]
+    assert plain_records(want) == plain_records(got)
+    assert want["num_detections"].tolist()[0] == len(want["boxes"][0]) > 0 and len(want["boxes"][1]) == 0

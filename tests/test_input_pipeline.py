@@ -196,9 +196,9 @@ def test_eval_records_decoder_and_draft(tmp_path):
     assert results["gpu"]["decode"] == "libjpeg-turbo (torchvision)"
 
 
-def test_run_inference_on_the_device_with_device_decoding(tmp_path):
+def test_a_job_on_the_device_with_device_decoding_gives_the_rows_of_the_cpu(tmp_path):
     """The uint8 batches and the decoder on the simulated CUDA device: no device mixing, the rows of the CPU."""
-    from nested_svit.inference import InferenceJob, merge_parts, run_inference
+    from nested_svit.inference import BuiltModel, ClassifierStep, Job, ModelSpec, PartStore, merge_parts
 
     write_awkward_folder(tmp_path / "in")
     torch.manual_seed(0)
@@ -207,10 +207,12 @@ def test_run_inference_on_the_device_with_device_decoding(tmp_path):
     frames = {}
     for name, device in (("cpu", torch.device("cpu")), ("sim", simcuda.device())):
         ds = open_dataset(tmp_path / "in", t.crop, exif=True, encoded_jpegs=True)
-        job = InferenceJob(model.to(device), ds, tmp_path / f"{name}.parts", {"k": name}, 4, 0, 3, device,
-                           transform=t, decoder=DeviceJpegDecoder(t, device, exif=True))
+        step = ClassifierStep(model.to(device), device, 3, exif=True, transform=t,
+                              decoder=DeviceJpegDecoder(t, device, exif=True))
+        store = PartStore(tmp_path / f"{name}.parts", {"k": name}, 4, len(ds))
+        job = Job(step, ds, store, BuiltModel(model, None), ModelSpec("classifier"), workers=0)
         with simcuda.recording() as rec:
-            run_inference(job)
+            job.run()
         assert rec.mixing == [] and rec.violations == []
-        frames[name] = merge_parts(job.parts_dir, len(ds))
+        frames[name] = merge_parts(store.parts_dir, len(ds))
     pd.testing.assert_frame_equal(frames["cpu"], frames["sim"], atol=1e-5, rtol=1e-5)

@@ -139,20 +139,21 @@ def test_2_the_summary_says_how_many_images_are_labelled(tmp_path, capsys):
                                      ["--backend", "padded"], ["--threads", "2"]])
 def test_3_resume_refuses_a_run_that_changed_what_rows_hold(tmp_path, changed, capsys):
     from nested_svit.cli import build_parser, options
-    from nested_svit.cli.jobs import data_options, run_options
     from nested_svit.cli.models import class_names_file, model_spec
-    from nested_svit.inference import classifier_job
+    from nested_svit.cli.runs import data_options, run_options
+    from nested_svit.inference import OutputOptions, classifier_job
 
     data = _digit_folders(tmp_path / "val", ["1", "2"])
     (tmp_path / "names.txt").write_text("\n".join(str(i) for i in range(10)))  # labels 1, 2 instead of 0, 1
     out, parts = tmp_path / "p.csv", tmp_path / "p.csv.parts"
     first = ["predict", "--model", "svit_digits", "--checkpoint", DIGITS_PTH, "--input", str(data), "--out", str(out),
              "--batch-size", "2", *RUN]
-    # the parts of an interrupted first run: its manifest
+    # the parts of an interrupted first run: its run record
     parsed = options.resolve(build_parser().parse_args(first), "classifier", None)
-    classifier_job(model_spec(parsed, "classifier"), data_options(parsed, parsed.input, True, [out]),
-                   run_options(parsed), parts, "predict", parsed.topk,
-                   class_names_file(parsed.class_names)).job.store.check_manifest()
+    classifier_job(model_spec(parsed, "classifier"), data_options(parsed, parsed.input, True),
+                   run_options(parsed), OutputOptions(str(out)), "predict", topk=parsed.topk,
+                   class_names=class_names_file(parsed.class_names)).open()
+    assert (parts / "manifest.json").exists()
     again = [a.format(names=tmp_path / "names.txt") for a in changed]
     if "--threads" in again:
         first = [a for a in first if a not in ("--threads", "1")]

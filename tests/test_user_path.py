@@ -216,16 +216,15 @@ def test_resume_refuses_a_changed_file_list(tmp_path, capsys):
     args = ["predict", *TINY, "--input", str(tmp_path / "val"), "--out", str(out)]
     from nested_svit.cli import build_parser
 
-    # write the manifest of the current file list, as an interrupted run would have
+    # write the run record of the current file list, as an interrupted run would have
     from nested_svit.cli import options
-    from nested_svit.cli.jobs import data_options, run_options
     from nested_svit.cli.models import model_spec
-    from nested_svit.inference import classifier_job
+    from nested_svit.cli.runs import data_options, run_options
+    from nested_svit.inference import OutputOptions, classifier_job
 
     parsed = options.resolve(build_parser().parse_args(args), "classifier", None)
-    prepared = classifier_job(model_spec(parsed, "classifier"), data_options(parsed, parsed.input, True, [out]),
-                              run_options(parsed), parts, "predict", parsed.topk)
-    prepared.job.store.check_manifest()
+    classifier_job(model_spec(parsed, "classifier"), data_options(parsed, parsed.input, True),
+                   run_options(parsed), OutputOptions(str(out)), "predict", topk=parsed.topk).open()
     os.rename(tmp_path / "val" / WNIDS[0] / "img0.JPEG", tmp_path / "val" / WNIDS[0] / "renamed.JPEG")
     assert main(args) == 2
     assert "different run" in capsys.readouterr().err

@@ -39,10 +39,10 @@ def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> 
 
 
 def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
-    from ..inference import DetectionJob, InferenceJob
+    from ..inference import BATCH_SIZE
 
     g = p.add_argument_group("running")
-    options.add(p, g, "--batch-size", type=int, defaults={CLS: InferenceJob.batch_size, DET: DetectionJob.batch_size},
+    options.add(p, g, "--batch-size", type=int, defaults={CLS: BATCH_SIZE[CLS], DET: BATCH_SIZE[DET]},
                 families=families,
                 help="images per batch (detectors: images of any sizes run together)")
     g.add_argument("--workers", type=int, default=WORKERS, help="DataLoader processes decoding images")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET
-from .common import (check_suffix, check_writable, csv_list, int_list, keep_budget_values, note, parse_img_scale,
-                     write_table)
+from .common import check_suffix, check_writable, csv_list, int_list, keep_budget_values, note, parse_img_scale
 
 
 def add_parser(sub, formatter) -> None:
@@ -83,11 +82,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_writable(Path(args.plot))
     batch_sizes = int_list(args.batch_sizes)
     df, cols = (_bench_detectors if detectors else _bench_classifiers)(args, models, batch_sizes)
-    write_table(df, out)
-    if args.plot:
-        from ..viz import plot_detection_throughput, plot_throughput
+    from ..benchmark.outputs import write_bench
 
-        (plot_detection_throughput if detectors else plot_throughput)(df, args.plot)
+    write_bench(df, out, args.plot, detectors)
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
     return 0

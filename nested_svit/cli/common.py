@@ -1,15 +1,11 @@
-"""What every command shares: parsing lists and sizes, checking that outputs can be written, writing
-tables and rows by file extension (atomically), choosing the device, progress bars, notes."""
+"""What every command shares: parsing lists and sizes, checking that outputs can be written, progress
+bars, notes. The files themselves are the library's to write (``inference.writers``)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
-
-PREDICT_FORMATS = (".parquet", ".csv", ".json", ".jsonl")
-
 
 def csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -77,64 +73,6 @@ def check_suffix(out: Path, allowed: Sequence[str], what: str) -> str:
     return fmt
 
 
-def write_table(df, path: Path) -> None:
-    """A summary table as ``.json`` (records) or ``.csv``."""
-    from ..io import atomic_write_text
-
-    if path.suffix.lower() == ".json":
-        atomic_write_text(path, json.dumps(plain_records(df), indent=1, ensure_ascii=False))
-    else:
-        atomic_write_text(path, df.to_csv(index=False))
-
-
-def plain_records(rows) -> list[dict]:
-    """Rows as JSON-ready records: floats at full precision (``repr``), missing values as null, numpy
-    and pandas scalars as Python's, unicode kept."""
-    import math
-
-    import pandas as pd
-
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):  # numpy arrays and scalars
-            return plain(v.tolist())
-        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-            return None
-        return v
-
-    return [{k: plain(v) for k, v in r.items()} for r in rows.to_dict(orient="records")]
-
-
-def write_rows(rows, out: Path, meta: dict | None = None) -> None:
-    """Per-image rows as ``.parquet``, ``.csv``, ``.json`` (records) or ``.jsonl``, by ``out``'s suffix,
-    atomically. ``meta`` (provenance: model, checkpoint, transform, version, date, ...) goes into the
-    parquet schema metadata (which also marks the file as ours: it is never read back as input) and,
-    for every format, into ``<out>.meta.json``."""
-    from ..data.records import PARQUET_KEY
-    from ..io import atomic_write, atomic_write_text
-
-    fmt = out.suffix.lower()
-    if fmt == ".csv":
-        atomic_write(out, lambda tmp: rows.to_csv(tmp, index=False))
-    elif fmt in (".json", ".jsonl"):
-        records = plain_records(rows)
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if fmt == ".jsonl" \
-            else json.dumps(records, indent=1, ensure_ascii=False)
-        atomic_write_text(out, text)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.Table.from_pandas(rows, preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               PARQUET_KEY: json.dumps(meta or {}, ensure_ascii=False).encode()})
-        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
-    if meta is not None:
-        atomic_write_text(out.with_name(out.name + ".meta.json"),
-                          json.dumps({**meta, "rows": int(len(rows)), "output": str(out)}, indent=1, ensure_ascii=False))
-
-
 def all_skipped(skipped: int, total: int, reasons: list[str] = ()) -> int:
     """The exit status of a run: 2, with one line, when every image was skipped (the rows or the result
     say why for each), else 0."""
@@ -178,23 +116,3 @@ def progress_bar(total: int, label: str, unit: str = "img", enabled: bool = True
 
     return tqdm(total=total, initial=initial, desc=label, unit=unit, file=sys.stderr, disable=not enabled,
                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
-
-
-def picture_names(ids: list[str]) -> dict[str, str]:
-    """One PNG file name per input id, never two the same: the id's path with ``/`` as ``__`` and its
-    suffix replaced by ``.png``; ids that would share a name (``a.jpg`` / ``a.png``, ``sub/x.jpg`` /
-    ``sub__x.jpg``) keep their suffix and, if still shared, get their position in the input."""
-    def base(i: str, keep_suffix: bool) -> str:
-        p = Path(str(i))
-        stem = p.as_posix() if keep_suffix else p.with_suffix("").as_posix()
-        return stem.replace("/", "__") + ".png"
-
-    names = {i: base(i, False) for i in ids}
-    counts: dict[str, int] = {}
-    for n in names.values():
-        counts[n] = counts.get(n, 0) + 1
-    names = {i: (base(i, True) if counts[n] > 1 else n) for i, n in names.items()}
-    seen: dict[str, int] = {}
-    for n in names.values():
-        seen[n] = seen.get(n, 0) + 1
-    return {i: (n if seen[n] == 1 else n[:-4] + f".{k}.png") for k, (i, n) in enumerate(names.items())}

@@ -1,5 +1,5 @@
-"""``predict --engine ray``: its options, the flags it refuses, and the run it hands to
-``jobs.run_with_progress`` in place of the local loop (``nested_svit.ray``)."""
+"""``predict --engine ray``: its options, the flags it refuses, and the schedule it hands ``Job.run`` in
+place of the local DataLoader (``nested_svit.ray``)."""
 from __future__ import annotations
 
 import argparse
@@ -64,11 +64,13 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--decode-cpus must be > 0, got {args.decode_cpus:g}")
 
 
-def ray_run(args: argparse.Namespace, spec) -> Callable:
-    """The run for ``run_with_progress``: a job's pending batches on Ray Data, its model built in each
-    actor from ``spec`` (the run's ``ModelSpec``), its batch step run there."""
+def schedule_for(args: argparse.Namespace, job) -> Callable | None:
+    """The engine's schedule of ``job`` for ``Job.run``: None (this process's DataLoader), or its pending
+    batches on Ray Data, its model built in each actor from the job's ``ModelSpec``, its batch step run there."""
+    if args.engine != "ray":
+        return None
     from ..ray import require_ray
-    from ..ray.engine import RayOptions, run_on_ray
+    from ..ray.engine import RayOptions, ray_schedule
 
     try:
         require_ray()  # before any work: the extra may not be installed
@@ -76,7 +78,7 @@ def ray_run(args: argparse.Namespace, spec) -> Callable:
         raise ValueError(str(e)) from e
     options = RayOptions(address=ray_address(args), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                          cpus_per_actor=ray_threads(args), decode_cpus=args.decode_cpus)
-    return lambda job, progress: run_on_ray(job.store, job.dataset, job.step, spec, options, progress)
+    return ray_schedule(job, options)
 
 
 def ray_address(args: argparse.Namespace) -> str | None:

@@ -3,14 +3,13 @@ eval coco`` (detectors: box and mask AP with pycocotools, token usage, FPS^w / F
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
 from .common import all_skipped, capacity_note, check_suffix, warn
-from .jobs import data_options, run_options, run_with_progress, validate_inference_args
 from .models import class_names_file, keep_budget, model_spec, show
+from .runs import data_options, progress, run_options, validate_inference_args
 from .sets import DataSetArg, data_sets
 
 
@@ -53,7 +52,7 @@ def add_parser(sub, formatter) -> None:
 def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     from ..distributed import shutdown
     from ..evaluation.imagenet import SetFiles, write_results
-    from ..inference import Scoring, classifier_job, load_for_runs
+    from ..inference import OutputOptions, Scoring, classifier_job, load_for_runs
 
     args = options.resolve(args, CLS, args.model)
     out = Path(args.out)
@@ -70,19 +69,18 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     loaded = load_for_runs(spec, run)
     show(loaded.built.messages)
     try:
-        prepared = []
+        jobs = []
         for s in sets:  # every set's data and scoring checked before the first image is read
-            prepared.append(classifier_job(spec, data_options(args, s.path, False, ours), run, parts[s.name],
-                                           "eval-imagenet", args.topk, names, keep_budget(args),
-                                           scoring=Scoring(s.valid, s.real), loaded=loaded))
-            show([f"{s.name}: {m}" if s.name else m for m in prepared[-1].messages])
+            jobs.append(classifier_job(spec, data_options(args, s.path, False, ours), run,
+                                       OutputOptions(parts=str(parts[s.name])), "eval-imagenet", keep_budget(args),
+                                       topk=args.topk, class_names=names, scoring=Scoring(s.valid, s.real),
+                                       loaded=loaded))
+            show([f"{s.name}: {m}" if s.name else m for m in jobs[-1].messages])
         results = []
-        for s, p in zip(sets, prepared):
-            results.append(_eval_set(p, s, args, files[s.name]))
+        for s, job in zip(sets, jobs):
+            results.append(_eval_set(job, s, files[s.name]))
         if loaded.info.is_main:
-            write_results(results, json_out, csv_out)
-            for p in prepared:
-                p.job.store.remove()
+            write_results(results, json_out, csv_out, jobs)
             if len(results) > 1:
                 print(results_lines(results))
             print(f"-> {json_out}, {csv_out}, per-class accuracy and reliability diagrams beside them")
@@ -92,12 +90,9 @@ def cmd_eval_imagenet(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -> dict | None:
-    """Run one set's pending batches (a bar), and on rank 0 its result and the line that tells it."""
-    from ..evaluation.imagenet import set_result
-    from ..inference import run_inference
-
-    job = prepared.job
+def _eval_set(job, data_set: DataSetArg, files) -> dict | None:
+    """Run one set with a bar, and on rank 0 print the line that tells its result -> the result."""
+    from ..evaluation.imagenet import evaluate_set
 
     def postfix(s) -> dict:
         post = {"img_s": f"{s.images / max(s.elapsed, 1e-9):.1f}"}
@@ -105,15 +100,12 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
             post["top1"] = f"{100 * s.correct1 / s.labelled:.2f}"
         return post
 
-    label = f"eval {data_set.name}" if data_set.name else "eval"
-    _, (images, reruns), seconds = run_with_progress(job, label, run_inference, postfix,
-                                                     lambda s: [s.images, s.capacity_reruns])
-    if not job.dist.is_main:
+    with progress(job, f"eval {data_set.name}" if data_set.name else "eval", postfix) as update:
+        evaluated = evaluate_set(job, data_set.label, files, update)
+    if evaluated is None:
         return None
-    result = set_result(prepared, job.store.merge(), data_set.label, images, seconds, args.checkpoint, args.batch_size,
-                        args.topk, files)
-    if args.capacity:  # every process's batches of this run whose capacity was too small (rerun)
-        result.update(capacity=args.capacity, capacity_reruns_this_run=int(reruns))
+    result, counts = evaluated
+    images, seconds = counts.images, counts.elapsed
     labelled, predicted = result["num_images"], result["num_predicted"]
     scores = (f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f} on {labelled} labelled of {predicted} images"
               if labelled else f"no labelled images among {predicted}: top-1/top-5 not computed")
@@ -128,7 +120,7 @@ def _eval_set(prepared, data_set: DataSetArg, args: argparse.Namespace, files) -
     rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
     print(f"{data_set.name + ': ' if data_set.name else ''}{scores}  skipped {result['num_skipped']}  "
           f"keep {result['mean_keep_ratio_all_gates']:.3f}  ece {_percent(result['ece'])}  in {seconds:.1f} s{rate}"
-          + (f"; {capacity_note(args.capacity, result['capacity_reruns_this_run'])}" if args.capacity else ""))
+          + (f"; {capacity_note(result['capacity'], result['capacity_reruns_this_run'])}" if "capacity" in result else ""))
     return result
 
 
@@ -167,26 +159,12 @@ def _coco_paths(args: argparse.Namespace):
     return resolve_coco_paths(args.data, _coco_split(args), args.ann, args.images)
 
 
-def _size_mismatches(rows, coco) -> list[dict]:
-    """Images whose decoded size (EXIF orientation applied, as mmdet) differs from the json's."""
-    out = []
-    for r in rows[rows["status"] == "ok"].itertuples():
-        info = coco.imgs[int(r.image_id)]
-        if (info.get("height"), info.get("width")) != (int(r.height), int(r.width)):
-            out.append({"id": r.id, "decoded": [int(r.height), int(r.width)],
-                        "annotations": [info.get("height"), info.get("width")]})
-    return out
-
-
 def cmd_eval_coco(args: argparse.Namespace) -> int:
-    from ..data.coco import CocoDetectionData, load_coco
+    from ..data.coco import load_coco
     from ..detection.registry import list_detectors
     from ..distributed import shutdown
-    from ..evaluation.detection import category_mapping, coco_metrics, coco_results
-    from ..evaluation.results import checkpoint_record, run_record
-    from ..evaluation.usage import usage_summary
-    from ..inference import detector_job, family_of, run_detection
-    from ..io import atomic_write_text
+    from ..evaluation.detection import category_mapping, evaluate_coco
+    from ..inference import OutputOptions, detector_job, family_of
 
     args = options.resolve(args, DET, args.model)
     if args.model and family_of(args.model, None) != DET:
@@ -197,62 +175,32 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     ann_file, image_dir = _coco_paths(args)
     coco = load_coco(ann_file)
     names = [coco.loadCats(c)[0]["name"] for c in sorted(coco.getCatIds())]
-    parts = out.with_name(out.name + ".parts")
     spec = model_spec(args, DET, categories=tuple(names))
-    prepared = detector_job(spec, lambda model: CocoDetectionData(ann_file, image_dir, model.config.img_scale,
-                                                                  args.max_images, args.max_image_pixels),
-                            run_options(args), parts, "eval-coco", str(image_dir), [ann_file, image_dir],
-                            _coco_split(args), keep_budget(args))
-    job, model, report = prepared.job, prepared.built.model, prepared.built.report
-    mapping, mapping_note = category_mapping(list(model.class_names), coco)
-    show(prepared.messages + ([f"note: {mapping_note}"] if mapping_note else []))
-    dataset = job.dataset
+    data = data_options(args, str(image_dir), annotations=str(ann_file), max_images=args.max_images,
+                        split=_coco_split(args))
+    job = detector_job(spec, data, run_options(args), OutputOptions(parts=str(out.with_name(out.name + ".parts"))),
+                       "eval-coco", keep_budget(args))
+    categories = category_mapping(list(job.model.class_names), coco)
+    show(job.messages + ([f"note: {categories[1]}"] if categories[1] else []))
     try:
-        _, (images, model_s, backbone_s), seconds = run_with_progress(
-            job, "eval coco", run_detection,
-            lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}", "dets": s.detections},
-            lambda s: [s.images, s.model_seconds, s.backbone_seconds])
-        if job.dist.is_main:
-            rows = job.store.merge()
-            ok = rows[rows["status"] == "ok"]
-            results = coco_results(ok, mapping)
-            det_path = out.with_name(out.stem + ".detections.json")
-            atomic_write_text(det_path, json.dumps(results, ensure_ascii=False))
-            metrics = coco_metrics(coco, results, dataset.image_ids)
-            skipped = rows[rows["status"] != "ok"]
-            mismatched = _size_mismatches(rows, coco)
-            if mismatched:
-                warn(f"warning: {len(mismatched)} images decode (EXIF orientation applied, as mmdet does) to another "
-                     "size than the annotation file says, so their boxes and masks are compared in another frame: "
-                     + "; ".join(f"{m['id']} {m['decoded'][1]}x{m['decoded'][0]} vs {m['annotations'][1]}x"
-                                 f"{m['annotations'][0]}" for m in mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
-            result = {
-                **checkpoint_record(model.name, args.checkpoint, report),
-                "annotations": str(ann_file), "images_dir": str(image_dir), "num_images": int(len(rows)),
-                "num_evaluated": int(len(ok)), "num_skipped": int(len(skipped)),
-                "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
-                "bbox": metrics["bbox"], "segm": metrics["segm"], "num_detections": len(results),
-                "categories_note": mapping_note, "size_mismatches": mismatched,
-                "calibration": job.manifest["calibration"], "compile": bool(job.manifest.get("compile", False)),
-                **usage_summary(ok, model.config.vit.gate_blocks, ok["total_tokens"].astype(float)),
-                "fps_whole": images / model_s if model_s > 0 else None,
-                "fps_backbone": images / backbone_s if backbone_s > 0 else None,
-                "fps_note": "FPS^w / FPS^b: images per second of model time (preprocessed input on the device to "
-                            "results on the host, masks pasted; backbone only) over the images of this run, "
-                            "summed over processes' time; data loading excluded",
-                "images_this_run": int(images), "img_scale": list(model.config.img_scale), "batch_size": args.batch_size,
-                "detections_file": str(det_path), **run_record(job.device, job.dist.world_size, args.backend),
-            }
-            atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False))
-            job.store.remove()
-            if metrics["bbox"]["AP"] is None:
-                scores = "no ground truth: AP undefined"
-            else:
-                scores = f"bbox AP {metrics['bbox']['AP']:.3f}  segm AP {metrics['segm']['AP']:.3f}"
-            rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
-            print(f"{scores}  images {len(ok)}  skipped {len(skipped)}  keep {result['mean_keep_ratio_all_gates']:.3f}"
-                  f"  -> {out} in {seconds:.1f} s{rate}")
-            return all_skipped(len(skipped), len(rows))
+        with progress(job, "eval coco", lambda s: {"fps_w": f"{s.images / max(s.model_seconds, 1e-9):.2f}",
+                                                   "dets": s.detections}) as update:
+            evaluated = evaluate_coco(job, coco, categories, ann_file, image_dir, out, update)
+        if evaluated is None:
+            return 0
+        result, counts = evaluated
+        mismatched = result["size_mismatches"]
+        if mismatched:
+            warn(f"warning: {len(mismatched)} images decode (EXIF orientation applied, as mmdet does) to another size "
+                 "than the annotation file says, so their boxes and masks are compared in another frame: "
+                 + "; ".join(f"{m['id']} {m['decoded'][1]}x{m['decoded'][0]} vs {m['annotations'][1]}x"
+                             f"{m['annotations'][0]}" for m in mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
+        bbox, segm = result["bbox"]["AP"], result["segm"]["AP"]
+        scores = "no ground truth: AP undefined" if bbox is None else f"bbox AP {bbox:.3f}  segm AP {segm:.3f}"
+        images, seconds = counts.images, counts.elapsed
+        rate = f", {images / seconds:.1f} img/s" if seconds > 0 and images else ""
+        print(f"{scores}  images {result['num_evaluated']}  skipped {result['num_skipped']}  keep "
+              f"{result['mean_keep_ratio_all_gates']:.3f}  -> {out} in {seconds:.1f} s{rate}")
+        return all_skipped(result["num_skipped"], result["num_images"])
     finally:
         shutdown(job.dist)
-    return 0

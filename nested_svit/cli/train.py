@@ -3,7 +3,6 @@ detectors (dense ViT-Adapter, SViT-Adapter, the baselines as backbones); resumab
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -104,13 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace) -> str:
-    """Join the torchrun group (the trainers read it to shard batches and average gradients); -> this
-    process's device."""
-    from ..devices import resolve_device
-    from ..distributed import init_from_env, rank_device
+    """This process's device, the torchrun group joined and the threads set (``distributed.process_setup``,
+    as inference does)."""
+    from ..distributed import process_setup
 
-    device = resolve_device(args.device)
-    return rank_device(device, init_from_env(device))
+    return str(process_setup(args.device, args.threads)[0])
 
 
 def _common(args: argparse.Namespace, device: str) -> dict:
@@ -153,16 +150,14 @@ def train_classifier(args: argparse.Namespace) -> int:
     if args.init:
         for text in load_init(model, args.init):
             note(text)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     values = {k: v for k, v in _common(args, _device(args)).items() if v is not None}
     cfg = TrainConfig(**values, freeze_backbone=args.freeze_backbone)
     if not args.init and not _resuming(args):
         note(f"no --init: {model.name} starts from random weights and trains at lr {cfg.lr:g} (gates {cfg.selector_lr:g}), "
              "the gate fine-tuning defaults; from scratch it usually wants a larger --lr, or start from a dense "
              "checkpoint with --init")
-    trainer = Trainer(model, data, cfg, augment=train_augment(img_size), checkpoint_path=args.out)
-    trainer.data_record = data.record(str(Path(args.data).resolve()))
+    trainer = Trainer(model, data, cfg, augment=train_augment(img_size), checkpoint_path=args.out,
+                      data_record=data.record(str(Path(args.data).resolve())), log_every=args.log_every)
     return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
 
 
@@ -191,8 +186,6 @@ def train_detector(args: argparse.Namespace) -> int:
     if args.init:
         for text in load_init(model, args.init):
             note(text)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     steps = tuple(int(v) for v in args.steps.split(",")) if args.steps else None
     cfg = DetTrainConfig.recipe(model, args.init is not None, **_common(args, _device(args)), schedule=args.schedule,
                                 steps=steps, clip_grad=args.clip_grad, sync_bn=not args.no_sync_bn)
@@ -203,8 +196,9 @@ def train_detector(args: argparse.Namespace) -> int:
     if not args.init and not _resuming(args):
         note(f"no --init: the whole of {model.name} starts from random weights (lr {cfg.lr:g}); detectors usually "
              "start from ImageNet weights: --init deit_small_patch16_224.pth")
-    trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out)
-    trainer.data_record = {"path": str(Path(ann_file).resolve()), "digest": data.digest(), "images": len(data)}
+    trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out, log_every=args.log_every,
+                              data_record={"path": str(Path(ann_file).resolve()), "digest": data.digest(),
+                                           "images": len(data)})
     return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})
 
 
@@ -213,9 +207,9 @@ def _resuming(args: argparse.Namespace) -> bool:
 
 
 def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
-    """Resume from ``--out``/``--resume`` unless ``--restart``, trim the ``<out>.log.jsonl`` lines of steps
-    that will be redone, train with a progress bar, log every ``--log-every`` steps (classifiers and
-    detectors). Under torchrun rank 0 alone shows the bar and writes the log and the checkpoint."""
+    """Resume from ``--out``/``--resume`` unless ``--restart``, train with a progress bar (classifiers and
+    detectors; the trainer writes ``<out>.log.jsonl`` and the checkpoint). Under torchrun rank 0 alone shows
+    the bar."""
     from ..distributed import shutdown
 
     main_rank = trainer.dist.is_main
@@ -227,13 +221,6 @@ def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
                 print(f"resumed from {path} at epoch {trainer.epoch} step {trainer.global_step}", file=sys.stderr)
                 for text in notes:
                     note(text)
-        log_path = Path(args.out).with_suffix(".log.jsonl")
-        if main_rank:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            if log_path.exists():  # drop log lines of steps after the checkpoint we resumed from (they are redone)
-                kept = [ln for ln in log_path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] < trainer.global_step]
-                log_path.write_text("".join(ln + "\n" for ln in kept))
         bar = progress_bar(trainer.cfg.epochs * trainer.steps_per_epoch, "train", "step", main_rank, trainer.global_step)
 
         def log(entry) -> None:
@@ -241,9 +228,6 @@ def fit_with_progress(args: argparse.Namespace, trainer, postfix) -> int:
             if post:  # shown with the update, at the bar's pace (a log file gets a line every 30 s)
                 bar.set_postfix(**post, skipped=trainer.skipped, refresh=False)
             bar.update(1)
-            if main_rank and entry.step % args.log_every == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(entry.__dict__) + "\n")
 
         first = trainer.global_step
         trainer.fit(log=log)

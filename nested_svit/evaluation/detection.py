@@ -1,10 +1,13 @@
 """COCO detection / instance segmentation evaluation of detector rows (``inference.detect``): the
-model's labels mapped to the annotation file's categories, COCO results, and pycocotools metrics."""
+model's labels mapped to the annotation file's categories, COCO results, pycocotools metrics, and the
+result of ``eval coco`` (``evaluate_coco``: its record and ``<name>.detections.json``)."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -35,20 +38,22 @@ def category_mapping(class_names: list[str], coco) -> tuple[dict[int, int], str 
 
 
 def coco_results(rows: pd.DataFrame, categories: list[int] | dict[int, int]) -> list[dict]:
-    """Rows -> COCO results (``bbox`` as x, y, w, h; the annotation file's category ids; RLE
-    ``segmentation``). ``categories``: model label -> category id (a list: by position); detections of
-    labels it does not map are left out."""
+    """Rows (``inference.detect``'s list columns) -> COCO results (``bbox`` as x, y, w, h; the annotation
+    file's category ids; RLE ``segmentation``). ``categories``: model label -> category id (a list: by
+    position); detections of labels it does not map are left out."""
     mapping = dict(enumerate(categories)) if isinstance(categories, (list, tuple)) else dict(categories)
     out = []
-    for image_id, text in zip(rows["image_id"], rows["detections"]):
-        for d in json.loads(text):
-            if d["label"] not in mapping:
+    for image_id, boxes, scores, labels, masks in zip(rows["image_id"], rows["boxes"], rows["scores"], rows["labels"],
+                                                      rows["masks_rle"]):
+        masks = list(masks) if len(masks) else [None] * len(boxes)
+        for box, score, label, mask in zip(boxes, scores, labels, masks):
+            if int(label) not in mapping:
                 continue
-            x1, y1, x2, y2 = d["bbox"]
-            res = {"image_id": int(image_id), "category_id": int(mapping[d["label"]]),
-                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"]}
-            if "segmentation" in d:
-                res["segmentation"] = d["segmentation"]
+            x1, y1, x2, y2 = (float(v) for v in box)
+            res = {"image_id": int(image_id), "category_id": int(mapping[int(label)]),
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+            if mask is not None:
+                res["segmentation"] = json.loads(mask)  # the rows' RLE text, as COCO takes it
             out.append(res)
     return out
 
@@ -76,3 +81,60 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: list[int], iou_types: 
             ev.summarize()
         out[iou_type] = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
     return out
+
+
+FPS_NOTE = ("FPS^w / FPS^b: images per second of model time (preprocessed input on the device to results on the "
+            "host, masks pasted; backbone only) over the images of this run, summed over processes' time; data "
+            "loading excluded")
+
+
+def size_mismatches(rows: pd.DataFrame, coco) -> list[dict]:
+    """Images whose decoded size (EXIF orientation applied, as mmdet) differs from the json's."""
+    out = []
+    for r in rows[rows["status"] == "ok"].itertuples():
+        info = coco.imgs[int(r.image_id)]
+        if (info.get("height"), info.get("width")) != (int(r.height), int(r.width)):
+            out.append({"id": r.id, "decoded": [int(r.height), int(r.width)],
+                        "annotations": [info.get("height"), info.get("width")]})
+    return out
+
+
+def evaluate_coco(job, coco, categories: tuple[dict[int, int], str | None], ann_file: str | Path,
+                  image_dir: str | Path, out: Path, progress: Callable | None = None) -> tuple[dict, object] | None:
+    """Run ``job`` (``inference.detector_job`` over the annotation file's images) and, on the main process,
+    write ``<out stem>.detections.json`` (COCO results) and ``out`` (box and mask AP, token usage, FPS^w /
+    FPS^b, the run's record) -> (that record, the run's counts). ``categories``: ``category_mapping``'s (label -> category id,
+    and its note)."""
+    from ..io import atomic_write_text
+    from .results import checkpoint_record, run_record
+    from .usage import usage_summary
+
+    model, (mapping, mapping_note) = job.model, categories
+    counts = job.run(progress)
+    if not job.dist.is_main:
+        return None
+    rows = job.rows()
+    ok, skipped = rows[rows["status"] == "ok"], rows[rows["status"] != "ok"]
+    results = coco_results(ok, mapping)
+    det_path = out.with_name(out.stem + ".detections.json")
+    atomic_write_text(det_path, json.dumps(results, ensure_ascii=False))
+    metrics = coco_metrics(coco, results, job.dataset.image_ids)
+    images, record = counts.images, job.run_record
+    result = {
+        **checkpoint_record(model.name, job.spec.checkpoint, job.built.report),
+        "annotations": str(ann_file), "images_dir": str(image_dir), "num_images": int(len(rows)),
+        "num_evaluated": int(len(ok)), "num_skipped": int(len(skipped)),
+        "skipped": [{"id": r.id, "reason": r.error} for r in skipped.itertuples()],
+        "bbox": metrics["bbox"], "segm": metrics["segm"], "num_detections": len(results),
+        "categories_note": mapping_note, "size_mismatches": size_mismatches(rows, coco),
+        "calibration": record["calibration"], "compile": bool(record.get("compile", False)),
+        **usage_summary(ok, model.config.vit.gate_blocks, ok["total_tokens"].astype(float)),
+        "fps_whole": images / counts.model_seconds if counts.model_seconds > 0 else None,
+        "fps_backbone": images / counts.backbone_seconds if counts.backbone_seconds > 0 else None,
+        "fps_note": FPS_NOTE, "images_this_run": int(images), "img_scale": list(model.config.img_scale),
+        "batch_size": job.store.batch_size, "detections_file": str(det_path),
+        **run_record(job.device, job.dist.world_size, job.spec.backend),
+    }
+    atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False))
+    job.store.remove()
+    return result, counts

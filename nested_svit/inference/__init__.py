@@ -1,20 +1,22 @@
-"""Inference, the same for every engine: what to build (``ModelSpec``), a job's batch step (classifiers:
-``ClassifierStep``, detectors: ``DetectorStep``), the one commit loop (``run_batches``) over the part
-files of a run (``PartStore``), and the jobs of a local or torchrun run (``InferenceJob`` /
-``run_inference``, ``DetectionJob`` / ``run_detection``), built from plain options (``jobs``)."""
+"""Inference, the same for every engine: what to build (``ModelSpec``), a run built once from plain
+options (``classifier_job`` / ``detector_job`` -> a ``Job``: its batch step, its data set, the store of
+its part files), run by the one commit loop (``run_batches``) with this process's schedule or the Ray
+engine's, and written by the library (``predict`` -> a ``PredictSummary``)."""
+from .build import (BATCH_SIZE, DataOptions, LoadedModel, OutputOptions, RunOptions, classifier_job, detector_job,
+                    load_for_runs)
 from .calibration import KeepBudget
-from .classify import ClassifierStep, InferenceJob, Progress, run_inference
-from .detect import DetectionJob, DetectionProgress, DetectorStep, run_detection
-from .jobs import (DataOptions, LoadedModel, Prepared, RunOptions, classifier_job, detector_job, load_for_runs,
-                   output_names)
-from .loop import BatchResult, BatchStep, run_batches, run_local
-from .parts import PartStore, check_manifest, merge_parts, part_path, remove_parts
-from .provenance import provenance
-from .scoring import ResolvedScoring, Scoring
+from .classify import ClassifierCounts, ClassifierStep
+from .detect import DetectorCounts, DetectorStep
+from .job import Job, PredictSummary, Resume, predict
+from .labels import output_names
+from .loop import BatchResult, BatchStep, local_schedule, run_batches
+from .parts import PartStore, merge_parts
+from .scoring import Scoring
 from .spec import BuiltModel, ModelSpec, family_of, load_detector, load_model
+from .writers import DETECTOR_FORMATS, ROW_FORMATS
 
-__all__ = ["ModelSpec", "BuiltModel", "family_of", "load_model", "load_detector", "ClassifierStep", "DetectorStep", "BatchStep", "BatchResult",
-           "run_batches", "run_local", "PartStore", "check_manifest", "part_path", "merge_parts", "remove_parts",
-           "InferenceJob", "run_inference", "Progress", "DetectionJob", "run_detection", "DetectionProgress",
-           "KeepBudget", "DataOptions", "RunOptions", "Prepared", "classifier_job", "detector_job", "output_names",
-           "provenance", "LoadedModel", "load_for_runs", "Scoring", "ResolvedScoring"]
+__all__ = ["ModelSpec", "BuiltModel", "family_of", "load_model", "load_detector",
+           "DataOptions", "RunOptions", "OutputOptions", "KeepBudget", "Scoring", "BATCH_SIZE",
+           "classifier_job", "detector_job", "load_for_runs", "LoadedModel", "Job", "Resume", "predict", "PredictSummary",
+           "ClassifierStep", "DetectorStep", "ClassifierCounts", "DetectorCounts", "BatchStep", "BatchResult",
+           "run_batches", "local_schedule", "PartStore", "merge_parts", "output_names", "ROW_FORMATS", "DETECTOR_FORMATS"]

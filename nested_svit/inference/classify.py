@@ -1,38 +1,33 @@
 """Classifier inference: the batch step (a prepared batch -> one row per image with the top-k classes,
-their probabilities and the tokens each block kept; skipped images with their reason), its counts, and
-the job of a local run (``InferenceJob`` / ``run_inference``)."""
+their probabilities and the tokens each block kept; skipped images with their reason) and its counts."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 import torch
 
-from ..data.dataset import ImageRecordDataset
 from ..data.device_decode import DeviceJpegDecoder
 from ..data.transforms import EvalTransform
-from ..distributed import DistInfo
 from ..model import SparseViT
 from .agreement import agreement, decisions_from, decisions_of
-from .loop import run_local
-from .dataset_out import open_store
-from .parts import PartStore
 
 
 @dataclass
-class Progress:
-    images: int  # predicted by this process in this run
-    correct1: int
-    labelled: int
-    elapsed: float
+class ClassifierCounts:
+    """What a classifier run counts: summed per batch, then over the processes (``Job.run``)."""
+
+    images: int = 0  # predicted by this process in this run
+    correct1: int = 0
+    labelled: int = 0
+    elapsed: float = 0.0
     seen: int = 0  # predicted or skipped
     capacity_reruns: int = 0  # batches whose capacity forward was too small, rerun (``--capacity``)
     retried: list[int] = field(default_factory=list)  # batches that took more attempts (``run_batches``)
 
-    def add(self, other: "Progress") -> None:
+    def add(self, other: "ClassifierCounts") -> None:
         self.images += other.images
         self.correct1 += other.correct1
         self.labelled += other.labelled
@@ -67,8 +62,8 @@ class ClassifierStep:
         tag other than 1 (normal)."""
         return bool(self.exif) and orientation is not None and orientation == orientation and int(orientation) != 1
 
-    def counts(self) -> Progress:
-        return Progress(0, 0, 0, 0.0)
+    def counts(self) -> ClassifierCounts:
+        return ClassifierCounts()
 
     def bind(self, model: SparseViT, device: torch.device, reference: SparseViT | None = None) -> "ClassifierStep":
         decoder = self.decoder and DeviceJpegDecoder(self.decoder.transform, device, self.decoder.exif,
@@ -94,10 +89,10 @@ class ClassifierStep:
                     else images.to(ref)
         return batch
 
-    def run(self, batch: dict) -> tuple[pd.DataFrame, Progress]:
+    def run(self, batch: dict) -> tuple[pd.DataFrame, ClassifierCounts]:
         """A prepared batch (``images`` the model's input, or None) -> its rows and its counts."""
         logits = kept = None
-        counts = Progress(0, 0, 0, 0.0, seen=len(batch["all_index"]))
+        counts = ClassifierCounts(seen=len(batch["all_index"]))
         if batch["images"] is not None:
             reruns = self.model.capacity_reruns
             with torch.no_grad():  # not inference_mode: jagged tensors cannot be built from inference tensors
@@ -169,43 +164,3 @@ class ClassifierStep:
         for idx, image_id, label, error in batch["failed"]:
             rows.append({"index": idx, "id": image_id, "label": label, "status": "skipped", "error": error})
         return pd.DataFrame(rows)
-
-
-@dataclass
-class InferenceJob:
-    """A classifier run over ``dataset``: its step (model, top-k, names, transform, decoder, pictures)
-    and its part files (``parts_dir``, ``manifest``, batches of ``batch_size``, this process's share)."""
-
-    model: SparseViT
-    dataset: ImageRecordDataset
-    parts_dir: Path
-    manifest: dict
-    batch_size: int = 128
-    workers: int = 2
-    topk: int = 5
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dist: DistInfo = field(default_factory=DistInfo)
-    class_names: list[str] | None = None  # the MODEL's output classes (not the data's folders)
-    on_batch: Callable[..., None] | None = None  # (batch, images, usage, logits): pictures
-    # the dataset's images are uint8 crops (``transform.crop``), normalised by ``transform`` on the
-    # device; None: the dataset's images are the model's input as they are
-    transform: EvalTransform | None = None
-    decoder: DeviceJpegDecoder | None = None  # --decode gpu: the dataset passes JPEGs on undecoded
-    valid_labels: tuple[int, ...] | None = None  # --valid-labels: the classes the top-k is taken over
-    cuda_graphs: bool = False  # --cuda-graphs
-    reference: SparseViT | None = None  # --agreement-with: the same weights in the reference precision
-
-    @property
-    def step(self) -> ClassifierStep:
-        return ClassifierStep(self.model, torch.device(self.device), self.topk, self.class_names,
-                              self.dataset.class_names, getattr(self.dataset, "exif", False), self.transform,
-                              self.decoder, self.on_batch, self.valid_labels, self.cuda_graphs, self.reference)
-
-    @property
-    def store(self) -> PartStore:
-        return open_store(self.parts_dir, self.manifest, self.batch_size, len(self.dataset), self.dist)
-
-
-def run_inference(job: InferenceJob, progress: Callable[[Progress], None] | None = None) -> Progress:
-    """Run this process's pending batches of ``job``, one part file per batch."""
-    return run_local(job.step, job.dataset, job.store, job.workers, progress)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ from .parts import PartStore, integer_columns, merged, plain, refuse_other_run
 
 RUN_RECORD = "_nested_svit_run.json"
 SUCCESS = "_SUCCESS"
-DATASET_MANIFEST = "_manifest.json"
+DATASET_SUMMARY = "_manifest.json"  # the finished data set's provenance, rows and parts (the name Spark-like readers skip)
 
 
 def is_dataset_out(out: str) -> bool:
@@ -82,26 +81,6 @@ class Location:
             self.fs.rm_file(self.path(name))
 
 
-def prepare_dataset_output(out: str) -> list[str]:
-    """Make ``out`` a data set output -> the note lines. A folder or prefix that holds anything but ours
-    is refused; a finished data set is said to be computed again (``DatasetStore.check_manifest`` clears
-    it, once the run starts; every process of a torchrun marks it, so every one opens it as a data set)."""
-    where = Location(out)
-    if not where.remote and Path(where.root).exists() and not Path(where.root).is_dir():
-        raise ValueError(f"--out {out} names a data set folder, but {where.text} is a file")
-    names = where.names()
-    if names and DATASET_MARKER not in names:
-        raise ValueError(f"--out {out} holds other files: a data set output needs an empty or new folder or prefix "
-                         "(or one an earlier predict wrote)")
-    notes = []
-    if SUCCESS in names and int(os.environ.get("RANK", "0")) == 0:
-        notes.append(f"note: {out} holds a finished run's data set: it is computed again with these flags and replaced")
-    if not where.remote:
-        Path(where.root).mkdir(parents=True, exist_ok=True)
-    where.write(DATASET_MARKER, b"")  # never read back as input by a later run
-    return notes
-
-
 def _parquet_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
@@ -121,20 +100,42 @@ class DatasetStore(PartStore):
     def where(self) -> Location:
         return Location(self.parts_dir)
 
-    def check_manifest(self) -> None:
-        """A finished data set is cleared by the main process, and every process waits for that before it
-        lists what is pending (one that listed first would take the old parts as done); then the run
-        record ties the output to this run, or refuses a different run's parts."""
+    def open(self) -> tuple[list[list[int]], list[str]]:
+        """Make the folder or prefix this run's data set, with one listing -> (this process's pending
+        batches, lines a user should read). One that holds anything but ours is refused; a finished data
+        set is cleared by the main process (and said to be computed again), and every process waits for
+        that before it takes what is pending (one that listed first would take the old parts as done);
+        then the run record ties the output to this run, or refuses a different run's parts."""
         where = self.where
-        names = where.names()
-        if SUCCESS in names and self.dist.is_main:
-            for name in [n for n in names if n.startswith(self.prefix)] + [SUCCESS, DATASET_MANIFEST]:
-                where.delete(name)
+        if not where.remote and Path(where.root).exists() and not Path(where.root).is_dir():
+            raise ValueError(f"--out {self.parts_dir} names a data set folder, but {where.text} is a file")
+        names = set(where.names())
+        if names and DATASET_MARKER not in names:
+            raise ValueError(f"--out {self.parts_dir} holds other files: a data set output needs an empty or new folder "
+                             "or prefix (or one an earlier predict wrote)")
+        notes = []
+        if SUCCESS in names:
+            notes.append(f"note: {self.parts_dir} holds a finished run's data set: it is computed again with these "
+                         "flags and replaced")
+            finished = {n for n in names if n.startswith(self.prefix)} | {SUCCESS, DATASET_SUMMARY}
+            if self.dist.is_main:
+                for name in sorted(finished & names):
+                    where.delete(name)
+            names -= finished
+        if DATASET_MARKER not in names:
+            if not where.remote:
+                Path(where.root).mkdir(parents=True, exist_ok=True)
+            where.write(DATASET_MARKER, b"")  # never read back as input by a later run
         barrier(self.dist)
-        if RUN_RECORD in where.names():
-            refuse_other_run(self.parts_dir, json.loads(where.read(RUN_RECORD)), self.manifest)
+        if self.dist.world_size > 1:  # what the main process cleared and recorded, seen by every process
+            names = set(where.names())
+        if RUN_RECORD in names:
+            refuse_other_run(self.parts_dir, json.loads(where.read(RUN_RECORD)), self.run_record)
         elif self.dist.is_main:
-            where.write(RUN_RECORD, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+            where.write(RUN_RECORD, json.dumps(self.run_record, indent=1, sort_keys=True).encode())
+        n, b = self.num_records, self.batch_size
+        batches = range(self.dist.rank, (n + b - 1) // b, self.dist.world_size)
+        return [list(range(i * b, min((i + 1) * b, n))) for i in batches if self.part_name(i) not in names], notes
 
     def part_name(self, batch: int) -> str:
         return f"{self.prefix}{batch:07d}.parquet"
@@ -145,14 +146,8 @@ class DatasetStore(PartStore):
         import hashlib
         import tempfile
 
-        key = hashlib.sha1(json.dumps([str(self.parts_dir), plain(self.manifest)]).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps([str(self.parts_dir), plain(self.run_record)]).encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"nested-svit-{key}-{name}"
-
-    def pending(self) -> list[list[int]]:
-        done = set(self.where.names())
-        n, b = self.num_records, self.batch_size
-        batches = range(self.dist.rank, (n + b - 1) // b, self.dist.world_size)
-        return [list(range(i * b, min((i + 1) * b, n))) for i in batches if self.part_name(i) not in done]
 
     def commit(self, batch: int, rows: pd.DataFrame | bytes) -> None:
         import pyarrow as pa
@@ -170,20 +165,36 @@ class DatasetStore(PartStore):
         self.where.write(self.part_name(batch), _parquet_bytes(table))
 
     def _parts(self) -> list[str]:
-        return [n for n in self.where.names() if n.startswith(self.prefix) and n.endswith(".parquet")]
+        """Every batch's part name: the run's parts are known without listing the store."""
+        return [self.part_name(i) for i in range((self.num_records + self.batch_size - 1) // self.batch_size)]
+
+    def _read_parts(self) -> dict[str, bytes]:
+        """The parts that are there (a missing one: ``merged`` names what is short)."""
+        where, found = self.where, {}
+        for name in self._parts():
+            try:
+                found[name] = where.read(name)
+            except (FileNotFoundError, ValueError):
+                continue
+        return found
 
     def merge(self) -> pd.DataFrame:
-        where = self.where
-        return merged([pd.read_parquet(io.BytesIO(where.read(n))) for n in self._parts()], self.num_records,
+        return merged([pd.read_parquet(io.BytesIO(data)) for data in self._read_parts().values()], self.num_records,
                       self.parts_dir)
 
-    def finish(self, meta: dict, rows: int) -> None:
-        """Unify the parts' schemas, then write ``_manifest.json`` and ``_SUCCESS``; the run record goes."""
+    def finish(self, meta: dict, columns=None) -> pd.DataFrame:
+        """Check that every image has its row, unify the parts' schemas, then write ``_manifest.json`` (the
+        data set's summary: ``meta``, rows, parts) and ``_SUCCESS``; the run record goes. -> the rows.
+        ``columns``: none (a data set has no picture column)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        where, names = self.where, self._parts()
-        tables = {n: pq.read_table(io.BytesIO(where.read(n))) for n in names}
+        if columns is not None:
+            raise ValueError("a data set output has no picture column; --save-vis needs a file --out")
+        where, parts = self.where, self._read_parts()
+        rows = merged([pd.read_parquet(io.BytesIO(data)) for data in parts.values()], self.num_records, self.parts_dir)
+        names = list(parts)
+        tables = {n: pq.read_table(io.BytesIO(data)) for n, data in parts.items()}
         plain_schemas = [t.schema.remove_metadata() for t in tables.values()]
         if any(not s.equals(plain_schemas[0]) for s in plain_schemas):
             unified = pa.unify_schemas(plain_schemas, promote_options="permissive")
@@ -193,18 +204,21 @@ class DatasetStore(PartStore):
                                else pa.nulls(table.num_rows, f.type) for f in unified]
                     fixed = pa.Table.from_arrays(columns, schema=pa.schema(unified, metadata=table.schema.metadata))
                     where.write(name, _parquet_bytes(fixed))
-        record = {**meta, "rows": int(rows), "output": str(self.parts_dir), "parts": names}
-        where.write(DATASET_MANIFEST, json.dumps(record, indent=1, ensure_ascii=False).encode())
+        record = {**meta, "rows": int(len(rows)), "output": str(self.parts_dir), "parts": names}
+        where.write(DATASET_SUMMARY, json.dumps(record, indent=1, ensure_ascii=False).encode())
         where.write(SUCCESS, b"")
         where.delete(RUN_RECORD)
+        return rows
 
     def remove(self) -> None:
         """The parts are the output: nothing to remove."""
 
 
-def open_store(parts_dir: Path | str, manifest: dict, batch_size: int, num_records: int, dist: DistInfo) -> PartStore:
-    """The store of a run's rows: part files under ``<out>.parts/`` that are merged into one file at the
-    end, or, for a data set output (``predict --out DIR/`` or ``s3://...``), the parts as the output."""
-    if is_dataset_out(str(parts_dir)):
-        return DatasetStore(str(parts_dir), manifest, batch_size, num_records, dist)
-    return PartStore(Path(parts_dir), manifest, batch_size, num_records, dist)
+def open_store(out: Path | str | None, parts_dir: Path | str, run_record: dict, batch_size: int, num_records: int,
+               dist: DistInfo) -> PartStore:
+    """The store of a run's rows: part files in ``parts_dir`` that are merged into ``out`` at the end (None:
+    into a result, ``eval``), or, for a data set output (``predict --out DIR/`` or ``s3://...``), the parts
+    as the output."""
+    if out is not None and is_dataset_out(str(out)):
+        return DatasetStore(str(out), run_record, batch_size, num_records, dist, str(out))
+    return PartStore(Path(parts_dir), run_record, batch_size, num_records, dist, Path(out) if out is not None else None)

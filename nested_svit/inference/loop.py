@@ -1,6 +1,7 @@
 """The one inference loop of every engine: a job's batch step (``BatchStep``: prepare a loader batch on
-the device, run it -> its rows and counts) and the one commit path (``run_batches``: the manifest
-check, the pending batches, each batch's part committed, the counts added, progress reported).
+the device, run it -> its rows and counts) and the one commit path (``run_batches``: the pending
+batches, listed once when the job opened its store, each batch's part committed, the counts added,
+progress reported).
 
 Engines are schedules: ``local_schedule`` runs the step in this process on a DataLoader with a
 one-ahead device prefetch (torchrun: this rank's batches); the Ray engine (``nested_svit.ray``) runs
@@ -21,7 +22,7 @@ from .parts import PartStore
 
 
 class Counts(Protocol):
-    """What a step counts per batch (``Progress``, ``DetectionProgress``): summed with ``add``;
+    """What a step counts per batch (``ClassifierCounts``, ``DetectorCounts``): summed with ``add``;
     ``seen``: images predicted or skipped; ``elapsed``: seconds of the run so far; ``retried``: the
     batches of this run that took more than one attempt (set by ``run_batches``)."""
 
@@ -62,12 +63,11 @@ class BatchResult:
 Schedule = Callable[[list[list[int]]], Iterable[BatchResult]]
 
 
-def run_batches(store: PartStore, schedule: Schedule, state: Counts,
+def run_batches(store: PartStore, schedule: Schedule, state: Counts, todo: list[list[int]],
                 progress: Callable[[Counts], None] | None = None) -> Counts:
-    """Run the pending batches of ``store`` with ``schedule`` (pending index lists -> finished
-    batches, in any order), committing each as it arrives; -> ``state`` with every batch's counts added."""
-    store.check_manifest()
-    todo = store.pending()
+    """Run the pending batches ``todo`` (``store.open()``'s) with ``schedule`` (pending index lists ->
+    finished batches, in any order), committing each to ``store`` as it arrives; -> ``state`` with every
+    batch's counts added."""
     start = time.perf_counter()
     for result in schedule(todo):
         store.commit(result.batch, result.rows)
@@ -92,11 +92,3 @@ def local_schedule(step: BatchStep, dataset, store: PartStore, workers: int) -> 
             yield BatchResult(store.batch_of(batch["all_index"]), rows, counts)
 
     return run
-
-
-def run_local(step: BatchStep, dataset, store: PartStore, workers: int,
-              progress: Callable[[Counts], None] | None = None) -> Counts:
-    """``run_batches`` with ``local_schedule``: this process's pending batches, one part file each, the
-    step's model in eval mode (a Ray actor's comes so from ``ModelSpec.build``)."""
-    step.model.eval()
-    return run_batches(store, local_schedule(step, dataset, store, workers), step.counts(), progress)

@@ -1,14 +1,16 @@
 """The part files of one run: each finished global batch ``[i*b, (i+1)*b)`` is one parquet file under
 ``<out>.parts/``, written atomically, so an interrupted run resumes where it stopped and the merged
-output has every image exactly once. ``manifest.json`` ties the parts to the run (model, checkpoint,
-data, batch size, ...): parts of a different run are never mixed in. Shared by every engine (local,
-torchrun, Ray): they differ only in who computes a batch, never in how it is committed."""
+output has every image exactly once. The run record (``manifest.json``) ties the parts to the run (model,
+checkpoint, data, batch size, ...): parts of a different run are never mixed in. ``finish`` merges them
+into the output file (``writers.write_rows``, by its suffix). Shared by every engine (local, torchrun,
+Ray): they differ only in who computes a batch, never in how it is committed."""
 from __future__ import annotations
 
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -16,7 +18,7 @@ from ..data.records import PARTS_MARKER, mark_output_folder
 from ..distributed import DistInfo
 from ..io import atomic_write, atomic_write_bytes, atomic_write_text
 
-MANIFEST = "manifest.json"
+RUN_RECORD_FILE = "manifest.json"  # the run record of a parts folder (its name kept: earlier folders resume)
 # integer columns of rows (nullable: skipped images leave gaps)
 INTEGER_COLUMNS = ("index", "label", "orientation", "image_id", "height", "width", "num_detections", "total_tokens")
 
@@ -26,26 +28,26 @@ def part_path(parts_dir: Path, batch: int, prefix: str = "batch-") -> Path:
     return Path(parts_dir) / f"{prefix}{batch:07d}.parquet"
 
 
-def plain(manifest: dict) -> dict:
-    """``manifest`` as it reads back from JSON (tuples as lists, sorted keys)."""
-    return json.loads(json.dumps(manifest, sort_keys=True))
+def plain(record: dict) -> dict:
+    """``record`` as it reads back from JSON (tuples as lists, sorted keys)."""
+    return json.loads(json.dumps(record, sort_keys=True))
 
 
-def check_manifest(parts_dir: Path, manifest: dict, is_main: bool = True, name: str = MANIFEST,
-                   marker: str = PARTS_MARKER) -> None:
-    """Refuse ``parts_dir`` when it holds parts of another run (naming what differs); else record
-    ``manifest`` there (the main process) as ``name``, creating the folder with its ``marker``."""
+def check_run_record(parts_dir: Path, run_record: dict, is_main: bool = True, name: str = RUN_RECORD_FILE,
+                     marker: str = PARTS_MARKER) -> None:
+    """Refuse ``parts_dir`` when it holds parts of another run (naming what differs); else write
+    ``run_record`` there (the main process) as ``name``, creating the folder with its ``marker``."""
     path = Path(parts_dir) / name
     if path.exists():
-        refuse_other_run(parts_dir, json.loads(path.read_text()), manifest)
+        refuse_other_run(parts_dir, json.loads(path.read_text()), run_record)
     elif is_main:
         mark_output_folder(parts_dir, marker)  # never read back as input by a later run
-        atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps(run_record, indent=1, sort_keys=True))
 
 
-def refuse_other_run(where, recorded: dict, manifest: dict) -> None:
-    """Refuse partial results at ``where`` whose ``recorded`` run record is not ``manifest``, naming what differs."""
-    new = plain(manifest)
+def refuse_other_run(where, recorded: dict, run_record: dict) -> None:
+    """Refuse partial results at ``where`` whose ``recorded`` run record is not ``run_record``, naming what differs."""
+    new = plain(run_record)
     if recorded != new:
         diff = sorted(k for k in set(recorded) | set(new) if recorded.get(k) != new.get(k))
         raise RuntimeError(f"{where} holds partial results of a different run (differs in {diff}); "
@@ -86,20 +88,28 @@ def remove_parts(parts_dir: Path) -> None:
 class PartStore:
     """The parts of one run: ``num_records`` images in global batches of ``batch_size``; process
     ``dist.rank`` of ``dist.world_size`` owns batches ``rank, rank + world, ...`` (so a batch holds the
-    same images at any number of processes, and the rows do not depend on it)."""
+    same images at any number of processes, and the rows do not depend on it). ``out``: the file the
+    merged rows are written to (None: the rows are a result's input, not an output: ``eval``)."""
 
     parts_dir: Path
-    manifest: dict
+    run_record: dict
     batch_size: int
     num_records: int
     dist: DistInfo = field(default_factory=DistInfo)
+    out: Path | None = None
     prefix = "batch-"  # part files: <prefix><batch>.parquet
-    manifest_name = MANIFEST
     marker = PARTS_MARKER
 
-    def check_manifest(self) -> None:
-        check_manifest(self.parts_dir, self.manifest, self.dist.is_main, self.manifest_name, self.marker)
+    def open(self) -> tuple[list[list[int]], list[str]]:
+        """Check the run record (parts of another run are refused; a new run's is written) -> (index
+        lists of this process's pending batches, lines a user should read). Once per run."""
+        notes = []
+        if self.out is not None and Path(self.out).exists() and not Path(self.parts_dir).exists():
+            notes.append(f"note: {self.out} exists (a finished run's output): it is computed again with these flags "
+                         "and replaced")
+        check_run_record(self.parts_dir, self.run_record, self.dist.is_main, RUN_RECORD_FILE, self.marker)
         Path(self.parts_dir).mkdir(parents=True, exist_ok=True)
+        return self.pending(), notes
 
     def part_path(self, batch: int) -> Path:
         return part_path(self.parts_dir, batch, self.prefix)
@@ -132,6 +142,17 @@ class PartStore:
 
     def merge(self) -> pd.DataFrame:
         return merge_parts(self.parts_dir, self.num_records, self.prefix)
+
+    def finish(self, meta: dict, columns: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
+        """Merge the parts, add ``columns(rows)``, write them to ``out`` by its suffix with ``meta`` (the
+        run's provenance, which also marks the file as ours), remove the parts -> the rows."""
+        from .writers import write_rows
+
+        rows = self.merge()
+        rows = columns(rows) if columns is not None else rows
+        write_rows(rows, Path(self.out), meta)
+        self.remove()
+        return rows
 
     def remove(self) -> None:
         remove_parts(self.parts_dir)

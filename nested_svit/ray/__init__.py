@@ -8,7 +8,7 @@ the model once from the run's ``ModelSpec``, run it with the job's own batch ste
 each batch's part file as it arrives (the local engine's commit path) and, at the end, checks that the
 parts cover every image exactly once and writes the output as the local path does.
 Same batches and same code, so the rows equal the local engine's; a batch lost with an actor is
-retried by Ray; a killed driver resumes from the committed parts (the manifest refuses other inputs).
+retried by Ray; a killed driver resumes from the committed parts (the run record refuses other inputs).
 """
 from __future__ import annotations
 

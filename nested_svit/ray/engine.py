@@ -9,15 +9,14 @@ import pickle
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
-from ..inference.loop import BatchResult, run_batches
+from ..inference.loop import BatchResult, Schedule
 from ..inference.parts import PartStore
 from . import require_ray
 from .ledger import start_ledger
 from .predictor import FAULT_ENV, Predictor
 from .quiet import without_actor_argument_noise
-from .units import decode_unit, template_of, work_units, write_manifest
+from .units import decode_unit, template_of, work_units, write_image_table
 
 
 @dataclass
@@ -115,21 +114,19 @@ def _check_decode_cpus(options: RayOptions, gpus_per_actor: float) -> None:
                       f"on CPUs and decode inside themselves with their --cpus-per-actor {options.cpus_per_actor:g}")
 
 
-def run_on_ray(store: PartStore, dataset, step, spec, options: RayOptions, progress: Callable | None = None):
-    """Run ``store``'s pending batches on Ray, committed by the one loop of every engine
-    (``inference.run_batches``). ``dataset``: the run's data set (decoded in Ray tasks with its own
-    code); ``step``: the job's batch step, run in model actors that build their model from ``spec``
-    (a ``ModelSpec``). -> the step's counts of this run."""
+def ray_schedule(job, options: RayOptions) -> Schedule:
+    """The schedule of ``job`` (an ``inference.Job``) on Ray, for ``Job.run``: its pending batches decoded in
+    Ray tasks with the data set's own code, its batch step run in model actors that build their model from
+    the job's ``ModelSpec``; each finished batch committed by the driver, in the one loop of every engine."""
     ray = require_ray()
-    return run_batches(store, lambda todo: _ray_results(ray, store, dataset, step, spec, options, todo),
-                       step.counts(), progress)
+    return lambda todo: _ray_results(ray, job.store, job.dataset, job.step, job.spec, options, todo)
 
 
 def _ray_results(ray, store: PartStore, dataset, step, spec, options: RayOptions, todo: list[list[int]]):
     """The schedule of ``run_batches``: pending batches -> decode tasks -> model actors -> ``BatchResult``s."""
-    manifest = store.side_file("ray-manifest.parquet")
-    if not manifest.exists():
-        write_manifest(manifest, dataset, store.batch_size)
+    images = store.side_file("ray-images.parquet")
+    if not images.exists():
+        write_image_table(images, dataset, store.batch_size)
     if not todo:
         return
     with without_actor_argument_noise():

@@ -41,7 +41,7 @@ def work_units(dataset, batches: list[list[int]], batch_size: int) -> list[dict]
     return units
 
 
-def write_manifest(path: Path, dataset, batch_size: int) -> None:
+def write_image_table(path: Path, dataset, batch_size: int) -> None:
     """The run's images, one row each: ``row_id`` (the local order), ``uri``, ``batch``."""
     records = dataset.records
     n = len(records)

@@ -5,7 +5,7 @@ model, optimizer, scheduler, RNG, epoch and step, with a data order and augmenta
 (seed, epoch, index)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..checkpoint import model_payload
 from ..devices import autocast
-from ..distributed import broadcast_state, current
 from ..model import SparseViT
 from ..seeding import item_seed
-from .checkpoints import TrainingCheckpoints
+from .base import TrainerBase
 from .config import TrainingConfig
-from .loop import epoch_batches, fit_epochs, optimizer_step
-from .optim import adamw, warmup_cosine
+from .loop import optimizer_step
+from .optim import warmup_cosine
 
 
 @dataclass
@@ -76,31 +74,23 @@ def collate_skipping_bad(items: list) -> tuple[Tensor | None, Tensor | None, int
     return torch.stack([img for img, _ in ok]), torch.tensor([lab for _, lab in ok]), len(items) - len(ok)
 
 
-class Trainer(TrainingCheckpoints):
-    """Fine-tunes ``model`` on ``data`` (a data set of ``(image [3,H,W], label)``)."""
+class Trainer(TrainerBase):
+    """Fine-tunes ``model`` on ``data`` (a data set of ``(image [3,H,W], label)``), each image through
+    ``augment`` under a seed of its own (``SeededAugment``); ``freeze_backbone``: the selectors alone train."""
+
+    no_decay = ("pos_embed", "cls_token")
+    collate = staticmethod(collate_skipping_bad)
 
     def __init__(self, model: SparseViT, data: Dataset, cfg: TrainConfig,
-                 augment: Callable[[Tensor], Tensor] | None = None, checkpoint_path: str | Path | None = None):
-        model.training_execution()  # a method that cannot train says so before any work
-        self.model, self.cfg = model.to(cfg.device), cfg
-        self.data = SeededAugment(data, augment, cfg.seed)
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+                 augment: Callable[[Tensor], Tensor] | None = None, checkpoint_path: str | Path | None = None,
+                 data_record: dict | None = None, log_every: int = 10):
         for name, p in model.named_parameters():
             p.requires_grad_(_is_selector(name) or not cfg.freeze_backbone)
-        self.steps_per_epoch = len(epoch_batches(len(self.data), cfg.batch_size, cfg.seed, 0))
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"data set of {len(self.data)} images is smaller than one batch of {cfg.batch_size}")
-        self.opt = adamw(model, cfg.lr, cfg.selector_lr, cfg.weight_decay, "gates.", ("pos_embed", "cls_token"))
-        total = cfg.epochs * self.steps_per_epoch
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, total, cfg.warmup_steps))
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.skipped = 0  # undecodable images met so far (counted again when an epoch repeats them)
-        self.dist = current()
-        broadcast_state(model, self.dist)
-        model.set_drop_path(cfg.drop_path)
+        super().__init__(model, SeededAugment(data, augment, cfg.seed), cfg, checkpoint_path, data_record, log_every)
 
-    def state_dict(self) -> dict:
-        return model_payload(self.model, train_config=asdict(self.cfg), **self.training_state())
+    def lr_factor(self, total_steps: int) -> Callable[[int], float]:
+        warmup = self.cfg.warmup_steps
+        return lambda step: warmup_cosine(step, total_steps, warmup)
 
     def train_step(self, images: Tensor | None, labels: Tensor | None, skipped: int = 0) -> StepLog:
         """One optimisation step on this rank's ``images [B, 3, H, W]`` (None: all unreadable)."""
@@ -123,8 +113,3 @@ class Trainer(TrainingCheckpoints):
         keep = usage.gate_keep_fraction().tolist() if usage.masks else []
         return StepLog(self.epoch, self.global_step, loss.item(), task.item(), ratio.item(), keep,
                        self.opt.param_groups[0]["lr"], skipped)
-
-    def fit(self, max_steps: int | None = None, log: Callable[[StepLog], None] | None = None) -> list[StepLog]:
-        """Train until ``cfg.epochs`` (or ``max_steps`` more steps); returns the step logs."""
-        self.model.train().set_execution(self.model.training_execution())
-        return fit_epochs(self, collate_skipping_bad, self.train_step, max_steps, log)

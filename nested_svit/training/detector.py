@@ -6,21 +6,20 @@ order and flips depend only on (seed, epoch, index)) and load as detector weight
 (``load_checkpoint``, ``eval coco``, ``predict``): the model config travels in the file."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint import model_payload
 from ..data.coco import collate_train
 from ..detection.detector import MaskRCNNDetector
+from ..distributed import all_ranks
 from ..devices import autocast
-from ..distributed import all_ranks, broadcast_state, current
-from .checkpoints import TrainingCheckpoints
+from .base import TrainerBase
 from .config import TrainingConfig
-from .loop import epoch_batches, fit_epochs, optimizer_step
-from .optim import adamw, mmdet_factor
+from .loop import optimizer_step
+from .optim import mmdet_factor
 
 
 @dataclass
@@ -61,27 +60,23 @@ class DetStepLog:
     skipped: int = 0
 
 
-class DetectorTrainer(TrainingCheckpoints):
-    def __init__(self, model: MaskRCNNDetector, data, cfg: DetTrainConfig, checkpoint_path: str | Path | None = None):
+class DetectorTrainer(TrainerBase):
+    """Trains a detector on COCO-format ``data`` (``data.coco.CocoTrainData``) with mmdet's recipe."""
+
+    selector_prefix = "backbone.gates."
+    no_decay = ("pos_embed", "level_embed")
+    collate = staticmethod(collate_train)
+
+    def __init__(self, model: MaskRCNNDetector, data, cfg: DetTrainConfig, checkpoint_path: str | Path | None = None,
+                 data_record: dict | None = None, log_every: int = 10):
         if cfg.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', not {cfg.schedule!r}")
-        model.backbone.training_execution()  # a method that cannot train says so before any work
-        self.model, self.data, self.cfg = model.to(cfg.device), data, cfg
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        self.steps_per_epoch = len(epoch_batches(len(data), cfg.batch_size, cfg.seed, 0))
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(data)} training images are fewer than one batch of {cfg.batch_size}")
-        self.opt = adamw(model, cfg.lr, cfg.selector_lr, cfg.weight_decay, "backbone.gates.", ("pos_embed", "level_embed"))
-        total = cfg.epochs * self.steps_per_epoch
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: mmdet_factor(
-            step, total, cfg.warmup_steps, cfg.warmup_ratio, cfg.schedule, cfg.steps, self.steps_per_epoch))
-        self.epoch = self.step_in_epoch = self.global_step = self.skipped = 0
-        self.dist = current()
-        broadcast_state(model, self.dist)
-        model.backbone.set_drop_path(cfg.drop_path)
+        super().__init__(model, data, cfg, checkpoint_path, data_record, log_every)
 
-    def state_dict(self) -> dict:
-        return model_payload(self.model, train_config=asdict(self.cfg), **self.training_state())
+    def lr_factor(self, total_steps: int) -> Callable[[int], float]:
+        cfg = self.cfg
+        return lambda step: mmdet_factor(step, total_steps, cfg.warmup_steps, cfg.warmup_ratio, cfg.schedule, cfg.steps,
+                                         self.steps_per_epoch)
 
     def train_step(self, inputs: list, targets: list, skipped: int = 0) -> DetStepLog:
         """One optimisation step on this rank's images (``[]``: all unreadable)."""
@@ -101,12 +96,3 @@ class DetectorTrainer(TrainingCheckpoints):
         keep = usage.gate_keep_fraction().tolist() if usage.masks else []
         return DetStepLog(self.epoch, self.global_step, {k: float(v.detach()) for k, v in losses.items()}, keep,
                           self.opt.param_groups[0]["lr"], skipped)
-
-    def fit(self, max_steps: int | None = None, log: Callable[[DetStepLog], None] | None = None) -> list[DetStepLog]:
-        cfg, model = self.cfg, self.model
-        model.train().set_execution(model.backbone.training_execution())
-        logs = fit_epochs(self, collate_train, self.train_step, max_steps, log)
-        if self.epoch < cfg.epochs:  # stopped by max_steps: still training
-            return logs
-        model.eval().set_execution("packed")
-        return logs

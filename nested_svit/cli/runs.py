@@ -1,13 +1,12 @@
 """What ``predict`` and ``eval`` share on the command line: the argument checks (one line each, before
-any work), the library's run options from the flags, and the one progress bar for classifier and
-detector jobs alike (rank 0)."""
+any work), the library's run, data and output options from the flags, and the one progress bar for
+classifier and detector jobs alike (rank 0)."""
 from __future__ import annotations
 
 import argparse
-import sys
-import time
+import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .common import check_writable, progress_bar
 
@@ -48,43 +47,40 @@ def run_options(args: argparse.Namespace):
     if getattr(args, "engine", "local") == "ray":
         from .engine import ray_threads
 
-        return RunOptions(args.batch_size, args.workers, "cpu", ray_threads(args))
+        return RunOptions(args.batch_size, args.workers, "cpu", ray_threads(args), engine="ray")
     return RunOptions(args.batch_size, args.workers, args.device, args.threads)
 
 
-def data_options(args: argparse.Namespace, path: str, exif: bool, exclude: list):
-    """``DataOptions`` of a classifier run's flags: the images at ``path``, EXIF orientation applied or
-    not, our own outputs ``exclude``d."""
+def data_options(args: argparse.Namespace, path: str, exif: bool = False, exclude: list = (), **more):
+    """``DataOptions`` of a run's flags: the images at ``path``, EXIF orientation applied or not, other
+    outputs of ours ``exclude``d; ``more``: other fields (a COCO ``annotations`` file, ``max_images``).
+    A detector's parser has no transform or decoding flags: those stay the library's defaults."""
     from ..inference import DataOptions
 
-    return DataOptions(path, args.split, args.max_image_pixels, exif, args.decode, args.jpeg_draft, args.crop_pct,
-                       args.interpolation, tuple(str(p) for p in exclude if p), args.ignore_unknown_classes,
-                       args.uri_column, args.mean, args.std)
+    flags = {"split": "split", "max_pixels": "max_image_pixels", "decode": "decode", "jpeg_draft": "jpeg_draft",
+             "crop_pct": "crop_pct", "interpolation": "interpolation", "mean": "mean", "std": "std",
+             "ignore_unknown_classes": "ignore_unknown_classes", "uri_column": "uri_column"}
+    given = {field: getattr(args, flag) for field, flag in flags.items() if getattr(args, flag, None) is not None}
+    return DataOptions(path, exif=exif, exclude=tuple(str(p) for p in exclude if p), **given, **more)
 
 
-def run_with_progress(job, label: str, run: Callable, postfix: Callable[[object], dict], totals: Callable[[object], list]
-                      ) -> tuple[object, list[float], float]:
-    """Run this process's pending batches of ``job`` with a progress bar (rank 0), wait for every
-    process. ``run(job, progress)`` -> state; ``postfix(state)``: the bar's figures; ``totals(state)``:
-    numbers summed over the processes. -> (state, summed totals, seconds of this run)."""
-    from ..distributed import barrier, sum_over_ranks
+@contextlib.contextmanager
+def progress(job, label: str, postfix: Callable[[object], dict]) -> Iterator[Callable]:
+    """A progress bar over ``job`` (rank 0) -> the callback for ``Job.run``. Opening the job checks its run
+    record and lists its pending batches (once per run); a resumed run says so, and its bar starts where
+    the parts end. ``postfix(counts)``: the bar's figures."""
+    from .models import show
 
-    job.store.check_manifest()  # a different run's parts: refused before the bar starts
-    todo = sum(len(b) for b in job.store.pending())
-    done = sum(len(b) for b in job.store.owned()) - todo
-    if done and job.dist.is_main:  # a resumed run says so, and its bar starts where the parts end
-        print(f"resuming {job.store.parts_dir}: {done} of {job.store.num_records} images already done, {todo} to go",
-              file=sys.stderr)
-    bar = progress_bar(done + todo, label, enabled=job.dist.is_main, initial=done)
+    resume = job.open()
+    show(resume.notes)
+    bar = progress_bar(resume.done + resume.todo, label, enabled=job.dist.is_main, initial=resume.done)
 
-    def progress(state) -> None:
-        bar.set_postfix(postfix(state), refresh=False)  # shown with the update, at the bar's pace
-        bar.update(done + state.seen - bar.n)
+    def update(counts) -> None:
+        bar.set_postfix(postfix(counts), refresh=False)  # shown with the update, at the bar's pace
+        bar.update(resume.done + counts.seen - bar.n)
 
-    start = time.perf_counter()
-    state = run(job, progress)
-    barrier(job.dist)
-    seconds = time.perf_counter() - start
-    bar.update(done + todo - bar.n)
-    bar.close()
-    return state, sum_over_ranks(totals(state), job.dist, job.device), seconds
+    try:
+        yield update
+        bar.update(resume.done + resume.todo - bar.n)
+    finally:
+        bar.close()
