@@ -33,6 +33,7 @@ from nested_svit.data.decode import decode_image
 from nested_svit.data.device_decode import DeviceJpegDecoder, _decode_jpeg
 import nested_svit.inference as inference
 from nested_svit.inference.parts import PartStore
+from nested_svit.inference.spec import BuiltModel
 from nested_svit.devices import synchronize
 
 
@@ -113,7 +114,7 @@ def predict_loop(model, folder: Path, transform: EvalTransform, pipeline: str, w
     shutil.rmtree(parts, ignore_errors=True)
     step = inference.ClassifierStep(model, torch.device(device), 5, exif=True, **extra)
     job = inference.Job(step, ds, PartStore(parts, {"bench": pipeline}, batch, len(ds)),
-                        inference.BuiltModel(model, None), inference.ModelSpec("classifier"), workers)
+                        BuiltModel(model, None), inference.ModelSpec("classifier"), workers)
     forward, writing, stamps = [], [], []
     plain_forward, plain_write = model.forward_features, PartStore.commit
 

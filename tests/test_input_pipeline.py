@@ -198,7 +198,9 @@ def test_eval_records_decoder_and_draft(tmp_path):
 
 def test_a_job_on_the_device_with_device_decoding_gives_the_rows_of_the_cpu(tmp_path):
     """The uint8 batches and the decoder on the simulated CUDA device: no device mixing, the rows of the CPU."""
-    from nested_svit.inference import BuiltModel, ClassifierStep, Job, ModelSpec, PartStore, merge_parts
+    from nested_svit.inference import ClassifierStep, Job, ModelSpec
+    from nested_svit.inference.parts import PartStore, merge_parts
+    from nested_svit.inference.spec import BuiltModel
 
     write_awkward_folder(tmp_path / "in")
     torch.manual_seed(0)

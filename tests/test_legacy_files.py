@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from nested_svit import load_checkpoint
-from nested_svit.checkpoint import classifier_from_file
+from nested_svit.checkpoint.loader import classifier_from_file
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 

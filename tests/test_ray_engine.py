@@ -65,7 +65,7 @@ def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
 @pytest.mark.slow
 def test_valid_labels_reach_the_actors(tmp_path, cluster):
     """--valid-labels restricts the softmax and top-k in the batch step, so the actors' rows are the local ones."""
-    from nested_svit.data.testsets import valid_labels
+    from nested_svit.data.testset_labels import valid_labels
 
     write_image_folder(tmp_path / "val", per_class=3)
     args = ["predict", *TINY, "--input", str(tmp_path / "val"), "--valid-labels", "imagenet-a"]

@@ -18,7 +18,7 @@ from procs import cli_command
 
 from nested_svit.cli import main
 from nested_svit.data.classes import imagenet_classes
-from nested_svit.data.testsets import read_real_labels, subset_wnids, valid_labels
+from nested_svit.data.testset_labels import read_real_labels, subset_wnids, valid_labels
 
 N = 16
 WNIDS = imagenet_classes()[0]
@@ -151,7 +151,7 @@ def test_top5_is_the_top_5_whatever_the_topk(tmp_path, pool, topk, top5_is):
 
 
 def test_real_names():
-    from nested_svit.data.testsets import real_name
+    from nested_svit.data.testset_labels import real_name
 
     assert real_name("val/n01440764/ILSVRC2012_val_00000001.JPEG") == "ILSVRC2012_val_00000001.JPEG"
     assert real_name("ILSVRC2012_val_00049999_n01751748.jpeg") == "ILSVRC2012_val_00049999.JPEG"
@@ -321,7 +321,7 @@ def test_data_syntax(text, parsed):
 
 def test_results_table_diffs_against_the_first_set_over_the_same_classes():
     """timm's files: V2 against val, A against A-clean (val over A's 200 classes)."""
-    from nested_svit.evaluation.testsets import results_table
+    from nested_svit.evaluation.testset_figures import results_table
 
     def result(name, top1, top5, valid=None):
         return {"model": "m", "dataset": name, "top1": top1, "top5": top5, "valid_labels": valid, "param_count": 1.5,

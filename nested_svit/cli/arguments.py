@@ -39,7 +39,7 @@ def add_model_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> 
 
 
 def add_run_options(p: argparse.ArgumentParser, families: tuple[str, ...]) -> None:
-    from ..inference import BATCH_SIZE
+    from ..inference.build import BATCH_SIZE
 
     g = p.add_argument_group("running")
     options.add(p, g, "--batch-size", type=int, defaults={CLS: BATCH_SIZE[CLS], DET: BATCH_SIZE[DET]},

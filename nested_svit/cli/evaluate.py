@@ -126,7 +126,7 @@ def _eval_set(job, data_set: DataSetArg, files) -> dict | None:
 
 def results_lines(results: list[dict]) -> str:
     """The sets side by side: top-1 / top-5, and the top-1 difference to the set ``diff_to`` names."""
-    from ..evaluation.testsets import results_table
+    from ..evaluation.testset_figures import results_table
 
     table = results_table(results)
     lines = [f"{'set':<14} {'images':>7} {'top1':>7} {'top5':>7} {'top1_diff':>9} {'to':<10} {'ece %':>6}"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import options
 from .arguments import CLS, DET, add_inference_options, add_valid_labels_option
-from .common import all_skipped, capacity_note, check_suffix
+from .common import all_skipped, capacity_note
 from .engine import add_engine_options, check_engine_args, retried_note, schedule_for, threads_note
 from .models import class_names_file, keep_budget, model_spec, show
 from .runs import data_options, progress, run_options, validate_inference_args
@@ -62,18 +62,17 @@ def _demo() -> tuple[str, str, str]:
     return "svit_digits", str(assets / "svit_digits.pth"), str(assets / "digits_samples")
 
 
-def _output(args: argparse.Namespace, formats: tuple[str, ...], what: str):
-    """``OutputOptions`` of ``--out`` / ``--save-vis`` (a file of ``formats``, or a data set)."""
+def _output(args: argparse.Namespace, family: str):
+    """``OutputOptions`` of ``--out`` / ``--save-vis``, checked for the ``family``'s rows."""
     from ..inference import OutputOptions
-    from ..inference.dataset_out import is_dataset_out
 
-    if not is_dataset_out(args.out):
-        check_suffix(Path(args.out), formats, what)
-    return OutputOptions(args.out, pictures=args.save_vis, score_thr=getattr(args, "vis_score_thr", None) or 0.3)
+    output = OutputOptions(args.out, pictures=args.save_vis, score_thr=getattr(args, "vis_score_thr", None) or 0.3)
+    output.check(family)
+    return output
 
 
 def predict_classifier(args: argparse.Namespace) -> int:
-    from ..inference import ROW_FORMATS, Scoring, classifier_job
+    from ..inference import Scoring, classifier_job
     from ..inference.spec import bf16_note
 
     name, checkpoint, demo_input = _demo() if args.demo else (None, None, None)
@@ -81,7 +80,7 @@ def predict_classifier(args: argparse.Namespace) -> int:
     if not source:
         raise ValueError("--input is required (or --demo)")
     validate_inference_args(args)
-    output = _output(args, ROW_FORMATS, "predict")
+    output = _output(args, CLS)
     spec = model_spec(args, "classifier", name, checkpoint)
     names = class_names_file(args.class_names) or ([str(d) for d in range(10)] if args.demo else None)
     job = classifier_job(spec, data_options(args, source, True), run_options(args), output, "predict",
@@ -91,12 +90,12 @@ def predict_classifier(args: argparse.Namespace) -> int:
 
 
 def predict_detector(args: argparse.Namespace) -> int:
-    from ..inference import DETECTOR_FORMATS, detector_job
+    from ..inference import detector_job
 
     if not args.input:
         raise ValueError("--input is required: an image file, a folder of images, a .txt list, a parquet file or a glob")
     validate_inference_args(args)
-    output = _output(args, DETECTOR_FORMATS, "a detector")
+    output = _output(args, DET)
     job = detector_job(model_spec(args, "detector"), data_options(args, args.input), run_options(args), output,
                        "predict-detection", keep_budget(args))
     show(_engine_notes(args) + job.messages)

@@ -34,11 +34,11 @@ def relabel_by_names(records: Records, names: list[str], ignore_unknown: bool = 
 
 def relabel_by_folder_index(records: Records, num_classes: int, names: list[str] | None) -> bool:
     """ImageNet-V2's layout (class folders ``0`` ... ``999``): when every class folder of an ImageFolder
-    tree is a class index below ``num_classes`` (``testsets.index_folder_labels``), its images get that
+    tree is a class index below ``num_classes`` (``testset_labels.index_folder_labels``), its images get that
     index (``label_source`` ``folder_index``; the names of the labels: the model's ``names``, else the
     index itself), in place; -> whether they did (mixed or out-of-range folder names: False, the labels
     stay as they are)."""
-    from .testsets import index_folder_labels
+    from .testset_labels import index_folder_labels
 
     folders = class_folders(records)
     index = index_folder_labels(sorted({f for f in folders if f is not None}), num_classes)

@@ -18,9 +18,9 @@ import re
 
 from torch import Tensor
 
-from ..checkpoint import (BLOCK_EPS, CheckpointError, LoadReport, check_keys, convert, detect_format, file_info,
-                          key_listing, load_checkpoint, read, save_checkpoint)
-from ..checkpoint.keys import calibration_notes, fit_pos_embed, mis_shaped
+from ..checkpoint import CheckpointError, LoadReport, file_info, load_checkpoint, read, save_checkpoint
+from ..checkpoint.convert import BLOCK_EPS, convert, detect_format
+from ..checkpoint.keys import calibration_notes, check_keys, fit_pos_embed, key_listing, mis_shaped
 from .config import DetectorConfig
 from .detector import MaskRCNNDetector
 
@@ -39,7 +39,7 @@ def detector_format(top: dict, state: dict[str, Tensor]) -> str:
 
 def checkpoint_kind(source: str | os.PathLike) -> str | None:
     """``detector_format`` of a file, from a memory-mapped peek (None: unreadable; the loader says why)."""
-    from ..checkpoint import peek, unwrap
+    from ..checkpoint.reader import peek, unwrap
 
     top = peek(source)
     try:
@@ -56,7 +56,7 @@ def checkpoint_classes(source: str | os.PathLike | None) -> int | None:
         return int(info.model_config["num_classes"])
     if info.kind is not None:
         return None
-    from ..checkpoint import peek, unwrap
+    from ..checkpoint.reader import peek, unwrap
 
     top = peek(source)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..config import ViTConfig
-from .testsets import scored_rows, top_ids
+from .testset_figures import scored_rows, top_ids
 from .usage import usage_summary
 
 

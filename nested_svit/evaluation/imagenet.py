@@ -15,7 +15,7 @@ from ..io import atomic_write, atomic_write_text
 from ..viz import reliability_diagram
 from .classification import agreement_record, classification_metrics
 from .results import checkpoint_record, run_record
-from .testsets import calibration_metrics, per_class, real_metrics, reliability_bins, results_table, scored_rows
+from .testset_figures import calibration_metrics, per_class, real_metrics, reliability_bins, results_table, scored_rows
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def set_result(job, rows: pd.DataFrame, name: str, images: float, seconds: float
 
 def write_results(results: list[dict], json_out: Path, csv_out: Path, jobs: list = ()) -> None:
     """``json_out``: the result of the one set (as it is), or ``{"sets": [...]}`` of several;
-    ``csv_out``: one row per set (``testsets.results_table``); then the part files of the sets' ``jobs``
+    ``csv_out``: one row per set (``testset_figures.results_table``); then the part files of the sets' ``jobs``
     go (an interrupted run before this point resumes from them)."""
     body = results[0] if len(results) == 1 else {"sets": results}
     atomic_write_text(json_out, json.dumps(body, indent=1, ensure_ascii=False))

@@ -109,6 +109,16 @@ class OutputOptions:
         """Every path this run writes (never read back as its input)."""
         return [p for p in (self.out, self.parts_dir, self.pictures) if p]
 
+    def check(self, family: str) -> None:
+        """Refuse, in one line, a file ``out`` of a suffix the ``family``'s rows are not written as (a
+        detector's list columns have no CSV); a data set is Parquet for both."""
+        from .writers import DETECTOR_FORMATS, ROW_FORMATS
+
+        formats = DETECTOR_FORMATS if family == "detector" else ROW_FORMATS
+        if self.out is not None and not is_dataset_out(self.out) and Path(self.out).suffix.lower() not in formats:
+            what = "a detector" if family == "detector" else "predict"
+            raise ValueError(f"--out {self.out}: {what} writes {', '.join(formats)}")
+
     def store(self, run_record: dict, batch_size: int, num_records: int, dist: DistInfo):
         return open_store(self.out, self.parts_dir, run_record, batch_size, num_records, dist)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..data.labels import class_folders
 from ..data.records import Records
-from ..data.testsets import NAMED_SUBSETS, matching_subset, read_real_labels, real_name, valid_labels
+from ..data.testset_labels import NAMED_SUBSETS, matching_subset, read_real_labels, real_name, valid_labels
 
 
 @dataclass(frozen=True)

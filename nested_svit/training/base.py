@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import model_payload
+from ..checkpoint.writer import model_payload
 from ..distributed import broadcast_state, current
 from .checkpoints import TrainingCheckpoints
 from .config import TrainingConfig

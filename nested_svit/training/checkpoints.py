@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import save_payload
+from ..checkpoint.writer import save_payload
 from ..devices import cuda_rng_states, set_cuda_rng_states
 
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..data.testsets import real_name
+from ..data.testset_labels import real_name
 
 TIMM_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
                 "interpolation")
@@ -37,7 +37,7 @@ def top_ids(rows: pd.DataFrame, k: int, classes: int) -> np.ndarray | None:
 
 def real_metrics(rows: pd.DataFrame, real: dict[str, tuple[int, ...]]) -> dict:
     """ReaL (as its reference code scores): an image is right at top-k when any of its top-k ids is among
-    its ReaL labels; images matched by val file name (``data.testsets.real_name``), those with no ReaL
+    its ReaL labels; images matched by val file name (``data.testset_labels.real_name``), those with no ReaL
     label left out (and counted)."""
     ok = rows[rows["status"] == "ok"]
     lists = [real.get(real_name(i)) for i in ok["id"]]
