@@ -62,3 +62,11 @@ def tiny_detector_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("detector") / "det.pth"
     save_detector_checkpoint(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def named_digits(tmp_path_factory) -> Path:
+    """The trained digits SViT in our file schema with its class names '0'..'9', as ``train`` writes it."""
+    from digits_fixtures import save_named_digits
+
+    return save_named_digits(tmp_path_factory.mktemp("named") / "digits.pth")

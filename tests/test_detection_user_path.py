@@ -1,5 +1,6 @@
-"""Regression tests for the detection and baseline user path (issue 17): each test names the item it
-covers. A small SViT-Adapter (48-d ViT, 16-channel FPN) keeps them fast."""
+"""The detection and baseline user path: every input kind, the files and flags a detector refuses, COCO
+subsets and categories, keep budgets, messages that name the method, pictures, --help and list. A
+small SViT-Adapter (48-d ViT, 16-channel FPN) keeps them fast."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def _image(path: Path, size=(40, 56), seed=0, fmt=None, **save) -> Path:
 
 
 @pytest.mark.slow
-def test_item1_detector_predict_takes_every_input_kind(tmp_path, det_file, capsys):
+def test_detector_predict_takes_every_input_kind(tmp_path, det_file, capsys):
     root = tmp_path / "photos"
     for name in ("a.png", "b.jpg", "sub/c.png"):
         _image(root / name)
@@ -73,7 +74,7 @@ def test_item1_detector_predict_takes_every_input_kind(tmp_path, det_file, capsy
         assert len(out.read_text().splitlines()) == 3
 
 
-def test_item2_classifier_checkpoint_refused_for_detector_inference(tmp_path, coco, capsys):
+def test_classifier_checkpoint_refused_for_detector_inference(tmp_path, coco, capsys):
     from nested_svit import create_model
 
     deit = tmp_path / "deit.pth"
@@ -91,7 +92,7 @@ def test_item2_classifier_checkpoint_refused_for_detector_inference(tmp_path, co
 
 
 @pytest.mark.slow
-def test_item3_evit_release_args_configure_or_refuse(tmp_path):
+def test_evit_release_args_configure_or_refuse(tmp_path):
     from nested_svit import create_model, load_checkpoint
     from nested_svit.checkpoint import CheckpointError
 
@@ -124,7 +125,7 @@ def _write_coco(root: Path, images: list[dict], anns: list[dict], cats: list[dic
     return ann
 
 
-def test_item4_duplicate_image_ids_stop(tmp_path, det_file, capsys):
+def test_duplicate_image_ids_stop(tmp_path, det_file, capsys):
     img = tmp_path / "images"
     _image(img / "a.png")
     _image(img / "b.png", seed=1)
@@ -137,7 +138,7 @@ def test_item4_duplicate_image_ids_stop(tmp_path, det_file, capsys):
     assert "image id 7" in err and "a.png" in err and "b.png" in err
 
 
-def test_item5_exif_rotated_image_warned(tmp_path, det_file, capsys):
+def test_exif_rotated_image_warned(tmp_path, det_file, capsys):
     img = tmp_path / "images"
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 56 wide x 40 high, shown rotated: 40 wide x 56 high
@@ -156,7 +157,7 @@ def test_item5_exif_rotated_image_warned(tmp_path, det_file, capsys):
 
 
 @pytest.mark.parametrize("value", ["-1", "0"])
-def test_item6_max_images_below_one(tmp_path, det_file, coco, capsys, value):
+def test_max_images_below_one(tmp_path, det_file, coco, capsys, value):
     ann, images = coco
     assert main(["eval", "coco", "--checkpoint", str(det_file), *RUN, "--ann", str(ann), "--images", str(images),
                  "--max-images", value, "--out", str(tmp_path / "r.json")]) == 2
@@ -165,7 +166,7 @@ def test_item6_max_images_below_one(tmp_path, det_file, coco, capsys, value):
 
 @pytest.mark.parametrize("flag", [["--topk", "3"], ["--class-names", "x.txt"], ["--num-classes", "3"],
                                   ["--img-size", "64"], ["--crop-pct", "0.9"]])
-def test_item7_classifier_flags_refused_for_detectors(tmp_path, det_file, coco, capsys, flag):
+def test_classifier_flags_refused_for_detectors(tmp_path, det_file, coco, capsys, flag):
     ann, images = coco
     for cmd in (["predict", "--input", str(images), "--out", str(tmp_path / "p.jsonl")],
                 ["eval", "coco", "--ann", str(ann), "--images", str(images), "--out", str(tmp_path / "r.json")]):
@@ -181,7 +182,7 @@ def test_item7_classifier_flags_refused_for_detectors(tmp_path, det_file, coco, 
 
 
 @pytest.mark.slow
-def test_item7_detector_keep_budget_calibrates_and_bf16_runs(tmp_path, det_file, coco):
+def test_detector_keep_budget_calibrates_and_bf16_runs(tmp_path, det_file, coco):
     ann, images = coco
     results = {}
     for scale in ("1.0", "0.5"):
@@ -203,7 +204,7 @@ def test_item7_detector_keep_budget_calibrates_and_bf16_runs(tmp_path, det_file,
     assert len(rows) == 5 and all(r["status"] == "ok" and r["num_detections"] > 0 for r in rows)
 
 
-def test_item8_bench_plots_detectors_and_refuses_keep_targets_on_baselines(tmp_path, capsys, monkeypatch):
+def test_bench_plots_detectors_and_refuses_keep_targets_on_baselines(tmp_path, capsys, monkeypatch):
     """The sweep itself is bench/'s (minutes on CPU); here a sweep's rows, as it returns them, reach the plot."""
     from nested_svit.benchmark import detection
 
@@ -223,7 +224,7 @@ def test_item8_bench_plots_detectors_and_refuses_keep_targets_on_baselines(tmp_p
     assert "ats_small (ATS) keeps its own token counts" in capsys.readouterr().err
 
 
-def test_item9_eval_coco_refuses_data_with_ann(tmp_path, det_file, coco, capsys):
+def test_eval_coco_refuses_data_with_ann(tmp_path, det_file, coco, capsys):
     ann, images = coco
     assert main(["eval", "coco", "--checkpoint", str(det_file), *RUN, "--data", str(tmp_path), "--ann", str(ann),
                  "--images", str(images), "--out", str(tmp_path / "r.json")]) == 2
@@ -231,7 +232,7 @@ def test_item9_eval_coco_refuses_data_with_ann(tmp_path, det_file, coco, capsys)
 
 
 @pytest.mark.slow
-def test_item10_class_count_message_and_coco_subset(tmp_path, capsys):
+def test_class_count_message_and_coco_subset(tmp_path, capsys):
     from nested_svit.detection.classes import COCO_CLASSES
 
     path = tmp_path / "coco80.pth"
@@ -258,7 +259,7 @@ def test_item10_class_count_message_and_coco_subset(tmp_path, capsys):
     assert "the checkpoint predicts 80 classes; the annotations have 4 categories" in capsys.readouterr().err
 
 
-def test_item11_messages_name_the_method(tmp_path, capsys):
+def test_messages_name_the_method(tmp_path, capsys):
     from datasets_fixtures import write_image_folder
 
     from nested_svit import create_model
@@ -272,7 +273,7 @@ def test_item11_messages_name_the_method(tmp_path, capsys):
     assert "this DynamicViT model are random" in err and "fine-tune with 'nested-svit train'" not in err
 
 
-def test_item12_library_predict_inputs():
+def test_library_predict_inputs():
     det = _detector().eval()
     rgb = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     gray = rgb[..., 0]
@@ -291,7 +292,7 @@ def test_item12_library_predict_inputs():
         assert torch.equal(got.boxes, want.boxes) and torch.equal(got.scores, want.scores)
 
 
-def test_item13_no_annotations_and_no_categories(tmp_path, det_file, capsys):
+def test_no_annotations_and_no_categories(tmp_path, det_file, capsys):
     img = tmp_path / "images"
     _image(img / "a.png")
     images = [{"id": 1, "file_name": "a.png", "height": 40, "width": 56}]
@@ -308,7 +309,7 @@ def test_item13_no_annotations_and_no_categories(tmp_path, det_file, capsys):
     assert "lists no categories" in err and "num_classes must be positive" not in err
 
 
-def test_item14_help_and_list(capsys):
+def test_help_and_list(capsys):
     import re
 
     for cmd in (["eval", "coco", "--help"], ["train", "--help"], ["predict", "--help"]):
@@ -331,7 +332,7 @@ def test_item14_help_and_list(capsys):
 
 
 @pytest.mark.slow
-def test_item15_pictures_distinct_not_read_back_threshold_and_small(tmp_path, det_file):
+def test_pictures_distinct_not_read_back_threshold_and_small(tmp_path, det_file):
     root = tmp_path / "photos"
     for name, seed in (("a.jpg", 0), ("a.png", 1), ("sub/x.jpg", 2), ("sub__x.jpg", 3)):
         _image(root / name, seed=seed)

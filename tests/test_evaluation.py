@@ -141,14 +141,20 @@ def test_killed_predict_resumes_exactly_once(tmp_path, checkpoint, kill_midway):
     assert not parts.exists()
 
 
-def test_resume_refuses_parts_of_another_run(tmp_path, checkpoint):
+def test_resume_refuses_parts_of_another_run(tmp_path, checkpoint, capsys):
     write_image_folder(tmp_path / "val", per_class=1)
     out = tmp_path / "p.parquet"
     parts = tmp_path / "p.parquet.parts"
     parts.mkdir()
-    (parts / "manifest.json").write_text(json.dumps({"kind": "predict", "model": "other"}))
+    record = json.dumps({"kind": "predict", "model": "other"})
+    (parts / "manifest.json").write_text(record)
+    (parts / "batch-0000000.parquet").write_bytes(b"another run's rows")
     assert main(["predict", *MODEL_ARGS, "--checkpoint", str(checkpoint), "--input", str(tmp_path / "val"),
                  "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{parts} holds partial results of a different run" in err and "'model'" in err  # names what differs
+    assert (parts / "manifest.json").read_text() == record and not out.exists()  # nothing of it touched or mixed in
+    assert (parts / "batch-0000000.parquet").read_bytes() == b"another run's rows"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Regression tests for the classification user path (issue 9): each test names the item it covers."""
+"""The classification user path: inputs of every kind, argument errors in one line before any work,
+resume, our own outputs never read back, image limits, training from the command line."""
 from __future__ import annotations
 
 import io
@@ -13,7 +14,7 @@ import torch
 from datasets_fixtures import WNIDS, encode, make_image, write_image_folder, write_parquet
 from PIL import Image
 
-from nested_svit import create_model, load_checkpoint
+from nested_svit import create_model, load_checkpoint, load_model
 from nested_svit.checkpoint import CheckpointError
 from nested_svit.cli import main
 from nested_svit.data import open_dataset
@@ -98,11 +99,16 @@ def test_init_from_imagenet_head_is_reinitialised(tmp_path, capsys):
     assert main(["train", "--model", "svit_digits", "--init", str(tmp_path / "deit.pth"), "--data", str(data),
                  "--epochs", "1", "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "o.pth")]) == 0
     assert "head re-initialised" in capsys.readouterr().err
+    trained = load_model(tmp_path / "o.pth")  # the file it wrote: the data's classes, the dense weights carried
+    assert trained.config.num_classes == len(set(p.parent.name for p in data.rglob("*.png"))) != 1000
+    start, now = deit.state_dict(), trained.state_dict()
+    assert torch.allclose(now["patch_embed.proj.weight"], start["patch_embed.proj.weight"], atol=1e-3)  # lr 1e-5
+    assert not torch.allclose(now["blocks.0.attn.qkv.weight"], create_model("vit_digits").state_dict()[
+        "blocks.0.attn.qkv.weight"], atol=1e-2)  # loaded, not a fresh initialisation
 
 
 @pytest.mark.parametrize("kind", ["file", "parquet", "glob", "list"])
 def test_predict_inputs(tmp_path, kind):
-    """Item 5."""
     write_image_folder(tmp_path / "imgs", per_class=2)
     if kind == "file":
         source, n = tmp_path / "imgs" / WNIDS[0] / "img0.JPEG", 1
@@ -123,7 +129,6 @@ def test_predict_inputs(tmp_path, kind):
 @pytest.mark.parametrize("args", [["--batch-size", "0"], ["--batch-size", "-4"], ["--topk", "0"], ["--topk", "-1"],
                                   ["--crop-pct", "0"], ["--crop-pct", "-1"], ["--img-size", "100"]])
 def test_argument_errors_are_one_line_before_work(tmp_path, capsys, args):
-    """Item 6."""
     write_image_folder(tmp_path / "val", per_class=1)
     out = tmp_path / "r.json"
     assert main(["eval", "imagenet", *TINY, "--data", str(tmp_path / "val"), "--out", str(out), *args]) == 2
@@ -144,7 +149,6 @@ def test_out_under_a_file_or_read_only(tmp_path, capsys):
 
 
 def test_empty_batch_gives_empty_outputs():
-    """Item 7."""
     model = create_model("svit_tiny").eval()
     feats, usage = model.forward_features(torch.zeros(0, 3, 224, 224), return_usage=True)
     assert feats.shape == (0, 197, 192) and usage.kept.shape == (0, 12)
@@ -189,7 +193,6 @@ def test_eval_and_predict_output_formats(tmp_path, capsys):
 
 
 def test_every_file_gets_a_row_or_is_listed(tmp_path):
-    """Item 12."""
     root = tmp_path / "imgs"
     root.mkdir()
     rng = np.random.default_rng(0)
@@ -208,7 +211,6 @@ def test_every_file_gets_a_row_or_is_listed(tmp_path):
 
 
 def test_resume_refuses_a_changed_file_list(tmp_path, capsys):
-    """Item 13."""
     write_image_folder(tmp_path / "val", per_class=2)
     out = tmp_path / "p.csv"
     parts = tmp_path / "p.csv.parts"
@@ -231,7 +233,6 @@ def test_resume_refuses_a_changed_file_list(tmp_path, capsys):
 
 
 def test_own_outputs_and_stray_parquet_are_not_input(tmp_path):
-    """Item 14."""
     write_image_folder(tmp_path / "d", per_class=1)
     (tmp_path / "d" / WNIDS[0] / "stray.parquet").write_bytes(b"PAR1")
     for _ in range(2):
@@ -240,7 +241,7 @@ def test_own_outputs_and_stray_parquet_are_not_input(tmp_path):
 
 
 def test_large_photos_and_limit(monkeypatch):
-    """Item 15: Pillow's bomb threshold does not apply; our limit does, with the reason."""
+    """Pillow's bomb threshold does not apply; our limit does, with the reason."""
     buf = encode(make_image(np.random.default_rng(0), size=(100, 100)), "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if the photo were above Pillow's 89 Mpx
     assert decode_image(buf).size == (100, 100)
@@ -251,7 +252,6 @@ def test_large_photos_and_limit(monkeypatch):
 
 
 def test_float_tiff_and_exif_orientation():
-    """Item 16."""
     arr = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
     buf = io.BytesIO()
     Image.fromarray(arr, "F").save(buf, "TIFF")
@@ -267,7 +267,6 @@ def test_float_tiff_and_exif_orientation():
 
 
 def test_dense_checkpoint_in_svit_warns(tmp_path, capsys):
-    """Item 18."""
     write_image_folder(tmp_path / "val", per_class=1)
     deit = create_model("deit_tiny_patch16_224")
     torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")

@@ -1,4 +1,4 @@
-"""What a run says to a new user (issue 35, point 6): each case in one line, on stderr, before or
+"""What a run says to a new user: each case in one line, on stderr, before or
 beside the rows; nothing clipped, resumed or refused silently."""
 from __future__ import annotations
 
