@@ -170,3 +170,29 @@ def test_trained_detector_feeds_eval_and_predict(tmp_path):
     assert main(["predict", "--checkpoint", str(ckpt), "--input", str(images), "--out", str(preds), "--workers", "0"]) == 0
     rows = json.loads(preds.read_text())
     assert len(rows) == 5 and all(set(r["names"]) <= {"square", "bar"} for r in rows)
+
+
+def test_forward_is_the_losses_in_training_and_the_detections_in_eval():
+    """``detector(inputs, targets)`` in training mode is ``losses``; ``detector(inputs, metas=...)`` in eval
+    mode is ``predict_preprocessed``; each mode refuses the other's call in one line."""
+    from nested_svit.detection.adapter import AdapterConfig
+
+    torch.manual_seed(0)
+    det = create_detector("svit_adapter_tiny_maskrcnn", embed_dim=48, num_heads=2, num_classes=3, fpn_channels=16,
+                          adapter=AdapterConfig(conv_inplane=8, deform_heads=2))
+    inputs, targets = _batch()
+    det.train().set_execution("masked")
+    torch.manual_seed(1)
+    via_forward, _ = det(inputs, targets)
+    torch.manual_seed(1)
+    direct, _ = detector_losses(det, inputs, targets)
+    assert set(via_forward) == set(direct) and all(torch.equal(via_forward[k], direct[k]) for k in direct)
+    with pytest.raises(ValueError, match="takes targets"):
+        det(inputs)
+    det.eval().set_execution("packed")
+    images = [torch.randint(0, 255, (48, 64, 3), dtype=torch.uint8), torch.randint(0, 255, (40, 40, 3), dtype=torch.uint8)]
+    inputs, metas = det.preprocess(images)
+    got, want = det(inputs, metas=metas), det.predict_preprocessed(inputs, metas)
+    assert [torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) for a, b in zip(got, want)] == [True, True]
+    with pytest.raises(ValueError, match="ImageMeta"):
+        det(inputs)

@@ -40,7 +40,7 @@ def _reference_and_compare(got: dict, ann: Path, images: Path) -> None:
     from nested_svit.training import DetectorTrainer
     from nested_svit.detection import detector_losses
     from nested_svit.seeding import step_seed
-    from nested_svit.training import epoch_batches
+    from nested_svit.training.loop import epoch_batches
 
     model, data = build(str(ann), str(images))
     trainer = DetectorTrainer(model, data, CONFIG)  # its optimizer and schedule; the loop is written here

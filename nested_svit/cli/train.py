@@ -9,6 +9,7 @@ from pathlib import Path
 from . import options
 from .arguments import CLS, DET
 from .common import check_writable, note, parse_img_scale, progress_bar
+from .models import show
 
 
 def add_parser(sub, formatter) -> None:
@@ -102,104 +103,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_detector(args) if family == DET else train_classifier(args)
 
 
-def _device(args: argparse.Namespace) -> str:
-    """This process's device, the torchrun group joined and the threads set (``distributed.process_setup``,
-    as inference does)."""
-    from ..distributed import process_setup
+def _spec(args: argparse.Namespace, family: str):
+    """The ``ModelSpec`` of the flags: the model, where training starts (``--init``), classes, size, seed."""
+    from ..inference import ModelSpec
 
-    return str(process_setup(args.device, args.threads)[0])
+    return ModelSpec(family, args.model, args.init, num_classes=args.num_classes, seed=args.seed,
+                     img_size=getattr(args, "img_size", None), img_scale=parse_img_scale(getattr(args, "img_scale", None)))
 
 
-def _common(args: argparse.Namespace, device: str) -> dict:
+def _settings(args: argparse.Namespace) -> dict:
     """The ``TrainingConfig`` fields every trainer takes from the flags (None: the config's default)."""
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "gate_lr": args.gate_lr,
             "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "ratio_weight": args.ratio_weight,
             "ratio_loss": args.ratio_loss, "amp": args.amp, "seed": args.seed, "workers": args.workers,
-            "checkpoint_every": args.checkpoint_every, "drop_path": args.drop_path, "device": device}
+            "checkpoint_every": args.checkpoint_every, "drop_path": args.drop_path}
+
+
+def _run(args: argparse.Namespace):
+    from ..inference import RunOptions
+
+    return RunOptions(args.batch_size, args.workers, args.device, args.threads)
 
 
 def train_classifier(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..checkpoint import file_info
-    from ..data import open_dataset
-    from ..registry import build_model
-    from ..training import LabelledImages, TrainConfig, Trainer, load_init, train_augment
+    from ..inference import DataOptions
+    from ..training import classifier_training
 
     if not args.data:
         raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
     if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
         raise ValueError(f"--export {args.export} exists and is not a folder")
-    data = LabelledImages(open_dataset(args.data), args.data)
-    if data.unlabelled:
-        note(f"{data.unlabelled} files outside class folders have no label and are not trained on")
-    if args.num_classes is not None and args.num_classes < data.num_classes:
-        raise ValueError(f"--num-classes {args.num_classes}, but the data has labels up to {data.num_classes - 1} "
-                         f"({data.num_classes} classes)")
-    init_cfg = file_info(args.init).model_config if args.init else None
-    num_classes = args.num_classes or (init_cfg or {}).get("num_classes") or data.num_classes
-    torch.manual_seed(args.seed)  # the initialisation (head, gates without --init) depends on --seed only
-    model = build_model(args.model, reactivation=not args.no_reactivation, gate_tau=args.tau, num_classes=num_classes,
-                         **({"img_size": args.img_size} if args.img_size else {}))
-    img_size = model.config.img_size
-    folders = data.dataset.records.class_names
-    if folders and len(folders) == num_classes:
-        model.class_names = list(folders)
-    if img_size % model.config.patch_size:
-        raise ValueError(f"--img-size {img_size} is not a multiple of the patch size {model.config.patch_size}")
-    if args.init:
-        for text in load_init(model, args.init):
-            note(text)
-    values = {k: v for k, v in _common(args, _device(args)).items() if v is not None}
-    cfg = TrainConfig(**values, freeze_backbone=args.freeze_backbone)
-    if not args.init and not _resuming(args):
-        note(f"no --init: {model.name} starts from random weights and trains at lr {cfg.lr:g} (gates {cfg.selector_lr:g}), "
-             "the gate fine-tuning defaults; from scratch it usually wants a larger --lr, or start from a dense "
-             "checkpoint with --init")
-    trainer = Trainer(model, data, cfg, augment=train_augment(img_size), checkpoint_path=args.out,
-                      data_record=data.record(str(Path(args.data).resolve())), log_every=args.log_every)
-    return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
+    job = classifier_training(_spec(args, CLS), DataOptions(args.data), _run(args), args.out,
+                              {**_settings(args), "freeze_backbone": args.freeze_backbone},
+                              {"reactivation": not args.no_reactivation, "gate_tau": args.tau}, _resuming(args),
+                              args.log_every)
+    show(job.messages)
+    return fit_with_progress(args, job.trainer, lambda e: {"loss": f"{e.loss:.3f}", "ratio": f"{e.ratio_loss:.3f}"})
 
 
 def train_detector(args: argparse.Namespace) -> int:
     """A detector on COCO-format data (``--data ROOT --split S`` or ``--ann --images``)."""
-    import torch
+    from ..data.coco import resolve_coco_paths
+    from ..inference import DataOptions
+    from ..training import detector_training
 
-    from ..data.coco import CocoTrainData, load_coco, resolve_coco_paths
-    from ..detection import create_detector
-    from ..training import DetectorTrainer, DetTrainConfig, load_init
-
-    if not 0 <= args.flip <= 1:
-        raise ValueError(f"--flip must be a probability, got {args.flip}")
     ann_file, image_dir = resolve_coco_paths(args.data, args.split, args.ann, args.images)
-    coco = load_coco(ann_file)
-    names = [coco.loadCats(c)[0]["name"] for c in sorted(coco.getCatIds())]
-    if args.num_classes is not None and args.num_classes != len(names):
-        raise ValueError(f"--num-classes {args.num_classes}, but {ann_file} has {len(names)} categories")
-    overrides: dict = {"num_classes": len(names), "class_names": tuple(names),
-                       "reactivation": not args.no_reactivation, "gate_tau": args.tau}
-    scale = parse_img_scale(args.img_scale)
-    if scale:
-        overrides["img_scale"] = scale
-    torch.manual_seed(args.seed)
-    model = create_detector(args.model, **overrides)
-    if args.init:
-        for text in load_init(model, args.init):
-            note(text)
     steps = tuple(int(v) for v in args.steps.split(",")) if args.steps else None
-    cfg = DetTrainConfig.recipe(model, args.init is not None, **_common(args, _device(args)), schedule=args.schedule,
-                                steps=steps, clip_grad=args.clip_grad, sync_bn=not args.no_sync_bn)
-    data = CocoTrainData(ann_file, image_dir, model.config.img_scale, flip=args.flip, seed=args.seed,
-                         multiscale=args.multiscale_crop)
-    if data.left_out:
-        note(f"{data.left_out} images without usable annotations are left out (as mmdet's filter_empty_gt)")
-    if not args.init and not _resuming(args):
-        note(f"no --init: the whole of {model.name} starts from random weights (lr {cfg.lr:g}); detectors usually "
-             "start from ImageNet weights: --init deit_small_patch16_224.pth")
-    trainer = DetectorTrainer(model, data, cfg, checkpoint_path=args.out, log_every=args.log_every,
-                              data_record={"path": str(Path(ann_file).resolve()), "digest": data.digest(),
-                                           "images": len(data)})
-    return fit_with_progress(args, trainer, lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})
+    settings = {**_settings(args), "schedule": args.schedule, "steps": steps, "clip_grad": args.clip_grad,
+                "sync_bn": not args.no_sync_bn}
+    job = detector_training(_spec(args, DET), DataOptions(str(image_dir), annotations=str(ann_file)), _run(args),
+                            args.out, settings, {"reactivation": not args.no_reactivation, "gate_tau": args.tau},
+                            _resuming(args), args.log_every, args.flip, args.multiscale_crop)
+    show(job.messages)
+    return fit_with_progress(args, job.trainer, lambda e: {"loss": f"{e.losses['loss']:.3f}"} if e.losses else {})
 
 
 def _resuming(args: argparse.Namespace) -> bool:

@@ -214,6 +214,19 @@ class MaskRCNNDetector(nn.Module):
         losses["loss"] = sum(losses.values())
         return losses, usage
 
+    def forward(self, inputs: Sequence[Tensor], targets: Sequence[dict] | None = None,
+                metas: Sequence[ImageMeta] | None = None, ratio_loss: str = "dynamic", ratio_weight: float = 4.0):
+        """One entry for training and inference, as torchvision's detectors: in training mode ``losses``
+        (``targets`` required) -> (named losses, token usage); in eval mode ``predict_preprocessed`` of the
+        ``inputs`` with their ``metas`` (``preprocess``'s) -> one ``Detections`` per image."""
+        if self.training:
+            if targets is None:
+                raise ValueError("a detector in training mode takes targets (its losses); call .eval() to detect")
+            return self.losses(inputs, targets, ratio_loss, ratio_weight)
+        if metas is None or len(metas) != len(inputs):
+            raise ValueError("detecting takes each input's ImageMeta (model.preprocess returns them)")
+        return self.predict_preprocessed(list(inputs), list(metas))
+
     # ------------------------------------------------------------------ library call
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], masks: str | None = "bool", token_maps: bool = False) -> list[Detections]:

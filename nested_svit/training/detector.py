@@ -91,7 +91,7 @@ class DetectorTrainer(TrainerBase):
         inputs = [x.to(dev) for x in inputs]
         targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         with autocast(cfg.amp, cfg.device):
-            losses, usage = model.losses(inputs, targets, cfg.ratio_loss, cfg.ratio_weight)
+            losses, usage = model(inputs, targets, ratio_loss=cfg.ratio_loss, ratio_weight=cfg.ratio_weight)
         skipped = optimizer_step(self, losses["loss"], skipped, cfg.clip_grad)
         keep = usage.gate_keep_fraction().tolist() if usage.masks else []
         return DetStepLog(self.epoch, self.global_step, {k: float(v.detach()) for k, v in losses.items()}, keep,
