@@ -8,9 +8,12 @@ draws (Gumbel noise, drop-path) are seeded per (seed, step, rank) (``seeding.ste
 makes a resumed run exact at any world size. Buffers (BatchNorm running statistics) follow rank 0 each
 step, as DDP's ``broadcast_buffers`` does (``distributed.broadcast_state``).
 
-Why not ``DistributedDataParallel``: the trainers call model methods other than ``forward``
-(``forward_features``, the detector's ``losses``), which DDP does not hook; one flat all-reduce after
-backward is simple and exact (it does not overlap communication with backward).
+Why not ``DistributedDataParallel`` (every model now has a ``forward`` for training, the detector's
+returning its losses): a step in which some rank has no readable image cannot join DDP's all-reduce in
+backward, and a parameter no rank used in a step (a mask head without positive RoIs) keeps ``None`` here,
+so AdamW leaves it alone, where DDP would hand it zeros that weight decay then acts on; both would end
+the equality with a single process that the tests hold. One flat all-reduce after backward is simple
+and exact; it does not overlap communication with backward (not measured: no multi-GPU machine here).
 """
 from __future__ import annotations
 
