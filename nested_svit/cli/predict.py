@@ -66,7 +66,8 @@ def _output(args: argparse.Namespace, family: str):
     """``OutputOptions`` of ``--out`` / ``--save-vis``, checked for the ``family``'s rows."""
     from ..inference import OutputOptions
 
-    output = OutputOptions(args.out, pictures=args.save_vis, score_thr=getattr(args, "vis_score_thr", None) or 0.3)
+    threshold = getattr(args, "vis_score_thr", None)  # detectors' (a classifier's parser has none)
+    output = OutputOptions(args.out, pictures=args.save_vis, **({"score_thr": threshold} if threshold is not None else {}))
     output.check(family)
     return output
 

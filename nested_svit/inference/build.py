@@ -94,6 +94,9 @@ class OutputOptions:
     score_thr: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.out is None and self.parts is None:
+            raise ValueError("OutputOptions: give out (where the rows go) or parts (their folder, when a result is "
+                             "made of them)")
         if self.pictures and self.out is not None and is_dataset_out(self.out):
             raise ValueError("--save-vis needs a file --out (its rows name the pictures); a data set --out DIR/ has no "
                              "picture column")

@@ -133,9 +133,15 @@ class DatasetStore(PartStore):
             refuse_other_run(self.parts_dir, json.loads(where.read(RUN_RECORD)), self.run_record)
         elif self.dist.is_main:
             where.write(RUN_RECORD, json.dumps(self.run_record, indent=1, sort_keys=True).encode())
-        n, b = self.num_records, self.batch_size
-        batches = range(self.dist.rank, (n + b - 1) // b, self.dist.world_size)
-        return [list(range(i * b, min((i + 1) * b, n))) for i in batches if self.part_name(i) not in names], notes
+        return self._pending_in(names), notes
+
+    def _pending_in(self, names: set[str]) -> list[list[int]]:
+        """This process's batches whose part is not among ``names``."""
+        return [batch for batch in self.owned() if self.part_name(self.batch_of(batch)) not in names]
+
+    def pending(self) -> list[list[int]]:
+        """This process's batches with no part yet (one listing; ``open`` lists once for this and the record)."""
+        return self._pending_in(set(self.where.names()))
 
     def part_name(self, batch: int) -> str:
         return f"{self.prefix}{batch:07d}.parquet"

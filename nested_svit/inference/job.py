@@ -100,7 +100,9 @@ class Job:
         """Write the rows (a file by its suffix, or the data set's summary) with ``meta``, remove the parts."""
         from .pictures import picture_column
 
-        return self.store.finish(self.meta, picture_column(self.pictures) if self.pictures else None)
+        rows = self.store.finish(self.meta, picture_column(self.pictures) if self.pictures else None)
+        self._todo = None  # finished: a later run of this job opens its store again (and computes it again)
+        return rows
 
 
 def summed_over_ranks(state: Counts, dist: DistInfo, device) -> Counts:
