@@ -50,7 +50,8 @@ class Job:
     scoring: ResolvedScoring = field(default_factory=ResolvedScoring)
     pictures: dict[str, str] | None = None
     pictures_dir: Path | None = None
-    _todo: list[list[int]] | None = field(default=None, repr=False)
+    _todo: list[list[int]] | None = field(default=None, repr=False)  # this process's pending batches, once opened
+    _notes: list[str] = field(default_factory=list, repr=False)  # what opening the store said
 
     @property
     def model(self):

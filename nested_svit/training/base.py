@@ -53,8 +53,8 @@ class TrainerBase(TrainingCheckpoints):
 
     @staticmethod
     def stack_of(model: nn.Module) -> nn.Module:
-        """The token stack of ``model`` (a detector's backbone, or the classifier itself)."""
-        return model.backbone if hasattr(model, "backbone") else model
+        """The token stack of ``model`` that prunes: a classifier is its own (a detector's trainer says its backbone)."""
+        return model
 
     def lr_factor(self, total_steps: int) -> Callable[[int], float]:
         raise NotImplementedError

@@ -73,6 +73,10 @@ class DetectorTrainer(TrainerBase):
             raise ValueError(f"schedule must be 'step' or 'cosine', not {cfg.schedule!r}")
         super().__init__(model, data, cfg, checkpoint_path, data_record, log_every)
 
+    @staticmethod
+    def stack_of(model: MaskRCNNDetector):
+        return model.backbone
+
     def lr_factor(self, total_steps: int) -> Callable[[int], float]:
         cfg = self.cfg
         return lambda step: mmdet_factor(step, total_steps, cfg.warmup_steps, cfg.warmup_ratio, cfg.schedule, cfg.steps,
