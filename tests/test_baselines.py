@@ -285,6 +285,7 @@ def test_evit_dropped_tokens_keep_the_chosen_value(mode):
     torch.testing.assert_close(x.values[dropped], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~4 s; the harness's stand-in, not the method
 def test_ats_benchmark_sharpening_reaches_the_flop_target():
     """The harness's ATS stand-in for trained attention: FLOPs on the calibration images equal the
     target share of dense (by the FLOP model's own count), with per-image counts still varying."""

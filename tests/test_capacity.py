@@ -230,7 +230,8 @@ def _traced_capture(fn, example, pool=None):
     return make_fx(lambda x: fn(x))(example)
 
 
-@pytest.mark.parametrize("name", ["svit_small", pytest.param("evit_small", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", [  # all slow (~7 s each): the overflow test below replays a graph fast
+    pytest.param("svit_small", marks=pytest.mark.slow), pytest.param("evit_small", marks=pytest.mark.slow),
                                   pytest.param("deit_small_patch16_224", marks=pytest.mark.slow)])
 def test_graphed_classifier_replays_one_graph_per_shape_and_equals_exact(name):
     from nested_svit.inference.graphs import GraphedClassifier

@@ -177,7 +177,7 @@ def test_official_checkpoint_round_trip(tmp_path, name, gated):
     report = load_checkpoint(model, path)
     assert report.format == ("mmdet-svit" if gated else "mmdet-dense") and report.sha256
     assert model.backbone.blocks[0].norm1.eps == (1e-5 if gated else 1e-6)
-    images = _images()[:2]
+    images = _images()[:1]  # one image: the weights are what is compared (batches: test_mixed_size_batch_...)
     first = model.predict(images)
     ours = tmp_path / "ours.pth"
     save_detector_checkpoint(model, ours)

@@ -172,6 +172,7 @@ def test_trained_detector_feeds_eval_and_predict(tmp_path):
     assert len(rows) == 5 and all(set(r["names"]) <= {"square", "bar"} for r in rows)
 
 
+@pytest.mark.slow  # ~6 s; the detector trainer's fast and slow tests train through forward
 def test_forward_is_the_losses_in_training_and_the_detections_in_eval():
     """``detector(inputs, targets)`` in training mode is ``losses``; ``detector(inputs, metas=...)`` in eval
     mode is ``predict_preprocessed``; each mode refuses the other's call in one line."""

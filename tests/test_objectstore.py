@@ -27,6 +27,7 @@ def _same_rows(local: pd.DataFrame, remote: pd.DataFrame, prefix: str) -> None:
     np.testing.assert_allclose(local[probs].to_numpy(float), remote[probs].to_numpy(float), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # ~4 s; test_s3_in_s3_out_is_the_local_table reads the same folder from the bucket fast
 def test_awkward_folder_on_s3_gives_the_local_rows(tmp_path, s3):
     kinds = write_awkward_folder(tmp_path / "awk")
     upload_tree(tmp_path / "awk", f"{s3}/photos")
