@@ -2,7 +2,6 @@
 train files and messages, Ray's threads and its stderr noise, the library's loaders, --help."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -38,7 +38,7 @@ def test_the_export_source_holds_our_weights_exactly(digits):
 @pytest.mark.parametrize("runtime, precision, tolerance", [
     # OpenVINO's compile takes ~7 s: slow tier with ONNX Runtime's (the harness that times them is there too)
     pytest.param("openvino", "fp32", 1e-5, marks=pytest.mark.slow),
-    # ONNX Runtime's export takes ~13 s; the fast tier's bench test runs its runner beside ours
+    # ONNX Runtime's export takes ~13 s; the slow tier's bench-with-peers test times it beside ours
     pytest.param("onnxruntime", "fp32", 1e-5, marks=pytest.mark.slow),
     ("openvino", "bf16", 3e-2)])
 def test_runtime_logits_are_the_dense_models(digits, runtime, precision, tolerance):
