@@ -10,6 +10,7 @@ from . import options
 from .arguments import CLS, DET
 from .common import check_writable, note, parse_img_scale, progress_bar
 from .models import show
+from .runs import run_options
 
 
 def add_parser(sub, formatter) -> None:
@@ -119,12 +120,6 @@ def _settings(args: argparse.Namespace) -> dict:
             "checkpoint_every": args.checkpoint_every, "drop_path": args.drop_path}
 
 
-def _run(args: argparse.Namespace):
-    from ..inference import RunOptions
-
-    return RunOptions(args.batch_size, args.workers, args.device, args.threads)
-
-
 def train_classifier(args: argparse.Namespace) -> int:
     from ..inference import DataOptions
     from ..training import classifier_training
@@ -133,7 +128,7 @@ def train_classifier(args: argparse.Namespace) -> int:
         raise ValueError("--data is required: a labelled ImageFolder tree, parquet or Arrow data set")
     if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
         raise ValueError(f"--export {args.export} exists and is not a folder")
-    job = classifier_training(_spec(args, CLS), DataOptions(args.data), _run(args), args.out,
+    job = classifier_training(_spec(args, CLS), DataOptions(args.data), run_options(args), args.out,
                               {**_settings(args), "freeze_backbone": args.freeze_backbone},
                               {"reactivation": not args.no_reactivation, "gate_tau": args.tau}, _resuming(args),
                               args.log_every)
@@ -151,7 +146,7 @@ def train_detector(args: argparse.Namespace) -> int:
     steps = tuple(int(v) for v in args.steps.split(",")) if args.steps else None
     settings = {**_settings(args), "schedule": args.schedule, "steps": steps, "clip_grad": args.clip_grad,
                 "sync_bn": not args.no_sync_bn}
-    job = detector_training(_spec(args, DET), DataOptions(str(image_dir), annotations=str(ann_file)), _run(args),
+    job = detector_training(_spec(args, DET), DataOptions(str(image_dir), annotations=str(ann_file)), run_options(args),
                             args.out, settings, {"reactivation": not args.no_reactivation, "gate_tau": args.tau},
                             _resuming(args), args.log_every, args.flip, args.multiscale_crop)
     show(job.messages)

@@ -139,14 +139,9 @@ class LoadedModel:
 
 
 def load_for_runs(spec: ModelSpec, run: RunOptions) -> LoadedModel:
-    """This process's group and device (``process_group``), and the model of ``spec`` built there."""
-    device, info = process_group(run)
+    """This process's device and group (``distributed.process_setup``), and the model of ``spec`` built there."""
+    device, info = process_setup(run.device, run.threads)
     return LoadedModel(spec.build(device), device, info)
-
-
-def process_group(run: RunOptions) -> tuple[torch.device, DistInfo]:
-    """(this process's device, ``DistInfo``): ``distributed.process_setup`` with the run's device and threads."""
-    return process_setup(run.device, run.threads)
 
 
 def classifier_job(spec: ModelSpec, data: DataOptions, run: RunOptions, output: OutputOptions, kind: str,
@@ -242,7 +237,7 @@ def detector_job(spec: ModelSpec, data: DataOptions, run: RunOptions, output: Ou
     """A detector run: the model first, then the data at the model's test scale (``data.annotations``: a
     COCO annotation file's images; else any input at ``data.path``). ``kind``: ``predict-detection`` or
     ``eval-coco``."""
-    device, info = process_group(run)
+    device, info = process_setup(run.device, run.threads)
     built = spec.build(device)
     model, messages = built.model, list(built.messages)
     scale = model.config.img_scale

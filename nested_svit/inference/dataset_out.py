@@ -63,8 +63,11 @@ class Location:
             raise self._said(e) from e
 
     def read(self, name: str) -> bytes:
+        """The object's bytes; FileNotFoundError as it is (a missing name), any other error as one line."""
         try:
             return self.fs.cat_file(self.path(name))
+        except FileNotFoundError:
+            raise
         except Exception as e:
             raise self._said(e) from e
 
@@ -180,7 +183,7 @@ class DatasetStore(PartStore):
         for name in self._parts():
             try:
                 found[name] = where.read(name)
-            except (FileNotFoundError, ValueError):
+            except FileNotFoundError:  # a store's other errors (credentials, network) are said, not taken as a gap
                 continue
         return found
 

@@ -73,7 +73,7 @@ class TrainerBase(TrainingCheckpoints):
                 log(entry)
 
         self.model.train().set_execution(self.stack_of(self.model).training_execution())
-        logs = fit_epochs(self, type(self).collate, self.train_step, max_steps, logged)
+        logs = fit_epochs(self, self.collate, self.train_step, max_steps, logged)
         if self.epoch >= self.cfg.epochs:  # done (not stopped by max_steps): ready for inference
             self.model.eval().set_execution("packed")
         return logs
