@@ -500,6 +500,7 @@ def _write_formats(source, root: Path, monkeypatch) -> dict[str, str]:
             "local-dir": f"local-dir:{root / 'folder'}", "hf-hub": "hf-hub:someone/vit_digits"}
 
 
+@pytest.mark.slow  # ~7 s; each format's own fast test compares its model with the one it was written from
 def test_every_format_gives_the_same_rows_and_figures_through_load_model_predict_and_eval(tmp_path, monkeypatch,
                                                                                           digits_folder):
     torch.manual_seed(3)

@@ -119,7 +119,8 @@ def test_train_data_multiscale(tmp_path):
                                                                             (120, 160), (120, 120)]
 
 
-@pytest.mark.parametrize("empty", [0, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("empty", [pytest.param(0, marks=pytest.mark.slow),  # ~5 s each: the slow tier
+                                   pytest.param(1, marks=pytest.mark.slow)])
 def test_losses_with_an_image_left_without_instances(empty):
     """A crop may leave an image with no instance (allow_negative_crop): the losses stay finite and
     backpropagate; that image contributes negatives only."""
