@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # ImageNet classes 0, 1, 2
@@ -108,3 +109,12 @@ def write_awkward_folder(root: Path, seed: int = 7) -> dict[str, str]:
     (root / "notes.txt").write_text("not data")
     kinds["notes.txt"] = "text file (ignored)"
     return kinds
+
+
+def compare_rows(local: pd.DataFrame, remote: pd.DataFrame) -> None:
+    """Two runs' prediction rows: the same columns and values, probabilities within 1e-5."""
+    assert list(local.columns) == list(remote.columns)
+    exact = [c for c in local.columns if not c.endswith("_prob")]
+    pd.testing.assert_frame_equal(local[exact], remote[exact])
+    probs = [c for c in local.columns if c.endswith("_prob")]
+    np.testing.assert_allclose(local[probs].to_numpy(float), remote[probs].to_numpy(float), atol=1e-5, rtol=0)

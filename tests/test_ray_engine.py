@@ -2,10 +2,9 @@
 so decode tasks, actors and the driver's reads all get scheduled on a 2-core machine).
 
 The guarantees, each a test: one row per input file; the rows equal the local engine's (same batches,
-same per-batch code: ids, statuses, top-k ids, probabilities within 1e-5, detections); a model actor
-killed mid-batch is restarted and its batch retried with exact output; a killed driver rerun with the
-same ``--out`` resumes without recomputing committed batches; a changed input set is refused; the
-work units decode to exactly the local loader's batches for every input kind."""
+same per-batch code: ids, statuses, top-k ids, probabilities within 1e-5, detections); the work units
+decode to exactly the local loader's batches for every input kind. Killed actors and drivers, in
+processes of their own: tests/ray_resume_cases.py."""
 from __future__ import annotations
 
 import re
@@ -17,8 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from datasets_fixtures import smooth_image, write_awkward_folder, write_image_folder, write_parquet
-from procs import cli_command
+from datasets_fixtures import compare_rows, smooth_image, write_awkward_folder, write_image_folder, write_parquet
 from nested_svit.cli.main import main
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[test]' brings it)")
@@ -38,14 +36,6 @@ def cluster():
         ray.shutdown()
 
 
-def _compare(local: pd.DataFrame, remote: pd.DataFrame) -> None:
-    assert list(local.columns) == list(remote.columns)
-    exact = [c for c in local.columns if not c.endswith("_prob")]
-    pd.testing.assert_frame_equal(local[exact], remote[exact])
-    probs = [c for c in local.columns if c.endswith("_prob")]
-    np.testing.assert_allclose(local[probs].to_numpy(float), remote[probs].to_numpy(float), atol=1e-5, rtol=0)
-
-
 @pytest.mark.slow
 def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
     kinds = write_awkward_folder(tmp_path / "in")
@@ -58,7 +48,7 @@ def test_awkward_folder_gives_the_local_rows(tmp_path, cluster):
     assert len(remote) == len(files) - 1 == len(kinds)  # notes.txt is listed as ignored, the rest get one row each
     assert remote["id"].is_unique and sorted(remote["id"]) == sorted(set(files) - {"notes.txt"})
     assert set(remote.loc[remote.status == "skipped", "id"]) == {"truncated.jpg", "corrupt.jpg", "document.jpg"}
-    _compare(local, remote)
+    compare_rows(local, remote)
     assert not (tmp_path / "ray.parquet.parts").exists()
 
 
@@ -74,7 +64,7 @@ def test_valid_labels_reach_the_actors(tmp_path, cluster):
     local, remote = pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(tmp_path / "ray.parquet")
     ids = remote[[f"top{r}_id" for r in range(1, 6)]].to_numpy()
     assert np.isin(ids, valid_labels("imagenet-a", 1000)).all()
-    _compare(local, remote)
+    compare_rows(local, remote)
 
 
 @pytest.mark.slow
@@ -91,8 +81,8 @@ def test_capacity_reruns_in_the_actors_are_counted_and_said(tmp_path, cluster, c
     said = re.findall(r"--capacity 1: (\d+) batch\(es\) rerun \(", out)
     assert len(said) == 2 and all(int(n) >= 1 for n in said), said  # each actor keeps its own estimate
     exact = pd.read_parquet(tmp_path / "exact.parquet")
-    _compare(exact, pd.read_parquet(tmp_path / "local.parquet"))
-    _compare(exact, pd.read_parquet(tmp_path / "ray.parquet"))
+    compare_rows(exact, pd.read_parquet(tmp_path / "local.parquet"))
+    compare_rows(exact, pd.read_parquet(tmp_path / "ray.parquet"))
 
 
 @pytest.mark.slow
@@ -110,63 +100,6 @@ def test_detector_rows_equal_local_in_jsonl(tmp_path, cluster, tiny_detector_fil
     remote = pd.read_json(tmp_path / "ray.jsonl", lines=True)
     assert len(remote) == 5 and remote.status.tolist().count("skipped") == 1
     pd.testing.assert_frame_equal(local, remote)  # boxes, scores, labels and RLE masks: the same computation
-
-
-@pytest.mark.slow
-def test_killed_actor_is_restarted_and_its_batch_retried(tmp_path, cluster, monkeypatch, capsys):
-    write_image_folder(tmp_path / "in", per_class=4)
-    args = ["predict", *TINY, "--input", str(tmp_path / "in")]
-    assert main([*args, *LOCAL, "--out", str(tmp_path / "local.csv")]) == 0
-    marker = tmp_path / "actor-died"
-    monkeypatch.setenv("NESTED_SVIT_RAY_FAULT", f"exit:1:{marker}")  # the actor's process exits mid-batch 1
-    capsys.readouterr()
-    assert main([*args, "--engine", "ray", "--out", str(tmp_path / "ray.csv")]) == 0
-    assert marker.exists(), "the fault was not injected"
-    assert "Ray retried batch 1 (" in capsys.readouterr().out  # that batch and no other: the summary says it
-    local, remote = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv")
-    assert len(remote) == 12 and remote["index"].tolist() == list(range(12))
-    _compare(local, remote)
-
-
-_cli = cli_command
-
-
-@pytest.mark.slow
-def test_killed_driver_resumes_without_recomputing_and_refuses_other_inputs(tmp_path, cluster, monkeypatch, capsys,
-                                                                          kill_midway):
-    data = tmp_path / "in"
-    data.mkdir()
-    rng = np.random.default_rng(4)
-    for i in range(40):
-        smooth_image(rng, (80, 64)).save(data / f"{i:03d}.jpg")
-    out = tmp_path / "ray.parquet"
-    parts = tmp_path / "ray.parquet.parts"
-    args = ["predict", *TINY[:-1], "2", "--input", str(data), "--out", str(out)]
-    on_ray = ["--engine", "ray", "--cpus-per-actor", "1"]  # the same actor threads in every run: the same rows
-    committed = kill_midway(_cli(*args, *on_ray, "--ray-address", cluster, "--actors", "1"), parts, 4, timeout=120)
-    assert 4 <= len(committed) < 20 and not out.exists(), f"the driver should have been killed midway: {committed}"
-
-    (data / "new.jpg").write_bytes((data / "000.jpg").read_bytes())
-    capsys.readouterr()
-    assert main([*args, *on_ray]) == 2  # the input set changed since the parts were written
-    assert "partial results of a different run" in capsys.readouterr().err
-    (data / "new.jpg").unlink()
-
-    import nested_svit.ray.engine as engine
-
-    ran: list[int] = []
-    real = engine.work_units
-
-    def recording(dataset, batches, batch_size):
-        units = real(dataset, batches, batch_size)
-        ran.extend(u["batch"] for u in units)
-        return units
-
-    monkeypatch.setattr(engine, "work_units", recording)
-    assert main([*args, *on_ray]) == 0
-    assert sorted(ran) == sorted(set(range(20)) - committed)  # only what was not committed
-    assert main([*args[:-1], str(tmp_path / "local.parquet"), *LOCAL]) == 0
-    _compare(pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(out))
 
 
 @pytest.mark.parametrize("kind", ["folder", "imagefolder", "file", "glob", "list", "parquet"])
