@@ -287,18 +287,17 @@ def masked_attention(qkv: Tensor, num_heads: int, key_keep: Tensor) -> Tensor:
     return (weights @ v).transpose(1, 2).reshape(b, n, c3 // 3)
 
 
-def class_attention(qkv: Tensor, num_heads: int, layout: Layout) -> Tensor:
+def class_attention(qkv: Tensor, num_heads: int, layout: Layout, key_bias: Tensor | None = None) -> Tensor:
     """Packed ``qkv [T, 3C]`` -> ``[T, H]`` float32 attention of each image's first row (query) to
-    every row of that image (keys), softmax per image and head. Costs ``T*C`` MACs: one dot product
-    per row, a segment max and a segment sum; no ``[N, N]`` matrix."""
+    every row of that image (keys; ``key_bias [T]`` added to their logits), softmax per image and head.
+    Costs ``T*C`` MACs: one dot product per row, a segment max and a segment sum; no ``[N, N]`` matrix."""
     t, c3 = qkv.shape
-    c = c3 // 3
-    d = c // num_heads
+    c, d = c3 // 3, c3 // 3 // num_heads
     q = qkv[:, :c].float().view(t, num_heads, d)
     k = qkv[:, c:2 * c].float().view(t, num_heads, d)
     image = layout.image_index
     q_first = q[layout.first_rows][image]  # [T, H, d]: each row sees its image's first query
-    logits = (q_first * k).sum(-1) * d ** -0.5  # [T, H]
+    logits = (q_first * k).sum(-1) * d ** -0.5 + (0 if key_bias is None else key_bias.float()[:, None])  # [T, H]
     seg_max = torch.full((layout.batch_size, num_heads), float("-inf"), device=qkv.device)
     seg_max = seg_max.scatter_reduce(0, image[:, None].expand(-1, num_heads), logits, "amax")
     e = torch.exp(logits - seg_max[image])

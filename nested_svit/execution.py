@@ -16,7 +16,8 @@ from torch import Tensor
 from .attention import (CapacityContext, DenseContext, KeyBiasContext, KeyMaskedContext, RecordingContext,
                         VarlenContext, class_attention)
 from .layers import Block
-from .tokens import CapacityRows, Layout, Packed, capacity_rows, gather, kept_rows, scatter, scatter_capacity
+from .tokens import (CapacityRows, Layout, Packed, capacity_rows, gather, kept_rows, pad, scatter, scatter_capacity,
+                     unpad)
 
 EXECUTIONS = ("packed", "masked", "reference")
 
@@ -37,6 +38,8 @@ class MethodHooks(Protocol):
 
     def key_bias(self, i: int) -> Tensor | None: ...
 
+    def attention_probs(self, i: int) -> Tensor | None: ...
+
     def after_attention(self, i: int, y: Tensor, record: "AttentionRecord", before: Tensor) -> Tensor | None: ...
 
     def after_block(self, i: int, record: "AttentionRecord | None") -> None: ...
@@ -47,21 +50,28 @@ class AttentionRecord:
     """Block ``i``'s attention input over the rows it processed.
 
     rows: ``[Ta]`` int64 rows of the full map (each image's rows in map order, so the class token is
-    each image's first row when the model has one); layout: per-image ``Ta`` ranges; qkv: ``[Ta, 3C]``.
+    each image's first row when the model has one); layout: per-image ``Ta`` ranges; qkv: ``[Ta, 3C]``;
+    key_bias: ``[Ta]`` what the block's attention added to each row's key logits (None: nothing).
     """
 
     rows: Tensor
     layout: Layout
     qkv: Tensor
     num_heads: int
+    key_bias: Tensor | None = None
     _probs: Tensor | None = field(default=None, repr=False)
 
     def class_probs(self) -> Tensor:
         """``[Ta, H]`` float32: softmax over each image's rows of its first row's (class token's)
-        attention logits, i.e. row 0 of every head's attention matrix, per image."""
+        attention logits (with the key bias), i.e. row 0 of every head's attention matrix, per image."""
         if self._probs is None:
-            self._probs = class_attention(self.qkv, self.num_heads, self.layout)
+            self._probs = class_attention(self.qkv, self.num_heads, self.layout, self.key_bias)
         return self._probs
+
+    def mean_keys(self) -> Tensor:
+        """``[Ta, d]`` float32 keys averaged over the heads (ToMe's and ATC's similarity metric)."""
+        c = self.qkv.shape[-1] // 3
+        return self.qkv[:, c:2 * c].float().view(-1, self.num_heads, c // self.num_heads).mean(1)
 
     def value_norms(self) -> Tensor:
         """``[Ta]`` float32 L2 norm of each row's value vector (all heads together)."""
@@ -122,8 +132,12 @@ def run_reference(block: Block, x: Packed, keep: Tensor | None, backend: str, le
 
 
 def _splits(method: MethodHooks | None, index: int) -> bool:
-    return method is not None and (method.records(index) or method.has_mid_selection(index)
-                                   or method.selects_queries(index))
+    """Whether block ``index`` runs in two halves: the method reads its attention, selects between
+    the halves, biases its keys or gives its probabilities (the split path applies both)."""
+    if method is None:
+        return False
+    return (method.records(index) or method.has_mid_selection(index) or method.selects_queries(index)
+            or method.key_bias(index) is not None or method.attention_probs(index) is not None)
 
 
 def _run_query_subset(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[int] | None,
@@ -171,17 +185,41 @@ def _per_image(a: Packed, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return torch.cat(parts, 0) if parts else a.values[:0]
 
 
+class GivenProbs:
+    """Attention with the probabilities a method gives (``MethodRun.attention_probs``): ``probs [B, H, L, L]``,
+    image ``b``'s active rows in map order, -> ``probs @ v``. Called with packed ``qkv [T, 3C]`` of
+    ``layout`` or, in the reference execution, one image ``[1, n, 3C]`` at a time, in order."""
+
+    def __init__(self, probs: Tensor, layout: Layout) -> None:
+        self.probs, self.layout, self.image = probs, layout, 0
+
+    def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
+        c = qkv.shape[-1] // 3
+        if qkv.dim() == 3:  # one image of the reference execution
+            n = qkv.shape[1]
+            v = qkv[0, :, 2 * c:].reshape(n, num_heads, -1).transpose(0, 1)  # [H, n, d]
+            p, self.image = self.probs[self.image, :, :n, :n], self.image + 1
+            return (p.to(v.dtype) @ v).transpose(0, 1).reshape(1, n, c)
+        v = pad(qkv[:, 2 * c:], self.layout, length=self.probs.shape[-1])  # [B, L, C]
+        v = v.view(v.shape[0], v.shape[1], num_heads, -1).transpose(1, 2)  # [B, H, L, d]
+        out = (self.probs.to(v.dtype) @ v).transpose(1, 2).reshape(v.shape[0], -1, c)
+        return unpad(out, self.layout)
+
+
 class _PerImageRecording:
     """Dense attention per image that keeps every image's ``qkv``, concatenated like packed rows;
-    ``bias``: the packed rows' key bias (consumed image by image)."""
+    ``bias``: the packed rows' key bias (consumed image by image); ``given``: probabilities to use."""
 
     def __init__(self) -> None:
         self.parts: list[Tensor] = []
         self.bias: Tensor | None = None
+        self.given: GivenProbs | None = None
         self.used = 0
 
     def __call__(self, qkv: Tensor, num_heads: int) -> Tensor:
         self.parts.append(qkv.reshape(-1, qkv.shape[-1]))
+        if self.given is not None:
+            return self.given(qkv, num_heads)
         if self.bias is None:
             return DenseContext()(qkv, num_heads)
         n = qkv.shape[-2]
@@ -201,14 +239,17 @@ def _run_split(block: Block, x: Packed, keep: Tensor | None, lengths: Sequence[i
     active = gather(x, keep, lengths)
     rows = active.index if active.index is not None else torch.arange(x.values.shape[0], device=x.values.device)
     ctx = context(active.layout)
-    bias = method.key_bias(index)
+    bias, probs = method.key_bias(index), method.attention_probs(index)
+    given = None if probs is None else GivenProbs(probs, active.layout)
     if per_image:
         recorder = ctx
         recorder.bias = None if bias is None else bias[rows]
+        recorder.given = given
     else:
-        recorder = RecordingContext(ctx if bias is None else KeyBiasContext(ctx, bias[rows]))
+        recorder = RecordingContext(given or (ctx if bias is None else KeyBiasContext(ctx, bias[rows])))
     h = attention(active, recorder)
-    record = AttentionRecord(rows, active.layout, recorder.qkv, block.attn.num_heads)
+    record = AttentionRecord(rows, active.layout, recorder.qkv, block.attn.num_heads,
+                             None if bias is None else bias[rows])
     mid = method.has_mid_selection(index)
     before = active.values  # a gathered copy, or the map itself, which is then not written (y is h)
     grad = torch.is_grad_enabled()

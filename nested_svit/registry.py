@@ -7,6 +7,8 @@ import dataclasses
 
 from .config import LEGACY_OPTION_DEFAULTS, LEGACY_PRUNING_FIELDS, Pruning, ViTConfig
 from .data.transforms import DEIT_EVAL
+from .methods import get_method
+from .methods.diffrate import RATES, json_options
 from .model import SparseViT
 
 SVIT_GATE_BLOCKS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
@@ -35,12 +37,28 @@ _BASELINES = {
     "evovit": (("tiny", "small", "base"), Pruning("evovit", (4, 8), (0.5, 0.5), options={"readout": "mean"})),
     "ats": (("small",), Pruning("ats", tuple(range(3, 12)), (1.0,) * 9)),
     "tome": (("tiny", "small"), Pruning("tome", tuple(range(12)), (1.0,) * 12, options={"r": 13})),
+    # ATC (ECCV 2024): keep rate 0.7 at blocks 3, 6, 9, one name per linkage (the authors' default: average)
+    **{name: (("tiny", "small", "base"),
+              Pruning("atc", (3, 6, 9), _RHO, options={"linkage": linkage, "proportional_attn": True}))
+       for name, linkage in (("atc", "average"), ("atc_single", "single"), ("atc_complete", "complete"))},
+    # MCTF (CVPR 2024) as its eval scripts run it: r = 16 at blocks 1-11; MCTF-Fast: r = 0.35 at 3, 6, 9
+    "mctf": (("tiny", "small"), Pruning("mctf", tuple(range(1, 12)), (1.0,) * 11, options={"r": 16})),
+    "mctf_fast": (("tiny", "small"), Pruning("mctf", (3, 6, 9), (1.0,) * 3, options={"r": 0.35})),
 }
 for _prefix, (_sizes, _pruning) in _BASELINES.items():
     for _size in _sizes:
         _dim, _heads = WIDTHS[_size]
         _MODELS[f"{_prefix}_{_size}"] = ViTConfig(embed_dim=_dim, num_heads=_heads, pruning=_pruning)
         _DENSE[f"{_prefix}_{_size}"] = f"deit_{_size}_patch16_224"
+# DiffRate (ICCV 2023) on plain DeiT weights at its json's rates: ``diffrate_{size}_{target}`` for every
+# target GFLOPs of the json, ``diffrate_{size}`` at its README's (DeiT-S 2.9, DeiT-B 11.5; DeiT-T 1.0)
+for _size, _default in (("tiny", "1.0"), ("small", "2.9"), ("base", "11.5")):
+    _dim, _heads = WIDTHS[_size]
+    for _target in (*RATES[_size], ""):
+        _name = f"diffrate_{_size}_{_target}".rstrip("_")
+        _MODELS[_name] = ViTConfig(embed_dim=_dim, num_heads=_heads, pruning=Pruning(
+            "diffrate", tuple(range(12)), (1.0,) * 12, options=json_options(_size, _target or _default)))
+        _DENSE[_name] = f"deit_{_size}_patch16_224"
 
 # A small ViT for 32x32 inputs (the digits experiment in eval/; its SViT checkpoint ships with the package).
 _DIGITS = dict(embed_dim=64, num_heads=2, depth=12, patch_size=4, img_size=32, num_classes=10)
@@ -97,7 +115,9 @@ def model_for(pruning: Pruning, embed_dim: int) -> tuple[str | None, dict]:
     names = [n for n, c in _MODELS.items() if c.pruning.method == pruning.method and c.embed_dim == embed_dim]
     if not names:
         return None, {}
-    exact = [n for n in names if _MODELS[n].pruning.options == pruning.options]
+    wanted = _full_options(pruning)
+    exact = [n for n in names if _full_options(_MODELS[n].pruning) == wanted]
+    exact = [n for n in exact if _MODELS[n].pruning.blocks == pruning.blocks] or exact  # MCTF vs MCTF-Fast
     name = (exact or names)[0]
     cfg = _MODELS[name].pruning
     overrides: dict = {} if exact else {"pruning": pruning}
@@ -106,6 +126,14 @@ def model_for(pruning: Pruning, embed_dim: int) -> tuple[str | None, dict]:
     if not overrides and cfg.keep_targets != pruning.keep_targets:
         overrides["keep_targets"] = tuple(round(t, 6) for t in pruning.keep_targets)
     return name, overrides
+
+
+def _full_options(pruning: Pruning) -> object:
+    """``pruning``'s options with the method's defaults filled in (equal options, however written)."""
+    try:
+        return get_method(pruning.method).options(**pruning.options)
+    except TypeError:  # an option the method does not have: compared as written
+        return dict(pruning.options)
 
 
 def build_model(name: str, **overrides) -> SparseViT:

@@ -372,6 +372,17 @@ class BlockPass:
             return x
         return x.with_values(x.values * (mask | self.protect).to(x.values.dtype)[:, None])
 
+    def spread(self, x: Packed) -> Packed:
+        """The map with every row holding its token's current value (``MethodRun.spread``: merged rows
+        read their owner's), for a layer that reads the whole patch grid."""
+        values = self.method.spread(x.values)
+        return x if values is x.values else x.with_values(values)
+
+    def gather_back(self, x: Packed) -> Packed:
+        """The map after such a layer wrote every row: merged tokens back in their rows (``MethodRun.gather_back``)."""
+        values = self.method.gather_back(x.values)
+        return x if values is x.values else x.with_values(values)
+
     def usage(self) -> TokenUsage:
         """What the blocks processed; in the capacity forward this is its one host read (the counts and
         the overflow flag together)."""

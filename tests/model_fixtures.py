@@ -1,6 +1,8 @@
 """Small classifiers whose class token and gates matter, for the device tests (simulated and real CUDA)."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from nested_svit import create_model
@@ -24,9 +26,10 @@ def lively_model(name: str, seed: int = 0):
 
 def method_models(width: str = "small") -> list[str]:
     """Every registered 224-px classifier of this width: one per pruning method and option variant, and
-    the dense one. From the registry, so a new method runs in every test that loops over methods."""
+    the dense one (not a method's other operating points). From the registry, so a new method runs in every test that loops over methods."""
     from nested_svit import list_models
     from nested_svit.registry import WIDTHS, get_config
 
     dim = WIDTHS[width][0]
-    return [n for n in list_models() if get_config(n).embed_dim == dim and get_config(n).img_size == 224]
+    return [n for n in list_models() if get_config(n).embed_dim == dim and get_config(n).img_size == 224
+            and not re.search(r"_\d+\.\d+$", n)]  # DiffRate's other targets (diffrate_small_2.5): the same code

@@ -7,6 +7,7 @@ import torch
 
 import baseline_reference as ref
 from nested_svit import create_model
+from nested_svit.methods.diffrate import RATES
 
 SMALL = dict(embed_dim=128, num_heads=2, num_classes=10)  # head_dim 64 as DeiT; fast on CPU
 CASES = {
@@ -16,6 +17,12 @@ CASES = {
     "evovit_small": ref.run_evovit,
     "ats_small": ref.run_ats,
     "tome_small": ref.run_tome,
+    "atc_small": ref.run_atc,  # clusters compared whole in tests/test_atc.py
+    "atc_single_small": lambda s, img: ref.run_atc(s, img, linkage="single"),
+    "atc_complete_small": lambda s, img: ref.run_atc(s, img, linkage="complete"),
+    "diffrate_small": lambda s, img: ref.run_diffrate(s, img, *RATES["small"]["2.9"]),
+    "mctf_small": ref.run_mctf,
+    "mctf_fast_small": lambda s, img: ref.run_mctf(s, img, r=0.35, blocks=(3, 6, 9)),
 }
 
 
@@ -71,6 +78,46 @@ def test_mixed_resolutions_packed_equals_reference_and_single_images(name):
     torch.testing.assert_close(packed, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed, single, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed, independent, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["diffrate_tiny_1.0", "diffrate_base_8.7"])
+def test_diffrate_other_json_targets_equal_the_authors_algorithm(name):
+    """DeiT-T 1.0 has merge counts above the tokens left (merges that do nothing, 21 tokens at the end),
+    DeiT-B 8.7 prunes and merges hardest: both as the per-image algorithm, on two images in one batch."""
+    size, target = name.split("_")[1:]
+    model = _model(name)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        feats, usage = model.forward_features(images, return_usage=True)
+        logits = model.forward_head(feats)
+        for b in range(2):
+            expected, counts, _ = ref.run_diffrate(model.state_dict(), images[b], *RATES[size][target])
+            assert usage.kept_mlp[b].tolist() == counts
+            torch.testing.assert_close(logits[b], expected, atol=1e-4, rtol=1e-4)
+    assert counts[-1] == (21 if size == "tiny" else 3)
+
+
+@pytest.mark.parametrize("options", [{"bidirection": False}, {"tau_sim": 0, "tau_size": 0}, {"r": 9, "tau_info": 0}])
+def test_mctf_variants_equal_the_authors_algorithm(options):
+    """MCTF's knobs beside its eval scripts' setting: one-way matching, criteria left out, another r. In
+    float64: with the info criterion alone, scores are ``(i_a i_b)^(1/20)``, whose float32 near-ties
+    order tokens differently in any two implementations."""
+    from nested_svit.config import Pruning
+
+    pruning = Pruning("mctf", tuple(range(1, 12)), (1.0,) * 11, options=options)
+    model = create_model("mctf_small", **SMALL, pruning=pruning).eval()
+    model.load_state_dict(_model("mctf_small").state_dict())
+    model.double()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    tau = (options.get("tau_sim", 1), options.get("tau_info", 20), options.get("tau_size", 40))
+    with torch.no_grad():
+        feats, usage = model.forward_features(images, return_usage=True)
+        logits = model.forward_head(feats)
+        for b in range(2):
+            expected, counts, _ = ref.run_mctf(model.state_dict(), images[b], r=options.get("r", 16), tau=tau,
+                                               bidirection=options.get("bidirection", True))
+            assert usage.kept_mlp[b].tolist() == counts
+            torch.testing.assert_close(logits[b], expected, atol=1e-9, rtol=1e-9)
 
 
 def test_release_token_counts_of_deit_small():
@@ -340,7 +387,8 @@ def test_tome_matching_and_merge_alone_equal_the_authors_per_image():
     ``bipartite_soft_matching`` / ``merge_wavg`` written per sequence (as ``baseline_reference.run_tome``)."""
     import math
 
-    from nested_svit.methods.tome import bipartite_soft_matching, merge_wavg
+    from nested_svit.methods.selection import merge_wavg
+    from nested_svit.methods.tome import bipartite_soft_matching
 
     gen = torch.Generator().manual_seed(0)
     lengths, d, r = [9, 14], 8, 3
@@ -384,3 +432,45 @@ def test_every_registered_method_has_a_reference_test():
     assert set(METHODS) - covered == set()
     baselines = [n for n in method_models("small") if get_config(n).gate_blocks and get_config(n).method != "svit"]
     assert set(baselines) - set(CASES) == set()
+
+
+def test_mctf_release_file_configures_the_model(tmp_path):
+    """MCTF's main.py layout: ``model``, ``args`` (``mctf_type``, ``r_evals``, ``activate_layer``) and the
+    EMA weights it saves as a 1-tuple; the file alone gives MCTF-Fast's r and blocks, and a setting the
+    engine does not run (size pooling) is refused in one line."""
+    import argparse
+
+    from nested_svit.checkpoint import CheckpointError
+    from nested_svit.inference import load_model
+
+    torch.manual_seed(7)
+    trained = create_model("mctf_fast_small").eval()
+    args = argparse.Namespace(model="deit_small", use_mctf=True, mctf_type=[0.35, 0, 0, 1, 1, 1, 20, 40, 1, 1, 0],
+                              r_evals=[0.35], activate_layer=[3, 6, 9], task_type=[1, 0, 0, 0], lr=1e-3)
+    path = tmp_path / "mctf_fast.pth"
+    torch.save({"model": trained.state_dict(), "state_dict_ema": (trained.state_dict(),), "epoch": 29,
+                "args": args}, path)
+    with pytest.warns(UserWarning, match=r"MCTF fusing r=0.35 in blocks 3, 6, 9"):
+        model = load_model(path)
+    assert model.name == "mctf_fast_small" and model.options.r == 0.35
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), trained(image), atol=0, rtol=0)
+    args.mctf_type = [16, 0, 0, 1, 1, 1, 20, 40, 1, 0, 0]  # pooling by size only
+    torch.save({"model": trained.state_dict(), "args": args}, path)
+    with pytest.raises(CheckpointError, match="attention pooling"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("r", [16, 9, 0.35, 0.5, 1, 2.0])
+def test_mctf_fused_counts_on_the_device_follow_the_authors_rule(r):
+    """The device-side count (no host copy, for captured forwards) against the authors' Python rule:
+    ``t - 10`` when ``t - r < 10``, a fraction of the ``t - 1`` patch tokens when below 1, at most half."""
+    from nested_svit.methods.mctf import fused_counts
+
+    def authors(t: int) -> int:
+        rr = r if t - r >= 10 else t - 10
+        return max(0, min(int((t - 1) * rr) if rr < 1 else int(rr), (t - 1) // 2))
+
+    t = torch.arange(0, 400)
+    assert fused_counts(t, r).tolist() == [authors(int(v)) for v in t]

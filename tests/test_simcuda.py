@@ -16,7 +16,9 @@ METHODS = method_models("small")  # every method of the registry, and dense
 # host syncs per forward of a batch of 8: one per gated SViT block (9), none for fixed counts, one per
 # ATS sampling block; the budgets are SViT <= 12, EViT <= 20, ATS / ToMe <= 40
 BUDGET = {"svit_small": 12, "dynamicvit_small": 20, "evit_small": 20, "evit_nofuse_small": 20, "evovit_small": 20,
-          "ats_small": 40, "tome_small": 40, "deit_small_patch16_224": 1}
+          "ats_small": 40, "tome_small": 40, "deit_small_patch16_224": 1,
+          **{f"atc{v}_small": 1 for v in ("", "_single", "_complete")},  # ATC: fixed counts, no read per merge
+          "diffrate_small": 1, "mctf_small": 1, "mctf_fast_small": 1}  # fixed counts
 
 
 @pytest.fixture(scope="module")

@@ -196,9 +196,12 @@ def strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def unwrap(obj: object, desc: str = "<state dict>") -> dict[str, Tensor]:
-    """The state dict inside a checkpoint's top-level object: the first of ``WRAPPERS`` that is a
+    """The state dict inside a checkpoint's top-level object: ``model_ema`` when the file says its EMA
+    was the best (ATC's ``ema_best``, as its ``validate_deit.py`` reads it), else the first of ``WRAPPERS`` that is a
     dict (recursively), else the object itself; its tensors, the ``PREFIXES`` all its keys share removed."""
     if isinstance(obj, dict):
+        if obj.get("ema_best") is True and isinstance(obj.get("model_ema"), dict):  # ATC: its EMA scored best
+            return unwrap(obj["model_ema"], desc)
         for key in WRAPPERS:
             if isinstance(obj.get(key), dict):
                 return unwrap(obj[key], desc)

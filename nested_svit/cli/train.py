@@ -1,4 +1,4 @@
-"""``nested-svit train``: SViT gate fine-tuning, the baselines that train (EViT, Evo-ViT, ATS, ToMe), and
+"""``nested-svit train``: SViT gate fine-tuning, the baselines that train (each method says so), and
 detectors (dense ViT-Adapter, SViT-Adapter, the baselines as backbones); resumable, torchrun data parallel."""
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from .runs import run_options
 
 
 def add_parser(sub, formatter) -> None:
+    from ..methods import METHODS
     from ..training import DetTrainConfig, TrainConfig
 
+    baselines = ", ".join(m.title for m in METHODS.values() if m.train_execution == "packed")
     about = ("train SViT gates (masked execution, Gumbel masks, keep-ratio loss), the baselines that train "
-             "(EViT, Evo-ViT, ATS, ToMe: through their own selection) and detectors (ViT-Adapter / SViT-Adapter Mask "
+             f"({baselines}: through their own selection) and detectors (ViT-Adapter / SViT-Adapter Mask "
              "R-CNN, the baselines as backbones); resumable, data parallel under torchrun")
     t = sub.add_parser("train", formatter_class=formatter, help=about, description=about)
     t.add_argument("--model", default="svit_small", help="model or detector name (nested-svit list)")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from ..attention import class_attention
 from ..execution import AttentionRecord
-from . import ats, dynamicvit, evit, evovit, svit, tome
+from . import atc, ats, diffrate, dynamicvit, evit, evovit, mctf, svit, tome
 from .base import Method, MethodRun
 
 METHODS: dict[str, Method] = {m.name: m for m in (svit.METHOD, dynamicvit.METHOD, evit.METHOD, evovit.METHOD,
-                                                  ats.METHOD, tome.METHOD)}
+                                                  ats.METHOD, tome.METHOD, atc.METHOD,
+                                                  diffrate.METHOD, mctf.METHOD)}
 
 
 def get_method(name: str) -> Method:

@@ -90,12 +90,27 @@ class MethodRun:
         """``[T]`` additive bias of each row as a key in block ``i``'s attention (ToMe: log size)."""
         return None
 
+    def attention_probs(self, i: int) -> Tensor | None:
+        """``[B, H, L, L]`` attention probabilities block ``i`` uses instead of its own softmax (MCTF's
+        one-step-ahead attention), image ``b``'s active rows in map order; None: its own."""
+        return None
+
     def after_block(self, i: int, record: AttentionRecord | None) -> None:
         return None
 
     def readout_mask(self) -> Tensor | None:
         """``[T]`` bool rows active at the end (None: all)."""
         return None
+
+    def spread(self, values: Tensor) -> Tensor:
+        """``[T, C]`` each row given the value of the row that holds its token now (merging methods; the
+        others: as is), for a spatial layer that reads the whole grid (the detector's adapter)."""
+        return values
+
+    def gather_back(self, values: Tensor) -> Tensor:
+        """``[T, C]`` after such a layer wrote every row of ``spread``'s map: the rows that hold merged
+        tokens take them back (merging methods; the others: as is)."""
+        return values
 
     def host_counts(self, mask: Tensor) -> list[int] | None:
         """The rows of each image ``mask`` (one this run returned) selects, when the method knows them
