@@ -113,19 +113,25 @@ def _extract(sd, prefix, c, x, H, W):
     return c + _lin(sd, prefix + ".ffn.fc2", F.gelu(y))
 
 
-@torch.no_grad()
-def official_backbone(sd: dict[str, Tensor], img: Tensor, dim: int, heads: int) -> tuple[list[Tensor], list[int]]:
-    """Official-layout SViT-Adapter state dict, one padded image ``[1, 3, h, w]`` -> ([f1..f4], kept per block)."""
+def _inputs(sd, img):
+    """The adapter's inputs for one image: (H, W, the injector's shapes and reference points, c1, the
+    SPM tokens ``c`` with level embeddings, the patch tokens ``x`` with the interpolated positions)."""
     H, W = img.shape[-2] // 16, img.shape[-1] // 16
-    shapes1 = [(H * 2, W * 2), (H, W), (H // 2, W // 2)]
-    ref1 = _ref_points([(H, W)])
     c1, c2, c3, c4 = _spm(sd, img)
     lvl = sd["backbone.level_embed"]
     c = torch.cat([c2 + lvl[0], c3 + lvl[1], c4 + lvl[2]], 1)
     x = F.conv2d(img, sd["backbone.patch_embed.proj.weight"], sd["backbone.patch_embed.proj.bias"], stride=16)
     x = x.flatten(2).transpose(1, 2)
-    pos = sd["backbone.pos_embed"][:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    side = int(round((sd["backbone.pos_embed"].shape[1] - 1) ** 0.5))  # the table's class-token slot is unused
+    pos = sd["backbone.pos_embed"][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     x = x + F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False).reshape(1, -1, H * W).permute(0, 2, 1)
+    return H, W, [(H * 2, W * 2), (H, W), (H // 2, W // 2)], _ref_points([(H, W)]), c1, c, x
+
+
+@torch.no_grad()
+def official_backbone(sd: dict[str, Tensor], img: Tensor, dim: int, heads: int) -> tuple[list[Tensor], list[int]]:
+    """Official-layout SViT-Adapter state dict, one padded image ``[1, 3, h, w]`` -> ([f1..f4], kept per block)."""
+    H, W, shapes1, ref1, c1, c, x = _inputs(sd, img)
     kept = []
     for k, (first, last) in enumerate([[0, 2], [3, 5], [6, 8], [9, 11]]):
         p = f"backbone.interactions.{k}"
@@ -150,6 +156,11 @@ def official_backbone(sd: dict[str, Tensor], img: Tensor, dim: int, heads: int) 
         if k == 3:
             for e in range(2):
                 c = _extract(sd, f"{p}.extra_extractors.{e}", c, x, H, W)
+    return _outputs(sd, c, x, c1, H, W, dim), kept
+
+
+def _outputs(sd, c, x, c1, H, W, dim):
+    """The backbone's four BN-normalised maps from the adapter's ``c``, the grid tokens ``x`` and ``c1``."""
     c2, c3, c4 = c.split([4 * H * W, H * W, (H // 2) * (W // 2)], 1)
     c2 = c2.transpose(1, 2).reshape(1, dim, 2 * H, 2 * W)
     c3 = c3.transpose(1, 2).reshape(1, dim, H, W)
@@ -160,4 +171,97 @@ def official_backbone(sd: dict[str, Tensor], img: Tensor, dim: int, heads: int) 
     c2 = c2 + F.interpolate(x3, scale_factor=2, mode="bilinear", align_corners=False)
     c3 = c3 + x3
     c4 = c4 + F.interpolate(x3, scale_factor=0.5, mode="bilinear", align_corners=False)
-    return [_bn(sd, f"backbone.norm{i + 1}", m) for i, m in enumerate((c1, c2, c3, c4))], kept
+    return [_bn(sd, f"backbone.norm{i + 1}", m) for i, m in enumerate((c1, c2, c3, c4))]
+
+
+def _tomeatc_block(sd, i, x, size, dim, heads):
+    """ATC's ``Block_ToMeATC`` attention half (DeiT block, ``+ log size`` per key once sizes exist) ->
+    (x, the head-averaged keys)."""
+    n = x.shape[1]
+    qkv = _lin(sd, f"backbone.blocks.{i}.attn.qkv", _ln(sd, f"backbone.blocks.{i}.norm1", x))
+    q, k, v = qkv.view(1, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * (dim // heads) ** -0.5
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :, 0]
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(1, n, dim)
+    return x + _lin(sd, f"backbone.blocks.{i}.attn.proj", out), k.mean(1)
+
+
+def _reduction(metric, linkage):
+    """ATC's ``agglomerative_clustering`` (scikit-learn per image) or ToMe's ``bipartite_soft_matching``
+    (no class token) to ``int(0.7 T)`` tokens -> (merge(x) summing, unmerge(x))."""
+    t = metric.shape[1]
+    keep = int(0.7 * t)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    if linkage != "tome":
+        from sklearn.cluster import AgglomerativeClustering
+
+        distance = (1 - metric @ metric.transpose(-1, -2))[0].numpy()
+        labels = AgglomerativeClustering(n_clusters=keep, metric="precomputed", linkage=linkage).fit(distance).labels_
+        labels = torch.from_numpy(labels).long()
+        return (lambda x: torch.zeros(1, keep, x.shape[-1], dtype=x.dtype).index_add(1, labels, x),
+                lambda x: x[:, labels])
+    r = min(t - keep, t // 2)
+    a, b = metric[0, 0::2], metric[0, 1::2]
+    node_max, node_idx = (a @ b.T).max(-1)
+    edge = node_max.argsort(descending=True)
+    unm, src = edge[r:], edge[:r]  # no class token: the unmerged stay in edge order
+    dst = node_idx[src]
+
+    def merge(x):
+        xa, xb = x[:, 0::2], x[:, 1::2]
+        return torch.cat([xa[:, unm], xb.index_add(1, dst, xa[:, src])], 1)
+
+    def unmerge(x):
+        out = torch.zeros(1, t, x.shape[-1], dtype=x.dtype)
+        xu, xd = x[:, :len(unm)], x[:, len(unm):]
+        out[:, 1::2] = xd
+        out[:, 2 * unm] = xu
+        out[:, 2 * src] = xd[:, dst]
+        return out
+
+    return merge, unmerge
+
+
+@torch.no_grad()
+def tomeatc_backbone(sd: dict[str, Tensor], img: Tensor, dim: int, heads: int, linkage: str
+                     ) -> tuple[list[Tensor], list[int]]:
+    """ATC's ``ToMeATCViTAdapter`` (its ``MMDet_setup``) on one padded image ``[1, 3, h, w]``: reduction in
+    blocks 3/6/9 to ``int(0.7 T)`` tokens (``linkage``: single/average/complete, or "tome"), proportional
+    attention; each injector on the unmerged grid, then merged back with sizes from 1
+    (``merge_features``); the extractors and the output on the unmerged grid. -> ([f1..f4], tokens per block)."""
+    H, W, shapes1, ref1, c1, c, x = _inputs(sd, img)
+    size, merges, unmerges, kept = None, [], [], []
+
+    def unmerged(t):
+        for u in reversed(unmerges):
+            t = u(t)
+        return t
+
+    for k, (first, last) in enumerate([[0, 2], [3, 5], [6, 8], [9, 11]]):
+        p = f"backbone.interactions.{k}"
+        x = unmerged(x)
+        x = x + sd[p + ".injector.gamma"] * _msda(sd, p + ".injector.attn", _ln(sd, p + ".injector.query_norm", x),
+                                                  ref1, _ln(sd, p + ".injector.feat_norm", c), shapes1)
+        s = torch.ones_like(x[..., :1])  # merge_features: sizes from 1
+        for m in merges:
+            x, s = m(x * s), m(s)
+            x = x / s
+        for i in range(first, last + 1):
+            x, metric = _tomeatc_block(sd, i, x, size, dim, heads)
+            if i in (3, 6, 9):
+                merge, unmerge = _reduction(metric, linkage)
+                s = torch.ones_like(x[..., :1]) if size is None else size
+                x, size = merge(x * s), merge(s)
+                x = x / size
+                merges.append(merge)
+                unmerges.append(unmerge)
+            x = x + _lin(sd, f"backbone.blocks.{i}.mlp.fc2",
+                         F.gelu(_lin(sd, f"backbone.blocks.{i}.mlp.fc1", _ln(sd, f"backbone.blocks.{i}.norm2", x))))
+            kept.append(x.shape[1])
+        xe = unmerged(x)
+        c = _extract(sd, p + ".extractor", c, xe, H, W)
+        if k == 3:
+            for e in range(2):
+                c = _extract(sd, f"{p}.extra_extractors.{e}", c, xe, H, W)
+    return _outputs(sd, c, unmerged(x), c1, H, W, dim), kept

@@ -51,7 +51,7 @@ def detector(name: str):
 
 def test_registry():
     assert list_detectors() == sorted(f"{m}_adapter_{s}_maskrcnn" for s in ("tiny", "small")
-                                      for m in ("vit", "svit", "dynamicvit", "evit", "evovit", "ats"))
+                                      for m in ("vit", "svit", "dynamicvit", "evit", "evovit", "ats", "atc", "tome"))
     from nested_svit.detection.registry import dense_detector
 
     assert dense_detector("evit_adapter_small_maskrcnn") == dense_detector("svit_adapter_small_maskrcnn") == \
@@ -62,6 +62,8 @@ def test_registry():
     predictor = 2 * 192 + 192 * 192 + 192 + 192 * 96 + 96 + 96 * 48 + 48 + 48 * 2 + 2
     assert sum(p.numel() for p in create_detector("dynamicvit_adapter_tiny_maskrcnn").parameters()) == \
         dense_t + 3 * predictor
+    for merging in ("atc", "tome"):  # no class token, no parameters: the dense detector's weights
+        assert sum(p.numel() for p in create_detector(f"{merging}_adapter_tiny_maskrcnn").parameters()) == dense_t
     # parameter counts of the official models (spec, counted by building them)
     assert sum(p.numel() for p in create_detector("svit_adapter_tiny_maskrcnn").parameters()) == 28_151_618
     assert sum(p.numel() for p in create_detector("vit_adapter_small_maskrcnn").parameters()) == 47_793_152

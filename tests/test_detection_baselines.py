@@ -1,9 +1,11 @@
-"""The paper's baselines as ViT-Adapter detector backbones (Tables 2 and 5): batched over images of
-different sizes == one image at a time, each image's keep counts from its own token count, the
-artificial class token, and remove vs preserve as the adapter reads the tokens."""
+"""The paper's baselines and ATC's (ATC, ToMe) as ViT-Adapter detector backbones (Tables 2 and 5; ATC's
+MMDet_setup): batched over images of different sizes == one image at a time, each image's keep counts
+from its own token count, the artificial class token, remove vs preserve as the adapter reads the
+tokens, and ATC's adapter against its authors' structure (unmerge / re-merge around the adapter layers)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from nested_svit.detection import create_detector
 
 NAMES = ["dynamicvit_adapter_tiny_maskrcnn", "evit_adapter_tiny_maskrcnn", "evovit_adapter_tiny_maskrcnn",
-         "ats_adapter_tiny_maskrcnn"]
+         "ats_adapter_tiny_maskrcnn", "atc_adapter_tiny_maskrcnn", "tome_adapter_tiny_maskrcnn"]
 SIZES = [(128, 160), (96, 96), (160, 64)]
 
 
@@ -34,6 +36,11 @@ def _expected_counts(name: str, n0: int) -> list[int] | None:
         return out
     if name.startswith("evovit"):
         return [n0 + 1] * 3 + [1 + int(n0 * t) for t in (0.7, 0.49, 0.343) for _ in range(3)]
+    if name.startswith(("atc", "tome")):  # int(0.7 t) of the t tokens each of blocks 3/6/9 gets, no class token
+        stages = [n0]
+        for _ in range(3):
+            stages.append(int(0.7 * stages[-1]))
+        return [n for n in stages for _ in range(3)]
     return None
 
 
@@ -108,11 +115,12 @@ def test_dense_detector_checkpoint_loads_with_a_random_class_token(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["evit_adapter_tiny_maskrcnn", "ats_adapter_tiny_maskrcnn"])
+@pytest.mark.parametrize("name", ["evit_adapter_tiny_maskrcnn", "ats_adapter_tiny_maskrcnn", "atc_adapter_tiny_maskrcnn",
+                                  "tome_adapter_tiny_maskrcnn"])
 def test_parameter_free_baselines_train_in_the_packed_execution(name):
-    """EViT / ATS backbones fine-tune through their own hard selection (the authors' training path):
-    losses finite and falling on a fixed batch, gradients reach the blocks after the first selection
-    and the artificial class token; with drop path on packed rows."""
+    """EViT / ATS / ATC / ToMe backbones fine-tune through their own hard selection or merging (the authors'
+    training path): losses finite and falling on a fixed batch, gradients reach the blocks after the first
+    selection and the artificial class token (where there is one); with drop path on packed rows."""
     import sys
     from pathlib import Path
 
@@ -133,7 +141,9 @@ def test_parameter_free_baselines_train_in_the_packed_execution(name):
         assert "loss_ratio" not in losses and all(torch.isfinite(v) for v in losses.values())
         opt.zero_grad()
         losses["loss"].backward()
-        grads = {"cls": det.backbone.cls_token.grad, "late": det.backbone.blocks[10].mlp.fc1.weight.grad}
+        grads = {"late": det.backbone.blocks[10].mlp.fc1.weight.grad}
+        if det.backbone.cls_token is not None:
+            grads["cls"] = det.backbone.cls_token.grad
         assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
         opt.step()
         history.append(float(losses["loss"].detach()))
@@ -144,3 +154,86 @@ def test_parameter_free_baselines_train_in_the_packed_execution(name):
 def test_dynamicvit_training_is_refused_clearly():
     with pytest.raises(ValueError, match="training DynamicViT is not implemented"):
         _detector("dynamicvit_adapter_tiny_maskrcnn").backbone.training_execution()
+
+
+@pytest.mark.parametrize("name,linkage", [("atc_adapter_tiny_maskrcnn", "average"),
+                                          ("atc_adapter_tiny_maskrcnn", "complete"),
+                                          ("tome_adapter_tiny_maskrcnn", "tome")])
+def test_atc_and_tome_backbones_equal_the_authors_adapter_per_image(name, linkage):
+    """ATC's ``ToMeATCViTAdapter`` written from its MMDet_setup (tests/detection_reference.py, scikit-learn
+    clustering or ToMe's matching, unmerge before each injector and extractor, re-merge after the
+    injector): the same four maps and tokens per block. The injectors' gamma is random (it starts at
+    zero), so the unmerge / re-merge around them counts."""
+    from detection_reference import to_official, tomeatc_backbone
+    from nested_svit.config import Pruning
+
+    overrides = {}
+    if linkage == "complete":
+        overrides["pruning"] = Pruning("atc", (3, 6, 9), (0.7,) * 3,
+                                       options={"linkage": "complete", "of_current": True})
+    det = _detector(name, **overrides)
+    with torch.no_grad():
+        for inter in det.backbone.interactions:
+            inter.injector.gamma.normal_(std=1.0)
+    img = torch.randn(3, 128, 160, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats, usage = det.backbone.forward_features([img])
+    expected, kept = tomeatc_backbone(to_official(det.state_dict(), False), img[None], 192, 3, linkage)
+    assert usage.kept_mlp[0].tolist() == kept == _expected_counts(name, 80)
+    for ours, theirs in zip(feats[0], expected):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_atc_detector_file_with_its_backbone_classifier_keys_loads(tmp_path):
+    """ATC's detection files keep timm's class token, final norm and 80-class head in the backbone, which
+    no adapter layer reads: they are ignored, said in the report, and every other key loads."""
+    from nested_svit import load_checkpoint
+
+    source = _detector("atc_adapter_tiny_maskrcnn")
+    state = dict(source.state_dict())
+    state.update({"backbone.cls_token": torch.zeros(1, 1, 192), "backbone.norm.weight": torch.ones(192),
+                  "backbone.norm.bias": torch.zeros(192), "backbone.head.weight": torch.zeros(80, 192),
+                  "backbone.head.bias": torch.zeros(80)})
+    torch.save({"meta": {"epoch": 4}, "state_dict": state}, tmp_path / "atc_small-coco17.pth")
+    torch.manual_seed(3)
+    target = create_detector("atc_adapter_tiny_maskrcnn", num_classes=3).eval()
+    report = load_checkpoint(target, tmp_path / "atc_small-coco17.pth")
+    assert any("ignored 5 backbone classifier keys" in n for n in report.notes), report.notes
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["atc_adapter_tiny_maskrcnn", "tome_adapter_tiny_maskrcnn"])
+def test_atc_and_tome_detectors_eval_coco_and_predict_ragged_batches_as_single_images(tmp_path, name):
+    """``eval coco`` and ``predict`` with a file of the ATC (ToMe) detector: batches of 3 images of mixed
+    sizes give the detections, masks and APs of one image at a time."""
+    import json
+
+    import pandas as pd
+    from coco_fixtures import make_coco
+    from nested_svit.cli import main
+    from nested_svit.detection.checkpoint import save_detector_checkpoint
+
+    torch.manual_seed(0)
+    det = create_detector(name, img_scale=(192, 128), num_classes=2, class_names=("square", "bar"))
+    with torch.no_grad():
+        for inter in det.backbone.interactions:
+            inter.injector.gamma.normal_(std=1.0)
+    save_detector_checkpoint(det, tmp_path / "det.pth")
+    ann, images = make_coco(tmp_path / "coco")
+    common = ["--checkpoint", str(tmp_path / "det.pth"), "--workers", "0", "--threads", "1"]
+    results, rows = {}, {}
+    for batch in ("3", "1"):
+        out = tmp_path / f"eval{batch}.json"
+        assert main(["eval", "coco", *common, "--ann", str(ann), "--images", str(images), "--batch-size", batch,
+                     "--out", str(out)]) == 0
+        results[batch] = json.loads(out.read_text())
+        results[batch]["dets"] = json.loads(Path(results[batch]["detections_file"]).read_text())
+        assert main(["predict", *common, "--input", str(images), "--batch-size", batch,
+                     "--out", str(tmp_path / f"rows{batch}.jsonl")]) == 0
+        rows[batch] = pd.read_json(tmp_path / f"rows{batch}.jsonl", lines=True)
+    assert results["3"]["dets"] == results["1"]["dets"] and len(results["1"]["dets"]) > 0
+    for iou in ("bbox", "segm"):
+        assert results["3"][iou] == results["1"][iou]
+    pd.testing.assert_frame_equal(rows["3"], rows["1"])

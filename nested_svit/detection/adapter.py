@@ -271,17 +271,18 @@ class ViTAdapter(TokenStack):
         grid = self._grid_rows(x, groups) if extra else None
         block_pass = self.begin(x, run)
         for inter, (first, last) in zip(self.interactions, self.adapter_config.interaction_indexes):
-            with record_function("backbone.injector"):
+            with record_function("backbone.injector"):  # merging methods: on the spread grid, merged back after
+                x = block_pass.spread(x)
                 injected = [inter.injector(xg, cg, g).reshape(-1, xg.shape[-1])
                             for g, xg, cg in zip(groups, self._group_views(x, groups, grid), cs)]
-                x = self._write_grid(x, torch.cat(injected), grid)
+                x = block_pass.gather_back(self._write_grid(x, torch.cat(injected), grid))
             with record_function("backbone.vit_blocks"):
                 x = block_pass.run(x, first, last + 1)
             with record_function("backbone.extractor"):
-                read = block_pass.readout(x)  # "remove": tokens not active now read as zero
+                read = block_pass.readout(block_pass.spread(x))  # "remove": tokens not active now read as zero
                 cs = [inter.extract(cg, xg, g) for g, xg, cg in zip(groups, self._group_views(read, groups, grid), cs)]
         with record_function("backbone.output"):
-            read = block_pass.readout(x)
+            read = block_pass.readout(block_pass.spread(x))
             maps = [self._output_maps(g, xg, cg, c1)
                     for g, xg, cg, c1 in zip(groups, self._group_views(read, groups, grid), cs, spm)]
             normed = [apply_layer(norm, [m[level] for m in maps], self.sync_bn)

@@ -78,7 +78,7 @@ def load_detector_checkpoint(model: MaskRCNNDetector, source: str | os.PathLike 
     if fmt == "imagenet":
         state, eps = _imagenet_backbone(model, ckpt.state, ckpt.desc, report, strict)
     else:
-        state = dict(ckpt.state) if fmt == "nested_svit" else convert(ckpt.state, fmt)
+        state = dict(ckpt.state) if fmt == "nested_svit" else _without_classifier(own, convert(ckpt.state, fmt), report)
         eps = float(ckpt.top.get("block_norm_eps", model.config.vit.block_norm_eps)) if fmt == "nested_svit" \
             else BLOCK_EPS[fmt]
     fit_pos_embed(state, own, "backbone.pos_embed", report)
@@ -124,6 +124,17 @@ def _imagenet_backbone(model: MaskRCNNDetector, raw: dict[str, Tensor], desc: st
                                           [("missing", missing)]))
     report.notes.append("ImageNet checkpoint: adapter, gates, neck and heads keep their initialisation")
     return state, BLOCK_EPS[inner_fmt]
+
+
+def _without_classifier(own: dict, state: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+    """An mmdet file whose backbone kept timm's classifier parts (ATC's ``ToMeATCViTAdapter``: class token,
+    final norm, head), which no adapter layer reads: dropped, and noted."""
+    extra = sorted(k for k in state if k not in own and k.startswith("backbone.")
+                   and k[len("backbone."):].startswith(_IMAGENET_IGNORED))
+    if extra:
+        report.notes.append(f"ignored {len(extra)} backbone classifier keys no adapter layer reads "
+                            f"({', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''})")
+    return {k: v for k, v in state.items() if k not in extra}
 
 
 def _dense_file_gaps(model: MaskRCNNDetector, own: dict, state: dict, fmt: str, report: LoadReport) -> set[str]:

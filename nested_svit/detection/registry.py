@@ -12,6 +12,11 @@ blocks 3-11 (its count is data-dependent); EViT fuses (``fuse_token``) and its d
 their post-attention value (``evit_preserve``); tokens are preserved (``remove_pruned=True``: the
 extractors and the output read dropped tokens as zero, the injectors still update every token).
 EViT, Evo-ViT and ATS get a randomly initialised class token that the adapter never sees.
+``{atc,tome}_adapter_{tiny,small}_maskrcnn``: ATC's detection backbones (its ``MMDet_setup``,
+``tomeatc-adapter-{t,s}``): blocks 3/6/9 merge to ``int(0.7 t)`` of the ``t`` tokens they get (ATC:
+average linkage, ``linkage=`` for the others; ToMe: bipartite matching), proportional attention; the
+injectors and extractors see the full grid (every token its cluster's value) and the injected grid is
+merged back into the clusters (their means), as the authors' unmerge / re-merge do.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ _BASELINES = {
     "evit": Pruning("evit", (3, 6, 9), (0.7,) * 3, options={"fuse_token": True}),
     "evovit": Pruning("evovit", SVIT_GATE_BLOCKS, SVIT_KEEP_TARGETS),
     "ats": Pruning("ats", SVIT_GATE_BLOCKS, (1.0,) * 9),
+    # ATC's MMDet_setup (tomeatc-adapter-*): 0.7 of the tokens each of blocks 3/6/9 gets, no class token
+    "atc": Pruning("atc", (3, 6, 9), (0.7,) * 3, options={"linkage": "average", "of_current": True}),
+    "tome": Pruning("tome", (3, 6, 9), (0.7,) * 3, options={"of_current": True}),
 }
 _DETECTORS: dict[str, DetectorConfig] = {}
 _DENSE: dict[str, str] = {}  # detector -> the dense ViT-Adapter of the same width
