@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = {"environment": (30, 60), "pytest_cuda": (90, 120), "attention": (35, 60), "syncs": (30, 90),
          "throughput": (85, 120), "detection": (60, 120), "input_pipeline": (45, 90), "graphs": (75, 240),
          "precision": (60, 180)}
-BASELINES = ["dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small"]
+BASELINES = ["dynamicvit_small", "evit_small", "evovit_small", "ats_small", "tome_small", "atc_small"]
 
 
 # --------------------------------------------------------------------------- steps (one process each)

@@ -38,6 +38,12 @@ METHODS = {
     "ats_small": ("ATS", "inverse-transform sampling of 196 points inside blocks 3-11 (variable)", "off-the-shelf DeiT-S",
                   3.0, 79.7),
     "tome_small": ("ToMe r=13", "merge 13 per block", "DeiT-S trained with ToMe", 2.7, 79.36),
+    "atc_small": ("ATC (average)", "cluster to int(196 0.7^s) inside blocks 3/6/9, size-weighted merge", "30 ep (ATC)",
+                  "not recorded here", "not recorded here"),
+    "diffrate_small": ("DiffRate 2.9", "json's prune/merge counts in every block (class attention, cosine merge)",
+                       "off-the-shelf DeiT-S", 2.9, 79.54),
+    "mctf_small": ("MCTF r=16", "fuse 16 per block at the input of blocks 1-11, one-step-ahead attention",
+                   "30 ep (MCTF)", 2.6, 80.1),
 }
 
 
