@@ -216,10 +216,15 @@ def test_bench_plots_detectors_and_refuses_keep_targets_on_baselines(tmp_path, c
         return pd.DataFrame(rows, columns=detection.COLUMNS)
 
     monkeypatch.setattr(detection, "run_detection_benchmark", sweep)
-    out, plot = tmp_path / "b.csv", tmp_path / "b.png"
+    out, plot = tmp_path / "results" / "b.csv", tmp_path / "results" / "b.png"
+    out.parent.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     assert main(["bench", "--models", "svit_adapter_tiny_maskrcnn", "--img-scale", "64,64", "--batch-sizes", "1,2",
-                 "--out", str(out), "--plot", str(plot)]) == 0
+                 "--out", str(out)]) == 0
+    # the plot goes beside --out (it went to the working directory as bench-throughput.png)
     assert Image.open(plot).size[0] > 300 and set(pd.read_csv(out)["part"]) == {"whole", "backbone"}
+    assert list((tmp_path / "cwd").iterdir()) == []
     assert main(["bench", "--models", "ats_small", "--keep-targets", "0.5", "--out", str(out)]) == 2
     assert "ats_small (ATS) keeps its own token counts" in capsys.readouterr().err
 

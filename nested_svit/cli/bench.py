@@ -54,7 +54,8 @@ def add_parser(sub, formatter) -> None:
                    help="classifiers: also time every model compiled, side by side (timm's by torch.compile of the "
                         "whole model, ours by compiled blocks); speed-ups compare compiled with compiled dense")
     b.add_argument("--out", default="bench-results.csv", help=".csv or .json")
-    b.add_argument("--plot", default="bench-throughput.png", help="PNG path ('' for none)")
+    b.add_argument("--plot", default=None,
+                   help="PNG path ('' for none; default: beside --out, with .png for its suffix)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -78,6 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_suffix(out, (".csv", ".json"), "bench")
     check_writable(out)
+    if args.plot is None:
+        args.plot = str(out.with_suffix(".png"))
     if args.plot:
         check_writable(Path(args.plot))
     batch_sizes = int_list(args.batch_sizes)
