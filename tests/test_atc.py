@@ -1,5 +1,5 @@
-"""ATC (methods/atc.py): the batched device clustering against scikit-learn's per image (the authors'
-path), and the engine's packed batch against an independent per-image implementation of the authors'
+"""ATC (methods/atc.py): both clusterings (batched on the device; scipy per image on the CPU) against
+scikit-learn's per image (the authors' path), and the engine's packed batch against an independent per-image implementation of the authors'
 ``Block_ATC`` (tests/baseline_reference.run_atc), clusters included."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import baseline_reference as ref
 from nested_svit import create_model
-from nested_svit.methods.atc import LINKAGES, agglomerative_clustering, cosine_distances
+from nested_svit.methods.atc import LINKAGES, agglomerative_clustering, cosine_distances, host_clustering
 
 sklearn_cluster = pytest.importorskip("sklearn.cluster")
 SMALL = dict(embed_dim=128, num_heads=2, num_classes=10)  # head_dim 64 as DeiT
@@ -32,10 +32,11 @@ def sklearn_partition(distance: torch.Tensor, clusters: int, linkage: str) -> li
 
 
 @pytest.mark.parametrize("linkage", LINKAGES)
-def test_batched_clustering_equals_scikit_learn_on_120_token_sets(linkage):
+def test_both_clusterings_equal_scikit_learn_on_120_token_sets(linkage):
     """120 random token sets per linkage, batched 8 at a time with ragged counts (3 to 60 tokens) and
     cluster counts from 1 to all: the same clusters as scikit-learn on each set alone, by both ways of
-    keeping the nearest neighbours."""
+    keeping the nearest neighbours of the batched clustering, and by the CPU's scipy per image (the same
+    labels)."""
     gen = torch.Generator().manual_seed({"single": 0, "average": 1, "complete": 2}[linkage])
     checked = 0
     for _ in range(15):
@@ -46,6 +47,7 @@ def test_batched_clustering_equals_scikit_learn_on_120_token_sets(linkage):
         labels = agglomerative_clustering(distance, counts, clusters, linkage)
         # the accelerator's way (every row's nearest searched again each step, no host read): the same labels
         assert torch.equal(agglomerative_clustering(distance, counts, clusters, linkage, search_all=True), labels)
+        assert torch.equal(host_clustering(distance, counts, clusters, linkage), labels)
         for b, (n, k) in enumerate(zip(counts, clusters)):
             assert (labels[b, n:] == -1).all()
             mine = partition(labels[b, :n].tolist())
@@ -64,18 +66,22 @@ def test_clustering_reads_the_upper_triangle_as_scikit_learn_does():
     lower = torch.tril(torch.rand(1, 12, 12, generator=gen), -1)
     skewed = torch.triu(distance, 1) + lower
     for linkage in LINKAGES:
-        labels = agglomerative_clustering(skewed, [12], [4], linkage)
-        assert partition(labels[0].tolist()) == sklearn_partition(skewed[0], 4, linkage)
+        for clustering in (agglomerative_clustering, host_clustering):
+            labels = clustering(skewed, [12], [4], linkage)
+            assert partition(labels[0].tolist()) == sklearn_partition(skewed[0], 4, linkage)
 
 
-def test_a_tie_merges_the_lowest_pair_first():
-    """Exactly equal distances (as duplicate tokens give): the pair with the lowest row, then column,
-    merges first (the documented tie rule): tokens 0-1 and 2-3 both at distance 0.1, one merge."""
+def test_ties_follow_the_documented_rules():
+    """Exactly equal distances (as duplicate tokens give): the batched clustering merges the pair with the
+    lowest row, then column, first (tokens 0-1 and 2-3 both at distance 0.1, one merge); the CPU's scipy
+    per image breaks a tie as scikit-learn does, whatever the pair (it is the same scipy call)."""
     distance = torch.full((1, 4, 4), 0.9)
     distance[0, 0, 1] = distance[0, 2, 3] = 0.1
     for linkage in LINKAGES:
         labels = agglomerative_clustering(distance, [4], [3], linkage)
         assert labels[0].tolist() == [0, 0, 2, 3]
+        on_host = host_clustering(distance, [4], [3], linkage)
+        assert partition(on_host[0].tolist()) == sklearn_partition(distance[0], 3, linkage)
 
 
 def _model(name: str, seed: int = 0, **overrides):

@@ -1,5 +1,5 @@
 """ATC, Agglomerative Token Clustering (Haurum et al., ECCV 2024; JoakimHaurum/ATC ``models/atc.py``),
-inference on ATC-trained (or plain DeiT) weights, with the clustering of every image batched on the device.
+inference on ATC-trained (or plain DeiT) weights, with every image of a batch clustered at once on an accelerator.
 
 In each reduction block (``gate_blocks``, the release's 3, 6, 9), after ``x + attn(norm1(x))`` and
 before the MLP, an image's patch tokens (the class token apart) are clustered bottom-up on the cosine
@@ -13,7 +13,10 @@ With ``of_current`` (the authors' detection backbone, which has no class token) 
 ``int(keep_target * t)`` clusters of the ``t`` tokens it gets.
 
 The authors cluster each image on the host with scikit-learn (scipy's ``linkage`` on the precomputed
-distances). ``agglomerative_clustering`` below clusters all images at once on the tensors' device: the
+distances). ``cluster_tokens`` does the same on the CPU (``host_clustering``: scipy's compiled loop per image,
+the same clusters as scikit-learn by construction, ties included; on the CPU faster than the batched loop
+below, whose per-merge operations cost more there than scipy's compiled loop: bench/atc_clustering.py), and on
+an accelerator ``agglomerative_clustering`` clusters all images at once on the device, with no host loop: the
 distances as scikit-learn reads them (upper triangle, float64), then per step every image merges its
 closest pair of clusters (one batched ``argmin`` over each cluster's nearest neighbour) and updates
 that pair's distances by the Lance-Williams rule of the linkage (single: min, complete: max, average:
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -120,6 +124,57 @@ def agglomerative_clustering(distance: Tensor, counts: list[int] | Tensor, clust
     return labels
 
 
+def host_clustering(distance: Tensor, counts: list[int], clusters: list[int], linkage: str) -> Tensor:
+    """The authors' clustering of each image on the host: scipy's ``linkage`` on the upper triangle of its
+    ``distance`` (float64), as scikit-learn's ``AgglomerativeClustering(metric="precomputed")`` calls it, cut
+    after its first ``counts[b] - clusters[b]`` merges (scikit-learn's cut). Same arguments and result as
+    ``agglomerative_clustering`` (host ``counts`` and ``clusters``): ``[B, N]`` int64 labels on
+    ``distance``'s device, a cluster named by its lowest member, -1 at padding."""
+    from scipy.cluster.hierarchy import linkage as scipy_linkage  # scipy's import costs ~0.2 s: only when used
+    from scipy.spatial.distance import squareform
+
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage {linkage!r}: choose from {LINKAGES}")
+    host = distance.detach().to("cpu", torch.float64).numpy()
+    labels = np.full(host.shape[:2], -1, dtype=np.int64)
+    for image, (count, wanted) in enumerate(zip(counts, clusters)):
+        steps = max(count - max(wanted, 1), 0)
+        merges = scipy_linkage(squareform(host[image, :count, :count], checks=False), method=linkage)[:steps] \
+            if steps else np.empty((0, 4))
+        labels[image, :count] = _lowest_members(merges[:, :2].astype(np.int64), count)
+    return torch.from_numpy(labels).to(distance.device)
+
+
+def _lowest_members(children: np.ndarray, count: int) -> np.ndarray:
+    """The partition after scipy's merges ``children [S, 2]`` (node ``count + s`` joins the two nodes of row
+    ``s``) of ``count`` tokens -> ``[count]``: each token's cluster, named by its lowest member."""
+    steps = len(children)
+    lowest = np.arange(count + steps)
+    parent = np.arange(count + steps)
+    for s, (a, b) in enumerate(children.tolist()):  # children come before their parent
+        lowest[count + s] = min(lowest[a], lowest[b])
+        parent[a] = parent[b] = count + s
+    while True:  # pointer jumping: every node to its root in log(depth) passes
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return lowest[parent[:count]]
+        parent = up
+
+
+def cluster_tokens(distance: Tensor, counts: list[int], clusters: list[int], linkage: str,
+                   on_device: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Each image's clusters (``agglomerative_clustering``'s result): per image with scipy on the CPU,
+    batched on an accelerator (``on_device``: the counts and clusters as device tensors, so that nothing
+    is copied there; ``counts``/``clusters`` host ints). The choice depends on the device only, so an
+    image's clusters never depend on its batch."""
+    if distance.device.type == "cpu":
+        return host_clustering(distance, counts, clusters, linkage)
+    if on_device is None:
+        return agglomerative_clustering(distance, counts, clusters, linkage)
+    return agglomerative_clustering(distance, *on_device, linkage,
+                                    steps=max((c - k for c, k in zip(counts, clusters)), default=0))
+
+
 def _renew_nearest(d: Tensor, nearest: Tensor, nearest_at: Tensor, new: Tensor, i: Tensor, j: Tensor, pair: Tensor,
                    live: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest neighbours after clusters ``i`` and ``j`` merged into ``i`` (row ``new``), the same as
@@ -161,8 +216,7 @@ class ATCRun(MergeRun):
         wanted = torch.minimum(keep_count(base_on_device, rate, "floor"), on_device)
         rows = pad(record.rows[:, None], layout, -1)[:, self.cls:, 0]  # [B, N] patch rows in map order
         metric = pad(record.mean_keys(), layout)[:, self.cls:]
-        labels = agglomerative_clustering(cosine_distances(metric), on_device, wanted, self.options.linkage,
-                                          steps=max(t - k for t, k in zip(tokens, clusters)))
+        labels = cluster_tokens(cosine_distances(metric), tokens, clusters, self.options.linkage, (on_device, wanted))
         members = (labels >= 0) & (labels != torch.arange(labels.shape[1], device=labels.device)[None, :])
         at = true_rows(members, sum(tokens) - sum(clusters))  # host count: no device read
         image = at // labels.shape[1]
