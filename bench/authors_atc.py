@@ -8,7 +8,8 @@ The authors' ``ATC_setup/models/atc.py`` (``AgglomerativeClusteringVisionTransfo
 ``AgglomerativeClustering`` per image on the host) is imported from the checkout and built with the args
 its ``train_deit.py`` passes. Random DeiT weights as timm initialises them, with a class token and
 position embedding that matter (std 0.5; timm's are near zero), fp32, 224x224 images: theirs one at a
-time, ours all in one packed batch (the clustering batched). Nothing from the authors' code is copied here.
+time, ours all in one packed batch, clustered both ways (``clustering``: ``engine``, the CPU's scipy per
+image; ``batched``, an accelerator's batched clustering forced here). Nothing from the authors' code is copied here.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import io
 import sys
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -41,9 +43,16 @@ def authors_model(authors: Path, size: str, linkage: str, state: dict):
     return model.eval()
 
 
-def compare(authors: Path, prefix: str, size: str, images: torch.Tensor) -> dict:
+def _batched(distance, counts, clusters, linkage, *_):
+    from nested_svit.methods.atc import agglomerative_clustering
+
+    return agglomerative_clustering(distance, counts, clusters, linkage)
+
+
+def compare(authors: Path, prefix: str, size: str, images: torch.Tensor, clustering: str) -> dict:
     from nested_svit import create_model
     from nested_svit.checkpoint import load_checkpoint
+    from nested_svit.methods import atc
 
     state = deit_state(size)
     theirs = authors_model(authors, size, LINKAGES[prefix], state)
@@ -52,7 +61,8 @@ def compare(authors: Path, prefix: str, size: str, images: torch.Tensor) -> dict
     seen: list[int] = []
     hooks = [b.mlp.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1])) for b in theirs.blocks]
     errors, counts_equal = [], True
-    with torch.no_grad():
+    forced = mock.patch.object(atc, "cluster_tokens", _batched) if clustering == "batched" else contextlib.nullcontext()
+    with torch.no_grad(), forced:
         feats, usage = ours.forward_features(images, return_usage=True)
         batch = ours.forward_head(feats)
         for k in range(images.shape[0]):
@@ -62,7 +72,7 @@ def compare(authors: Path, prefix: str, size: str, images: torch.Tensor) -> dict
             errors.append(((batch[k] - expected).abs().max() / expected.abs().max()).item())
     for hook in hooks:
         hook.remove()
-    return {"model": f"{prefix}_{size}", "linkage": LINKAGES[prefix], "images": len(errors),
+    return {"model": f"{prefix}_{size}", "linkage": LINKAGES[prefix], "clustering": clustering, "images": len(errors),
             "images_within_1e-4": sum(e <= 1e-4 for e in errors), "max_rel_logit_error": f"{max(errors):.2e}",
             "tokens_per_block_equal": counts_equal, "tokens_per_block": " ".join(map(str, usage.kept_mlp[0].tolist()))}
 
@@ -77,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.authors / "ATC_setup" / "models" / "atc.py").is_file():
         parser.error(f"{args.authors} is not an ATC checkout (no ATC_setup/models/atc.py)")
     images = torch.randn(args.images, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    return run_rows((partial(compare, args.authors, prefix, size, images) for size in args.sizes.split(",")
-                     for prefix in LINKAGES), args.out)
+    return run_rows((partial(compare, args.authors, prefix, size, images, clustering)
+                     for size in args.sizes.split(",") for prefix in LINKAGES for clustering in ("engine", "batched")),
+                    args.out)
 
 
 if __name__ == "__main__":
