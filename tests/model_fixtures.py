@@ -33,3 +33,20 @@ def method_models(width: str = "small") -> list[str]:
     dim = WIDTHS[width][0]
     return [n for n in list_models() if get_config(n).embed_dim == dim and get_config(n).img_size == 224
             and not re.search(r"_\d+\.\d+$", n)]  # DiffRate's other targets (diffrate_small_2.5): the same code
+
+
+def one_per_method_fast(names: list[str]) -> list:
+    """``names`` as pytest parameters: the first model of each method (and dense) in the fast tier, the
+    method's other option variants (ATC's linkages, EViT without fusion, MCTF-Fast) in the slow one, as
+    they run the same code with other options."""
+    import pytest
+
+    from nested_svit.registry import get_config
+
+    seen: set = set()
+    params = []
+    for name in names:
+        method = get_config(name).method
+        params.append(name if method not in seen else pytest.param(name, marks=pytest.mark.slow))
+        seen.add(method)
+    return params

@@ -13,7 +13,7 @@ from nested_svit.attention import resolve_backend
 from nested_svit.layers import Linear
 from nested_svit.inference.agreement import agreement, alone, decisions_of
 from nested_svit.precision import set_precision
-from tests.model_fixtures import lively_model, method_models
+from tests.model_fixtures import lively_model, method_models, one_per_method_fast
 
 
 def _digits(precision: str, backend: str = "auto", capacity: float = 0.0):
@@ -48,13 +48,13 @@ def test_bf16_image_alone_equals_its_row_in_a_batch_of_256():
 
 @pytest.mark.parametrize("precision, backend, capacity", [
     ("fp32", "auto", 0.0), ("fp32", "padded", 0.0), pytest.param("bf16", "padded", 0.0, marks=pytest.mark.slow),
-    ("bf16", "auto", 1.5),
+    pytest.param("bf16", "auto", 1.5, marks=pytest.mark.slow),  # bf16's fast case: every method's test below
     ("fp32", "auto", 1.5)])
 def test_image_alone_equals_its_row_in_a_batch(precision, backend, capacity):
     _assert_alone_equals_batched(_digits(precision, backend, capacity), _short_sequences(64))
 
 
-@pytest.mark.parametrize("name", [n for n in method_models() if not n.startswith("deit")])
+@pytest.mark.parametrize("name", one_per_method_fast([n for n in method_models() if not n.startswith("deit")]))
 def test_every_method_alone_equals_batched_in_bf16(name):
     model = set_precision(lively_model(name), "bf16")
     _assert_alone_equals_batched(model, torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(5)))

@@ -13,7 +13,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import simcuda
-from model_fixtures import lively_model, method_models
+from model_fixtures import lively_model, method_models, one_per_method_fast
 
 pytestmark = pytest.mark.filterwarnings("ignore:is_fx_tracing")
 
@@ -100,7 +100,7 @@ def test_the_capacity_follows_the_calibrated_targets():
     _close(got, want)
 
 
-@pytest.mark.parametrize("name", [n for n in method_models("small") if n != "ats_small"])
+@pytest.mark.parametrize("name", one_per_method_fast([n for n in method_models("small") if n != "ats_small"]))
 def test_fixed_count_methods_run_in_capacity_mode_unchanged(name):
     model = lively_model(name)
     images = _images(4, 5)
@@ -162,7 +162,7 @@ def test_one_host_sync_per_forward_on_the_simulated_device(dev, dtype, backend):
         assert (simcuda.to_cpu(logits).float() - want).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("name", [n for n in method_models("small") if n != "ats_small"])
+@pytest.mark.parametrize("name", one_per_method_fast([n for n in method_models("small") if n != "ats_small"]))
 def test_every_capturable_forward_reads_nothing_on_the_device(dev, name):
     model = lively_model(name).to(dev).set_execution("packed", capacity=1.5)
     x = simcuda.to_device(_images(4, 6))

@@ -53,6 +53,7 @@ def test_a_data_set_folder_reads_as_the_file_rows(tmp_path):
     assert not again["id"].str.contains("part-").any()
 
 
+@pytest.mark.slow  # a kill-and-resume variant (~11 s); the fast tier resumes in-process below
 def test_a_killed_data_set_run_resumes_and_a_finished_one_is_recomputed(tmp_path, capsys, kill_midway):
     write_image_folder(tmp_path / "in", per_class=12)  # 36 images, 9 batches of 4
     args = ["predict", *TINY, "--batch-size", "4", "--input", str(tmp_path / "in")]
