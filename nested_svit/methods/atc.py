@@ -135,12 +135,11 @@ def host_clustering(distance: Tensor, counts: list[int], clusters: list[int], li
 
     if linkage not in LINKAGES:
         raise ValueError(f"linkage {linkage!r}: choose from {LINKAGES}")
-    host = distance.detach().to("cpu", torch.float64).numpy()
-    labels = np.full(host.shape[:2], -1, dtype=np.int64)
+    labels = np.full(distance.shape[:2], -1, dtype=np.int64)
     for image, (count, wanted) in enumerate(zip(counts, clusters)):
         steps = max(count - max(wanted, 1), 0)
-        merges = scipy_linkage(squareform(host[image, :count, :count], checks=False), method=linkage)[:steps] \
-            if steps else np.empty((0, 4))
+        square = distance[image, :count, :count].detach().to("cpu", torch.float64).numpy()  # one image at a time
+        merges = scipy_linkage(squareform(square, checks=False), method=linkage)[:steps] if steps else np.empty((0, 4))
         labels[image, :count] = _lowest_members(merges[:, :2].astype(np.int64), count)
     return torch.from_numpy(labels).to(distance.device)
 
@@ -162,15 +161,13 @@ def _lowest_members(children: np.ndarray, count: int) -> np.ndarray:
 
 
 def cluster_tokens(distance: Tensor, counts: list[int], clusters: list[int], linkage: str,
-                   on_device: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                   on_device: tuple[Tensor, Tensor]) -> Tensor:
     """Each image's clusters (``agglomerative_clustering``'s result): per image with scipy on the CPU,
     batched on an accelerator (``on_device``: the counts and clusters as device tensors, so that nothing
     is copied there; ``counts``/``clusters`` host ints). The choice depends on the device only, so an
     image's clusters never depend on its batch."""
     if distance.device.type == "cpu":
         return host_clustering(distance, counts, clusters, linkage)
-    if on_device is None:
-        return agglomerative_clustering(distance, counts, clusters, linkage)
     return agglomerative_clustering(distance, *on_device, linkage,
                                     steps=max((c - k for c, k in zip(counts, clusters)), default=0))
 
